@@ -1,0 +1,41 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "swift-fused-moe",
+    platforms: [.macOS(.v15)],
+    products: [
+        // MARK: - Public API
+        .library(name: "FusedMoE", targets: ["FusedMoE"]),
+        .library(name: "CUDA", targets: ["CUDA"]),
+        .executable(name: "fused-moe", targets: ["fused-moe"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // MARK: - Implementation details
+        /// Declarations of the CUDA driver API and NVRTC subset we call; resolved with dlopen at run time.
+        .target(name: "CCUDA"),
+        /// The CUDA C++ kernel sources, embedded into the binary at build time with C23 `#embed`.
+        .target(
+            name: "MoEKernels",
+            exclude: ["moe_probe.cu"]
+        ),
+
+        // MARK: - Public API
+        .target(name: "CUDA", dependencies: ["CCUDA"]),
+        .target(name: "FusedMoE", dependencies: ["CUDA", "MoEKernels"]),
+        .executableTarget(
+            name: "fused-moe",
+            dependencies: [
+                "FusedMoE", "CUDA",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+
+        // MARK: - Tests
+        .testTarget(name: "CUDATests", dependencies: ["CUDA"]),
+        .testTarget(name: "FusedMoETests", dependencies: ["FusedMoE", "CUDA", "MoEKernels"]),
+    ]
+)

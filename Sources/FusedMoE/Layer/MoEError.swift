@@ -1,0 +1,25 @@
+import CUDA
+
+/// An error from the MoE layer: bad input, an unsupported request, or a failure underneath.
+public enum MoEError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// An argument is wrong: its name, then what was expected and what came.
+    case invalidArgument(String, String)
+    /// The request is valid but this backend or build cannot do it.
+    case unsupported(String)
+    /// The GPU layer failed.
+    case cuda(CUDAError)
+    /// A file (config, safetensors) is malformed: the file, then what is wrong.
+    case malformedFile(String, String)
+    /// A result failed a check against the reference.
+    case mismatch(String)
+
+    public var description: String {
+        switch self {
+        case .invalidArgument(let name, let message): "invalid argument '\(name)': \(message)"
+        case .unsupported(let message): "unsupported: \(message)"
+        case .cuda(let error): error.description
+        case .malformedFile(let file, let message): "\(file): \(message)"
+        case .mismatch(let message): "mismatch: \(message)"
+        }
+    }
+}
