@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -14,10 +16,13 @@ public final class KernelCache: @unchecked Sendable {
     /// The folder holding the entries.
     public let directory: String
 
-    /// Counters for this process: how many programs were compiled, loaded from disk, and found damaged.
-    public private(set) var compiled = 0
-    public private(set) var loaded = 0
-    public private(set) var rebuiltDamaged = 0
+    private let counters = Mutex<(compiled: Int, loaded: Int, rebuiltDamaged: Int)>((0, 0, 0))
+    /// Programs this cache compiled in this process.
+    public var compiled: Int { counters.withLock { $0.compiled } }
+    /// Programs this cache loaded from disk in this process.
+    public var loaded: Int { counters.withLock { $0.loaded } }
+    /// Damaged entries this cache found, removed and rebuilt in this process.
+    public var rebuiltDamaged: Int { counters.withLock { $0.rebuiltDamaged } }
 
     /// The environment variable that overrides the cache folder.
     public static let directoryEnvironmentVariable = "FUSED_MOE_CACHE_DIR"
@@ -83,15 +88,15 @@ public final class KernelCache: @unchecked Sendable {
         let path = directory + "/" + key + ".cubin"
         if let bytes = readFile(path) {
             if let program = KernelCache.decode(bytes), Set(program.loweredNames.keys) == Set(nameExpressions) {
-                loaded += 1
+                counters.withLock { $0.loaded += 1 }
                 return (program, true)
             }
-            rebuiltDamaged += 1
+            counters.withLock { $0.rebuiltDamaged += 1 }
             unlink(path)
         }
         let program = try compiler.compile(
             source: source, name: name, headers: headers, options: options, nameExpressions: nameExpressions)
-        compiled += 1
+        counters.withLock { $0.compiled += 1 }
         store(KernelCache.encode(program), at: path)
         return (program, false)
     }

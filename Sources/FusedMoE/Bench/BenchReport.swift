@@ -1,0 +1,147 @@
+/// One timed case of `fused-moe bench`.
+public struct BenchRow: Sendable {
+    public var shape: String
+    public var moeShape: MoEShape
+    public var tokens: Int
+    public var variant: String
+    public var splitK: Int
+    public var splitMode: String
+    public var milliseconds: Double
+    public var floorMilliseconds: Double
+    public var relativeError: Double
+    public var expertsTouched: Int
+
+    public init(
+        shape: String, moeShape: MoEShape, tokens: Int, variant: String, splitK: Int, splitMode: String,
+        milliseconds: Double, floorMilliseconds: Double, relativeError: Double, expertsTouched: Int
+    ) {
+        self.shape = shape
+        self.moeShape = moeShape
+        self.tokens = tokens
+        self.variant = variant
+        self.splitK = splitK
+        self.splitMode = splitMode
+        self.milliseconds = milliseconds
+        self.floorMilliseconds = floorMilliseconds
+        self.relativeError = relativeError
+        self.expertsTouched = expertsTouched
+    }
+
+    /// The floor over the measured time, in percent.
+    public var percentOfFloor: Double { milliseconds > 0 ? 100 * floorMilliseconds / milliseconds : 0 }
+}
+
+/// The ceilings of the machine measured in the same run: copy bandwidth and matrix rate.
+public struct Ceilings: Sendable {
+    public var copyBytesPerSecond: Double
+    public var matrixFlopsPerSecond: Double
+
+    public init(copyBytesPerSecond: Double, matrixFlopsPerSecond: Double) {
+        self.copyBytesPerSecond = copyBytesPerSecond
+        self.matrixFlopsPerSecond = matrixFlopsPerSecond
+    }
+
+    /// max(bytes / bandwidth, flops / rate) in milliseconds for `tokens` tokens of a layer.
+    public func floorMilliseconds(shape: MoEShape, tokens: Int, expertsTouched: Int, dtype: DType) -> Double {
+        let bytes = shape.minimumBytes(tokens: tokens, expertsTouched: expertsTouched, dtype: dtype)
+        return 1000 * max(bytes / copyBytesPerSecond, shape.flops(tokens: tokens) / matrixFlopsPerSecond)
+    }
+}
+
+/// A whole bench run, written as DESIGN.md's results file.
+public struct BenchReport: Sendable {
+    public var device: String
+    public var driver: String
+    public var commit: String
+    public var date: String
+    public var ceilings: Ceilings
+    public var rows: [BenchRow]
+
+    public init(device: String, driver: String, commit: String, date: String, ceilings: Ceilings, rows: [BenchRow]) {
+        self.device = device
+        self.driver = driver
+        self.commit = commit
+        self.date = date
+        self.ceilings = ceilings
+        self.rows = rows
+    }
+
+    public var json: JSON {
+        .object([
+            ("device", .string(device)),
+            ("driver", .string(driver)),
+            ("commit", .string(commit)),
+            ("date", .string(date)),
+            ("ceilings", .object([
+                ("copy_bytes_per_s", .number(ceilings.copyBytesPerSecond)),
+                ("bf16_flops_per_s", .number(ceilings.matrixFlopsPerSecond)),
+            ])),
+            ("rows", .array(rows.map { row in
+                .object([
+                    ("shape", .string(row.shape)),
+                    ("E", .number(Double(row.moeShape.experts))),
+                    ("topk", .number(Double(row.moeShape.topK))),
+                    ("H", .number(Double(row.moeShape.hidden))),
+                    ("I", .number(Double(row.moeShape.intermediate))),
+                    ("M", .number(Double(row.tokens))),
+                    ("variant", .string(row.variant)),
+                    ("split_k", .number(Double(row.splitK))),
+                    ("split_mode", .string(row.splitMode)),
+                    ("ms", .number(row.milliseconds)),
+                    ("floor_ms", .number(row.floorMilliseconds)),
+                    ("rel_err", .number(row.relativeError)),
+                    ("experts_touched", .number(Double(row.expertsTouched))),
+                ])
+            })),
+        ])
+    }
+
+    /// A fixed-width table, one line per row.
+    public func table() -> String {
+        var lines = [
+            pad("shape", 12) + pad("M", 6) + pad("variant", 14) + pad("split", 6) + pad("mode", 10)
+                + pad("ms", 10) + pad("floor_ms", 10) + pad("%floor", 8) + "rel_err"
+        ]
+        for row in rows {
+            lines.append(
+                pad(row.shape, 12) + pad("\(row.tokens)", 6) + pad(row.variant, 14) + pad("\(row.splitK)", 6)
+                    + pad(row.splitMode, 10) + pad(format(row.milliseconds, 4), 10)
+                    + pad(format(row.floorMilliseconds, 4), 10) + pad(format(row.percentOfFloor, 1), 8)
+                    + formatScientific(row.relativeError))
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+func pad(_ text: String, _ width: Int) -> String {
+    text.count >= width ? text + " " : text + String(repeating: " ", count: width - text.count)
+}
+
+/// `value` with `digits` decimals.
+public func format(_ value: Double, _ digits: Int) -> String {
+    guard value.isFinite else { return "\(value)" }
+    var scale = 1.0
+    for _ in 0..<digits { scale *= 10 }
+    let rounded = (abs(value) * scale).rounded()
+    let whole = Int(rounded / scale)
+    var text = (value < 0 ? "-" : "") + String(whole)
+    if digits > 0 {
+        let fraction = Int(rounded - Double(whole) * scale)
+        let fractionText = String(fraction)
+        text += "." + String(repeating: "0", count: digits - fractionText.count) + fractionText
+    }
+    return text
+}
+
+/// `value` as `1.23e-04`.
+public func formatScientific(_ value: Double) -> String {
+    guard value.isFinite else { return "\(value)" }
+    if value == 0 { return "0" }
+    var exponent = 0
+    var mantissa = abs(value)
+    while mantissa >= 10 { mantissa /= 10; exponent += 1 }
+    while mantissa < 1 { mantissa *= 10; exponent -= 1 }
+    let sign = exponent < 0 ? "-" : "+"
+    let digits = abs(exponent) < 10 ? "0\(abs(exponent))" : "\(abs(exponent))"
+    return (value < 0 ? "-" : "") + format(mantissa, 2) + "e" + sign + digits
+}

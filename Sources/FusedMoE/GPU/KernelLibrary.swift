@@ -1,0 +1,114 @@
+import CUDA
+import MoEKernels
+import Synchronization
+import Dispatch
+
+/// The kernel sources embedded in the binary (Sources/MoEKernels), one per kernel family.
+public enum KernelSource: String, CaseIterable, Sendable {
+    case probe = "moe_probe.cu"
+
+    /// The file's text.
+    public var text: String {
+        switch self {
+        case .probe: String(cString: moe_kernels_probe_source())
+        }
+    }
+
+    /// Headers the sources include by name.
+    static var headers: [SourceHeader] { [] }
+}
+
+/// Compiles embedded kernels for one GPU through the on-disk cache and keeps the loaded modules.
+///
+/// Programs are compiled for the device's exact architecture (`sm_90a` on Hopper). `prepare`
+/// compiles several programs concurrently, one per host core at most; after it, `kernel` only
+/// looks up what is loaded, so the forward path never compiles.
+public final class KernelLibrary: @unchecked Sendable {
+    public let device: Device
+    public let compiler: NVRTC
+    public let cache: KernelCache
+    private let modules = Mutex<[ProgramKey: LoadedProgram]>([:])
+
+    struct ProgramKey: Hashable {
+        var source: KernelSource
+        var expressions: [String]
+    }
+
+    struct LoadedProgram {
+        var module: Module
+        var loweredNames: [String: String]
+        var program: CompiledProgram
+    }
+
+    public init(device: Device, cache: KernelCache = KernelCache()) throws(CUDAError) {
+        self.device = device
+        self.compiler = try NVRTC.shared()
+        self.cache = cache
+    }
+
+    /// The NVRTC options for this device.
+    public var options: [String] {
+        KernelLibrary.options(architecture: device.properties.architecture)
+    }
+
+    public static func options(architecture: String) -> [String] {
+        ["-arch=\(architecture)", "-std=c++17", "-default-device", "--ptxas-options=-v"]
+    }
+
+    /// A program: one source compiled with a set of template instantiations (name expressions).
+    public struct Request: Hashable, Sendable {
+        public var source: KernelSource
+        public var expressions: [String]
+        public init(source: KernelSource, expressions: [String] = []) {
+            self.source = source
+            self.expressions = expressions
+        }
+    }
+
+    /// Compiles (or loads from the cache) and loads every requested program not loaded yet,
+    /// compiling concurrently on the host's cores.
+    /// - Throws: the first `CUDAError` (a compile error carries the compiler log).
+    public func prepare(_ requests: [Request]) throws(CUDAError) {
+        let missing = Array(Set(requests.map { ProgramKey(source: $0.source, expressions: $0.expressions) }))
+            .filter { key in modules.withLock { $0[key] == nil } }
+        guard !missing.isEmpty else { return }
+        let results = Mutex<[Int: Result<CompiledProgram, CUDAError>]>([:])
+        let options = self.options
+        DispatchQueue.concurrentPerform(iterations: missing.count) { index in
+            let key = missing[index]
+            let result = Result { () throws(CUDAError) in
+                try cache.program(
+                    compiler: compiler, source: key.source.text, name: key.source.rawValue,
+                    headers: KernelSource.headers, options: options, nameExpressions: key.expressions
+                ).program
+            }
+            results.withLock { $0[index] = result }
+        }
+        let compiled = results.withLock { $0 }
+        for (index, key) in missing.enumerated() {
+            guard let result = compiled[index] else { continue }
+            let program = try result.get()
+            let module = try Module(device: device, cubin: program.cubin)
+            modules.withLock {
+                $0[key] = LoadedProgram(module: module, loweredNames: program.loweredNames, program: program)
+            }
+        }
+    }
+
+    /// A kernel of a prepared program: `name` is an `extern "C"` name or one of the request's
+    /// name expressions.
+    /// - Throws: `CUDAError` of domain `.usage` when the program was not prepared.
+    public func kernel(_ name: String, in request: Request) throws(CUDAError) -> Kernel {
+        try prepare([request])
+        let key = ProgramKey(source: request.source, expressions: request.expressions)
+        guard let loaded = modules.withLock({ $0[key] }) else {
+            throw CUDAError(domain: .usage, code: 0, name: "usage", call: "KernelLibrary.kernel", message: "\(request.source.rawValue) is not loaded")
+        }
+        return try loaded.module.kernel(named: loaded.loweredNames[name] ?? name)
+    }
+
+    /// The compiler's resource report (registers, spills) of a prepared program.
+    public func resourceReport(_ request: Request) -> [String] {
+        modules.withLock { $0[ProgramKey(source: request.source, expressions: request.expressions)]?.program.resourceReport } ?? []
+    }
+}

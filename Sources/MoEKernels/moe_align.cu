@@ -1,0 +1,259 @@
+// moe_align.cu: sort the (token, slot) pairs by expert and pad each expert's run to BLOCK_M.
+//
+// Pairs: numel = M * k, pair i = t * k + j, expert topk_ids[i]; ids outside [0, E) are ignored.
+// Result (bit-exact, no host sync):
+//   sorted_ids [max_padded]: for e = 0..E-1 in order, the pairs of expert e in ascending i,
+//       padded with the value numel up to a multiple of block_m; then numel up to max_padded.
+//   expert_ids [max_blocks]: per block_m block, its expert e (or expert_map[e] when a map is
+//       given; -1 marks an expert this rank does not own); -1 for blocks >= total / block_m.
+//   total_padded [1]: sum over e of roundup(count_e, block_m).
+// Host sizes: max_padded = numel + E * (block_m - 1), max_blocks = ceil(max_padded / block_m).
+// Limits: 1 <= E <= 512, block_m >= 1, numel + E * block_m < 2^31.
+//
+// Two launch sequences compute the same result; pick by size (recommended: single for
+// numel <= 8192, the three-kernel sequence above that). Both write every entry of
+// sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
+//
+// A. One launch:
+//   moe_align_single<<<1, 512, 0>>>(topk_ids, numel, num_experts, block_m, expert_map,
+//       sorted_ids, expert_ids, total_padded, max_padded)
+//   Static shared memory 36 KB. Counts, scans, then scatters the pairs in tiles of 8192.
+//
+// B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
+//    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
+//   1. moe_align_count<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts)
+//        program c counts the pairs of chunk c (pairs [4096c, 4096c + 4096)) per expert
+//        (2 KB static shared memory) and writes chunk_counts[c * E + e].
+//   2. moe_align_scan<<<1, 1024, 0>>>(chunk_counts, num_chunks, numel, num_experts, block_m,
+//        expert_map, sorted_ids, expert_ids, total_padded, max_padded)
+//        sums the counts per expert, lays out the padded runs, writes expert_ids, the
+//        padding entries of sorted_ids, total_padded, and replaces chunk_counts[c * E + e]
+//        by the first position in sorted_ids of chunk c's pairs of expert e (6 KB static).
+//   3. moe_align_scatter<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
+//        sorted_ids)
+//        program c writes the pair indices of chunk c to their positions, stably: warp w of
+//        8 owns the 512 pairs [4096c + 512w, +512); per-warp counts (16 KB static) and
+//        __match_any_sync ranks give each pair its place.
+#include "moe_common.cuh"
+
+namespace moe_align_detail {
+constexpr int MAX_EXPERTS = 512;
+constexpr int ITEMS_PER_LANE = 16;  // pairs per lane per tile (each warp owns 32 * 16 = 512)
+constexpr int CHUNK_WARPS = 8;
+constexpr int CHUNK_THREADS = CHUNK_WARPS * 32;
+constexpr int CHUNK = CHUNK_WARPS * 32 * ITEMS_PER_LANE;  // 4096 pairs per program of kernels 1 and 3
+constexpr int SCAN_THREADS = 1024;
+constexpr int SINGLE_WARPS = 16;
+constexpr int SINGLE_THREADS = SINGLE_WARPS * 32;
+
+MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, int32_t num_experts) {
+    const int32_t e = i < numel ? topk_ids[i] : -1;
+    return (e >= 0 && e < num_experts) ? e : -1;
+}
+
+/// Adds the per-expert counts of pairs [begin, end) into counts (shared), all threads of the block.
+MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end, int64_t numel, int32_t num_experts,
+                            int32_t* counts) {
+    const int lane = threadIdx.x & 31;
+    // Whole warps iterate together so that __match_any_sync sees every lane.
+    for (int64_t base = begin + (threadIdx.x & ~31); base < end; base += blockDim.x) {
+        const int64_t i = base + lane;
+        const int32_t e = expert_of(topk_ids, i, i < end ? numel : 0, num_experts);
+        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+        if (e >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counts[e], __popc(same));
+    }
+}
+
+/// Lays out the padded runs from counts[E] (shared). All threads of the block must call it;
+/// blockDim.x >= num_experts. Writes offsets[e] (shared) = first position of expert e, the
+/// padding entries of sorted_ids, expert_ids, total_padded; returns nothing.
+MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* warp_totals, int64_t numel,
+                            int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* sorted_ids,
+                            int32_t* expert_ids, int32_t* total_padded, int64_t max_padded) {
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int warps = blockDim.x >> 5;
+    const int32_t pad_value = static_cast<int32_t>(numel);
+
+    // Exclusive scan of the padded counts over experts (one expert per thread).
+    const int32_t padded = tid < num_experts ? (counts[tid] + block_m - 1) / block_m * block_m : 0;
+    int32_t inclusive = warp_inclusive_scan(padded, lane);
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t w = lane < warps ? warp_totals[lane] : 0;
+        w = warp_inclusive_scan(w, lane);
+        warp_totals[lane] = w;
+    }
+    __syncthreads();
+    if (warp > 0) inclusive += warp_totals[warp - 1];
+    const int32_t total = warp_totals[31];  // lanes >= warps repeat the last total
+    if (tid < num_experts) offsets[tid] = inclusive - padded;
+    __syncthreads();
+
+    if (tid == 0) *total_padded = total;
+
+    // Padding inside each run: positions offsets[e] + counts[e] .. offsets[e] + padded_e - 1.
+    for (int64_t q = tid; q < static_cast<int64_t>(num_experts) * block_m; q += blockDim.x) {
+        const int32_t e = static_cast<int32_t>(q / block_m);
+        const int32_t j = static_cast<int32_t>(q - static_cast<int64_t>(e) * block_m);
+        const int32_t count = counts[e];
+        const int32_t run = (count + block_m - 1) / block_m * block_m;
+        if (count + j < run) sorted_ids[offsets[e] + count + j] = pad_value;
+    }
+    // Tail of sorted_ids.
+    for (int64_t q = static_cast<int64_t>(total) + tid; q < max_padded; q += blockDim.x) sorted_ids[q] = pad_value;
+
+    // Expert of each block: the first expert whose run ends past the block's start.
+    const int64_t used_blocks = total / block_m;
+    const int64_t max_blocks = ceil_div(max_padded, block_m);
+    for (int64_t b = tid; b < max_blocks; b += blockDim.x) {
+        int32_t id = -1;
+        if (b < used_blocks) {
+            const int64_t start = b * block_m;
+            int lo = 0, hi = num_experts - 1;  // find the first e with offsets[e] + run_e > start
+            while (lo < hi) {
+                const int mid = (lo + hi) >> 1;
+                const int32_t run_end =
+                    offsets[mid] + (counts[mid] + block_m - 1) / block_m * block_m;
+                if (run_end > start) hi = mid; else lo = mid + 1;
+            }
+            id = expert_map != nullptr ? expert_map[lo] : lo;
+        }
+        expert_ids[b] = id;
+    }
+}
+
+/// Scatters the pairs of one tile [tile_begin, tile_begin + WARPS * 512) to sorted_ids, stably.
+/// cursor[e] (shared) holds the next free position of expert e and is advanced past the
+/// tile's pairs. warp_counts (shared) has WARPS * num_experts entries. All threads call it.
+template <int WARPS>
+MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_t numel, int32_t num_experts,
+                             int32_t* warp_counts, int32_t* cursor, int32_t* sorted_ids) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t warp_begin = tile_begin + static_cast<int64_t>(warp) * 32 * ITEMS_PER_LANE;
+    int32_t* my_counts = warp_counts + warp * num_experts;
+    const uint32_t below = lanemask_lt();
+
+    for (int e = threadIdx.x; e < WARPS * num_experts; e += WARPS * 32) warp_counts[e] = 0;
+    __syncthreads();
+
+    // Pass 1: per-warp counts (one leader per expert per step; the warp steps in order).
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        const int32_t e = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
+        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+        if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
+        __syncwarp();
+    }
+    __syncthreads();
+
+    // Exclusive scan over warps, per expert, starting at the cursor.
+    for (int e = threadIdx.x; e < num_experts; e += WARPS * 32) {
+        int32_t position = cursor[e];
+        for (int w = 0; w < WARPS; ++w) {
+            const int32_t c = warp_counts[w * num_experts + e];
+            warp_counts[w * num_experts + e] = position;
+            position += c;
+        }
+        cursor[e] = position;
+    }
+    __syncthreads();
+
+    // Pass 2: each pair goes to its warp's position for the expert plus its rank among the
+    // lanes below with the same expert.
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        const int64_t i = warp_begin + it * 32 + lane;
+        const int32_t e = expert_of(topk_ids, i, numel, num_experts);
+        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+        int32_t base = 0;
+        if (e >= 0) {
+            base = my_counts[e];
+            sorted_ids[base + __popc(same & below)] = static_cast<int32_t>(i);
+        }
+        __syncwarp();
+        if (e >= 0 && (same & below) == 0) my_counts[e] = base + __popc(same);
+        __syncwarp();
+    }
+    __syncthreads();
+}
+}  // namespace moe_align_detail
+
+extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS)
+    moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
+                     const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
+                     int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
+    using namespace moe_align_detail;
+    __shared__ int32_t counts[MAX_EXPERTS];
+    __shared__ int32_t cursor[MAX_EXPERTS];
+    __shared__ int32_t warp_totals[32];
+    __shared__ int32_t warp_counts[SINGLE_WARPS * MAX_EXPERTS];
+
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    count_pairs(topk_ids, 0, numel, numel, num_experts, counts);
+    __syncthreads();
+    layout_runs(counts, cursor, warp_totals, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids,
+                total_padded, max_padded);
+    constexpr int TILE = SINGLE_WARPS * 32 * ITEMS_PER_LANE;
+    for (int64_t tile = 0; tile < numel; tile += TILE)
+        scatter_tile<SINGLE_WARPS>(topk_ids, tile, numel, num_experts, warp_counts, cursor, sorted_ids);
+}
+
+extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
+    moe_align_count(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
+                    int32_t* __restrict__ chunk_counts) {
+    using namespace moe_align_detail;
+    __shared__ int32_t counts[MAX_EXPERTS];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    const int64_t begin = static_cast<int64_t>(blockIdx.x) * CHUNK;
+    const int64_t end = min_i64(begin + CHUNK, numel);
+    count_pairs(topk_ids, begin, end, numel, num_experts, counts);
+    __syncthreads();
+    int32_t* out = chunk_counts + static_cast<int64_t>(blockIdx.x) * num_experts;
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) out[e] = counts[e];
+}
+
+extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
+    moe_align_scan(int32_t* __restrict__ chunk_counts, int32_t num_chunks, int64_t numel, int32_t num_experts,
+                   int32_t block_m, const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
+                   int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
+    using namespace moe_align_detail;
+    __shared__ int32_t counts[MAX_EXPERTS];
+    __shared__ int32_t offsets[MAX_EXPERTS];
+    __shared__ int32_t warp_totals[32];
+
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        int32_t sum = 0;
+#pragma unroll 4
+        for (int32_t c = 0; c < num_chunks; ++c) sum += chunk_counts[static_cast<int64_t>(c) * num_experts + e];
+        counts[e] = sum;
+    }
+    __syncthreads();
+    layout_runs(counts, offsets, warp_totals, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids,
+                total_padded, max_padded);
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        int32_t position = offsets[e];
+        for (int32_t c = 0; c < num_chunks; ++c) {
+            int32_t* slot = chunk_counts + static_cast<int64_t>(c) * num_experts + e;
+            const int32_t count = *slot;
+            *slot = position;
+            position += count;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
+    moe_align_scatter(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
+                      const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ sorted_ids) {
+    using namespace moe_align_detail;
+    __shared__ int32_t cursor[MAX_EXPERTS];
+    __shared__ int32_t warp_counts[CHUNK_WARPS * MAX_EXPERTS];
+    const int32_t* mine = chunk_offsets + static_cast<int64_t>(blockIdx.x) * num_experts;
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) cursor[e] = mine[e];
+    __syncthreads();
+    scatter_tile<CHUNK_WARPS>(topk_ids, static_cast<int64_t>(blockIdx.x) * CHUNK, numel, num_experts, warp_counts,
+                              cursor, sorted_ids);
+}

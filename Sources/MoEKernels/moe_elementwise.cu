@@ -1,0 +1,167 @@
+// moe_elementwise.cu: the memory-bound stages between and after the GEMMs.
+//
+// All kernels: block 256 threads, 1-D grid, grid-stride loops with 64-bit indices, so any
+// grid.x >= 1 is correct; recommended grid.x = clamp(ceil(work / (256 * VEC)), 1, 8192)
+// where work is the element count named below and VEC the elements per vector step.
+// No shared memory. Arithmetic in fp32, each output rounded once to T.
+// Vector (16-byte) paths need 16-byte aligned base pointers (the host allocates so) and the
+// divisibility stated per kernel; otherwise the same kernel takes a scalar path.
+//
+// moe_silu_and_mul<T>(in [rows, 2I], out [rows, I], rows, I)
+//     out[r, i] = silu(in[r, i]) * in[r, I + i], silu(g) = g / (1 + exp(-g)).
+//     work = rows * I, VEC = 8 when I % 8 == 0.
+// moe_gelu_and_mul<T>(in, out, rows, I)
+//     the same with gelu(g) = 0.5 g (1 + erf(g / sqrt(2))).
+// moe_combine<T>(in [M*k, H], out [M, H], M, k, H)
+//     out[t, h] = sum over j = 0..k-1, in that order, of in[t*k + j, h].
+//     work = M * H, VEC = 8 when H % 8 == 0.
+// moe_splitk_reduce<T>(workspace, split_stride, split_k, rows, N, stride_cm, out)
+//     out[r * stride_cm + n] = sum over s = 0..split_k-1, in that order, of
+//     workspace[s * split_stride + r * stride_cm + n], for r < rows, n < N (the workspace and
+//     out share the row stride stride_cm). work = rows * N, VEC = 4 when N, stride_cm and
+//     split_stride are multiples of 4.
+// moe_cast_f32<T>(in [numel] fp32, out [numel] T, numel)
+//     work = numel, VEC = 4 (scalar tail).
+#include "moe_common.cuh"
+
+namespace moe_elementwise_detail {
+MOE_DEVICE float silu(float g) { return g / (1.0f + expf(-g)); }
+MOE_DEVICE float gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
+
+struct Silu {
+    MOE_DEVICE float operator()(float g) const { return silu(g); }
+};
+struct Gelu {
+    MOE_DEVICE float operator()(float g) const { return gelu(g); }
+};
+
+MOE_DEVICE int64_t grid_start() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
+MOE_DEVICE int64_t grid_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+/// A grid-stride walk over a [rows, cols] index space that keeps (row, col) without dividing
+/// in the loop: one 64-bit division at the start, carries afterwards.
+struct GridStride2D {
+    int64_t row, col, row_step, col_step, cols;
+    MOE_DEVICE explicit GridStride2D(int64_t cols_) : cols(cols_) {
+        const int64_t start = grid_start(), step = grid_step();
+        row = start / cols;
+        col = start - row * cols;
+        row_step = step / cols;
+        col_step = step - row_step * cols;
+    }
+    MOE_DEVICE void advance() {
+        row += row_step;
+        col += col_step;
+        if (col >= cols) {
+            col -= cols;
+            ++row;
+        }
+    }
+};
+
+template <typename T, typename Act>
+MOE_DEVICE void act_and_mul(const T* __restrict__ in, T* __restrict__ out, int64_t rows, int64_t I, Act act) {
+    if (rows <= 0 || I <= 0) return;
+    if (I % 8 == 0) {
+        for (GridStride2D g2(I / 8); g2.row < rows; g2.advance()) {
+            const int64_t r = g2.row;
+            const int64_t i = g2.col * 8;
+            const T* gate = in + r * (2 * I) + i;
+            float g[8], u[8], o[8];
+            unpack8<T>(*reinterpret_cast<const uint4*>(gate), g);
+            unpack8<T>(*reinterpret_cast<const uint4*>(gate + I), u);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o[e] = act(g[e]) * u[e];
+            *reinterpret_cast<uint4*>(out + r * I + i) = pack8<T>(o);
+        }
+    } else {
+        for (GridStride2D g2(I); g2.row < rows; g2.advance()) {
+            const int64_t r = g2.row;
+            const int64_t i = g2.col;
+            const T* gate = in + r * (2 * I) + i;
+            out[r * I + i] = from_float<T>(act(to_float(gate[0])) * to_float(gate[I]));
+        }
+    }
+}
+}  // namespace moe_elementwise_detail
+
+template <typename T>
+__global__ void __launch_bounds__(256) moe_silu_and_mul(const T* __restrict__ in, T* __restrict__ out, int64_t rows,
+                                                        int64_t I) {
+    moe_elementwise_detail::act_and_mul(in, out, rows, I, moe_elementwise_detail::Silu{});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) moe_gelu_and_mul(const T* __restrict__ in, T* __restrict__ out, int64_t rows,
+                                                        int64_t I) {
+    moe_elementwise_detail::act_and_mul(in, out, rows, I, moe_elementwise_detail::Gelu{});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* __restrict__ out, int64_t M, int32_t k,
+                                                   int64_t H) {
+    using namespace moe_elementwise_detail;
+    if (M <= 0 || H <= 0) return;
+    if (H % 8 == 0) {
+        for (GridStride2D g2(H / 8); g2.row < M; g2.advance()) {
+            const int64_t t = g2.row;
+            const int64_t h = g2.col * 8;
+            float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int32_t j = 0; j < k; ++j) {
+                float x[8];
+                unpack8<T>(*reinterpret_cast<const uint4*>(in + (t * k + j) * H + h), x);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sum[e] += x[e];
+            }
+            *reinterpret_cast<uint4*>(out + t * H + h) = pack8<T>(sum);
+        }
+    } else {
+        for (GridStride2D g2(H); g2.row < M; g2.advance()) {
+            const int64_t t = g2.row;
+            const int64_t h = g2.col;
+            float sum = 0.0f;
+            for (int32_t j = 0; j < k; ++j) sum += to_float(in[(t * k + j) * H + h]);
+            out[t * H + h] = from_float<T>(sum);
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+    moe_splitk_reduce(const float* __restrict__ workspace, int64_t split_stride, int32_t split_k, int64_t rows,
+                      int64_t N, int64_t stride_cm, T* __restrict__ out) {
+    using namespace moe_elementwise_detail;
+    if (rows <= 0 || N <= 0) return;
+    if (N % 4 == 0 && stride_cm % 4 == 0 && split_stride % 4 == 0) {
+        for (GridStride2D g2(N / 4); g2.row < rows; g2.advance()) {
+            const int64_t offset = g2.row * stride_cm + g2.col * 4;
+            float4 sum = *reinterpret_cast<const float4*>(workspace + offset);
+            for (int32_t s = 1; s < split_k; ++s) {
+                const float4 x = *reinterpret_cast<const float4*>(workspace + s * split_stride + offset);
+                sum.x += x.x;
+                sum.y += x.y;
+                sum.z += x.z;
+                sum.w += x.w;
+            }
+            store4(out + offset, sum.x, sum.y, sum.z, sum.w);
+        }
+    } else {
+        for (GridStride2D g2(N); g2.row < rows; g2.advance()) {
+            const int64_t offset = g2.row * stride_cm + g2.col;
+            float sum = workspace[offset];
+            for (int32_t s = 1; s < split_k; ++s) sum += workspace[s * split_stride + offset];
+            out[offset] = from_float<T>(sum);
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) moe_cast_f32(const float* __restrict__ in, T* __restrict__ out, int64_t numel) {
+    using namespace moe_elementwise_detail;
+    const int64_t vectors = numel / 4;
+    for (int64_t v = grid_start(); v < vectors; v += grid_step()) {
+        const float4 x = *reinterpret_cast<const float4*>(in + v * 4);
+        store4(out + v * 4, x.x, x.y, x.z, x.w);
+    }
+    for (int64_t i = vectors * 4 + grid_start(); i < numel; i += grid_step()) out[i] = from_float<T>(in[i]);
+}

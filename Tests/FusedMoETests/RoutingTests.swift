@@ -1,0 +1,93 @@
+import Testing
+@testable import FusedMoE
+
+@Suite struct AlignTests {
+    @Test func sglangDocstringExample() throws {
+        let example = CPUChecks.alignExample
+        let aligned = try Align.align(ids: example.ids, experts: example.experts, blockM: example.blockM)
+        #expect(aligned.sortedTokenIDs == example.sorted)
+        #expect(aligned.expertIDs == example.expertIDs)
+        #expect(aligned.paddedCount == 16)
+        #expect(aligned.padValue == 12)
+    }
+
+    @Test func expertMapMarksUnownedBlocks() throws {
+        let aligned = try Align.align(ids: [0, 1, 2, 3, 0, 2], experts: 4, blockM: 2, expertMap: [0, -1, 1, -1])
+        #expect(aligned.sortedTokenIDs == [0, 4, 1, 6, 2, 5, 3, 6])
+        #expect(aligned.expertIDs == [0, -1, 1, -1])
+    }
+
+    @Test func unroutedSlotsAreSkippedAndEmptyBatchesWork() throws {
+        let aligned = try Align.align(ids: [-1, 1, 1, -1], experts: 2, blockM: 4)
+        #expect(aligned.sortedTokenIDs == [1, 2, 4, 4])
+        #expect(aligned.expertIDs == [1])
+        let empty = try Align.align(ids: [], experts: 3, blockM: 16)
+        #expect(empty.paddedCount == 0 && empty.expertIDs.isEmpty)
+    }
+
+    @Test func randomAlignIsAStablePaddedSort() throws {
+        var generator = SplitMix64(seed: 99)
+        for _ in 0..<20 {
+            let experts = Int.random(in: 1...40, using: &generator)
+            let blockM = [1, 4, 16, 64].randomElement(using: &generator)!
+            let ids = (0..<Int.random(in: 0...500, using: &generator)).map { _ in Int32.random(in: 0..<Int32(experts), using: &generator) }
+            let aligned = try Align.align(ids: ids, experts: experts, blockM: blockM)
+            #expect(aligned.paddedCount % blockM == 0)
+            #expect(aligned.paddedCount <= Align.maximumPaddedCount(pairs: ids.count, experts: experts, blockM: blockM))
+            let real = aligned.sortedTokenIDs.filter { $0 != aligned.padValue }
+            #expect(real.sorted() == Array(0..<Int32(ids.count)))
+            for (position, pair) in aligned.sortedTokenIDs.enumerated() where pair != aligned.padValue {
+                #expect(aligned.expertIDs[position / blockM] == ids[Int(pair)])
+            }
+            for expert in 0..<experts {
+                let run = aligned.sortedTokenIDs.enumerated().filter { $0.element != aligned.padValue && ids[Int($0.element)] == expert }.map(\.element)
+                #expect(run == run.sorted())
+            }
+        }
+    }
+
+    @Test func badInputsNameTheArgument() {
+        #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
+            try Align.align(ids: [0], experts: 1, blockM: 0)
+        }
+        do {
+            _ = try Align.align(ids: [0, 5], experts: 4, blockM: 4)
+            Issue.record("id 5 of 4 experts accepted")
+        } catch {
+            guard case .invalidArgument(let name, _) = error else { Issue.record("\(error)"); return }
+            #expect(name == "topk_ids")
+        }
+        #expect(throws: MoEError.self) { try Align.align(ids: [0], experts: 2, blockM: 4, expertMap: [0]) }
+    }
+}
+
+@Suite struct TopKTests {
+    @Test func picksLargestWithLowerIndexOnTies() throws {
+        let logits = try HostTensor<Float>(shape: [2, 4], storage: [1, 3, 3, 0, 5, 5, 5, 5])
+        let routing = try Router.softmaxTopK(logits: logits, topK: 2, renormalize: false)
+        #expect(routing.ids == [1, 2, 0, 1])
+        #expect(abs(routing.weights[2] - 0.25) < 1e-6)
+    }
+
+    @Test func renormalizedWeightsSumToOne() throws {
+        var generator = SplitMix64(seed: 3)
+        let logits = HostTensor<BFloat16>.random(shape: [16, 64], scale: 3, using: &generator)
+        let routing = try Router.softmaxTopK(logits: logits, topK: 6, renormalize: true)
+        for token in 0..<16 {
+            let weights = routing.weights[(token * 6)..<(token * 6 + 6)]
+            #expect(abs(weights.reduce(0, +) - 1) < 1e-5)
+            #expect(Array(weights) == weights.sorted(by: >))
+            #expect(Set(routing.ids[(token * 6)..<(token * 6 + 6)]).count == 6)
+        }
+    }
+
+    @Test func badArgumentsAreErrors() throws {
+        let logits = try HostTensor<Float>(shape: [1, 4], storage: [0, 1, 2, 3])
+        #expect(throws: MoEError.self) { try Router.softmaxTopK(logits: logits, topK: 5, renormalize: false) }
+        #expect(throws: MoEError.self) { try Router.softmaxTopK(logits: logits, topK: 0, renormalize: false) }
+        let bad = try HostTensor<Float>(shape: [1, 2], storage: [0, .nan])
+        #expect(throws: MoEError.self) { try Router.softmaxTopK(logits: bad, topK: 1, renormalize: false) }
+        let empty = try HostTensor<Float>(shape: [0, 4], storage: [])
+        #expect(try Router.softmaxTopK(logits: empty, topK: 2, renormalize: true).ids.isEmpty)
+    }
+}

@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Compile every kernel family with NVRTC, as the Swift side does, and report ptxas usage.
+
+No GPU needed: NVRTC runs on the CPU and produces a CUBIN for the target architecture.
+Each .cu under Sources/MoEKernels is compiled as its own program with moe_common.cuh passed
+as a header under that include name, with the options
+    -arch=<arch> -std=c++17 -default-device --ptxas-options=-v
+and a representative set of template instantiations (name expressions). Prints the
+registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
+spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128.
+
+libnvrtc is looked up in $NVRTC_LIBRARY, /usr/local/cuda/lib64, then the pip packages
+nvidia/cu13/lib and nvidia/cuda_nvrtc/lib of every site-packages directory.
+
+Also importable: kernel_check.py uses `kernel_dir`, `source_with_header`, and
+`name_expressions` from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ctypes
+import glob
+import os
+import re
+import site
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+kernel_dir = ROOT / "Sources" / "MoEKernels"
+HEADER_NAME = "moe_common.cuh"
+
+DTYPES = ("moe_bf16", "moe_fp16")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, WARPS_M, WARPS_N, STAGES)
+GEMM_TILES = (
+    (16, 64, 64, 1, 4, 4),
+    (32, 128, 64, 2, 2, 3),
+    (64, 128, 64, 2, 4, 3),
+    (128, 128, 64, 2, 4, 3),
+    (128, 256, 64, 2, 4, 3),
+)
+# Extra bf16 tiles that take the other code paths: odd n8 count with a partial loader pass
+# (16x32x32 1x4), and an output tile larger than the operand ring (2 stages, BLOCK_K 32).
+GEMM_EXTRA_TILES = (
+    (16, 32, 32, 1, 4, 2),
+    (128, 128, 32, 2, 4, 2),
+)
+
+
+def gemm_name(dtype: str, tile, mode: int, mul: bool) -> str:
+    bm, bn, bk, wm, wn, st = tile
+    return f"moe_gemm<{dtype}, {bm}, {bn}, {bk}, {wm}, {wn}, {st}, {mode}, {'true' if mul else 'false'}>"
+
+
+def name_expressions() -> dict[str, list[list[str]]]:
+    """Per source file, groups of name expressions; each group is compiled as one program."""
+    gemm_groups = []
+    for dtype in DTYPES:
+        for tile in GEMM_TILES:
+            gemm_groups.append([gemm_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)])
+    for tile in GEMM_EXTRA_TILES:
+        gemm_groups.append([gemm_name("moe_bf16", tile, m, mul) for m in (0, 1, 2) for mul in (False, True)])
+    elementwise = []
+    for dtype in DTYPES:
+        for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):
+            elementwise.append(f"{kernel}<{dtype}>")
+    return {
+        "moe_align.cu": [[]],  # extern "C" kernels only
+        "moe_topk.cu": [[f"moe_topk_softmax<{t}>" for t in ("moe_bf16", "moe_fp16", "float")]],
+        "moe_elementwise.cu": [elementwise],
+        "moe_reference.cu": [[f"moe_reference_gemm{g}<{t}>" for g in (1, 2) for t in DTYPES]],
+        "moe_gemm.cu": gemm_groups,
+    }
+
+
+def source_with_header(cu_name: str) -> str:
+    """The .cu text with `#include "moe_common.cuh"` replaced by the header text (for compilers
+    that take no header list, such as cupy.RawModule)."""
+    header = (kernel_dir / HEADER_NAME).read_text()
+    source = (kernel_dir / cu_name).read_text()
+    include = f'#include "{HEADER_NAME}"'
+    if include not in source:
+        raise ValueError(f"{cu_name} does not include {HEADER_NAME}")
+    return source.replace(include, header, 1)
+
+
+# MARK: - NVRTC through ctypes
+
+
+def find_nvrtc() -> str:
+    env = os.environ.get("NVRTC_LIBRARY")
+    if env:
+        return env
+    candidates = sorted(glob.glob("/usr/local/cuda/lib64/libnvrtc.so*"))
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    for root in roots:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"):
+            candidates += sorted(glob.glob(os.path.join(root, sub, "libnvrtc.so*")))
+    # Prefer the plain soname (libnvrtc.so.13) over builtins or alt libraries.
+    candidates = [c for c in candidates if re.search(r"libnvrtc\.so(\.\d+)*$", c)]
+    if not candidates:
+        raise FileNotFoundError("libnvrtc not found: set NVRTC_LIBRARY")
+    return candidates[0]
+
+
+class NVRTC:
+    def __init__(self, path: str):
+        self.path = path
+        self.lib = ctypes.CDLL(path)
+        lib = self.lib
+        P = ctypes.c_void_p
+        lib.nvrtcCreateProgram.argtypes = [
+            ctypes.POINTER(P), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+            ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_char_p)]
+        lib.nvrtcAddNameExpression.argtypes = [P, ctypes.c_char_p]
+        lib.nvrtcCompileProgram.argtypes = [P, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.nvrtcGetProgramLogSize.argtypes = [P, ctypes.POINTER(ctypes.c_size_t)]
+        lib.nvrtcGetProgramLog.argtypes = [P, ctypes.c_char_p]
+        lib.nvrtcGetCUBINSize.argtypes = [P, ctypes.POINTER(ctypes.c_size_t)]
+        lib.nvrtcGetCUBIN.argtypes = [P, ctypes.c_char_p]
+        lib.nvrtcGetLoweredName.argtypes = [P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)]
+        lib.nvrtcDestroyProgram.argtypes = [ctypes.POINTER(P)]
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        lib.nvrtcVersion.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]
+
+    def version(self) -> tuple[int, int]:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        return major.value, minor.value
+
+    def error(self, code: int) -> str:
+        return self.lib.nvrtcGetErrorString(code).decode()
+
+    def compile(self, source: str, name: str, headers: dict[str, str], options: list[str],
+                expressions: list[str]):
+        """Returns (ok, log, cubin or None, {expression: lowered name})."""
+        prog = ctypes.c_void_p()
+        n = len(headers)
+        header_src = (ctypes.c_char_p * n)(*[v.encode() for v in headers.values()])
+        header_names = (ctypes.c_char_p * n)(*[k.encode() for k in headers.keys()])
+        rc = self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), n, header_src,
+                                         header_names)
+        if rc != 0:
+            return False, f"nvrtcCreateProgram: {self.error(rc)}", None, {}
+        try:
+            for expr in expressions:
+                rc = self.lib.nvrtcAddNameExpression(prog, expr.encode())
+                if rc != 0:
+                    return False, f"nvrtcAddNameExpression({expr}): {self.error(rc)}", None, {}
+            opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+            rc = self.lib.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            self.lib.nvrtcGetProgramLog(prog, buf)
+            log = buf.value.decode(errors="replace")
+            if rc != 0:
+                return False, f"nvrtcCompileProgram: {self.error(rc)}\n{log}", None, {}
+            lowered = {}
+            for expr in expressions:
+                out = ctypes.c_char_p()
+                rc = self.lib.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(out))
+                if rc != 0:
+                    return False, f"nvrtcGetLoweredName({expr}): {self.error(rc)}", None, {}
+                lowered[expr] = out.value.decode()
+            self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+            cubin = ctypes.create_string_buffer(size.value)
+            rc = self.lib.nvrtcGetCUBIN(prog, cubin)
+            if rc != 0 or size.value == 0:
+                return False, f"nvrtcGetCUBIN: {self.error(rc)}\n{log}", None, {}
+            return True, log, cubin.raw, lowered
+        finally:
+            self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# MARK: - ptxas report
+
+
+@dataclass
+class KernelUsage:
+    name: str  # name expression or extern "C" name
+    registers: int = -1
+    stack: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    smem: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def parse_ptxas(log: str) -> dict[str, KernelUsage]:
+    """Mangled (or C) name -> usage, from the --ptxas-options=-v report."""
+    usage: dict[str, KernelUsage] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = usage.setdefault(m.group(1), KernelUsage(m.group(1)))
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = usage.setdefault(m.group(1), KernelUsage(m.group(1)))
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current.stack, current.spill_stores, current.spill_loads = map(int, m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current.registers = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            if s:
+                current.smem = int(s.group(1))
+    return usage
+
+
+GEMM_RE = re.compile(r"moe_gemm<\w+, (\d+), (\d+), (\d+),")
+
+
+def must_not_spill(expr: str) -> bool:
+    m = GEMM_RE.match(expr)
+    return bool(m) and int(m.group(1)) * int(m.group(2)) <= 128 * 128
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="sm_90a", help="NVRTC -arch value (default sm_90a)")
+    parser.add_argument("--only", default=None, help="compile only this .cu file")
+    parser.add_argument("-j", "--jobs", type=int, default=max(1, min(16, os.cpu_count() or 1)))
+    parser.add_argument("--verbose", action="store_true", help="print the full NVRTC logs")
+    args = parser.parse_args()
+
+    nvrtc = NVRTC(find_nvrtc())
+    print(f"libnvrtc: {nvrtc.path} (NVRTC {'.'.join(map(str, nvrtc.version()))}), arch {args.arch}")
+    headers = {HEADER_NAME: (kernel_dir / HEADER_NAME).read_text()}
+    options = [f"-arch={args.arch}", "-std=c++17", "-default-device", "--ptxas-options=-v"]
+
+    jobs = []
+    files = sorted(p.name for p in kernel_dir.glob("*.cu"))
+    groups = name_expressions()
+    for cu in files:
+        if args.only and cu != args.only:
+            continue
+        if cu not in groups:
+            print(f"FAIL {cu}: no name expressions listed in nvrtc_compile_check.py")
+            return 1
+        for group in groups[cu]:
+            jobs.append((cu, group))
+
+    def run(job):
+        cu, exprs = job
+        start = time.time()
+        src = (kernel_dir / cu).read_text()
+        result = nvrtc.compile(src, cu, headers, options, exprs)
+        return job, result, time.time() - start
+
+    failures = 0
+    rows: list[tuple[str, KernelUsage]] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for (cu, exprs), (ok, log, cubin, lowered), seconds in pool.map(run, jobs):
+            label = f"{cu}" + (f" [{exprs[0]} ...]" if len(exprs) > 1 else (f" [{exprs[0]}]" if exprs else ""))
+            if not ok:
+                failures += 1
+                print(f"FAIL compile {label}\n{log}")
+                continue
+            if args.verbose:
+                print(log)
+            usage = parse_ptxas(log)
+            by_mangled = {v: k for k, v in lowered.items()}
+            for mangled, u in usage.items():
+                u.name = by_mangled.get(mangled, mangled)
+                rows.append((cu, u))
+            warnings = [l for l in log.splitlines() if "warning" in l.lower()]
+            for w in warnings:
+                print(f"WARN {cu}: {w}")
+            print(f"ok   {label}: {len(usage)} kernels, cubin {len(cubin)} bytes, {seconds:.1f} s")
+
+    print()
+    print(f"{'kernel':<72} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9} {'smem':>6}")
+    spill_failures = 0
+    for cu, u in sorted(rows, key=lambda r: (r[0], r[1].name)):
+        flag = ""
+        if (u.spill_stores or u.spill_loads) and must_not_spill(u.name):
+            flag = "  <-- SPILL"
+            spill_failures += 1
+        elif u.spill_stores or u.spill_loads:
+            flag = "  (spill tolerated)"
+        print(f"{u.name:<72} {u.registers:>5} {u.stack:>6} {u.spill_stores:>9} {u.spill_loads:>9} {u.smem:>6}{flag}")
+    print()
+    if failures or spill_failures:
+        print(f"FAILED: {failures} compile failures, {spill_failures} gemm kernels spill")
+        return 1
+    print(f"all {len(rows)} kernels compiled, no spills where forbidden")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
