@@ -20,7 +20,10 @@ let package = Package(
         /// The CUDA C++ kernel sources, embedded into the binary at build time with C23 `#embed`.
         .target(
             name: "MoEKernels",
-            exclude: ["moe_probe.cu"]
+            exclude: [
+                "moe_common.cuh", "moe_probe.cu", "moe_random.cu", "moe_align.cu", "moe_topk.cu", "moe_gemm.cu",
+                "moe_elementwise.cu", "moe_reference.cu",
+            ]
         ),
 
         // MARK: - Public API

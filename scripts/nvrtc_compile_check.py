@@ -248,9 +248,10 @@ def main() -> int:
         if args.only and cu != args.only:
             continue
         if cu not in groups:
-            print(f"FAIL {cu}: no name expressions listed in nvrtc_compile_check.py")
-            return 1
-        for group in groups[cu]:
+            # A family this script does not know: compile it as is (its extern "C" kernels);
+            # its templates are not instantiated until listed in name_expressions().
+            print(f"note {cu}: no name expressions listed here, templates not instantiated")
+        for group in groups.get(cu, [[]]):
             jobs.append((cu, group))
 
     def run(job):

@@ -3,8 +3,8 @@
 // Compiled by NVRTC with no system headers, so this file defines the fixed-width
 // integer types, the 16-bit float storage types and their conversions itself.
 // All inline PTX of the package lives here, each wrapper named for its instruction.
-// Requires sm_80 or newer (cp.async, ldmatrix, mma.sync bf16); the vector f32
-// reductions (red.global.add.v2/v4.f32) require sm_90.
+// Requires sm_80 or newer (cp.async, ldmatrix, mma.sync bf16); on sm_90 the f32
+// reductions use the vector forms (red.global.add.v2/v4.f32).
 #ifndef MOE_COMMON_CUH
 #define MOE_COMMON_CUH
 
@@ -240,15 +240,27 @@ MOE_DEVICE void red_global_add_f32(float* addr, float v) {
     asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(addr), "f"(v) : "memory");
 }
 
-/// red.global.add.v2.f32 (sm_90): addr 8-byte aligned.
+/// red.global.add.v2.f32 (sm_90; two scalar reds before): addr 8-byte aligned.
 MOE_DEVICE void red_global_add_v2_f32(float* addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
+#else
+    red_global_add_f32(addr, a);
+    red_global_add_f32(addr + 1, b);
+#endif
 }
 
-/// red.global.add.v4.f32 (sm_90): addr 16-byte aligned.
+/// red.global.add.v4.f32 (sm_90; four scalar reds before): addr 16-byte aligned.
 MOE_DEVICE void red_global_add_v4_f32(float* addr, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "f"(a), "f"(b), "f"(c), "f"(d)
                  : "memory");
+#else
+    red_global_add_f32(addr, a);
+    red_global_add_f32(addr + 1, b);
+    red_global_add_f32(addr + 2, c);
+    red_global_add_f32(addr + 3, d);
+#endif
 }
 
 #endif  // MOE_COMMON_CUH

@@ -71,6 +71,7 @@ struct MoEGemmTraits {
     static_assert(STAGES >= 2 && STAGES <= 5, "STAGES in 2..5");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(THREADS % CHUNKS_PER_ROW == 0, "a pass of the loaders covers whole rows");
+    static_assert(A_ITERS <= 32 && B_ITERS <= 32, "loader validity masks hold 32 bits");
 };
 
 template <typename T, int BLOCK_M, int BLOCK_N, int BLOCK_K, int WARPS_M, int WARPS_N, int STAGES, int SPLIT_MODE,

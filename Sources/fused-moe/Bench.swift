@@ -31,6 +31,15 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON (DESIGN.md's format) to this file.")
     var json: String?
 
+    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run (e.g. by torch); without it the copy bandwidth is measured here and the matrix rate is taken from the file's absence as 'unmeasured' (the anchor's 715 TFLOP/s).")
+    var ceilings: String?
+
+    @Option(help: "GPU: input sets rotated through per timed graph, so repeated replays do not just re-read L2.")
+    var rotations: Int = 4
+
+    @Flag(help: "GPU: time only the plan's own choice per batch size, not every split setting of the PR's table.")
+    var planOnly = false
+
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1, got \(repeats)") }
         for name in shapes where !ShapePreset.all.contains(where: { $0.name == name }) {
@@ -39,9 +48,9 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
-        let resolved = try backend.resolve()
-        guard resolved == .cpu else {
-            throw ValidationError("the CUDA bench is not built yet; run with --backend cpu")
+        if try backend.resolve() == .cuda {
+            try runGPU()
+            return
         }
         let presets = try (shapes.isEmpty ? ["tiny"] : shapes).map { try ShapePreset.named($0) }
         let batches = batchSizes?.values ?? [1, 8, 32, 128]
@@ -63,6 +72,59 @@ struct Bench: ParsableCommand {
             note("wrote \(json)")
         }
     }
+}
+
+extension Bench {
+    func runGPU() throws {
+        guard rotations >= 1 else { throw ValidationError("--rotations must be >= 1, got \(rotations)") }
+        guard dtype != .fp32 else { throw ValidationError("--dtype fp32 runs on the CPU backend only; the GPU takes bf16 or fp16") }
+        let device = try Device(ordinal: 0)
+        let library = try KernelLibrary(device: device)
+        let bench = try GPUBench(library: library)
+        let presets = try (shapes.isEmpty ? ["seed4096", "seed8192"] : shapes).map { try ShapePreset.named($0) }
+        let batches = batchSizes?.values ?? ShapePreset.batchSizes
+        let copy = try bench.measureCopyBandwidth()
+        var measured = Ceilings(copyBytesPerSecond: copy, matrixFlopsPerSecond: 715e12)
+        if let ceilings {
+            guard let text = readFile(ceilings) else { throw ValidationError("--ceilings: cannot read '\(ceilings)'") }
+            let json = try JSON.parse(text, source: ceilings)
+            guard let copyRate = json["copy_bytes_per_s"]?.doubleValue, let matrixRate = json["bf16_flops_per_s"]?.doubleValue,
+                copyRate > 0, matrixRate > 0
+            else { throw ValidationError("--ceilings: '\(ceilings)' needs positive copy_bytes_per_s and bf16_flops_per_s") }
+            // The faster copy of the two measurements is the ceiling.
+            measured = Ceilings(copyBytesPerSecond: max(copyRate, copy), matrixFlopsPerSecond: matrixRate)
+        } else {
+            note("no --ceilings file: the bf16 matrix rate is taken as 715 TFLOP/s (the anchor's), not measured")
+        }
+        note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, bf16 \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s")
+        var rows: [BenchRow] = []
+        for preset in presets {
+            rows += try bench.run(
+                preset: preset, batchSizes: batches, settings: planOnly ? [.auto] : GPUBench.tableSettings, dtype: dtype,
+                ceilings: measured, rotations: rotations, seed: seed, progress: note)
+        }
+        let report = BenchReport(
+            device: device.properties.name, driver: "CUDA \(device.driver.versionString)", commit: currentCommit(),
+            date: HostClock.isoDate(), ceilings: measured, rows: rows)
+        print(report.table())
+        if let json {
+            try writeText(report.json.serialized(indent: 1) + "\n", to: json)
+            note("wrote \(json)")
+        }
+    }
+}
+
+func readFile(_ path: String) -> String? {
+    guard let file = fopen(path, "r") else { return nil }
+    defer { fclose(file) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let count = fread(&buffer, 1, buffer.count, file)
+        if count == 0 { break }
+        bytes += buffer[0..<count]
+    }
+    return String(decoding: bytes, as: UTF8.self)
 }
 
 func cpuCount() -> Int {

@@ -15,6 +15,9 @@ struct Check: ParsableCommand {
     @Option(help: "Write the results as JSON to this file.")
     var json: String?
 
+    @Flag(help: "GPU: only seed4096 at M = 1 and 128 (a fast smoke test).")
+    var quick = false
+
     func run() throws {
         let seed = self.seed ?? UInt64(HostClock.now() * 1000)
         note("check: seed \(seed)")
@@ -47,6 +50,8 @@ struct Check: ParsableCommand {
                 detail: "\(outcome.elements) elements, max abs err \(outcome.maxAbsoluteError), compiled \(outcome.compiled), loaded from cache \(outcome.loadedFromCache), \(outcome.registers) registers, \(format(HostClock.now() - start, 3)) s")
             print(result.line)
             results.append(result)
+            let checks = try GPUChecks(library: library) { print($0.line) }
+            results += checks.run(seed: seed, quick: quick)
         } catch let error as CUDAError {
             let result = CheckResult(name: "gpu probe kernel", passed: false, detail: error.description)
             print(result.line)

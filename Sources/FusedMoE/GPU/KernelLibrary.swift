@@ -6,16 +6,32 @@ import Dispatch
 /// The kernel sources embedded in the binary (Sources/MoEKernels), one per kernel family.
 public enum KernelSource: String, CaseIterable, Sendable {
     case probe = "moe_probe.cu"
+    case random = "moe_random.cu"
+    case align = "moe_align.cu"
+    case topk = "moe_topk.cu"
+    case gemm = "moe_gemm.cu"
+    case elementwise = "moe_elementwise.cu"
+    case reference = "moe_reference.cu"
 
     /// The file's text.
     public var text: String {
-        switch self {
-        case .probe: String(cString: moe_kernels_probe_source())
-        }
+        let pointer: UnsafePointer<CChar> =
+            switch self {
+            case .probe: moe_kernels_probe_source()
+            case .random: moe_kernels_random_source()
+            case .align: moe_kernels_align_source()
+            case .topk: moe_kernels_topk_source()
+            case .gemm: moe_kernels_gemm_source()
+            case .elementwise: moe_kernels_elementwise_source()
+            case .reference: moe_kernels_reference_source()
+            }
+        return String(cString: pointer)
     }
 
-    /// Headers the sources include by name.
-    static var headers: [SourceHeader] { [] }
+    /// Headers the sources include by name: the shared device helpers.
+    static let headers: [SourceHeader] = [
+        SourceHeader(includeName: "moe_common.cuh", source: String(cString: moe_kernels_common_source()))
+    ]
 }
 
 /// Compiles embedded kernels for one GPU through the on-disk cache and keeps the loaded modules.

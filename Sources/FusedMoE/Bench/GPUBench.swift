@@ -1,0 +1,150 @@
+import CUDA
+
+/// `fused-moe bench` on the GPU: CUDA-graph replays of the whole layer per batch size and split
+/// setting, with the floor from ceilings measured in the same run.
+public final class GPUBench {
+    public let library: KernelLibrary
+    let stream: Stream
+    let tools: DeviceTools
+
+    public init(library: KernelLibrary) throws(CUDAError) {
+        self.library = library
+        try library.prepare(DeviceTools.requests + [GPUReference.request(dtype: .bf16), GPUReference.request(dtype: .fp16)])
+        tools = try DeviceTools(library: library)
+        stream = try Stream(device: library.device)
+    }
+
+    /// Device-to-device copy bandwidth (bytes read plus written) over a 1 GiB buffer, median of 20.
+    public func measureCopyBandwidth() throws(CUDAError) -> Double {
+        let bytes = 1 << 30
+        let source = try DeviceBuffer(device: library.device, byteCount: bytes)
+        let destination = try DeviceBuffer(device: library.device, byteCount: bytes)
+        try tools.fillUniform(source.pointer, count: bytes / 4, dtype: .fp32, seed: 1, scale: 1, stream: stream)
+        let start = try Event(device: library.device)
+        let end = try Event(device: library.device)
+        var samples: [Double] = []
+        for iteration in 0..<23 {
+            try start.record(on: stream)
+            try destination.copy(from: source, byteCount: bytes, on: stream)
+            try end.record(on: stream)
+            let milliseconds = try Event.elapsedMilliseconds(from: start, to: end)
+            if iteration >= 3 { samples.append(milliseconds) }
+        }
+        return 2.0 * Double(bytes) / (HostClock.median(samples) / 1000)
+    }
+
+    /// A timed setting: a fixed split, or the plan's own choice (`auto`).
+    public enum Setting: Hashable, Sendable {
+        case auto
+        case split(Int, SplitMode)
+
+        public var label: (variant: String, split: String) {
+            switch self {
+            case .auto: ("mma-auto", "plan")
+            case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
+            }
+        }
+    }
+
+    /// The settings of the PR's table: SPLIT_K in {1, 2, 4, 8} in both modes, plus the plan's own.
+    public static let tableSettings: [Setting] =
+        [.auto, .split(1, .none)] + [2, 4, 8].flatMap { k in [Setting.split(k, .atomic), .split(k, .workspace)] }
+
+    /// Times every setting at every batch size for one shape.
+    public func run(
+        preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
+        seed: UInt64, progress: (String) -> Void
+    ) throws -> [BenchRow] {
+        let shape = preset.shape
+        let multiprocessors = library.device.properties.multiprocessorCount
+        func plan(_ setting: Setting, _ tokens: Int) throws -> MoEPlan {
+            switch setting {
+            case .auto:
+                return try PlanSelector.plan(
+                    shape: shape, tokens: tokens, multiprocessors: multiprocessors,
+                    sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
+                    deviceName: library.device.properties.name)
+            case .split(let k, let mode):
+                return PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors).withSplit(k, mode: mode)
+            }
+        }
+        var requests: [KernelLibrary.Request] = []
+        for tokens in batchSizes {
+            for setting in settings {
+                requests += CUDAMoELayer.requests(dtype: dtype, plan: try plan(setting, tokens), activation: .silu)
+            }
+        }
+        let compileStart = HostClock.now()
+        try library.prepare(requests)
+        progress("\(preset.name): \(Set(requests).count) kernel programs ready in \(format(HostClock.now() - compileStart, 1)) s (compiled \(library.cache.compiled), from cache \(library.cache.loaded))")
+
+        let weights = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: seed, stream: stream)
+        var rows: [BenchRow] = []
+        for (index, tokens) in batchSizes.enumerated() {
+            let inputs = try (0..<rotations).map { rotation in
+                try LayerInputs(
+                    tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(1000 * tokens + rotation),
+                    stream: stream)
+            }
+            let reference = try inputs[0].reference(weights: weights, library: library, stream: stream)
+            let touchedIDs = try inputs[0].ids.download(count: tokens * shape.topK, as: Int32.self)
+            let touched = Set(touchedIDs).count
+            let floor = ceilings.floorMilliseconds(shape: shape, tokens: tokens, expertsTouched: touched, dtype: dtype)
+            let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * dtype.byteCount)
+            for setting in settings {
+                let layerPlan = try plan(setting, tokens)
+                let layer = try CUDAMoELayer(
+                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: layerPlan,
+                    maxTokens: tokens)
+                // Correctness of this very configuration, poisoned first.
+                try out.fill(byte: 0xFF, on: stream)
+                try layer.forward(
+                    x: inputs[0].x.pointer, topkIDs: inputs[0].ids.pointer, topkWeights: inputs[0].weights.pointer,
+                    out: out.pointer, tokens: tokens, stream: stream)
+                try stream.synchronize()
+                let bits = try out.download(count: tokens * shape.hidden, as: UInt16.self)
+                let values = bits.map { dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
+                let error = relativeError(values, reference)
+
+                let milliseconds = try time(layer: layer, inputs: inputs, out: out, tokens: tokens)
+                let label = setting.label
+                let row = BenchRow(
+                    shape: preset.name, moeShape: shape, tokens: tokens, variant: label.variant,
+                    splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
+                    splitMode: setting == .auto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
+                    milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
+                rows.append(row)
+                progress("[\(index + 1)/\(batchSizes.count)] \(preset.name) M=\(tokens) \(label.variant) \(row.splitMode): \(format(milliseconds, 4)) ms, \(format(row.percentOfFloor, 1))% of floor, rel_err \(formatScientific(error)) [\(layerPlan)]")
+            }
+        }
+        return rows
+    }
+
+    /// Median milliseconds per forward: a graph of `rotations` forwards (one per input set, so
+    /// repeated runs do not just re-read L2) replayed after warm-up.
+    func time(layer: CUDAMoELayer, inputs: [LayerInputs], out: DeviceBuffer, tokens: Int) throws -> Double {
+        let graph = try Graph(capturing: stream) {
+            for input in inputs {
+                try layer.forward(
+                    x: input.x.pointer, topkIDs: input.ids.pointer, topkWeights: input.weights.pointer, out: out.pointer,
+                    tokens: tokens, stream: stream)
+            }
+        }
+        let start = try Event(device: library.device)
+        let end = try Event(device: library.device)
+        // Warm up, and size the number of timed replays to about 0.3 s.
+        try start.record(on: stream)
+        for _ in 0..<3 { try graph.launch(on: stream) }
+        try end.record(on: stream)
+        let warm = try Event.elapsedMilliseconds(from: start, to: end) / 3
+        let replays = min(max(Int(300 / max(warm, 1e-3)), 10), 200)
+        var samples: [Double] = []
+        for _ in 0..<replays {
+            try start.record(on: stream)
+            try graph.launch(on: stream)
+            try end.record(on: stream)
+            samples.append(try Event.elapsedMilliseconds(from: start, to: end))
+        }
+        return HostClock.median(samples) / Double(inputs.count)
+    }
+}

@@ -1,0 +1,351 @@
+import CUDA
+
+/// The checks of the GPU pipeline: align against the CPU exactly, every preset at several batch
+/// sizes in every split mode against a reference, outputs poisoned before and proven written,
+/// workspace mode bitwise reproducible, chunking exact, unowned experts zero, and 64-bit offsets.
+public final class GPUChecks {
+    public let library: KernelLibrary
+    let stream: Stream
+    let tools: DeviceTools
+    var results: [CheckResult] = []
+    let progress: (CheckResult) -> Void
+
+    public init(library: KernelLibrary, progress: @escaping (CheckResult) -> Void) throws(CUDAError) {
+        self.library = library
+        self.progress = progress
+        try library.prepare(DeviceTools.requests + [GPUReference.request(dtype: .bf16), GPUReference.request(dtype: .fp16)])
+        tools = try DeviceTools(library: library)
+        stream = try Stream(device: library.device)
+    }
+
+    func record(_ name: String, _ passed: Bool, _ detail: String) {
+        let result = CheckResult(name: name, passed: passed, detail: detail)
+        results.append(result)
+        progress(result)
+    }
+
+    /// The split settings every layer case runs in.
+    public static let splitSettings: [(Int, SplitMode)] = [(1, .none), (4, .atomic), (4, .workspace), (8, .workspace)]
+
+    /// Runs every check; `quick` limits the presets to seed4096 and the batch sizes to 1 and 128.
+    public func run(seed: UInt64, quick: Bool) -> [CheckResult] {
+        checkAlign(seed: seed)
+        let presets = quick ? [try! ShapePreset.named("seed4096")] : ShapePreset.all.filter { $0.name != "tiny" }
+        let batches = quick ? [1, 128] : [1, 7, 128, 1000]
+        // Compile every kernel the cases need at once, on all host cores.
+        var requests: [KernelLibrary.Request] = []
+        for preset in presets {
+            for tokens in batches {
+                for (split, mode) in GPUChecks.splitSettings {
+                    let plan = caseplan(preset.shape, tokens, split, mode)
+                    requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
+                }
+            }
+        }
+        let start = HostClock.now()
+        do {
+            try library.prepare(requests)
+            record("gpu compile \(Set(requests).count) programs", true, "\(format(HostClock.now() - start, 1)) s, compiled \(library.cache.compiled), from cache \(library.cache.loaded)")
+        } catch {
+            record("gpu compile", false, error.description)
+            return results
+        }
+        var caseSeed = seed
+        for preset in presets {
+            do {
+                let weights = try LayerWeights(tools: tools, shape: preset.shape, dtype: .bf16, seed: caseSeed, stream: stream)
+                for tokens in batches {
+                    caseSeed &+= 1
+                    try checkLayer(preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: tokens <= 7)
+                }
+            } catch {
+                record("gpu \(preset.name)", false, "\(error)")
+            }
+        }
+        if !quick {
+            checkVariants(seed: caseSeed &+ 1000)
+            checkLargeOffsets(seed: caseSeed &+ 2000)
+        }
+        return results
+    }
+
+    func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {
+        PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: library.device.properties.multiprocessorCount)
+            .withSplit(split, mode: mode)
+    }
+
+    // MARK: - Align
+
+    func checkAlign(seed: UInt64) {
+        do {
+            let example = CPUChecks.alignExample
+            let shape = try MoEShape(experts: example.experts, topK: 3, hidden: 8, intermediate: 8)
+            let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+            let layer = try CUDAMoELayer(
+                library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2,
+                plan: caseplan(shape, 4, 1, .none), maxTokens: 4)
+            let aligned = try layer.debugAlign(ids: example.ids, blockM: example.blockM, stream: stream)
+            let passed = aligned.sortedTokenIDs == example.sorted && aligned.expertIDs == example.expertIDs
+            record("gpu align example", passed, passed ? "" : "got \(aligned.sortedTokenIDs) / \(aligned.expertIDs)")
+
+            var generator = SplitMix64(seed: seed)
+            for (experts, pairs, blockM, mapped) in [
+                (128, 8 * 1000, 16, false), (256, 8 * 65536, 64, false), (512, 300_001, 128, false), (64, 5000, 32, true),
+                (8, 7, 16, false),
+            ] {
+                let shape = try MoEShape(experts: mapped ? experts / 2 : experts, topK: 1, hidden: 8, intermediate: 8)
+                let map: [Int32]? = mapped ? (0..<experts).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 } : nil
+                let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+                let layer = try CUDAMoELayer(
+                    library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2,
+                    options: MoEOptions(expertMap: map), plan: caseplan(shape, 1, 1, .none), maxTokens: 1)
+                let ids = (0..<pairs).map { _ in Int32.random(in: 0..<Int32(experts), using: &generator) }
+                let gpu = try layer.debugAlign(ids: ids, blockM: blockM, stream: stream)
+                let cpu = try Align.align(ids: ids, experts: experts, blockM: blockM, expertMap: map)
+                let passed = gpu == cpu
+                record(
+                    "gpu align E=\(experts) pairs=\(pairs) blockM=\(blockM)\(mapped ? " expert-map" : "")", passed,
+                    passed ? "exact (\(pairs <= CUDAMoELayer.singleAlignLimit ? "one launch" : "three launches"))" : "differs from the CPU align (padded \(gpu.paddedCount) vs \(cpu.paddedCount))")
+            }
+        } catch {
+            record("gpu align", false, "\(error)")
+        }
+    }
+
+    // MARK: - Layer cases
+
+    /// Runs one layer case in every split setting against the fp32 GPU reference (and, for small
+    /// batches, the CPU reference on the touched experts).
+    func checkLayer(_ name: String, _ weights: LayerWeights, tokens: Int, seed: UInt64, cpuCrossCheck: Bool) throws {
+        let shape = weights.shape
+        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: weights.dtype, tokens: tokens, seed: seed, stream: stream)
+        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        if cpuCrossCheck {
+            let cpu = try inputs.cpuReference(weights: weights, stream: stream)
+            let error = relativeError(reference, cpu)
+            record("gpu \(name) M=\(tokens) fp32 reference vs CPU float64", error < 1e-4, "rel_err \(formatScientific(error))")
+        }
+        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
+        for (split, mode) in GPUChecks.splitSettings {
+            let plan = caseplan(shape, tokens, split, mode)
+            let label = "gpu \(name) M=\(tokens) split=\(split) \(mode.rawValue)"
+            do {
+                let layer = try CUDAMoELayer(
+                    library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2, plan: plan,
+                    maxTokens: tokens)
+                let first = try runPoisoned(layer, inputs, out)
+                let error = relativeError(first.values, reference)
+                var detail = "rel_err \(formatScientific(error)), unwritten \(first.unwritten), plan \(plan)"
+                var passed = first.unwritten == 0 && error < errorBound(.bf16)
+                if mode == .workspace || mode == .none {
+                    let second = try runPoisoned(layer, inputs, out)
+                    let identical = second.bits == first.bits
+                    passed = passed && identical
+                    detail += identical ? ", bitwise identical on a rerun" : ", DIFFERS on a rerun"
+                }
+                record(label, passed, detail)
+            } catch {
+                record(label, false, "\(error)")
+            }
+        }
+    }
+
+    struct Output {
+        var bits: [UInt16]
+        var values: [Float]
+        var unwritten: Int
+    }
+
+    /// Poisons `out` with NaN, runs a forward, and reads it back counting NaNs (unwritten elements).
+    func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> Output {
+        try out.fill(byte: 0xFF, on: stream)
+        try layer.forward(
+            x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
+            tokens: inputs.tokens, stream: stream)
+        try stream.synchronize()
+        let bits = try out.download(count: inputs.tokens * layer.shape.hidden, as: UInt16.self)
+        let values = bits.map { layer.dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
+        return Output(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
+    }
+
+    // MARK: - Variants: fp16, gelu, chunking, expert parallelism
+
+    func checkVariants(seed: UInt64) {
+        do {
+            let shape = try MoEShape(experts: 64, topK: 6, hidden: 2048, intermediate: 512)
+            // fp16 and gelu.
+            let fp16 = try LayerWeights(tools: tools, shape: shape, dtype: .fp16, seed: seed, stream: stream)
+            let inputs16 = try LayerInputs(tools: tools, shape: shape, dtype: .fp16, tokens: 200, seed: seed + 1, stream: stream)
+            for activation in Activation.allCases {
+                let reference = try inputs16.reference(weights: fp16, library: library, activation: activation, stream: stream)
+                let layer = try CUDAMoELayer(
+                    library: library, shape: shape, dtype: .fp16, w1: fp16.w1, w2: fp16.w2,
+                    options: MoEOptions(activation: activation), plan: caseplan(shape, 200, 2, .workspace), maxTokens: 200)
+                let out = try DeviceBuffer(device: library.device, byteCount: 200 * shape.hidden * 2)
+                let result = try runPoisoned(layer, inputs16, out)
+                let error = relativeError(result.values, reference)
+                record("gpu fp16 \(activation.rawValue) M=200", result.unwritten == 0 && error < errorBound(.fp16) * 2,
+                       "rel_err \(formatScientific(error)), unwritten \(result.unwritten)")
+            }
+
+            // Chunking: the same result bit for bit in pieces of 300 tokens.
+            let bf16 = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed + 2, stream: stream)
+            let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 1000, seed: seed + 3, stream: stream)
+            let out = try DeviceBuffer(device: library.device, byteCount: 1000 * shape.hidden * 2)
+            let plan = caseplan(shape, 1000, 1, .none)
+            let whole = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 1000)
+            let pieces = try CUDAMoELayer(
+                library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 1000, chunkTokens: 300)
+            let a = try runPoisoned(whole, inputs, out)
+            let b = try runPoisoned(pieces, inputs, out)
+            record("gpu chunking 1000 tokens in chunks of 300", a.bits == b.bits && b.unwritten == 0,
+                   a.bits == b.bits ? "bitwise identical" : "differs")
+
+            // Expert parallelism: this rank owns the even experts; rows of the others come out zero.
+            let local = try MoEShape(experts: 32, topK: 6, hidden: 2048, intermediate: 512)
+            let map = (0..<64).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 }
+            let localWeights = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: seed + 4, stream: stream)
+            let epLayer = try CUDAMoELayer(
+                library: library, shape: local, dtype: .bf16, w1: localWeights.w1, w2: localWeights.w2,
+                options: MoEOptions(expertMap: map), plan: caseplan(local, 1000, 1, .none), maxTokens: 1000)
+            let ep = try runPoisoned(epLayer, inputs, out)
+            let reference = try inputs.reference(weights: localWeights, library: library, expertMap: map, stream: stream)
+            let error = relativeError(ep.values, reference)
+            record("gpu expert map (half the experts owned)", ep.unwritten == 0 && error < errorBound(.bf16),
+                   "rel_err \(formatScientific(error))")
+            let noneOwned = try CUDAMoELayer(
+                library: library, shape: local, dtype: .bf16, w1: localWeights.w1, w2: localWeights.w2,
+                options: MoEOptions(expertMap: [Int32](repeating: -1, count: 64)), plan: caseplan(local, 1000, 4, .atomic),
+                maxTokens: 1000)
+            let zeros = try runPoisoned(noneOwned, inputs, out)
+            record("gpu expert map (no expert owned): exact zeros", zeros.values.allSatisfy { $0 == 0 },
+                   "\(zeros.values.filter { $0 != 0 }.count) nonzero")
+        } catch {
+            record("gpu variants", false, "\(error)")
+        }
+    }
+
+    // MARK: - 64-bit offsets
+
+    /// M = 65536, k = 8, 2I = 4224: the intermediate holds 2.2e9 > 2^31 elements.
+    func checkLargeOffsets(seed: UInt64) {
+        do {
+            let shape = try MoEShape(experts: 8, topK: 8, hidden: 256, intermediate: 2112)
+            let tokens = 65536
+            let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+            let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
+            let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+            let plan = caseplan(shape, tokens, 1, .none)
+            try library.prepare(CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu))
+            let layer = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
+            let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
+            let result = try runPoisoned(layer, inputs, out)
+            let error = relativeError(result.values, reference)
+            record("gpu 64-bit offsets (M=65536, k=8, 2I=4224: \(tokens * 8 * 4224) intermediate elements)",
+                   result.unwritten == 0 && error < errorBound(.bf16), "rel_err \(formatScientific(error)), unwritten \(result.unwritten)")
+        } catch {
+            record("gpu 64-bit offsets", false, "\(error)")
+        }
+    }
+}
+
+/// Random expert weights on the GPU.
+struct LayerWeights {
+    let shape: MoEShape
+    let dtype: DType
+    let w1: DeviceBuffer
+    let w2: DeviceBuffer
+
+    init(tools: DeviceTools, shape: MoEShape, dtype: DType, seed: UInt64, stream: Stream) throws {
+        self.shape = shape
+        self.dtype = dtype
+        let device = tools.library.device
+        let count1 = shape.experts * 2 * shape.intermediate * shape.hidden
+        let count2 = shape.experts * shape.hidden * shape.intermediate
+        w1 = try DeviceBuffer(device: device, byteCount: count1 * dtype.byteCount)
+        w2 = try DeviceBuffer(device: device, byteCount: count2 * dtype.byteCount)
+        try tools.fillUniform(w1.pointer, count: count1, dtype: dtype, seed: seed, scale: 1.7 / Float(shape.hidden).squareRoot(), stream: stream)
+        try tools.fillUniform(w2.pointer, count: count2, dtype: dtype, seed: seed &+ 1, scale: 1.7 / Float(shape.intermediate).squareRoot(), stream: stream)
+    }
+}
+
+/// Random activations and routing on the GPU for one batch.
+struct LayerInputs {
+    let shape: MoEShape
+    let dtype: DType
+    let tokens: Int
+    let x: DeviceBuffer
+    let ids: DeviceBuffer
+    let weights: DeviceBuffer
+
+    init(tools: DeviceTools, shape: MoEShape, dtype: DType, tokens: Int, seed: UInt64, stream: Stream, experts: Int? = nil) throws {
+        self.shape = shape
+        self.dtype = dtype
+        self.tokens = tokens
+        let device = tools.library.device
+        x = try DeviceBuffer(device: device, byteCount: max(tokens * shape.hidden * dtype.byteCount, 16))
+        ids = try DeviceBuffer(device: device, count: max(tokens * shape.topK, 4), of: Int32.self)
+        weights = try DeviceBuffer(device: device, count: max(tokens * shape.topK, 4), of: Float.self)
+        try tools.fillUniform(x.pointer, count: tokens * shape.hidden, dtype: dtype, seed: seed, scale: 1, stream: stream)
+        try tools.fillRandomIDs(ids.pointer, tokens: tokens, topK: shape.topK, experts: experts ?? shape.experts, seed: seed &+ 1, stream: stream)
+        try tools.fillUniform(weights.pointer, count: tokens * shape.topK, dtype: .fp32, seed: seed &+ 2, scale: 1, stream: stream)
+    }
+
+    /// The fp32 GPU reference output, as floats. With an expert map, ids are mapped to local ids
+    /// (or -1) first, on the host.
+    func reference(
+        weights layerWeights: LayerWeights, library: KernelLibrary, activation: Activation = .silu,
+        expertMap: [Int32]? = nil, stream: Stream
+    ) throws -> [Double] {
+        let device = library.device
+        let reference = try GPUReference(library: library, dtype: dtype)
+        var idsPointer = ids.pointer
+        var mapped: DeviceBuffer? = nil
+        if let expertMap {
+            let hostIDs = try ids.download(count: tokens * shape.topK, as: Int32.self)
+            let buffer = try DeviceBuffer(device: device, count: hostIDs.count, of: Int32.self)
+            try buffer.upload(hostIDs.map { expertMap[Int($0)] })
+            mapped = buffer
+            idsPointer = buffer.pointer
+        }
+        let scratch = try DeviceBuffer(device: device, count: tokens * shape.topK * shape.intermediate, of: Float.self)
+        let out = try DeviceBuffer(device: device, count: tokens * shape.hidden, of: Float.self)
+        try out.fill(byte: 0xFF, on: stream)
+        try reference.forward(
+            x: x.pointer, w1: layerWeights.w1.pointer, w2: layerWeights.w2.pointer, ids: idsPointer, weights: weights.pointer,
+            shape: layerWeights.shape, tokens: tokens, activation: activation, scratch: scratch.pointer, out: out.pointer,
+            stream: stream)
+        try stream.synchronize()
+        _ = mapped
+        return try out.download(count: tokens * shape.hidden, as: Float.self).map(Double.init)
+    }
+
+    /// The float64 CPU reference on the experts this batch touches (their weights downloaded).
+    func cpuReference(weights layerWeights: LayerWeights, stream: Stream) throws -> [Double] {
+        try stream.synchronize()
+        let hostIDs = try ids.download(count: tokens * shape.topK, as: Int32.self)
+        let touched = Array(Set(hostIDs)).sorted()
+        let (h, i) = (shape.hidden, shape.intermediate)
+        var w1 = [BFloat16]()
+        var w2 = [BFloat16]()
+        for expert in touched {
+            var slab1 = [UInt16](repeating: 0, count: 2 * i * h)
+            try slab1.withUnsafeMutableBytes { try layerWeights.w1.download(into: $0, offsetBytes: Int(expert) * 2 * i * h * 2) }
+            var slab2 = [UInt16](repeating: 0, count: h * i)
+            try slab2.withUnsafeMutableBytes { try layerWeights.w2.download(into: $0, offsetBytes: Int(expert) * h * i * 2) }
+            w1 += slab1.map { BFloat16(bitPattern: $0) }
+            w2 += slab2.map { BFloat16(bitPattern: $0) }
+        }
+        let local = try MoEShape(experts: touched.count, topK: shape.topK, hidden: h, intermediate: i)
+        let weights = try MoEWeights(
+            w1: HostTensor(shape: [local.experts, 2 * i, h], storage: w1),
+            w2: HostTensor(shape: [local.experts, h, i], storage: w2), topK: shape.topK)
+        let index = Dictionary(uniqueKeysWithValues: touched.enumerated().map { ($1, Int32($0)) })
+        let routing = try Routing(
+            tokens: tokens, topK: shape.topK, ids: hostIDs.map { index[$0]! },
+            weights: try self.weights.download(count: tokens * shape.topK, as: Float.self))
+        let xBits = try x.download(count: tokens * h, as: UInt16.self)
+        let hostX = try HostTensor(shape: [tokens, h], storage: xBits.map { BFloat16(bitPattern: $0) })
+        return try Float64Reference.forward(x: hostX, routing: routing, weights: weights)
+    }
+}

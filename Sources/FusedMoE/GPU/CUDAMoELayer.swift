@@ -1,0 +1,360 @@
+import CUDA
+
+/// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
+///
+/// A layer holds its weights (device buffers), its plan, the compiled kernels and every scratch
+/// buffer, all made in `init`. `forward` then only enqueues kernels and memsets on the stream: no
+/// allocation, compilation or host synchronization, so a forward can be captured in a CUDA graph.
+/// Batches larger than `chunkTokens` run in chunks of that many tokens, with the same result.
+public final class CUDAMoELayer: @unchecked Sendable {
+    public let library: KernelLibrary
+    public let shape: MoEShape
+    public let dtype: DType
+    public let options: MoEOptions
+    public let plan: MoEPlan
+    /// The largest batch `forward` accepts.
+    public let maxTokens: Int
+    public let chunkTokens: Int
+    public let w1: DeviceBuffer
+    public let w2: DeviceBuffer
+
+    /// E as the router sees it: the expert map's length under expert parallelism.
+    public var routedExperts: Int { options.routedExperts(local: shape.experts) }
+
+    let sortedIDs: DeviceBuffer
+    let expertIDs: DeviceBuffer
+    let totalPadded: DeviceBuffer
+    let chunkCounts: DeviceBuffer
+    let expertMap: DeviceBuffer?
+    let gateUp: DeviceBuffer
+    let activated: DeviceBuffer
+    let down: DeviceBuffer
+    let accumulator: DeviceBuffer
+    let kernels: Kernels
+
+    struct Kernels {
+        var alignSingle: Kernel
+        var alignCount: Kernel
+        var alignScan: Kernel
+        var alignScatter: Kernel
+        var gemm1: Kernel
+        var gemm2: Kernel
+        var activation: Kernel
+        var combine: Kernel
+        var splitReduce: Kernel
+        var cast: Kernel
+    }
+
+    /// Pairs up to which align runs as one launch (the kernel's recommendation).
+    static let singleAlignLimit = 8192
+    /// Pairs per program of the three-launch align.
+    static let alignChunk = 4096
+
+    /// Makes a layer: validates, compiles (or loads) its kernels, and allocates its scratch.
+    ///
+    /// - Parameters:
+    ///   - w1: `[E, 2I, H]` weights of `dtype`, contiguous.
+    ///   - w2: `[E, H, I]` weights of `dtype`, contiguous.
+    ///   - maxTokens: the largest batch `forward` will be given; scratch is sized from it.
+    ///   - chunkTokens: tokens per chunk (default 65536).
+    /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
+    public init(
+        library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
+        options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536
+    ) throws(MoEError) {
+        guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
+        guard shape.hidden % 8 == 0 else {
+            throw .invalidArgument("hidden", "the CUDA layer needs H % 8 == 0 (16-byte rows), got \(shape.hidden)")
+        }
+        guard shape.intermediate % 8 == 0 else {
+            throw .invalidArgument("intermediate", "the CUDA layer needs I % 8 == 0 (16-byte rows), got \(shape.intermediate)")
+        }
+        guard maxTokens >= 0 else { throw .invalidArgument("maxTokens", "must be >= 0, got \(maxTokens)") }
+        guard chunkTokens >= 1 else { throw .invalidArgument("chunkTokens", "must be >= 1, got \(chunkTokens)") }
+        guard shape.topK <= 32 else { throw .invalidArgument("topK", "the GPU router supports k <= 32, got \(shape.topK)") }
+        try options.validate(localExperts: shape.experts)
+        let routed = options.routedExperts(local: shape.experts)
+        guard routed <= 512 else { throw .invalidArgument("experts", "the GPU align supports E <= 512, got \(routed)") }
+        let weightBytes1 = shape.experts * 2 * shape.intermediate * shape.hidden * dtype.byteCount
+        let weightBytes2 = shape.experts * shape.hidden * shape.intermediate * dtype.byteCount
+        guard w1.byteCount >= weightBytes1 else {
+            throw .invalidArgument("w1", "expected [\(shape.experts), \(2 * shape.intermediate), \(shape.hidden)] \(dtype) = \(weightBytes1) bytes, the buffer has \(w1.byteCount)")
+        }
+        guard w2.byteCount >= weightBytes2 else {
+            throw .invalidArgument("w2", "expected [\(shape.experts), \(shape.hidden), \(shape.intermediate)] \(dtype) = \(weightBytes2) bytes, the buffer has \(w2.byteCount)")
+        }
+        let device = library.device
+        let sharedLimit = device.properties.sharedMemoryPerBlockOptIn
+        try plan.gemm1.validate(sharedMemoryLimit: sharedLimit)
+        try plan.gemm2.validate(sharedMemoryLimit: sharedLimit)
+
+        self.library = library
+        self.shape = shape
+        self.dtype = dtype
+        self.options = options
+        self.plan = plan
+        self.maxTokens = maxTokens
+        self.chunkTokens = chunkTokens
+        self.w1 = w1
+        self.w2 = w2
+
+        let chunk = max(min(maxTokens, chunkTokens), 1)
+        let pairs = chunk * shape.topK
+        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.blockM)
+        let maxBlocks = (maxPadded + plan.blockM - 1) / plan.blockM
+        let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
+        func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
+            switch config.effectiveMode {
+            case .none: 0
+            case .atomic: pairs * n
+            case .workspace: config.splitK * pairs * n
+            }
+        }
+        let accumulatorCount = max(
+            accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
+        do {
+            sortedIDs = try DeviceBuffer(device: device, count: maxPadded, of: Int32.self)
+            expertIDs = try DeviceBuffer(device: device, count: maxBlocks, of: Int32.self)
+            totalPadded = try DeviceBuffer(device: device, count: 1, of: Int32.self)
+            chunkCounts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
+            if let map = options.expertMap {
+                let buffer = try DeviceBuffer(device: device, count: map.count, of: Int32.self)
+                try buffer.upload(map)
+                expertMap = buffer
+            } else {
+                expertMap = nil
+            }
+            gateUp = try DeviceBuffer(device: device, byteCount: pairs * 2 * shape.intermediate * dtype.byteCount)
+            activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
+            down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
+            accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
+            kernels = try CUDAMoELayer.loadKernels(library: library, dtype: dtype, plan: plan, activation: options.activation)
+        } catch {
+            throw .cuda(error)
+        }
+    }
+
+    /// The kernel programs a layer of this dtype and plan needs, to compile ahead (several at once).
+    public static func requests(dtype: DType, plan: MoEPlan, activation: Activation) -> [KernelLibrary.Request] {
+        let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
+        let activationName = activation == .silu ? "moe_silu_and_mul" : "moe_gelu_and_mul"
+        return [
+            KernelLibrary.Request(source: .align),
+            KernelLibrary.Request(
+                source: .gemm,
+                expressions: [
+                    plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false),
+                    plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true),
+                ]),
+            KernelLibrary.Request(
+                source: .elementwise,
+                expressions: [
+                    "\(activationName)<\(type)>", "moe_combine<\(type)>", "moe_splitk_reduce<\(type)>",
+                    "moe_cast_f32<\(type)>",
+                ]),
+        ]
+    }
+
+    static func loadKernels(library: KernelLibrary, dtype: DType, plan: MoEPlan, activation: Activation)
+        throws(CUDAError) -> Kernels
+    {
+        let requests = requests(dtype: dtype, plan: plan, activation: activation)
+        try library.prepare(requests)
+        let (align, gemm, elementwise) = (requests[0], requests[1], requests[2])
+        let gemm1 = try library.kernel(gemm.expressions[0], in: gemm)
+        let gemm2 = try library.kernel(gemm.expressions[1], in: gemm)
+        try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
+        try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
+        return Kernels(
+            alignSingle: try library.kernel("moe_align_single", in: align),
+            alignCount: try library.kernel("moe_align_count", in: align),
+            alignScan: try library.kernel("moe_align_scan", in: align),
+            alignScatter: try library.kernel("moe_align_scatter", in: align),
+            gemm1: gemm1, gemm2: gemm2,
+            activation: try library.kernel(elementwise.expressions[0], in: elementwise),
+            combine: try library.kernel(elementwise.expressions[1], in: elementwise),
+            splitReduce: try library.kernel(elementwise.expressions[2], in: elementwise),
+            cast: try library.kernel(elementwise.expressions[3], in: elementwise))
+    }
+
+    /// Computes `out [M, H]` from `x [M, H]` and the routing `topkIDs [M, k]` (int32, router expert
+    /// ids in `[0, E_routed)`) with `topkWeights [M, k]` (fp32), all on `stream`.
+    ///
+    /// Enqueues only: no allocation, no compilation, no host synchronization.
+    /// - Throws: `MoEError.invalidArgument` when `tokens` exceeds `maxTokens`; `.cuda` when a launch fails.
+    public func forward(
+        x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
+        stream: Stream
+    ) throws(MoEError) {
+        guard tokens >= 0 && tokens <= maxTokens else {
+            throw .invalidArgument("tokens", "must be in 0...\(maxTokens) (the layer's maxTokens), got \(tokens)")
+        }
+        do {
+            var start = 0
+            while start < tokens {
+                let count = min(chunkTokens, tokens - start)
+                let rowBytes = UInt64(shape.hidden * dtype.byteCount)
+                let slotBytes = UInt64(shape.topK * 4)
+                try forwardChunk(
+                    x: DevicePointer(address: x.address + UInt64(start) * rowBytes),
+                    topkIDs: DevicePointer(address: topkIDs.address + UInt64(start) * slotBytes),
+                    topkWeights: DevicePointer(address: topkWeights.address + UInt64(start) * slotBytes),
+                    out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count, stream: stream)
+                start += count
+            }
+        } catch {
+            throw .cuda(error)
+        }
+    }
+
+    private func forwardChunk(
+        x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
+        stream: Stream
+    ) throws(CUDAError) {
+        let k = shape.topK
+        let pairs = tokens * k
+        let maxPadded = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
+        let (h, i) = (shape.hidden, shape.intermediate)
+        try gemm(
+            kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: w1, n: 2 * i, k: h, pairs: pairs,
+            topkWeights: topkWeights, output: gateUp.pointer, maxPadded: maxPadded, stream: stream)
+        let activationWork = pairs * i
+        try kernels.activation.launch(
+            grid: elementwiseGrid(work: activationWork, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
+            on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)])
+        try gemm(
+            kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: w2, n: h, k: i, pairs: pairs,
+            topkWeights: topkWeights, output: down.pointer, maxPadded: maxPadded, stream: stream)
+        try kernels.combine.launch(
+            grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
+            arguments: [down, out, Int64(tokens), Int32(k), Int64(h)])
+    }
+
+    /// Enqueues align for `pairs` pairs and returns the padded row bound the GEMM grids cover.
+    private func align(topkIDs: DevicePointer, pairs: Int, stream: Stream) throws(CUDAError) -> Int {
+        let routed = routedExperts
+        let blockM = plan.blockM
+        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+        let map = expertMap?.pointer ?? .null
+        if pairs <= CUDAMoELayer.singleAlignLimit {
+            try kernels.alignSingle.launch(
+                grid: Dimensions(1), block: Dimensions(512), on: stream,
+                arguments: [
+                    topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
+                    Int64(maxPadded),
+                ])
+        } else {
+            let chunks = (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk
+            try kernels.alignCount.launch(
+                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts])
+            try kernels.alignScan.launch(
+                grid: Dimensions(1), block: Dimensions(1024), on: stream,
+                arguments: [
+                    chunkCounts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs,
+                    totalPadded, Int64(maxPadded),
+                ])
+            try kernels.alignScatter.launch(
+                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs])
+        }
+        return maxPadded
+    }
+
+    /// One grouped GEMM into `output` (`[pairs, n]` of the layer's dtype), through the fp32
+    /// accumulator when the config splits K.
+    private func gemm(
+        _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DeviceBuffer, n: Int, k: Int,
+        pairs: Int, topkWeights: DevicePointer, output: DevicePointer, maxPadded: Int, stream: Stream
+    ) throws(CUDAError) {
+        let mode = config.effectiveMode
+        let target: DevicePointer
+        switch mode {
+        case .none: target = output
+        case .atomic:
+            try accumulator.fill(byte: 0, byteCount: pairs * n * 4, on: stream)
+            target = accumulator.pointer
+        case .workspace: target = accumulator.pointer
+        }
+        let mBlocks = (maxPadded + config.blockM - 1) / config.blockM
+        let nBlocks = (n + config.blockN - 1) / config.blockN
+        try kernel.launch(
+            grid: Dimensions(max(mBlocks * nBlocks, 1), config.splitK), block: Dimensions(config.threads),
+            sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
+            arguments: [
+                a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
+                Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
+                Int64(n), Int64(maxPadded),
+            ])
+        switch mode {
+        case .none: break
+        case .atomic:
+            try kernels.cast.launch(
+                grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
+                arguments: [accumulator, output, Int64(pairs * n)])
+        case .workspace:
+            try kernels.splitReduce.launch(
+                grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
+                arguments: [accumulator, Int64(pairs * n), Int32(config.splitK), Int64(pairs), Int64(n), Int64(n), output])
+        }
+    }
+
+    private func elementwiseGrid(work: Int, vector: Int) -> Dimensions {
+        Dimensions(min(max((work + 256 * vector - 1) / (256 * vector), 1), 8192))
+    }
+
+    /// The device bytes this layer allocated for scratch (weights not counted).
+    public var scratchBytes: Int {
+        [sortedIDs, expertIDs, totalPadded, chunkCounts, gateUp, activated, down, accumulator].map(\.byteCount)
+            .reduce(0, +) + (expertMap?.byteCount ?? 0)
+    }
+}
+
+extension CUDAMoELayer {
+    /// Runs only the align stage on host ids and reads the result back: for checks, not for the
+    /// forward path (it allocates and synchronizes). `blockM` may differ from the plan's.
+    public func debugAlign(ids: [Int32], blockM: Int, stream: Stream) throws(CUDAError) -> AlignedRouting {
+        let device = library.device
+        let routed = routedExperts
+        let pairs = ids.count
+        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+        let maxBlocks = (maxPadded + blockM - 1) / blockM
+        let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
+        let idBuffer = try DeviceBuffer(device: device, count: max(pairs, 1), of: Int32.self)
+        try idBuffer.upload(ids)
+        let sorted = try DeviceBuffer(device: device, count: max(maxPadded, 1), of: Int32.self)
+        let experts = try DeviceBuffer(device: device, count: max(maxBlocks, 1), of: Int32.self)
+        let total = try DeviceBuffer(device: device, count: 1, of: Int32.self)
+        let counts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
+        for buffer in [sorted, experts, total] { try buffer.fill(byte: 0xEE, on: stream) }
+        let map = expertMap?.pointer ?? .null
+        if pairs <= CUDAMoELayer.singleAlignLimit {
+            try kernels.alignSingle.launch(
+                grid: Dimensions(1), block: Dimensions(512), on: stream,
+                arguments: [idBuffer, Int64(pairs), Int32(routed), Int32(blockM), map, sorted, experts, total, Int64(maxPadded)])
+        } else {
+            try kernels.alignCount.launch(
+                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
+                arguments: [idBuffer, Int64(pairs), Int32(routed), counts])
+            try kernels.alignScan.launch(
+                grid: Dimensions(1), block: Dimensions(1024), on: stream,
+                arguments: [counts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sorted, experts, total, Int64(maxPadded)])
+            try kernels.alignScatter.launch(
+                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
+                arguments: [idBuffer, Int64(pairs), Int32(routed), counts, sorted])
+        }
+        try stream.synchronize()
+        let padded = Int(try total.download(count: 1, as: Int32.self)[0])
+        let sortedIDs = try sorted.download(count: maxPadded, as: Int32.self)
+        let expertIDs = try experts.download(count: maxBlocks, as: Int32.self)
+        // Past the padded count the kernels must have written padding and -1 (not left the poison).
+        guard padded >= 0, padded <= maxPadded, sortedIDs[padded...].allSatisfy({ $0 == Int32(pairs) }),
+            expertIDs[(padded / blockM)...].allSatisfy({ $0 == -1 })
+        else {
+            throw CUDAError(domain: .usage, code: 0, name: "mismatch", call: "align", message: "entries past the padded count \(padded) were not filled")
+        }
+        return AlignedRouting(
+            sortedTokenIDs: Array(sortedIDs.prefix(padded)), expertIDs: Array(expertIDs.prefix(padded / blockM)),
+            paddedCount: padded, padValue: Int32(pairs), blockM: blockM)
+    }
+}

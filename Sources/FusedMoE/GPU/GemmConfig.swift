@@ -1,0 +1,135 @@
+/// How split-K partial sums are combined.
+public enum SplitMode: String, CaseIterable, Sendable, Hashable {
+    /// One program per output tile (SPLIT_K must be 1).
+    case none
+    /// fp32 atomic adds into a zeroed buffer, then a cast: fast, not bitwise reproducible.
+    case atomic
+    /// Partials into a `[SPLIT_K, rows, N]` fp32 workspace, summed in a fixed order: reproducible.
+    case workspace
+
+    /// The kernel's SPLIT_MODE template argument.
+    var templateValue: Int {
+        switch self {
+        case .none: 0
+        case .atomic: 1
+        case .workspace: 2
+        }
+    }
+}
+
+/// One grouped-GEMM configuration: tile shape, warps, pipeline depth, swizzle and split-K.
+///
+/// The tile keys are SGLang's and vLLM's (`BLOCK_SIZE_M`, ..., `num_warps`, `num_stages`); the
+/// warps are laid out as `warpsM x warpsN` over the tile.
+public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
+    public var blockM: Int
+    public var blockN: Int
+    public var blockK: Int
+    public var warpsM: Int
+    public var warpsN: Int
+    public var stages: Int
+    public var groupSizeM: Int
+    public var splitK: Int
+    public var splitMode: SplitMode
+
+    public init(
+        blockM: Int, blockN: Int, blockK: Int, warpsM: Int, warpsN: Int, stages: Int, groupSizeM: Int = 1,
+        splitK: Int = 1, splitMode: SplitMode = .none
+    ) {
+        self.blockM = blockM
+        self.blockN = blockN
+        self.blockK = blockK
+        self.warpsM = warpsM
+        self.warpsN = warpsN
+        self.stages = stages
+        self.groupSizeM = groupSizeM
+        self.splitK = splitK
+        self.splitMode = splitMode
+    }
+
+    public var warps: Int { warpsM * warpsN }
+    public var threads: Int { warps * 32 }
+
+    /// Dynamic shared memory of `moe_gemm`: STAGES * (BLOCK_M + BLOCK_N) * (BLOCK_K + 8) * 2 bytes.
+    public var sharedMemoryBytes: Int { stages * (blockM + blockN) * (blockK + 8) * 2 }
+
+    public var description: String {
+        "\(blockM)x\(blockN)x\(blockK) w\(warpsM)x\(warpsN) s\(stages) g\(groupSizeM) split\(splitK)/\(splitMode.rawValue)"
+    }
+
+    /// Lays `warps` warps over a tile: as many along M as its 16-row fragments allow (at most 4),
+    /// the rest along N.
+    public static func warpLayout(blockM: Int, blockN: Int, warps: Int) -> (m: Int, n: Int)? {
+        for warpsM in [4, 2, 1] where warps % warpsM == 0 && blockM % (16 * warpsM) == 0 {
+            let warpsN = warps / warpsM
+            if blockN % (8 * warpsN) == 0 { return (warpsM, warpsN) }
+        }
+        return nil
+    }
+
+    /// Checks the config against what the kernel supports and the device allows.
+    /// - Throws: `MoEError.invalidArgument` naming the key that is out of range.
+    public func validate(sharedMemoryLimit: Int) throws(MoEError) {
+        guard [16, 32, 64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "must be 16, 32, 64 or 128, got \(blockM)") }
+        guard [32, 64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "must be 32, 64, 128 or 256, got \(blockN)") }
+        guard [32, 64].contains(blockK) else { throw .invalidArgument("BLOCK_SIZE_K", "must be 32 or 64, got \(blockK)") }
+        guard (2...5).contains(stages) else { throw .invalidArgument("num_stages", "must be 2...5, got \(stages)") }
+        guard warps >= 1, warps <= 32, blockM % (16 * warpsM) == 0, blockN % (8 * warpsN) == 0 else {
+            throw .invalidArgument("num_warps", "\(warpsM)x\(warpsN) warps do not tile a \(blockM)x\(blockN) block")
+        }
+        guard threads % (blockK / 8) == 0 else {
+            throw .invalidArgument("num_warps", "\(threads) threads do not cover whole \(blockK)-wide rows")
+        }
+        guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
+        guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
+        guard splitK == 1 || splitMode != .none else {
+            throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
+        }
+        guard sharedMemoryBytes <= sharedMemoryLimit else {
+            throw .invalidArgument(
+                "num_stages", "\(description) needs \(sharedMemoryBytes) bytes of shared memory; the GPU allows \(sharedMemoryLimit)")
+        }
+    }
+
+    /// The `moe_gemm` instantiation for this config.
+    func nameExpression(dtype: DType, mulRoutedWeight: Bool) -> String {
+        let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
+        let mode = splitK == 1 ? 0 : splitMode.templateValue
+        return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), \(mulRoutedWeight)>"
+    }
+
+    /// The mode the kernel runs in: `none` whenever there is one split.
+    var effectiveMode: SplitMode { splitK == 1 ? .none : splitMode }
+}
+
+/// The configs of both GEMMs of a layer. They share BLOCK_M, since one align serves both.
+public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
+    public var gemm1: GemmConfig
+    public var gemm2: GemmConfig
+
+    public init(gemm1: GemmConfig, gemm2: GemmConfig) throws(MoEError) {
+        guard gemm1.blockM == gemm2.blockM else {
+            throw .invalidArgument("BLOCK_SIZE_M", "both GEMMs must share BLOCK_M (one align serves both): \(gemm1.blockM) vs \(gemm2.blockM)")
+        }
+        self.gemm1 = gemm1
+        self.gemm2 = gemm2
+    }
+
+    public init(both config: GemmConfig) {
+        gemm1 = config
+        gemm2 = config
+    }
+
+    public var blockM: Int { gemm1.blockM }
+    public var description: String { gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)" }
+
+    /// The same plan with split-K set on both GEMMs.
+    public func withSplit(_ splitK: Int, mode: SplitMode) -> MoEPlan {
+        var plan = self
+        plan.gemm1.splitK = splitK
+        plan.gemm2.splitK = splitK
+        plan.gemm1.splitMode = splitK == 1 ? .none : mode
+        plan.gemm2.splitMode = splitK == 1 ? .none : mode
+        return plan
+    }
+}

@@ -1,0 +1,91 @@
+import Testing
+@testable import FusedMoE
+
+@Suite struct ConfigTests {
+    // An SGLang file as shipped (keys we do not know are ignored).
+    let sglangFile = """
+        {
+            "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 4},
+            "64": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 16, "num_warps": 4, "num_stages": 3, "kpack": 2},
+            "4096": {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 32, "num_warps": 8, "num_stages": 3,
+                     "SPLIT_K": 2, "SPLIT_MODE": "atomic"}
+        }
+        """
+
+    @Test func sglangFileLoadsAsIs() throws {
+        let table = try ConfigTable.parse(sglangFile, source: "E=128,N=384,device_name=NVIDIA_H200.json")
+        #expect(table.entries.map(\.batch) == [1, 64, 4096])
+        let decode = table.nearest(to: 1)
+        #expect(decode.blockM == 16 && decode.blockN == 64 && decode.blockK == 64)  // BLOCK_K 128 -> our 64
+        #expect(decode.warps == 4 && decode.stages == 4 && decode.splitK == 1 && decode.splitMode == .none)
+        let prefill = table.nearest(to: 5000)
+        #expect(prefill.splitK == 2 && prefill.splitMode == .atomic && prefill.warps == 8 && prefill.groupSizeM == 32)
+        #expect(table.nearest(to: 40).blockM == 32)  // 40 is nearer 64 than 1
+        #expect(table.nearest(to: 32).blockM == 16 || table.nearest(to: 32).blockM == 32)
+    }
+
+    @Test func malformedFilesNameFileAndKey() {
+        let cases: [(String, String)] = [
+            (#"{"x": {}}"#, "'x'"),
+            (#"{"8": {"BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}}"#, "BLOCK_SIZE_M"),
+            (#"{"8": {"BLOCK_SIZE_M": "big", "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64}}"#, "BLOCK_SIZE_M"),
+            (#"{"8": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "SPLIT_MODE": "fast"}}"#, "SPLIT_MODE"),
+            (#"{}"#, "no batch sizes"),
+            (#"[1]"#, "object"),
+        ]
+        for (text, expected) in cases {
+            do {
+                _ = try ConfigTable.parse(text, source: "cfg.json")
+                Issue.record("\(text) parsed")
+            } catch {
+                guard case .malformedFile(let file, let message) = error else { Issue.record("\(error)"); continue }
+                #expect(file == "cfg.json")
+                #expect(message.contains(expected), "\(message)")
+            }
+        }
+    }
+
+    @Test func fileNameFollowsSGLang() {
+        #expect(ConfigTable.fileName(experts: 128, n: 384, deviceName: "NVIDIA H200", dtype: nil) == "E=128,N=384,device_name=NVIDIA_H200.json")
+    }
+
+    @Test func configValidation() {
+        let good = GemmConfig(blockM: 64, blockN: 128, blockK: 64, warpsM: 2, warpsN: 4, stages: 3)
+        #expect(throws: Never.self) { try good.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(good.sharedMemoryBytes == 3 * (64 + 128) * 72 * 2)
+        var tooDeep = good
+        tooDeep.stages = 5
+        tooDeep.blockN = 256
+        tooDeep.blockM = 128
+        #expect(throws: MoEError.self) { try tooDeep.validate(sharedMemoryLimit: 100 * 1024) }
+        var badSplit = good
+        badSplit.splitK = 4
+        #expect(throws: MoEError.self) { try badSplit.validate(sharedMemoryLimit: 227 * 1024) }
+        badSplit.splitMode = .atomic
+        #expect(throws: Never.self) { try badSplit.validate(sharedMemoryLimit: 227 * 1024) }
+        badSplit.splitK = 3
+        #expect(throws: MoEError.self) { try badSplit.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(GemmConfig.warpLayout(blockM: 16, blockN: 64, warps: 4)! == (1, 4))
+        #expect(GemmConfig.warpLayout(blockM: 128, blockN: 128, warps: 8)! == (4, 2))
+    }
+
+    @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
+        let seed = try ShapePreset.named("seed4096").shape
+        let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)
+        #expect(decode.blockM == 16)
+        #expect(decode.gemm1.splitK > 1 && decode.gemm1.splitMode == .workspace, "\(decode)")
+        let prefill = PlanSelector.heuristic(shape: seed, tokens: 8192, multiprocessors: 132)
+        #expect(prefill.blockM == 128)
+        #expect(prefill.gemm1.splitK == 1 && prefill.gemm2.splitK == 1)
+        for tokens in ShapePreset.batchSizes {
+            for preset in ShapePreset.all {
+                let plan = PlanSelector.heuristic(shape: preset.shape, tokens: tokens, multiprocessors: 132)
+                #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
+                #expect(throws: Never.self) { try plan.gemm2.validate(sharedMemoryLimit: 227 * 1024) }
+            }
+        }
+        #expect(throws: MoEError.self) {
+            try MoEPlan(gemm1: decode.gemm1, gemm2: prefill.gemm2)
+        }
+    }
+}
