@@ -1,0 +1,35 @@
+import CUDA
+import Testing
+@testable import FusedMoE
+
+/// Every kernel family compiles for sm_90a through NVRTC, with no GPU needed: this runs in CI.
+@Suite(.enabled(if: NVRTC.isAvailable, "NVRTC is not installed here (pip install nvidia-cuda-nvrtc)"))
+struct KernelCompileTests {
+    func compile(_ request: KernelLibrary.Request) throws -> CompiledProgram {
+        try NVRTC.shared().compile(
+            source: request.source.text, name: request.source.rawValue, headers: KernelSource.headers,
+            options: KernelLibrary.options(architecture: "sm_90a"), nameExpressions: request.expressions)
+    }
+
+    @Test func utilityKernelsCompile() throws {
+        for request in DeviceTools.requests + [GPURouter.request(dtype: .bf16), GPUReference.request(dtype: .bf16),
+                                               KernelLibrary.Request(source: .probe)] {
+            let program = try compile(request)
+            #expect(program.cubin.count > 0)
+            #expect(program.loweredNames.count == request.expressions.count)
+        }
+    }
+
+    @Test(arguments: [1, 128, 4096])
+    func layerKernelsCompileWithoutSpills(tokens: Int) throws {
+        let shape = try ShapePreset.named("seed4096").shape
+        let plan = PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: 132)
+        for mode in [SplitMode.none, .atomic, .workspace] {
+            for request in CUDAMoELayer.requests(dtype: .bf16, plan: plan.withSplit(mode == .none ? 1 : 2, mode: mode), activation: .silu) {
+                let program = try compile(request)
+                #expect(program.cubin.count > 0)
+                #expect(!program.spills, "\(request.source.rawValue) \(request.expressions): \(program.resourceReport)")
+            }
+        }
+    }
+}
