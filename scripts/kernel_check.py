@@ -839,6 +839,11 @@ def main() -> int:
         rep.guard("bits64", check_64bit, rep, args.quick)
 
     seconds = time.time() - start
+    failures = [c for c in rep.checks if not c["ok"]]
+    if failures:  # repeated here so that the tail of a long log shows them
+        print(f"failed checks ({len(failures)}):")
+        for c in failures[:40]:
+            print(f"  FAIL {c['name']} {c['detail'][:300]}")
     print(f"total time {seconds:.0f} s")
     print(f"{rep.passed} passed, {rep.failed} failed")
     if args.json:

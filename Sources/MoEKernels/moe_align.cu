@@ -28,12 +28,12 @@
 //        expert_map, sorted_ids, expert_ids, total_padded, max_padded)
 //        sums the counts per expert, lays out the padded runs, writes expert_ids, the
 //        padding entries of sorted_ids, total_padded, and replaces chunk_counts[c * E + e]
-//        by the first position in sorted_ids of chunk c's pairs of expert e (6 KB static).
+//        by the first position in sorted_ids of chunk c's pairs of expert e (4 KB static).
 //   3. moe_align_scatter<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
 //        sorted_ids)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
-//        8 owns the 512 pairs [4096c + 512w, +512); per-warp counts (16 KB static) and
-//        __match_any_sync ranks give each pair its place.
+//        8 owns the 512 pairs [4096c + 512w, +512); per-warp counts and
+//        __match_any_sync ranks give each pair its place (18 KB static).
 #include "moe_common.cuh"
 
 namespace moe_align_detail {

@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     const int64_t pid = blockIdx.x;
     const int64_t pids_in_group = group_m * num_pid_n;
     const int64_t first_pid_m = (pid / pids_in_group) * group_m;
+    if (first_pid_m >= num_pid_m) return;  // grid larger than the tile count
     const int64_t this_group_m = min_i64(num_pid_m - first_pid_m, group_m);
     const int64_t pid_m = first_pid_m + (pid % pids_in_group) % this_group_m;
     const int64_t pid_n = (pid % pids_in_group) / this_group_m;
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
     // --- This split's K-tile range ---
     const int64_t k_tiles = ceil_div(K, BLOCK_K);
-    const int64_t tiles_per_split = ceil_div(k_tiles, split_k);
+    const int64_t tiles_per_split = ceil_div(k_tiles, split_k > 0 ? split_k : 1);
     const int64_t kt_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
     const int64_t kt_end = min_i64(kt_begin + tiles_per_split, k_tiles);
     const int num_tiles = (expert < 0 || kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - kt_begin);

@@ -1,0 +1,25 @@
+"""Compares a bench JSON with the SGLang anchor: per (shape, M) our best row against sglang_triton_ms.
+
+Usage: python3 scripts/compare_anchor.py bench.json [anchor.json]
+"""
+import json
+import sys
+
+bench = json.load(open(sys.argv[1]))
+anchor_path = sys.argv[2] if len(sys.argv) > 2 else "../shared/anchors/h200-sglang.json"
+anchor = {(r["shape"], r["M"]): r for r in json.load(open(anchor_path))["rows"]}
+best = {}
+split1 = {}
+for row in bench["rows"]:
+    key = (row["shape"], row["M"])
+    if key not in best or row["ms"] < best[key]["ms"]:
+        best[key] = row
+    if row["split_mode"] == "none":
+        split1[key] = row
+print(f"{'shape':12} {'M':>5} {'ours_ms':>8} {'best setting':>14} {'split1_ms':>9} {'sglang_ms':>9} {'speed':>6} {'%floor':>6}")
+for key in sorted(best, key=lambda k: (k[0], k[1])):
+    row = best[key]
+    a = anchor.get(key)
+    ratio = a["sglang_triton_ms"] / row["ms"] if a else float("nan")
+    s1 = split1.get(key, {}).get("ms", float("nan"))
+    print(f"{key[0]:12} {key[1]:>5} {row['ms']:8.4f} {row['split_mode'][:14]:>14} {s1:9.4f} {a['sglang_triton_ms'] if a else float('nan'):9.4f} {ratio:6.2f} {100 * row['floor_ms'] / row['ms']:6.1f}")
