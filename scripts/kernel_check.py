@@ -65,7 +65,7 @@ SIGNATURES = {
     "moe_gemm": "p p p p p p p i64 i64 i64 i32 i32 i32 i64 i64 i64 i64 i64",
     "moe_silu_and_mul": "p p i64 i64",
     "moe_gelu_and_mul": "p p i64 i64",
-    "moe_combine": "p p i64 i32 i64",
+    "moe_combine": "p p i64 i32 i64 p",
     "moe_splitk_reduce": "p i64 i32 i64 i64 i64 p",
     "moe_cast_f32": "p p i64",
     "moe_reference_gemm1": "p p p i64 i32 i64 i64 i32 p",
@@ -576,7 +576,7 @@ def check_elementwise(rep: Report, quick: bool):
         for M, k, H in ((300, 8, 4096), (17, 3, 999), (5, 1, 64)):
             inp = torch.randn(M * k, H, generator=gen, device=DEV).to(td)
             out = poison((M, H), td)
-            launch(f"moe_combine<{dtype}>", elementwise_grid(M * H, 8), 256, [inp, out, M, k, H])
+            launch(f"moe_combine<{dtype}>", elementwise_grid(M * H, 8), 256, [inp, out, M, k, H, None])
             ref = inp.double().view(M, k, H).sum(1)
             fp32_err = 2.0**-23 * k * inp.double().abs().view(M, k, H).sum(1)
             ok, worst = rounding_ok(out, ref, dtype, abs_tol=fp32_err)
@@ -681,7 +681,7 @@ def check_pipeline(rep: Report, quick: bool):
     launch(f"moe_splitk_reduce<{dtype}>", elementwise_grid(rows * H, 4), 256,
            [ws, rows * H, split_k, rows, H, H, inter3])
     out = poison((M, H), td)
-    launch(f"moe_combine<{dtype}>", elementwise_grid(M * H, 8), 256, [inter3, out, M, k, H])
+    launch(f"moe_combine<{dtype}>", elementwise_grid(M * H, 8), 256, [inter3, out, M, k, H, None])
 
     ref_inter = poison((rows, I), torch.float32)
     launch(f"moe_reference_gemm1<{dtype}>", 65535, 256, [x, w1, ids, M, k, H, I, 0, ref_inter])
@@ -736,7 +736,7 @@ def check_64bit(rep: Report, quick: bool):
     rep.add("bits64.silu_and_mul", ok, f"worst={worst:.2f}")
     del act
     out = poison((M, N), td)
-    launch(f"moe_combine<{dtype}>", 8192, 256, [C, out, M, k, N])
+    launch(f"moe_combine<{dtype}>", 8192, 256, [C, out, M, k, N, None])
     tokens = torch.cat([sample[:16] // k, torch.tensor([M - 1], device=DEV)])
     parts = C.view(M, k, N)[tokens].double()
     ok, worst = rounding_ok(out[tokens], parts.sum(1), dtype, abs_tol=2.0**-23 * k * parts.abs().sum(1))

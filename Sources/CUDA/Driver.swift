@@ -52,6 +52,8 @@ public final class Driver: @unchecked Sendable {
     let cuGraphLaunch: PFN_cuGraphLaunch
     let cuGraphExecDestroy: PFN_cuGraphExecDestroy
     let cuGraphDestroy: PFN_cuGraphDestroy
+    /// Optional: drivers before CUDA 12 lack it; Hopper kernels that use TMA need it.
+    let cuTensorMapEncodeTiled: PFN_cuTensorMapEncodeTiled?
 
     /// The environment variable that names libcuda's path, tried before any other place.
     public static let libraryEnvironmentVariable = "FUSED_MOE_CUDA_DRIVER"
@@ -119,6 +121,8 @@ public final class Driver: @unchecked Sendable {
         cuGraphLaunch = try load("cuGraphLaunch")
         cuGraphExecDestroy = try load("cuGraphExecDestroy")
         cuGraphDestroy = try load("cuGraphDestroy")
+        cuTensorMapEncodeTiled = try? LibraryLoader.symbol(
+            handle, ["cuTensorMapEncodeTiled"], as: PFN_cuTensorMapEncodeTiled.self, library: opened.path)
 
         var rawVersion: Int32 = 0
         version = cuDriverGetVersion(&rawVersion) == 0 ? rawVersion : 0

@@ -167,7 +167,7 @@ public final class Kernel: @unchecked Sendable {
             total += layout.size
         }
         let driver = module.device.driver
-        let result: CUresult = withUnsafeTemporaryAllocation(byteCount: max(total, 1), alignment: 16) {
+        let result: CUresult = withUnsafeTemporaryAllocation(byteCount: max(total, 1), alignment: 64) {
             parameterBlock in
             withUnsafeTemporaryAllocation(of: UnsafeMutableRawPointer?.self, capacity: max(arguments.count, 1)) {
                 pointers in

@@ -3,7 +3,8 @@ import CCUDA
 /// A CUDA stream: an ordered queue of device work (`cuStreamCreate`, non-blocking).
 public final class Stream: @unchecked Sendable {
     public let device: Device
-    let handle: CUstream
+    let handle: CUstream?
+    private let owned: Bool
 
     /// Creates a non-blocking stream on `device` (`cuStreamCreate` with `CU_STREAM_NON_BLOCKING`).
     public init(device: Device) throws(CUDAError) {
@@ -14,10 +15,19 @@ public final class Stream: @unchecked Sendable {
         guard let stream else { throw .usage("cuStreamCreate", "the driver returned no stream") }
         self.device = device
         self.handle = stream
+        self.owned = true
+    }
+
+    /// Wraps a stream someone else owns (a framework's current stream, passed as its raw
+    /// `CUstream` value; 0 is the legacy default stream). It is not destroyed with this object.
+    public init(device: Device, borrowing rawHandle: UInt) {
+        self.device = device
+        self.handle = CUstream(bitPattern: rawHandle)
+        self.owned = false
     }
 
     deinit {
-        _ = device.driver.cuStreamDestroy(handle)
+        if owned, let handle { _ = device.driver.cuStreamDestroy(handle) }
     }
 
     /// Waits until all work queued on the stream has finished (`cuStreamSynchronize`).

@@ -12,8 +12,9 @@
 //     work = rows * I, VEC = 8 when I % 8 == 0.
 // moe_gelu_and_mul<T>(in, out, rows, I)
 //     the same with gelu(g) = 0.5 g (1 + erf(g / sqrt(2))).
-// moe_combine<T>(in [M*k, H], out [M, H], M, k, H)
-//     out[t, h] = sum over j = 0..k-1, in that order, of in[t*k + j, h].
+// moe_combine<T>(in [M*k, H], out [M, H], M, k, H, topk_ids [M*k] or null)
+//     out[t, h] = sum over j = 0..k-1, in that order, of in[t*k + j, h], skipping the slots whose
+//     topk_ids entry is negative (unrouted: align placed no row for them, so `in` holds nothing).
 //     work = M * H, VEC = 8 when H % 8 == 0.
 // moe_splitk_reduce<T>(workspace, split_stride, split_k, rows, N, stride_cm, out)
 //     out[r * stride_cm + n] = sum over s = 0..split_k-1, in that order, of
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(256) moe_gelu_and_mul(const T* __restrict__ in
 
 template <typename T>
 __global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* __restrict__ out, int64_t M, int32_t k,
-                                                   int64_t H) {
+                                                   int64_t H, const int32_t* __restrict__ topk_ids) {
     using namespace moe_elementwise_detail;
     if (M <= 0 || H <= 0) return;
     if (H % 8 == 0) {
@@ -108,6 +109,7 @@ __global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* 
             const int64_t h = g2.col * 8;
             float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
             for (int32_t j = 0; j < k; ++j) {
+                if (topk_ids != nullptr && topk_ids[t * k + j] < 0) continue;  // unrouted slot: no row was computed
                 float x[8];
                 unpack8<T>(*reinterpret_cast<const uint4*>(in + (t * k + j) * H + h), x);
 #pragma unroll
@@ -120,7 +122,10 @@ __global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* 
             const int64_t t = g2.row;
             const int64_t h = g2.col;
             float sum = 0.0f;
-            for (int32_t j = 0; j < k; ++j) sum += to_float(in[(t * k + j) * H + h]);
+            for (int32_t j = 0; j < k; ++j) {
+                if (topk_ids != nullptr && topk_ids[t * k + j] < 0) continue;
+                sum += to_float(in[(t * k + j) * H + h]);
+            }
             out[t * H + h] = from_float<T>(sum);
         }
     }

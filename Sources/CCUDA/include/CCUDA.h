@@ -108,6 +108,12 @@ typedef CUresult (*PFN_cuGraphLaunch)(CUgraphExec exec, CUstream stream);
 typedef CUresult (*PFN_cuGraphExecDestroy)(CUgraphExec exec);
 typedef CUresult (*PFN_cuGraphDestroy)(CUgraph graph);
 
+/// `tensorMap` points to a CUtensorMap: an opaque 128-byte descriptor, 64-byte aligned.
+typedef CUresult (*PFN_cuTensorMapEncodeTiled)(
+    void *tensorMap, int dataType, unsigned int rank, void *globalAddress,
+    const unsigned long long *globalDim, const unsigned long long *globalStrides, const unsigned int *boxDim,
+    const unsigned int *elementStrides, int interleave, int swizzle, int l2Promotion, int oobFill);
+
 // MARK: - NVRTC
 
 typedef int nvrtcResult;

@@ -227,7 +227,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             topkWeights: topkWeights, output: down.pointer, maxPadded: maxPadded, stream: stream)
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
-            arguments: [down, out, Int64(tokens), Int32(k), Int64(h)])
+            arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs])
     }
 
     /// Enqueues align for `pairs` pairs and returns the padded row bound the GEMM grids cover.
