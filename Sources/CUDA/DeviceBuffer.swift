@@ -17,6 +17,7 @@ public final class DeviceBuffer: @unchecked Sendable {
     public let device: Device
     public let byteCount: Int
     let address: CUdeviceptr
+    private let owned: Bool
 
     /// Allocates `byteCount` bytes (`cuMemAlloc`). A zero-byte buffer is allowed and owns nothing.
     /// - Throws: `CUDAError` (`CUDA_ERROR_OUT_OF_MEMORY` names the size asked for).
@@ -26,6 +27,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         }
         self.device = device
         self.byteCount = byteCount
+        self.owned = true
         if byteCount == 0 {
             address = 0
             return
@@ -51,8 +53,21 @@ public final class DeviceBuffer: @unchecked Sendable {
         try self.init(device: device, byteCount: count * MemoryLayout<Element>.stride)
     }
 
+    /// Wraps device memory someone else owns (a framework's tensor): it is never freed here, and
+    /// the owner must keep it alive while this buffer is in use.
+    /// - Throws: `CUDAError` of domain `.usage` for a null address with a nonzero size or a negative size.
+    public init(device: Device, borrowing pointer: DevicePointer, byteCount: Int) throws(CUDAError) {
+        guard byteCount >= 0, !(pointer.isNull && byteCount > 0) else {
+            throw .usage("DeviceBuffer(borrowing:)", "a borrowed buffer needs a non-null address and byteCount >= 0, got \(pointer.address) and \(byteCount)")
+        }
+        self.device = device
+        self.byteCount = byteCount
+        self.address = pointer.address
+        self.owned = false
+    }
+
     deinit {
-        if address != 0 { _ = device.driver.cuMemFree(address) }
+        if owned && address != 0 { _ = device.driver.cuMemFree(address) }
     }
 
     /// The buffer's start, to pass to a kernel.
