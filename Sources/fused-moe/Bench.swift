@@ -31,7 +31,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON (DESIGN.md's format) to this file.")
     var json: String?
 
-    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run (e.g. by torch); without it the copy bandwidth is measured here and the matrix rate is taken from the file's absence as 'unmeasured' (the anchor's 715 TFLOP/s).")
+    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run (scripts/ceilings.py writes one with torch). Without it the copy bandwidth is measured here and the bf16 rate is taken as 715 TFLOP/s, unmeasured.")
     var ceilings: String?
 
     @Option(help: "GPU: input sets rotated through per timed graph, so repeated replays do not just re-read L2.")
@@ -39,6 +39,9 @@ struct Bench: ParsableCommand {
 
     @Flag(help: "GPU: time only the plan's own choice per batch size, not every split setting of the PR's table.")
     var planOnly = false
+
+    @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")
+    var stages = false
 
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1, got \(repeats)") }
@@ -101,7 +104,7 @@ extension Bench {
         for preset in presets {
             rows += try bench.run(
                 preset: preset, batchSizes: batches, settings: planOnly ? [.auto] : GPUBench.tableSettings, dtype: dtype,
-                ceilings: measured, rotations: rotations, seed: seed, progress: note)
+                ceilings: measured, rotations: rotations, seed: seed, stages: stages, progress: note)
         }
         let report = BenchReport(
             device: device.properties.name, driver: "CUDA \(device.driver.versionString)", commit: currentCommit(),

@@ -10,6 +10,8 @@ public struct BenchRow: Sendable {
     public var floorMilliseconds: Double
     public var relativeError: Double
     public var expertsTouched: Int
+    /// Per-stage milliseconds of one un-graphed forward, when asked for (`bench --stages`).
+    public var stages: [(String, Double)] = []
 
     public init(
         shape: String, moeShape: MoEShape, tokens: Int, variant: String, splitK: Int, splitMode: String,
@@ -91,7 +93,7 @@ public struct BenchReport: Sendable {
                     ("floor_ms", .number(row.floorMilliseconds)),
                     ("rel_err", .number(row.relativeError)),
                     ("experts_touched", .number(Double(row.expertsTouched))),
-                ])
+                ] + (row.stages.isEmpty ? [] : [("stages_ms", .object(row.stages.map { ($0.0, .number($0.1)) }))]))
             })),
         ])
     }

@@ -53,7 +53,7 @@ public final class GPUBench {
     /// Times every setting at every batch size for one shape.
     public func run(
         preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
-        seed: UInt64, progress: (String) -> Void
+        seed: UInt64, stages: Bool = false, progress: (String) -> Void
     ) throws -> [BenchRow] {
         let shape = preset.shape
         let multiprocessors = library.device.properties.multiprocessorCount
@@ -108,16 +108,52 @@ public final class GPUBench {
 
                 let milliseconds = try time(layer: layer, inputs: inputs, out: out, tokens: tokens)
                 let label = setting.label
-                let row = BenchRow(
+                var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens, variant: label.variant,
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting == .auto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
+                if stages {
+                    row.stages = try stageBreakdown(layer: layer, inputs: inputs[0], out: out)
+                    progress("    stages: " + row.stages.map { "\($0.0) \(format($0.1, 4))" }.joined(separator: ", "))
+                }
                 rows.append(row)
                 progress("[\(index + 1)/\(batchSizes.count)] \(preset.name) M=\(tokens) \(label.variant) \(row.splitMode): \(format(milliseconds, 4)) ms, \(format(row.percentOfFloor, 1))% of floor, rel_err \(formatScientific(error)) [\(layerPlan)]")
             }
         }
         return rows
+    }
+
+    /// Median milliseconds of each stage of one forward (align, gemm1, activation, gemm2, combine),
+    /// from events recorded between the stages over `repeats` plain (not graph) forwards.
+    func stageBreakdown(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer, repeats: Int = 20) throws
+        -> [(String, Double)]
+    {
+        let device = library.device
+        var names: [String] = []
+        var samples: [[Double]] = []
+        for _ in 0..<repeats {
+            var events = [try Event(device: device)]
+            var stageNames: [String] = []
+            try events[0].record(on: stream)
+            try layer.forward(
+                x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
+                tokens: inputs.tokens, stream: stream
+            ) { (name: String) throws(CUDAError) in
+                let event = try Event(device: device)
+                try event.record(on: self.stream)
+                events.append(event)
+                stageNames.append(name)
+            }
+            try stream.synchronize()
+            names = stageNames
+            var row: [Double] = []
+            for index in 1..<events.count {
+                row.append(try Event.elapsedMilliseconds(from: events[index - 1], to: events[index]))
+            }
+            samples.append(row)
+        }
+        return names.indices.map { index in (names[index], HostClock.median(samples.map { $0[index] })) }
     }
 
     /// Median milliseconds per forward: a graph of `rotations` forwards (one per input set, so

@@ -184,7 +184,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// - Throws: `MoEError.invalidArgument` when `tokens` exceeds `maxTokens`; `.cuda` when a launch fails.
     public func forward(
         x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
-        stream: Stream
+        stream: Stream, stageMarker: StageMarker? = nil
     ) throws(MoEError) {
         guard tokens >= 0 && tokens <= maxTokens else {
             throw .invalidArgument("tokens", "must be in 0...\(maxTokens) (the layer's maxTokens), got \(tokens)")
@@ -199,7 +199,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     x: DevicePointer(address: x.address + UInt64(start) * rowBytes),
                     topkIDs: DevicePointer(address: topkIDs.address + UInt64(start) * slotBytes),
                     topkWeights: DevicePointer(address: topkWeights.address + UInt64(start) * slotBytes),
-                    out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count, stream: stream)
+                    out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count, stream: stream,
+                    marker: stageMarker)
                 start += count
             }
         } catch {
@@ -207,27 +208,35 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
     }
 
+    /// Called after each stage is enqueued with the stage's name, so profiling can record an event.
+    public typealias StageMarker = (String) throws(CUDAError) -> Void
+
     private func forwardChunk(
         x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
-        stream: Stream
+        stream: Stream, marker: StageMarker?
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
         let maxPadded = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
+        try marker?("align")
         let (h, i) = (shape.hidden, shape.intermediate)
         try gemm(
             kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: w1, n: 2 * i, k: h, pairs: pairs,
             topkWeights: topkWeights, output: gateUp.pointer, maxPadded: maxPadded, stream: stream)
+        try marker?("gemm1")
         let activationWork = pairs * i
         try kernels.activation.launch(
             grid: elementwiseGrid(work: activationWork, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
             on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)])
+        try marker?("activation")
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, maxPadded: maxPadded, stream: stream)
+        try marker?("gemm2")
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
             arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs])
+        try marker?("combine")
     }
 
     /// Enqueues align for `pairs` pairs and returns the padded row bound the GEMM grids cover.
