@@ -26,9 +26,12 @@ let package = Package(
             ]
         ),
 
+        /// Tuned kernel configs (configs.json, written by `fused-moe tune`), embedded at build time.
+        .target(name: "MoEConfigs", exclude: ["configs.json"]),
+
         // MARK: - Public API
         .target(name: "CUDA", dependencies: ["CCUDA"]),
-        .target(name: "FusedMoE", dependencies: ["CUDA", "MoEKernels"]),
+        .target(name: "FusedMoE", dependencies: ["CUDA", "MoEKernels", "MoEConfigs"]),
         .executableTarget(
             name: "fused-moe",
             dependencies: [

@@ -15,10 +15,10 @@ import Testing
     @Test func sglangFileLoadsAsIs() throws {
         let table = try ConfigTable.parse(sglangFile, source: "E=128,N=384,device_name=NVIDIA_H200.json")
         #expect(table.entries.map(\.batch) == [1, 64, 4096])
-        let decode = table.nearest(to: 1)
+        let decode = table.nearest(to: 1).gemm1
         #expect(decode.blockM == 16 && decode.blockN == 64 && decode.blockK == 64)  // BLOCK_K 128 -> our 64
         #expect(decode.warps == 4 && decode.stages == 4 && decode.splitK == 1 && decode.splitMode == .none)
-        let prefill = table.nearest(to: 5000)
+        let prefill = table.nearest(to: 5000).gemm1
         #expect(prefill.splitK == 2 && prefill.splitMode == .atomic && prefill.warps == 8 && prefill.groupSizeM == 32)
         #expect(table.nearest(to: 40).blockM == 32)  // 40 is nearer 64 than 1
         #expect(table.nearest(to: 32).blockM == 16 || table.nearest(to: 32).blockM == 32)
@@ -43,6 +43,18 @@ import Testing
                 #expect(message.contains(expected), "\(message)")
             }
         }
+    }
+
+    @Test func tablesRoundTripWithSecondGemm() throws {
+        var second = GemmConfig(blockM: 64, blockN: 256, blockK: 64, warpsM: 2, warpsN: 4, stages: 3, groupSizeM: 8)
+        second.splitK = 4
+        second.splitMode = .atomic
+        let first = GemmConfig(blockM: 64, blockN: 128, blockK: 32, warpsM: 4, warpsN: 1, stages: 5, groupSizeM: 1)
+        let table = ConfigTable(source: "t", entries: [(8, MoEPlan(both: first)), (512, try MoEPlan(gemm1: first, gemm2: second))])
+        let parsed = try ConfigTable.parse(table.json.serialized(indent: 1), source: "t")
+        #expect(parsed.entries.map(\.batch) == [8, 512])
+        #expect(parsed.nearest(to: 8) == MoEPlan(both: first))
+        #expect(parsed.nearest(to: 600) == (try MoEPlan(gemm1: first, gemm2: second)))
     }
 
     @Test func fileNameFollowsSGLang() {

@@ -7,11 +7,13 @@ import Glibc
 /// A file is named `E={E},N={N},device_name={GPU name, spaces as _}[,dtype=...].json`; its keys are
 /// batch sizes and its values hold `BLOCK_SIZE_M/N/K`, `GROUP_SIZE_M`, `num_warps` and
 /// `num_stages`. Our own keys `SPLIT_K` and `SPLIT_MODE` extend it; unknown keys are ignored, so an
-/// SGLang file loads as is. The entry whose batch size is nearest to M is used.
+/// SGLang file loads as is. The entry whose batch size is nearest to M is used. SGLang runs both
+/// GEMMs with one config; an entry may carry a `GEMM2` object with the second GEMM's own keys
+/// (same BLOCK_SIZE_M), which our tuner writes and SGLang ignores.
 public struct ConfigTable: Sendable {
     public var source: String
-    /// Batch size -> config, sorted by batch size.
-    public var entries: [(batch: Int, config: GemmConfig)]
+    /// Batch size -> plan, sorted by batch size.
+    public var entries: [(batch: Int, plan: MoEPlan)]
 
     /// The environment variable naming a folder of config files, searched first.
     public static let directoryEnvironmentVariable = "FUSED_MOE_CONFIG_DIR"
@@ -23,12 +25,21 @@ public struct ConfigTable: Sendable {
         guard case .object(let members) = json else {
             throw .malformedFile(source, "expected an object mapping batch sizes to configs")
         }
-        var entries: [(Int, GemmConfig)] = []
+        var entries: [(Int, MoEPlan)] = []
         for (key, value) in members {
             guard let batch = Int(key), batch >= 1 else {
                 throw .malformedFile(source, "key '\(key)' is not a positive batch size")
             }
-            entries.append((batch, try config(from: value, source: source, key: key)))
+            let gemm1 = try config(from: value, source: source, key: key)
+            var gemm2 = gemm1
+            if let second = value["GEMM2"] {
+                gemm2 = try config(from: second, source: source, key: key + ".GEMM2")
+            }
+            do {
+                entries.append((batch, try MoEPlan(gemm1: gemm1, gemm2: gemm2)))
+            } catch {
+                throw .malformedFile(source, "entry '\(key)': GEMM2 must share BLOCK_SIZE_M with the entry")
+            }
         }
         guard !entries.isEmpty else { throw .malformedFile(source, "no batch sizes in the file") }
         return ConfigTable(source: source, entries: entries.sorted { $0.0 < $1.0 })
@@ -64,17 +75,45 @@ public struct ConfigTable: Sendable {
         }
         // Triton's tiles are 16..256 wide; clamp what our kernel lacks (BLOCK_K 128/256 -> 64).
         let kernelBlockK = min(max(blockK, 32), 64)
-        guard let layout = GemmConfig.warpLayout(blockM: blockM, blockN: blockN, warps: warps) else {
-            throw .malformedFile(source, "entry '\(key)': num_warps \(warps) cannot tile \(blockM)x\(blockN)")
+        var layout: (m: Int, n: Int)
+        if value["WARPS_M"] != nil {
+            let warpsM = try integer("WARPS_M")
+            guard warpsM >= 1, warps % warpsM == 0 else {
+                throw .malformedFile(source, "entry '\(key)': WARPS_M \(warpsM) does not divide num_warps \(warps)")
+            }
+            layout = (warpsM, warps / warpsM)
+        } else {
+            guard let chosen = GemmConfig.warpLayout(blockM: blockM, blockN: blockN, warps: warps) else {
+                throw .malformedFile(source, "entry '\(key)': num_warps \(warps) cannot tile \(blockM)x\(blockN)")
+            }
+            layout = chosen
         }
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: kernelBlockK, warpsM: layout.m, warpsN: layout.n,
             stages: min(max(stages, 2), 5), groupSizeM: group, splitK: splitK, splitMode: mode)
     }
 
-    /// The config of the batch size nearest to `tokens` (the smaller on a tie).
-    public func nearest(to tokens: Int) -> GemmConfig {
-        entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!.config
+    /// The plan of the batch size nearest to `tokens` (the smaller on a tie).
+    public func nearest(to tokens: Int) -> MoEPlan {
+        entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!.plan
+    }
+
+    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE and GEMM2 where needed.
+    public var json: JSON {
+        func object(_ config: GemmConfig) -> [(String, JSON)] {
+            [
+                ("BLOCK_SIZE_M", .number(Double(config.blockM))), ("BLOCK_SIZE_N", .number(Double(config.blockN))),
+                ("BLOCK_SIZE_K", .number(Double(config.blockK))), ("GROUP_SIZE_M", .number(Double(config.groupSizeM))),
+                ("num_warps", .number(Double(config.warps))), ("num_stages", .number(Double(config.stages))),
+                ("WARPS_M", .number(Double(config.warpsM))),
+                ("SPLIT_K", .number(Double(config.splitK))), ("SPLIT_MODE", .string(config.effectiveMode.rawValue)),
+            ]
+        }
+        return .object(entries.map { entry in
+            var members = object(entry.plan.gemm1)
+            if entry.plan.gemm2 != entry.plan.gemm1 { members.append(("GEMM2", .object(object(entry.plan.gemm2)))) }
+            return (String(entry.batch), .object(members))
+        })
     }
 
     /// The file name SGLang gives this layer's configs.
@@ -91,16 +130,16 @@ extension String {
 
 /// Choosing a plan for a layer and batch size.
 public enum PlanSelector {
-    /// A config file's table for this layer on this GPU, from `FUSED_MOE_CONFIG_DIR`, else nil.
-    /// (SGLang's N is the intermediate size of the shard, `I`.)
+    /// The config table for this layer on this GPU: a file in `FUSED_MOE_CONFIG_DIR`, else the
+    /// configs shipped in the binary, else nil. (SGLang's N is the shard's intermediate size, `I`.)
     public static func configFile(shape: MoEShape, deviceName: String) throws(MoEError) -> ConfigTable? {
-        guard let directory = getenv(ConfigTable.directoryEnvironmentVariable).map({ String(cString: $0) }),
-            !directory.isEmpty
-        else { return nil }
         let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
-        let path = directory + "/" + name
-        guard let text = readText(path) else { return nil }
-        return try ConfigTable.parse(text, source: path)
+        if let directory = getenv(ConfigTable.directoryEnvironmentVariable).map({ String(cString: $0) }),
+            !directory.isEmpty, let text = readText(directory + "/" + name)
+        {
+            return try ConfigTable.parse(text, source: directory + "/" + name)
+        }
+        return try ShippedConfigs.table(named: name)
     }
 
     /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic.
@@ -108,9 +147,10 @@ public enum PlanSelector {
         shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String
     ) throws(MoEError) -> MoEPlan {
         if let table = try configFile(shape: shape, deviceName: deviceName) {
-            let config = table.nearest(to: tokens)
-            try config.validate(sharedMemoryLimit: sharedMemoryLimit)
-            return MoEPlan(both: config)
+            let plan = table.nearest(to: tokens)
+            try plan.gemm1.validate(sharedMemoryLimit: sharedMemoryLimit)
+            try plan.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
+            return plan
         }
         return heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
     }
