@@ -15,6 +15,11 @@ public struct ConfigTable: Sendable {
     /// Batch size -> plan, sorted by batch size.
     public var entries: [(batch: Int, plan: MoEPlan)]
 
+    public init(source: String, entries: [(batch: Int, plan: MoEPlan)]) {
+        self.source = source
+        self.entries = entries.sorted { $0.batch < $1.batch }
+    }
+
     /// The environment variable naming a folder of config files, searched first.
     public static let directoryEnvironmentVariable = "FUSED_MOE_CONFIG_DIR"
 

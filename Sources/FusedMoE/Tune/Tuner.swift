@@ -1,0 +1,168 @@
+import CUDA
+
+/// `fused-moe tune`: searches tile shapes, warps, stages and split-K per batch size for one layer
+/// shape on this GPU, and writes the winners as an SGLang-compatible config table.
+///
+/// For every BLOCK_M worth trying, each candidate tile runs in a real layer; events around the two
+/// GEMM stages time GEMM1 and GEMM2 separately (split-K reductions included), so each GEMM gets its
+/// own best config. The BLOCK_M whose best pair (plus align, activation and combine) is fastest
+/// wins. Candidates that cannot fit (shared memory) or spill are skipped before they run, and split
+/// factors are tried only when the output tiles are too few to fill the multiprocessors.
+public final class Tuner {
+    public let library: KernelLibrary
+    let bench: GPUBench
+
+    public init(library: KernelLibrary) throws(CUDAError) {
+        self.library = library
+        bench = try GPUBench(library: library)
+    }
+
+    /// One batch size's outcome.
+    public struct Outcome: Sendable {
+        public var tokens: Int
+        public var plan: MoEPlan
+        public var milliseconds: Double
+        public var heuristicMilliseconds: Double
+        public var relativeError: Double
+        public var candidates: Int
+    }
+
+    /// The tiles worth trying for a BLOCK_M.
+    static func tiles(blockM: Int, sharedMemoryLimit: Int, groupSizeM: Int) -> [GemmConfig] {
+        var result: [GemmConfig] = []
+        for blockN in [64, 128, 256] where blockN < 256 || blockM >= 64 {
+            for warps in [4, 8] where warps == 4 || blockM * blockN >= 64 * 128 {
+                guard let layout = GemmConfig.warpLayout(blockM: blockM, blockN: blockN, warps: warps) else { continue }
+                for stages in [3, 4, 5] {
+                    let config = GemmConfig(
+                        blockM: blockM, blockN: blockN, blockK: 64, warpsM: layout.m, warpsN: layout.n, stages: stages,
+                        groupSizeM: groupSizeM)
+                    if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
+                }
+            }
+        }
+        return result
+    }
+
+    /// BLOCK_M values around the rows each expert gets.
+    static func blockMs(shape: MoEShape, tokens: Int) -> [Int] {
+        let rows = Double(tokens * shape.topK) / Double(shape.experts)
+        return [16, 32, 64, 128].filter { Double($0) <= max(16, 2 * rows) && Double($0) * 8 >= rows }
+    }
+
+    /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
+    public func tune(
+        preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, progress: (String) -> Void
+    ) throws -> [Outcome] {
+        let device = library.device
+        let shape = preset.shape
+        let limit = device.properties.sharedMemoryPerBlockOptIn
+        let multiprocessors = device.properties.multiprocessorCount
+        // Every candidate layer, per batch size.
+        var work: [(tokens: Int, plans: [MoEPlan])] = []
+        for tokens in batchSizes {
+            var plans: [MoEPlan] = []
+            for blockM in Tuner.blockMs(shape: shape, tokens: tokens) {
+                let group = tokens * shape.topK >= 8 * shape.experts * blockM ? 8 : 1
+                for tile in Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) {
+                    plans.append(MoEPlan(both: tile))
+                    let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
+                    let tiles = mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN)
+                    if tiles < 2 * multiprocessors || mBlocks * ((shape.hidden + tile.blockN - 1) / tile.blockN) < 2 * multiprocessors {
+                        for split in [2, 4, 8] {
+                            for mode in [SplitMode.workspace, .atomic] { plans.append(MoEPlan(both: tile).withSplit(split, mode: mode)) }
+                        }
+                    }
+                }
+            }
+            work.append((tokens, plans))
+        }
+        let total = work.reduce(0) { $0 + $1.plans.count }
+        progress("\(preset.name): \(total) candidate layers over \(batchSizes.count) batch sizes; compiling...")
+        let compileStart = HostClock.now()
+        let requests = Set(work.flatMap { $0.plans }.flatMap { CUDAMoELayer.requests(dtype: dtype, plan: $0, activation: .silu) })
+        try library.prepare(Array(requests))
+        progress("\(requests.count) programs ready in \(format(HostClock.now() - compileStart, 1)) s")
+        // Drop instantiations that spill: they are slow by construction.
+        let spilling = Set(requests.filter { library.resourceReport($0).contains { line in
+            line.contains("spill") && !(line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"))
+        } })
+
+        let weights = try LayerWeights(tools: bench.tools, shape: shape, dtype: dtype, seed: seed, stream: bench.stream)
+        var outcomes: [Outcome] = []
+        var done = 0
+        let start = HostClock.now()
+        for (tokens, plans) in work {
+            let inputs = try LayerInputs(tools: bench.tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(tokens), stream: bench.stream)
+            let out = try DeviceBuffer(device: device, byteCount: tokens * shape.hidden * dtype.byteCount)
+            // Best GEMM1 and GEMM2 per BLOCK_M, and the other stages' time.
+            var best1: [Int: (MoEPlan, Double)] = [:]
+            var best2: [Int: (MoEPlan, Double)] = [:]
+            var rest: [Int: Double] = [:]
+            for plan in plans {
+                done += 1
+                let elapsed = HostClock.now() - start
+                let left = done > 1 ? elapsed / Double(done - 1) * Double(total - done + 1) : 0
+                progress(progressBar(done: done, total: total) + " M=\(tokens) \(plan)  ETA \(clock(left))")
+                if CUDAMoELayer.requests(dtype: dtype, plan: plan, activation: .silu).contains(where: spilling.contains) { continue }
+                guard let layer = try? CUDAMoELayer(
+                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
+                else { continue }
+                let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
+                let blockM = plan.blockM
+                if let time = stages["gemm1"], time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
+                if let time = stages["gemm2"], time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
+                let other = (stages["align"] ?? 0) + (stages["activation"] ?? 0) + (stages["combine"] ?? 0)
+                rest[blockM] = min(rest[blockM] ?? .infinity, other)
+            }
+            var bestPlan: MoEPlan? = nil
+            var bestTime = Double.infinity
+            for (blockM, first) in best1 {
+                guard let second = best2[blockM], let other = rest[blockM] else { continue }
+                let plan = try MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
+                if first.1 + second.1 + other < bestTime {
+                    bestTime = first.1 + second.1 + other
+                    bestPlan = plan
+                }
+            }
+            guard let plan = bestPlan else { throw MoEError.unsupported("no candidate ran for M=\(tokens)") }
+            // The winner and the heuristic, timed the way bench times them, and the winner checked.
+            let heuristic = PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
+            let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
+            let layer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
+            try out.fill(byte: 0xFF, on: bench.stream)
+            try layer.forward(x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer, tokens: tokens, stream: bench.stream)
+            try bench.stream.synchronize()
+            let values = try out.download(count: tokens * shape.hidden, as: UInt16.self).map {
+                dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue
+            }
+            let error = relativeError(values, reference)
+            let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
+            let heuristicLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: heuristic, maxTokens: tokens)
+            let heuristicMs = try bench.time(layer: heuristicLayer, inputs: [inputs], out: out, tokens: tokens)
+            progress("M=\(tokens): \(format(ms, 4)) ms (heuristic \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)): \(plan)")
+            guard error < errorBound(dtype) else {
+                throw MoEError.mismatch("the tuned plan for M=\(tokens) gives rel_err \(error): \(plan)")
+            }
+            // Keep the heuristic when the search did not beat it.
+            let chosen = ms <= heuristicMs ? plan : heuristic
+            outcomes.append(Outcome(
+                tokens: tokens, plan: chosen, milliseconds: min(ms, heuristicMs), heuristicMilliseconds: heuristicMs,
+                relativeError: error, candidates: plans.count))
+        }
+        return outcomes
+    }
+}
+
+func progressBar(done: Int, total: Int, width: Int = 30) -> String {
+    let filled = total > 0 ? width * done / total : width
+    return "[" + String(repeating: "=", count: filled) + String(repeating: " ", count: width - filled) + "] "
+        + "\(total > 0 ? 100 * done / total : 100)%"
+}
+
+func clock(_ seconds: Double) -> String {
+    let whole = Int(seconds.rounded())
+    let minutes = whole / 60
+    let rest = whole % 60
+    return "\(minutes):" + (rest < 10 ? "0" : "") + "\(rest)"
+}
