@@ -7,7 +7,10 @@ as a header under that include name, with the options
     -arch=<arch> -std=c++17 -default-device --ptxas-options=-v
 and a representative set of template instantiations (name expressions). Prints the
 registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
-spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128.
+spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128. Every
+moe_gemm_sm90 instantiation must also have no spill and no stack frame, no ptxas warning about
+setmaxnreg or wgmma (C7508: setmaxnreg ignored; wgmma serialized), and with BLOCK_M = 128 exactly
+168 registers at launch (the budget its setmaxnreg split redistributes).
 
 libnvrtc is looked up in $NVRTC_LIBRARY, /usr/local/cuda/lib64, then the pip packages
 nvidia/cu13/lib and nvidia/cuda_nvrtc/lib of every site-packages directory.
@@ -52,6 +55,25 @@ GEMM_EXTRA_TILES = (
 )
 
 
+# moe_gemm_sm90 tiles (BLOCK_M, BLOCK_N, STAGES): every stage count from 3 that fits in 227 KB
+# (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 8 * BLOCK_M + 1024 <= 232448), up to 6.
+SM90_TILES = tuple(
+    (bm, bn, st)
+    for bm in (64, 128)
+    for bn in (64, 128, 256)
+    for st in range(3, 7)
+    if st * 128 * (bm + bn) + 16 * st + 8 * bm + 1024 <= 232448
+)
+# Registers each thread of a moe_gemm_sm90 with BLOCK_M = 128 (384 threads) must be launched with:
+# the setmaxnreg split (producer 40, consumers 232) redistributes exactly 384 * 168 registers.
+SM90_LAUNCH_REGISTERS = 168
+
+
+def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool) -> str:
+    bm, bn, st = tile
+    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}>"
+
+
 def gemm_name(dtype: str, tile, mode: int, mul: bool) -> str:
     bm, bn, bk, wm, wn, st = tile
     return f"moe_gemm<{dtype}, {bm}, {bn}, {bk}, {wm}, {wn}, {st}, {mode}, {'true' if mul else 'false'}>"
@@ -65,6 +87,10 @@ def name_expressions() -> dict[str, list[list[str]]]:
             gemm_groups.append([gemm_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)])
     for tile in GEMM_EXTRA_TILES:
         gemm_groups.append([gemm_name("moe_bf16", tile, m, mul) for m in (0, 1, 2) for mul in (False, True)])
+    sm90_groups = []
+    for dtype in DTYPES:
+        for tile in SM90_TILES:
+            sm90_groups.append([gemm_sm90_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):
@@ -75,6 +101,7 @@ def name_expressions() -> dict[str, list[list[str]]]:
         "moe_elementwise.cu": [elementwise],
         "moe_reference.cu": [[f"moe_reference_gemm{g}<{t}>" for g in (1, 2) for t in DTYPES]],
         "moe_gemm.cu": gemm_groups,
+        "moe_gemm_sm90.cu": sm90_groups,
     }
 
 
@@ -221,11 +248,31 @@ def parse_ptxas(log: str) -> dict[str, KernelUsage]:
 
 
 GEMM_RE = re.compile(r"moe_gemm<\w+, (\d+), (\d+), (\d+),")
+GEMM_SM90_RE = re.compile(r"moe_gemm_sm90<\w+, (\d+), (\d+), (\d+),")
+# ptxas warnings that mean a Hopper kernel lost its design: setmaxnreg ignored (C7508), wgmma
+# serialized (C7510/C7515/..., "Potential Performance Loss").
+SM90_FATAL_WARNINGS = re.compile(r"C7508|setmaxnreg|wgmma|Potential Performance Loss", re.IGNORECASE)
 
 
 def must_not_spill(expr: str) -> bool:
+    if GEMM_SM90_RE.match(expr):
+        return True
     m = GEMM_RE.match(expr)
     return bool(m) and int(m.group(1)) * int(m.group(2)) <= 128 * 128
+
+
+def register_problem(u: "KernelUsage") -> str | None:
+    """Why a kernel's register use is wrong, or None: a moe_gemm_sm90 must keep no stack frame
+    (local memory), and with BLOCK_M = 128 must be launched with exactly the registers its
+    setmaxnreg split redistributes (fewer would leave the consumers' increase waiting forever)."""
+    m = GEMM_SM90_RE.match(u.name)
+    if not m:
+        return None
+    if u.stack:
+        return f"{u.stack} bytes stack frame"
+    if int(m.group(1)) == 128 and u.registers != SM90_LAUNCH_REGISTERS:
+        return f"launched with {u.registers} registers, setmaxnreg needs {SM90_LAUNCH_REGISTERS}"
+    return None
 
 
 def main() -> int:
@@ -280,6 +327,11 @@ def main() -> int:
             warnings = [l for l in log.splitlines() if "warning" in l.lower()]
             for w in warnings:
                 print(f"WARN {cu}: {w}")
+            if cu == "moe_gemm_sm90.cu":
+                fatal = [l for l in log.splitlines() if SM90_FATAL_WARNINGS.search(l) and "info" not in l.lower()]
+                for w in fatal:
+                    print(f"FAIL {label}: {w}")
+                failures += len(fatal)
             print(f"ok   {label}: {len(usage)} kernels, cubin {len(cubin)} bytes, {seconds:.1f} s")
 
     print()
@@ -287,9 +339,13 @@ def main() -> int:
     spill_failures = 0
     for cu, u in sorted(rows, key=lambda r: (r[0], r[1].name)):
         flag = ""
+        problem = register_problem(u)
         if (u.spill_stores or u.spill_loads) and must_not_spill(u.name):
             flag = "  <-- SPILL"
             spill_failures += 1
+        elif problem:
+            flag = f"  <-- {problem}"
+            failures += 1
         elif u.spill_stores or u.spill_loads:
             flag = "  (spill tolerated)"
         print(f"{u.name:<72} {u.registers:>5} {u.stack:>6} {u.spill_stores:>9} {u.spill_loads:>9} {u.smem:>6}{flag}")

@@ -301,8 +301,12 @@ template <int N> MOE_DEVICE void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-/// bar.sync id, count: named barrier over `count` threads (a multiple of 32); id 0 is __syncthreads.
-MOE_DEVICE void bar_sync(int id, int count) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+/// bar.sync ID, COUNT: named barrier ID (1..15; 0 is __syncthreads) over COUNT threads (a multiple
+/// of 32). Compile-time operands let ptxas reserve only the barriers used.
+template <int ID, int COUNT> MOE_DEVICE void bar_sync() {
+    static_assert(ID >= 0 && ID < 16 && COUNT % 32 == 0, "bar.sync: id in 0..15, count a multiple of 32");
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
+}
 
 /// fence.proxy.async.shared::cta: orders this thread's view of shared memory between the
 /// generic proxy (ld/st, cp.async) and the async proxy (TMA, wgmma operand reads).

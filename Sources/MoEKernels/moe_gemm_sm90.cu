@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
         // Every consumer is done with the ring (its wgmma completed) before any overwrites it.
         fence_proxy_async_shared_cta();
-        bar_sync(1, Tr::CONSUMER_THREADS);
+        bar_sync<1, Tr::CONSUMER_THREADS>();
         OutT* staged = reinterpret_cast<OutT*>(smem_base_ptr);
 #pragma unroll
         for (int j = 0; j < BLOCK_N / 8; ++j)
@@ -298,7 +298,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 }
             }
-        bar_sync(2 + wg, Tr::WARPGROUP_THREADS);  // each warpgroup stores the 64 rows it staged
+        if (wg == 0) {  // each warpgroup stores the 64 rows it staged
+            bar_sync<2, Tr::WARPGROUP_THREADS>();
+        } else {
+            bar_sync<3, Tr::WARPGROUP_THREADS>();
+        }
 
         const bool vec_ok = stride_cm % VEC == 0;
         for (int idx = wg_tid; idx < 64 * OCPR; idx += Tr::WARPGROUP_THREADS) {

@@ -259,7 +259,7 @@ public final class SafetensorsFile: @unchecked Sendable {
         let base = mapping.base + dataStart + info.dataOffsets.lowerBound
         let rank = info.shape.count
         guard rank > 0 else {
-            SafetensorsFile.convert(from: base, source: source, count: 1, to: destination)
+            SafetensorsFile.convert(from: base, type: source, count: 1, to: destination)
             return
         }
         let strides = HostTensor<T>.rowMajorStrides(info.shape)
@@ -269,7 +269,7 @@ public final class SafetensorsFile: @unchecked Sendable {
         while true {
             var element = 0
             for axis in 0..<rank { element += index[axis] * strides[axis] }
-            SafetensorsFile.convert(from: base + element * size, source: source, count: run, to: destination + written)
+            SafetensorsFile.convert(from: base + element * size, type: source, count: run, to: destination + written)
             written += run
             // Odometer over every dimension but the last.
             var axis = rank - 2
@@ -284,7 +284,9 @@ public final class SafetensorsFile: @unchecked Sendable {
     }
 
     @inline(__always)
-    static func convert<T: MoEScalar>(from source: UnsafeRawPointer, source type: DType, count: Int, to destination: UnsafeMutablePointer<T>) {
+    static func convert<T: MoEScalar>(
+        from source: UnsafeRawPointer, type: DType, count: Int, to destination: UnsafeMutablePointer<T>
+    ) {
         if type == T.dtype {
             UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * type.byteCount)
             return
