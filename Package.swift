@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "FusedMoE", targets: ["FusedMoE"]),
         .library(name: "CUDA", targets: ["CUDA"]),
         .executable(name: "fused-moe", targets: ["fused-moe"]),
+        .library(name: "FusedMoEC", type: .dynamic, targets: ["FusedMoEC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -32,6 +33,7 @@ let package = Package(
         // MARK: - Public API
         .target(name: "CUDA", dependencies: ["CCUDA"]),
         .target(name: "FusedMoE", dependencies: ["CUDA", "MoEKernels", "MoEConfigs"]),
+        .target(name: "FusedMoEC", dependencies: ["FusedMoE", "CUDA"]),
         .executableTarget(
             name: "fused-moe",
             dependencies: [

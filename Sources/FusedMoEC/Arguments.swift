@@ -28,7 +28,10 @@ enum Arguments {
         case 2 where allowFP32: return .fp32
         case 2: throw .unsupported("'\(name)' FUSED_MOE_FP32 (2): the GPU layer runs bf16 and fp16")
         default:
-            let codes = allowFP32 ? "FUSED_MOE_BF16 (0), FUSED_MOE_FP16 (1) or FUSED_MOE_FP32 (2)" : "FUSED_MOE_BF16 (0) or FUSED_MOE_FP16 (1)"
+            let codes =
+                allowFP32
+                ? "FUSED_MOE_BF16 (0), FUSED_MOE_FP16 (1) or FUSED_MOE_FP32 (2)"
+                : "FUSED_MOE_BF16 (0) or FUSED_MOE_FP16 (1)"
             throw .invalid(name, "expected \(codes), got \(code)")
         }
     }
@@ -116,7 +119,8 @@ struct LayerOptions {
         switch int32(Offset.activation) {
         case 0: result.activation = .silu
         case 1: result.activation = .gelu
-        case let code: throw .invalid("options.activation", "expected FUSED_MOE_SILU (0) or FUSED_MOE_GELU (1), got \(code)")
+        case let code:
+            throw .invalid("options.activation", "expected FUSED_MOE_SILU (0) or FUSED_MOE_GELU (1), got \(code)")
         }
         switch int32(Offset.renormalize) {
         case 0: result.renormalize = false
@@ -125,7 +129,8 @@ struct LayerOptions {
         }
         let device = int32(Offset.device)
         guard device >= -1 else {
-            throw .invalid("options.device", "expected a device ordinal >= 0 or FUSED_MOE_DEVICE_NONE (-1), got \(device)")
+            throw .invalid(
+                "options.device", "expected a device ordinal >= 0 or FUSED_MOE_DEVICE_NONE (-1), got \(device)")
         }
         result.device = device == -1 ? nil : Int(device)
 

@@ -20,6 +20,11 @@ struct ABIError: Error {
     var status: Status
     var message: String
 
+    init(status: Status, message: String) {
+        self.status = status
+        self.message = message
+    }
+
     /// An argument is wrong: `name` is the C parameter (or `options.field`) as the header spells it.
     static func invalid(_ name: String, _ message: String) -> ABIError {
         ABIError(status: .invalidArgument, message: "invalid argument '\(name)': \(message)")

@@ -4,7 +4,8 @@
 // integer types, the 16-bit float storage types and their conversions itself.
 // All inline PTX of the package lives here, each wrapper named for its instruction.
 // Requires sm_80 or newer (cp.async, ldmatrix, mma.sync bf16); on sm_90 the f32
-// reductions use the vector forms (red.global.add.v2/v4.f32).
+// reductions use the vector forms (red.global.add.v2/v4.f32). The Hopper section at the end
+// (tensor maps, mbarriers, TMA, wgmma, setmaxnreg) is for sm_90a kernels only.
 #ifndef MOE_COMMON_CUH
 #define MOE_COMMON_CUH
 

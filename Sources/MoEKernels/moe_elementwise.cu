@@ -21,6 +21,18 @@
 //     workspace[s * split_stride + r * stride_cm + n], for r < rows, n < N (the workspace and
 //     out share the row stride stride_cm). work = rows * N, VEC = 4 when N, stride_cm and
 //     split_stride are multiples of 4.
+// moe_splitk_reduce_act<T, ACT>(workspace, split_stride, split_k, rows, I, out [rows, I])
+//     The end of a split-K GEMM1 with its activation (ACT 1 silu, 2 exact gelu) in one pass:
+//     the workspace holds fp32 rows [rows, 2I] (row stride exactly 2I: gate columns 0..I-1, up
+//     columns I..2I-1), split s at workspace + s * split_stride. For r < rows, i < I:
+//         g = round_T(sum over s = 0..split_k-1, in that order, of workspace[s*split_stride + r*2I + i])
+//         u = the same at column I + i
+//         out[r * I + i] = round_T(act(g) * u)
+//     bit for bit moe_splitk_reduce into T [rows, 2I] then moe_silu_and_mul / moe_gelu_and_mul.
+//     Workspace mode (SPLIT_MODE 2): split_k splits, split_stride = rows * 2I. Atomic mode
+//     (SPLIT_MODE 1): the one summed buffer, split_k = 1 and split_stride = 0.
+//     work = rows * I, VEC = 8 when I % 8 == 0 and split_stride % 4 == 0 (else scalar), so
+//     grid.x = clamp(ceil(rows * I / (256 * 8)), 1, 8192).
 // moe_cast_f32<T>(in [numel] fp32, out [numel] T, numel)
 //     work = numel, VEC = 4 (scalar tail).
 #include "moe_common.cuh"
@@ -35,6 +47,33 @@ struct Silu {
 struct Gelu {
     MOE_DEVICE float operator()(float g) const { return gelu(g); }
 };
+
+/// Eight fp32 values from a 16-byte aligned address (two 16-byte loads).
+MOE_DEVICE void load8_f32(const float* src, float (&x)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(src);
+    const float4 b = *reinterpret_cast<const float4*>(src + 4);
+    x[0] = a.x;
+    x[1] = a.y;
+    x[2] = a.z;
+    x[3] = a.w;
+    x[4] = b.x;
+    x[5] = b.y;
+    x[6] = b.z;
+    x[7] = b.w;
+}
+
+/// sum[e] += src[e] for the eight fp32 values at a 16-byte aligned address.
+MOE_DEVICE void add8_f32(const float* src, float (&sum)[8]) {
+    float x[8];
+    load8_f32(src, x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] += x[e];
+}
+
+/// The activation of moe_splitk_reduce_act<T, ACT>: 1 silu, 2 gelu.
+template <int ACT> struct ActivationOf;
+template <> struct ActivationOf<1> { typedef Silu type; };
+template <> struct ActivationOf<2> { typedef Gelu type; };
 
 MOE_DEVICE int64_t grid_start() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 MOE_DEVICE int64_t grid_step() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
@@ -156,6 +195,44 @@ __global__ void __launch_bounds__(256)
             float sum = workspace[offset];
             for (int32_t s = 1; s < split_k; ++s) sum += workspace[s * split_stride + offset];
             out[offset] = from_float<T>(sum);
+        }
+    }
+}
+
+template <typename T, int ACT>
+__global__ void __launch_bounds__(256)
+    moe_splitk_reduce_act(const float* __restrict__ workspace, int64_t split_stride, int32_t split_k, int64_t rows,
+                          int64_t I, T* __restrict__ out) {
+    using namespace moe_elementwise_detail;
+    static_assert(ACT == 1 || ACT == 2, "ACT: 1 silu, 2 gelu");
+    const typename ActivationOf<ACT>::type act{};
+    if (rows <= 0 || I <= 0) return;
+    if (I % 8 == 0 && split_stride % 4 == 0) {
+        for (GridStride2D g2(I / 8); g2.row < rows; g2.advance()) {
+            const float* gate = workspace + g2.row * (2 * I) + g2.col * 8;
+            float g[8], u[8], o[8];
+            load8_f32(gate, g);
+            load8_f32(gate + I, u);
+            for (int32_t s = 1; s < split_k; ++s) {
+                add8_f32(gate + s * split_stride, g);
+                add8_f32(gate + s * split_stride + I, u);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                // Rounded to T first, as moe_splitk_reduce stores them for moe_silu_and_mul to read.
+                o[e] = act(to_float(from_float<T>(g[e]))) * to_float(from_float<T>(u[e]));
+            }
+            *reinterpret_cast<uint4*>(out + g2.row * I + g2.col * 8) = pack8<T>(o);
+        }
+    } else {
+        for (GridStride2D g2(I); g2.row < rows; g2.advance()) {
+            const float* gate = workspace + g2.row * (2 * I) + g2.col;
+            float g = gate[0], u = gate[I];
+            for (int32_t s = 1; s < split_k; ++s) {
+                g += gate[s * split_stride];
+                u += gate[s * split_stride + I];
+            }
+            out[g2.row * I + g2.col] = from_float<T>(act(to_float(from_float<T>(g))) * to_float(from_float<T>(u)));
         }
     }
 }

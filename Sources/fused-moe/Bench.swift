@@ -16,6 +16,15 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("shape"), help: "A preset shape; repeat for several. Default: tiny on the CPU, seed4096 and seed8192 on a GPU.")
     var shapes: [String] = []
 
+    @Option(help: "A Hugging Face config.json (or model folder) to take the shape from, instead of a preset.")
+    var model: String?
+
+    @Option(help: "With --model: tensor-parallel size (the intermediate size is split over it).")
+    var tp: Int = 1
+
+    @Option(help: "With --model: expert-parallel size (the experts are split over it; rank 0's local experts are timed, with tokens routed among them).")
+    var ep: Int = 1
+
     @Option(help: "Comma-separated batch sizes M. Default: 1,8,32,128 on the CPU.")
     var batchSizes: IntegerList?
 
@@ -45,6 +54,8 @@ struct Bench: ParsableCommand {
 
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1, got \(repeats)") }
+        guard tp >= 1, ep >= 1 else { throw ValidationError("--tp and --ep must be >= 1") }
+        guard model != nil || (tp == 1 && ep == 1) else { throw ValidationError("--tp and --ep go with --model") }
         for name in shapes where !ShapePreset.all.contains(where: { $0.name == name }) {
             throw ValidationError("--shape '\(name)' is not a preset; expected one of \(ShapePreset.all.map(\.name).joined(separator: ", "))")
         }
@@ -55,7 +66,7 @@ struct Bench: ParsableCommand {
             try runGPU()
             return
         }
-        let presets = try (shapes.isEmpty ? ["tiny"] : shapes).map { try ShapePreset.named($0) }
+        let presets = try selectedPresets(default: ["tiny"])
         let batches = batchSizes?.values ?? [1, 8, 32, 128]
         note("measuring the CPU's ceilings...")
         let ceilings = CPUBench.measureCeilings()
@@ -78,13 +89,22 @@ struct Bench: ParsableCommand {
 }
 
 extension Bench {
+    /// The presets named by --shape, plus the --model shape; the defaults when neither is given.
+    func selectedPresets(default names: [String]) throws -> [ShapePreset] {
+        var presets = try shapes.map { try ShapePreset.named($0) }
+        if let model {
+            presets.append(try ShapePreset.model(configPath: model, tensorParallel: tp, expertParallel: ep))
+        }
+        return presets.isEmpty ? try names.map { try ShapePreset.named($0) } : presets
+    }
+
     func runGPU() throws {
         guard rotations >= 1 else { throw ValidationError("--rotations must be >= 1, got \(rotations)") }
         guard dtype != .fp32 else { throw ValidationError("--dtype fp32 runs on the CPU backend only; the GPU takes bf16 or fp16") }
         let device = try Device(ordinal: 0)
         let library = try KernelLibrary(device: device)
         let bench = try GPUBench(library: library)
-        let presets = try (shapes.isEmpty ? ["seed4096", "seed8192"] : shapes).map { try ShapePreset.named($0) }
+        let presets = try selectedPresets(default: ["seed4096", "seed8192"])
         let batches = batchSizes?.values ?? ShapePreset.batchSizes
         let copy = try bench.measureCopyBandwidth()
         var measured = Ceilings(copyBytesPerSecond: copy, matrixFlopsPerSecond: 715e12)

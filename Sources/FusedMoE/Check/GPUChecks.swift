@@ -37,7 +37,9 @@ public final class GPUChecks {
         for preset in presets {
             for tokens in batches {
                 for (split, mode) in GPUChecks.splitSettings {
-                    let plan = caseplan(preset.shape, tokens, split, mode)
+                    var plan = caseplan(preset.shape, tokens, split, mode)
+                    requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
+                    plan.fusedActivation = false
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
                 }
             }
@@ -142,6 +144,16 @@ public final class GPUChecks {
                     let identical = second.bits == first.bits
                     passed = passed && identical
                     detail += identical ? ", bitwise identical on a rerun" : ", DIFFERS on a rerun"
+                    // The fused activation must reproduce the separate kernel bit for bit.
+                    var unfusedPlan = plan
+                    unfusedPlan.fusedActivation = false
+                    let unfused = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                        plan: unfusedPlan, maxTokens: tokens)
+                    let separate = try runPoisoned(unfused, inputs, out)
+                    let same = separate.bits == first.bits
+                    passed = passed && same
+                    detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
                 }
                 record(label, passed, detail)
             } catch {

@@ -26,6 +26,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     let totalPadded: DeviceBuffer
     let chunkCounts: DeviceBuffer
     let expertMap: DeviceBuffer?
+    /// The `[M*k, 2I]` gate/up intermediate: only for unfused plans (zero bytes otherwise).
     let gateUp: DeviceBuffer
     let activated: DeviceBuffer
     let down: DeviceBuffer
@@ -43,6 +44,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var combine: Kernel
         var splitReduce: Kernel
         var cast: Kernel
+        /// Split-K reduction of GEMM1 with the activation applied (fused plans).
+        var splitReduceActivation: Kernel
     }
 
     /// Pairs up to which align runs as one launch (the kernel's recommendation).
@@ -53,7 +56,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// Makes a layer: validates, compiles (or loads) its kernels, and allocates its scratch.
     ///
     /// - Parameters:
-    ///   - w1: `[E, 2I, H]` weights of `dtype`, contiguous.
+    ///   - w1: `[E, 2I, H]` weights of `dtype`, contiguous; or a zero-byte buffer (with `w2` too) when
+    ///     the weights are passed to each `forward(…, w1:, w2:, …)` instead.
     ///   - w2: `[E, H, I]` weights of `dtype`, contiguous.
     ///   - maxTokens: the largest batch `forward` will be given; scratch is sized from it.
     ///   - chunkTokens: tokens per chunk (default 65536).
@@ -77,10 +81,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
         guard routed <= 512 else { throw .invalidArgument("experts", "the GPU align supports E <= 512, got \(routed)") }
         let weightBytes1 = shape.experts * 2 * shape.intermediate * shape.hidden * dtype.byteCount
         let weightBytes2 = shape.experts * shape.hidden * shape.intermediate * dtype.byteCount
-        guard w1.byteCount >= weightBytes1 else {
+        // Zero-byte buffers for both: the weights come with each forward (callers that own them).
+        let perCallWeights = w1.byteCount == 0 && w2.byteCount == 0
+        guard perCallWeights || w1.byteCount >= weightBytes1 else {
             throw .invalidArgument("w1", "expected [\(shape.experts), \(2 * shape.intermediate), \(shape.hidden)] \(dtype) = \(weightBytes1) bytes, the buffer has \(w1.byteCount)")
         }
-        guard w2.byteCount >= weightBytes2 else {
+        guard perCallWeights || w2.byteCount >= weightBytes2 else {
             throw .invalidArgument("w2", "expected [\(shape.experts), \(shape.hidden), \(shape.intermediate)] \(dtype) = \(weightBytes2) bytes, the buffer has \(w2.byteCount)")
         }
         let device = library.device
@@ -124,7 +130,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             } else {
                 expertMap = nil
             }
-            gateUp = try DeviceBuffer(device: device, byteCount: pairs * 2 * shape.intermediate * dtype.byteCount)
+            gateUp = try DeviceBuffer(
+                device: device, byteCount: plan.fusedActivation ? 0 : pairs * 2 * shape.intermediate * dtype.byteCount)
             activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
             down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
             accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
@@ -138,19 +145,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public static func requests(dtype: DType, plan: MoEPlan, activation: Activation) -> [KernelLibrary.Request] {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let activationName = activation == .silu ? "moe_silu_and_mul" : "moe_gelu_and_mul"
+        let act = activation == .silu ? 1 : 2
+        let fusedInGemm = plan.fusedActivation && plan.gemm1.effectiveMode == .none ? act : 0
         return [
             KernelLibrary.Request(source: .align),
             KernelLibrary.Request(
                 source: .gemm,
                 expressions: [
-                    plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false),
+                    plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false, fusedActivation: fusedInGemm),
                     plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true),
                 ]),
             KernelLibrary.Request(
                 source: .elementwise,
                 expressions: [
                     "\(activationName)<\(type)>", "moe_combine<\(type)>", "moe_splitk_reduce<\(type)>",
-                    "moe_cast_f32<\(type)>",
+                    "moe_cast_f32<\(type)>", "moe_splitk_reduce_act<\(type), \(act)>",
                 ]),
         ]
     }
@@ -174,7 +183,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             activation: try library.kernel(elementwise.expressions[0], in: elementwise),
             combine: try library.kernel(elementwise.expressions[1], in: elementwise),
             splitReduce: try library.kernel(elementwise.expressions[2], in: elementwise),
-            cast: try library.kernel(elementwise.expressions[3], in: elementwise))
+            cast: try library.kernel(elementwise.expressions[3], in: elementwise),
+            splitReduceActivation: try library.kernel(elementwise.expressions[4], in: elementwise))
     }
 
     /// Computes `out [M, H]` from `x [M, H]` and the routing `topkIDs [M, k]` (int32, router expert
@@ -186,6 +196,22 @@ public final class CUDAMoELayer: @unchecked Sendable {
         x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
         stream: Stream, stageMarker: StageMarker? = nil
     ) throws(MoEError) {
+        guard w1.byteCount > 0 && w2.byteCount > 0 else {
+            throw .invalidArgument("w1", "this layer holds no weights: pass them to forward(…, w1:, w2:, …)")
+        }
+        try forward(
+            x: x, topkIDs: topkIDs, topkWeights: topkWeights, w1: w1.pointer, w2: w2.pointer, out: out, tokens: tokens,
+            stream: stream, stageMarker: stageMarker)
+    }
+
+    /// The same, with the expert weights given here (`w1 [E, 2I, H]`, `w2 [E, H, I]` of the layer's
+    /// dtype, contiguous, 16-byte aligned) instead of the ones the layer holds: for callers that own
+    /// the weights, such as the C ABI.
+    public func forward(
+        x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, w1: DevicePointer, w2: DevicePointer,
+        out: DevicePointer, tokens: Int, stream: Stream, stageMarker: StageMarker? = nil
+    ) throws(MoEError) {
+        guard !w1.isNull, !w2.isNull else { throw .invalidArgument(w1.isNull ? "w1" : "w2", "is a null device pointer") }
         guard tokens >= 0 && tokens <= maxTokens else {
             throw .invalidArgument("tokens", "must be in 0...\(maxTokens) (the layer's maxTokens), got \(tokens)")
         }
@@ -199,8 +225,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     x: DevicePointer(address: x.address + UInt64(start) * rowBytes),
                     topkIDs: DevicePointer(address: topkIDs.address + UInt64(start) * slotBytes),
                     topkWeights: DevicePointer(address: topkWeights.address + UInt64(start) * slotBytes),
-                    out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count, stream: stream,
-                    marker: stageMarker)
+                    out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count,
+                    weights: (w1, w2), stream: stream, marker: stageMarker)
                 start += count
             }
         } catch {
@@ -213,25 +239,36 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     private func forwardChunk(
         x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
-        stream: Stream, marker: StageMarker?
+        weights: (w1: DevicePointer, w2: DevicePointer), stream: Stream, marker: StageMarker?
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
         let maxPadded = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
         try marker?("align")
         let (h, i) = (shape.hidden, shape.intermediate)
+        if plan.fusedActivation {
+            // GEMM1 writes act(gate) * up straight into `activated`: in its epilogue when K is not
+            // split, else in the split-K reduction.
+            try gemm(
+                kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
+                topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
+                maxPadded: maxPadded, stream: stream)
+            try marker?("gemm1")
+        } else {
+            try gemm(
+                kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
+                topkWeights: topkWeights, output: gateUp.pointer, outputColumns: 2 * i, finish: .cast,
+                maxPadded: maxPadded, stream: stream)
+            try marker?("gemm1")
+            try kernels.activation.launch(
+                grid: elementwiseGrid(work: pairs * i, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
+                on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)])
+            try marker?("activation")
+        }
         try gemm(
-            kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: w1, n: 2 * i, k: h, pairs: pairs,
-            topkWeights: topkWeights, output: gateUp.pointer, maxPadded: maxPadded, stream: stream)
-        try marker?("gemm1")
-        let activationWork = pairs * i
-        try kernels.activation.launch(
-            grid: elementwiseGrid(work: activationWork, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
-            on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)])
-        try marker?("activation")
-        try gemm(
-            kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: w2, n: h, k: i, pairs: pairs,
-            topkWeights: topkWeights, output: down.pointer, maxPadded: maxPadded, stream: stream)
+            kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
+            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, maxPadded: maxPadded,
+            stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
@@ -270,11 +307,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return maxPadded
     }
 
-    /// One grouped GEMM into `output` (`[pairs, n]` of the layer's dtype), through the fp32
-    /// accumulator when the config splits K.
+    /// How a GEMM's fp32 result becomes the output: rounded as is, or as act(gate) * up.
+    enum Finish {
+        case cast
+        case activation
+    }
+
+    /// One grouped GEMM (`n` output columns of fp32 accumulation) into `output` (`[pairs,
+    /// outputColumns]` of the layer's dtype), through the fp32 accumulator when the config splits K.
+    /// With `.activation` the n = 2I columns are gate and up, and `output` receives act(gate) * up.
     private func gemm(
-        _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DeviceBuffer, n: Int, k: Int,
-        pairs: Int, topkWeights: DevicePointer, output: DevicePointer, maxPadded: Int, stream: Stream
+        _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
+        pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
+        maxPadded: Int, stream: Stream
     ) throws(CUDAError) {
         let mode = config.effectiveMode
         let target: DevicePointer
@@ -285,6 +330,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             target = accumulator.pointer
         case .workspace: target = accumulator.pointer
         }
+        // Unsplit, the kernel itself writes `output` with its row stride; split, the fp32 rows are n wide.
+        let rowStride = mode == .none ? outputColumns : n
         let mBlocks = (maxPadded + config.blockM - 1) / config.blockM
         let nBlocks = (n + config.blockN - 1) / config.blockN
         try kernel.launch(
@@ -293,15 +340,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
             arguments: [
                 a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
                 Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
-                Int64(n), Int64(maxPadded),
+                Int64(rowStride), Int64(maxPadded),
             ])
-        switch mode {
-        case .none: break
-        case .atomic:
+        guard mode != .none else { return }
+        let splits = mode == .workspace ? config.splitK : 1
+        let splitStride = mode == .workspace ? pairs * n : 0
+        switch finish {
+        case .activation:
+            try kernels.splitReduceActivation.launch(
+                grid: elementwiseGrid(work: pairs * outputColumns, vector: 8), block: Dimensions(256), on: stream,
+                arguments: [accumulator, Int64(splitStride), Int32(splits), Int64(pairs), Int64(outputColumns), output])
+        case .cast where mode == .atomic:
             try kernels.cast.launch(
                 grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
                 arguments: [accumulator, output, Int64(pairs * n)])
-        case .workspace:
+        case .cast:
             try kernels.splitReduce.launch(
                 grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
                 arguments: [accumulator, Int64(pairs * n), Int32(config.splitK), Int64(pairs), Int64(n), Int64(n), output])

@@ -91,11 +91,13 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The `moe_gemm` instantiation for this config.
-    func nameExpression(dtype: DType, mulRoutedWeight: Bool) -> String {
+    /// The `moe_gemm` instantiation for this config; `fusedActivation` 1 (silu) or 2 (gelu) makes
+    /// the epilogue apply act(gate) * up and write the activated `[rows, I]` directly.
+    func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0) -> String {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let mode = splitK == 1 ? 0 : splitMode.templateValue
-        return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), \(mulRoutedWeight)>"
+        return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
+            + "\(mulRoutedWeight), \(fusedActivation)>"
     }
 
     /// The mode the kernel runs in: `none` whenever there is one split.
@@ -106,6 +108,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
 public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     public var gemm1: GemmConfig
     public var gemm2: GemmConfig
+    /// Apply the activation in GEMM1's epilogue (or its split-K reduction) instead of a separate
+    /// kernel, so the `[M*k, 2I]` gate/up intermediate is never written. On by default; off only
+    /// to measure the difference.
+    public var fusedActivation = true
 
     public init(gemm1: GemmConfig, gemm2: GemmConfig) throws(MoEError) {
         guard gemm1.blockM == gemm2.blockM else {
@@ -121,7 +127,9 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var blockM: Int { gemm1.blockM }
-    public var description: String { gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)" }
+    public var description: String {
+        (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
+    }
 
     /// The same plan with split-K set on both GEMMs.
     public func withSplit(_ splitK: Int, mode: SplitMode) -> MoEPlan {

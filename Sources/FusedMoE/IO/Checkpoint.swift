@@ -19,6 +19,7 @@ public struct CheckpointLayer<T: MoEScalar>: Sendable {
     public var router: HostTensor<Float>?
     /// DeepSeek-V3's `gate.e_score_correction_bias [E]`, when the checkpoint has it.
     public var routerCorrectionBias: HostTensor<Float>?
+    /// The naming the experts were found under.
     public var naming: ExpertNaming
     /// The experts of the whole layer, before expert parallelism.
     public var globalExperts: Int
@@ -112,7 +113,8 @@ public struct MoECheckpoint: Sendable {
         let shape = loaded.weights.shape
         guard shape.hidden == config.shape.hidden else {
             throw .invalidArgument(
-                "config.json: hidden_size", "\(config.shape.hidden) but the checkpoint's experts have H = \(shape.hidden)")
+                "config.json: hidden_size",
+                "\(config.shape.hidden) but the checkpoint's experts have H = \(shape.hidden)")
         }
         guard shape.intermediate == config.shape.intermediate else {
             let field = config.family == .mixtral ? "intermediate_size" : "moe_intermediate_size"
@@ -142,17 +144,20 @@ public struct MoECheckpoint: Sendable {
         prefix: String = "model.layers", as type: T.Type = T.self
     ) throws(MoEError) -> CheckpointLayer<T> {
         guard tensorParallel >= 1, (0..<tensorParallel).contains(tensorParallelRank) else {
-            throw .invalidArgument("tensorParallel", "size \(tensorParallel) with rank \(tensorParallelRank); expected rank in 0..<size")
+            throw .invalidArgument(
+                "tensorParallel", "size \(tensorParallel) with rank \(tensorParallelRank); expected rank in 0..<size")
         }
         guard expertParallel >= 1, (0..<expertParallel).contains(expertParallelRank) else {
-            throw .invalidArgument("expertParallel", "size \(expertParallel) with rank \(expertParallelRank); expected rank in 0..<size")
+            throw .invalidArgument(
+                "expertParallel", "size \(expertParallel) with rank \(expertParallelRank); expected rank in 0..<size")
         }
         let base = "\(prefix).\(index)."
         guard let naming = naming ?? self.naming(layer: index, prefix: prefix) else {
             throw .invalidArgument(
                 "layer",
-                "'\(path)' has no MoE experts for layer \(index): looked for \(base)block_sparse_moe.experts.0.w1.weight, "
-                    + "\(base)mlp.experts.0.gate_proj.weight and \(base)mlp.experts.w13_weight")
+                "'\(path)' has no MoE experts for layer \(index): looked for "
+                    + "\(base)block_sparse_moe.experts.0.w1.weight, \(base)mlp.experts.0.gate_proj.weight and "
+                    + "\(base)mlp.experts.w13_weight")
         }
         var reader = ShardReader(checkpoint: self)
         var plan = StackingPlan()
@@ -173,13 +178,14 @@ public struct MoECheckpoint: Sendable {
                 experts: globalExperts, intermediate: intermediate, tensorParallel: tensorParallel,
                 tensorParallelRank: tensorParallelRank, expertParallel: expertParallel,
                 expertParallelRank: expertParallelRank, source: w13.info.name)
+            let upRows = (intermediate + split.columns.lowerBound)..<(intermediate + split.columns.upperBound)
             for expert in split.experts {
                 let one = expert..<(expert + 1)
                 plan.w1.append((w13, [one, split.columns, 0..<hidden]))
-                plan.w1.append((w13, [one, (intermediate + split.columns.lowerBound)..<(intermediate + split.columns.upperBound), 0..<hidden]))
+                plan.w1.append((w13, [one, upRows, 0..<hidden]))
                 plan.w2.append((w2, [one, 0..<hidden, split.columns]))
             }
-            plan.shape = (split.experts.count, split.columns.count, hidden)
+            plan.shape = (split.experts.count, split.columns.count)
         case .mixtral, .gateUpDown:
             let (group, gateName, upName, downName) =
                 naming == .mixtral
@@ -205,10 +211,11 @@ public struct MoECheckpoint: Sendable {
                 plan.w1.append((up, [split.columns, 0..<hidden]))
                 plan.w2.append((down, [0..<hidden, split.columns]))
             }
-            plan.shape = (split.experts.count, split.columns.count, hidden)
+            plan.shape = (split.experts.count, split.columns.count)
         }
-        let w1 = try plan.read(plan.w1, shape: [plan.shape.experts, 2 * plan.shape.intermediate, plan.shape.hidden], name: "w1", as: T.self)
-        let w2 = try plan.read(plan.w2, shape: [plan.shape.experts, plan.shape.hidden, plan.shape.intermediate], name: "w2", as: T.self)
+        let (localExperts, localIntermediate) = (plan.shape.experts, plan.shape.intermediate)
+        let w1 = try plan.read(plan.w1, shape: [localExperts, 2 * localIntermediate, hidden], name: "w1", as: T.self)
+        let w2 = try plan.read(plan.w2, shape: [localExperts, hidden, localIntermediate], name: "w2", as: T.self)
 
         let routerGroup = naming == .mixtral ? "block_sparse_moe.gate." : "mlp.gate."
         var router: HostTensor<Float>?
@@ -216,14 +223,15 @@ public struct MoECheckpoint: Sendable {
         if fileOfTensor[base + routerGroup + "weight"] != nil {
             let gate = try reader.tensor(base + routerGroup + "weight")
             try gate.expectShape([globalExperts, hidden], "[E, H]")
-            router = try plan.read([(gate, [0..<globalExperts, 0..<hidden])], shape: gate.info.shape, name: gate.info.name, as: Float.self)
+            router = try plan.read(
+                [(gate, [0..<globalExperts, 0..<hidden])], shape: gate.info.shape, name: gate.info.name, as: Float.self)
         }
         if fileOfTensor[base + routerGroup + "e_score_correction_bias"] != nil {
             let correction = try reader.tensor(base + routerGroup + "e_score_correction_bias")
             try correction.expectShape([globalExperts], "[E]")
-            bias = try plan.read([(correction, [0..<globalExperts])], shape: [globalExperts], name: correction.info.name, as: Float.self)
+            bias = try plan.read(
+                [(correction, [0..<globalExperts])], shape: [globalExperts], name: correction.info.name, as: Float.self)
         }
-        let localExperts = globalExperts / expertParallel
         let expertMap: [Int32]? =
             expertParallel == 1
             ? nil
@@ -320,7 +328,7 @@ private struct Split {
 private struct StackingPlan {
     var w1: [(LocatedTensor, [Range<Int>])] = []
     var w2: [(LocatedTensor, [Range<Int>])] = []
-    var shape = (experts: 0, intermediate: 0, hidden: 0)
+    var shape = (experts: 0, intermediate: 0)
 
     /// Concatenates the boxes of `pieces`, converted to `T`, into one tensor of `shape`.
     func read<T: MoEScalar>(_ pieces: [(LocatedTensor, [Range<Int>])], shape: [Int], name: String, as: T.Type)
@@ -330,7 +338,10 @@ private struct StackingPlan {
         let count = shape.reduce(1, *)
         precondition(pieces.reduce(0) { $0 + $1.1.reduce(1) { $0 * $1.count } } == count, "pieces do not fill \(shape)")
         let storage = [T](unsafeUninitializedCapacity: count) { buffer, initialized in
-            guard count > 0 else { initialized = 0; return }
+            guard count > 0 else {
+                initialized = 0
+                return
+            }
             var offset = 0
             for (tensor, box) in pieces {
                 tensor.file.copyFloats(tensor.info, slice: box, to: buffer.baseAddress! + offset)

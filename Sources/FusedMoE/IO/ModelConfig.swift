@@ -10,6 +10,7 @@ public struct MoERoutingConfig: Hashable, Sendable, CustomStringConvertible {
         case sigmoid
     }
 
+    /// Softmax over all experts (Mixtral, Qwen, DeepSeek-V2) or a sigmoid per expert (DeepSeek-V3).
     public var scoring: Scoring
     /// Divide the k selected weights by their sum (`norm_topk_prob`; Mixtral always does).
     public var renormalize: Bool
@@ -23,6 +24,7 @@ public struct MoERoutingConfig: Hashable, Sendable, CustomStringConvertible {
     /// `noaux_tc`), when its config names one.
     public var method: String?
 
+    /// A description; the defaults are plain softmax top-k without renormalization.
     public init(
         scoring: Scoring = .softmax, renormalize: Bool = false, groups: Int = 1, topKGroups: Int = 1,
         scalingFactor: Double = 1, method: String? = nil
@@ -61,6 +63,7 @@ public struct MoERoutingConfig: Hashable, Sendable, CustomStringConvertible {
 /// leave a multiple of 8 for the kernels); expert parallelism of size `ep` splits the experts
 /// (which must divide). Shared experts are not part of the routed layer and are not counted.
 public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
+    /// The model families whose configs and checkpoints this reads.
     public enum Family: String, Hashable, Sendable {
         case mixtral
         case qwenMoE
@@ -71,6 +74,7 @@ public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
     public var name: String
     /// `architectures[0]`, else `model_type`.
     public var architecture: String
+    /// Which family's keys the config was read with.
     public var family: Family
     /// The layer one rank computes: local experts under `ep`, intermediate size under `tp`.
     public var shape: MoEShape
@@ -78,8 +82,11 @@ public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
     public var globalExperts: Int
     /// Each expert's intermediate size before tensor parallelism.
     public var globalIntermediate: Int
+    /// tp: the ranks each expert's intermediate dimension is split over.
     public var tensorParallel: Int
+    /// ep: the ranks the experts are split over.
     public var expertParallel: Int
+    /// How the model routes tokens to experts.
     public var routing: MoERoutingConfig
     /// The activation between the projections (`hidden_act`).
     public var activation: Activation
@@ -162,13 +169,12 @@ public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
             let reachable = routing.topKGroups * (experts / routing.groups)
             guard topK <= reachable else {
                 throw text.error(
-                    "num_experts_per_tok", "k = \(topK) exceeds the \(reachable) experts in \(routing.topKGroups) groups")
+                    "num_experts_per_tok",
+                    "k = \(topK) exceeds the \(reachable) experts in \(routing.topKGroups) groups")
             }
             guard routing.scalingFactor > 0, routing.scalingFactor.isFinite else {
                 throw text.error("routed_scaling_factor", "must be a positive number, got \(routing.scalingFactor)")
             }
-        } else {
-            routing.topKGroups = 1
         }
 
         let activationName = try text.string("hidden_act", default: "silu")
@@ -182,10 +188,12 @@ public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
         // Tensor parallelism splits I; expert parallelism splits E.
         let alignment = MoEModelConfig.intermediateAlignment
         let workable = (1...intermediate).filter { intermediate % $0 == 0 && (intermediate / $0) % alignment == 0 }
-        let workableList = workable.count <= 12 ? workable.map(String.init).joined(separator: ", ") : "\(workable.count) sizes"
+        let workableList =
+            workable.count <= 12 ? workable.map(String.init).joined(separator: ", ") : "\(workable.count) sizes"
         guard intermediate % tensorParallel == 0 else {
             throw text.error(
-                intermediateKey, "\(intermediate) is not divisible by tp = \(tensorParallel); tp sizes that work: \(workableList)")
+                intermediateKey,
+                "\(intermediate) is not divisible by tp = \(tensorParallel); tp sizes that work: \(workableList)")
         }
         let localIntermediate = intermediate / tensorParallel
         guard localIntermediate % alignment == 0 else {
@@ -200,13 +208,16 @@ public struct MoEModelConfig: Hashable, Sendable, CustomStringConvertible {
         let localExperts = experts / expertParallel
         guard topK <= localExperts else {
             throw text.error(
-                "num_experts_per_tok", "k = \(topK) exceeds the \(localExperts) local experts at ep = \(expertParallel)")
+                "num_experts_per_tok",
+                "k = \(topK) exceeds the \(localExperts) local experts at ep = \(expertParallel)")
         }
 
         self.family = family
         self.architecture = architecture
-        self.name = architecture + (tensorParallel > 1 ? " tp=\(tensorParallel)" : "")
-            + (expertParallel > 1 ? " ep=\(expertParallel)" : "")
+        var name = architecture
+        if tensorParallel > 1 { name += " tp=\(tensorParallel)" }
+        if expertParallel > 1 { name += " ep=\(expertParallel)" }
+        self.name = name
         self.shape = try MoEShape(experts: localExperts, topK: topK, hidden: hidden, intermediate: localIntermediate)
         self.globalExperts = experts
         self.globalIntermediate = intermediate
@@ -251,7 +262,9 @@ extension ShapePreset {
     public static func model(configPath: String, tensorParallel: Int = 1, expertParallel: Int = 1) throws(MoEError)
         -> ShapePreset
     {
-        try MoEModelConfig(contentsOf: configPath, tensorParallel: tensorParallel, expertParallel: expertParallel).preset
+        let config = try MoEModelConfig(
+            contentsOf: configPath, tensorParallel: tensorParallel, expertParallel: expertParallel)
+        return config.preset
     }
 }
 
@@ -326,7 +339,9 @@ private struct ConfigFields {
 
     func bool(_ key: String, default defaultValue: Bool) throws(MoEError) -> Bool {
         guard let value = json[key], value != .null else { return defaultValue }
-        guard case .bool(let flag) = value else { throw error(key, "expected true or false, got \(value.serialized())") }
+        guard case .bool(let flag) = value else {
+            throw error(key, "expected true or false, got \(value.serialized())")
+        }
         return flag
     }
 

@@ -12,6 +12,7 @@ public enum RunLayer {
         case cpu
         case cuda(KernelLibrary)
 
+        /// `cpu`, or `cuda` with the GPU's name.
         public var name: String {
             switch self {
             case .cpu: "cpu"
@@ -26,10 +27,12 @@ public enum RunLayer {
         public var topK: Int?
         /// Renormalize the top-k softmax weights (routing from `router_logits` only).
         public var renormalize: Bool
+        /// The function between the projections.
         public var activation: Activation
         /// The type to compute in; nil takes `x`'s, and then `w1` and `w2` must have it too.
         public var dtype: DType?
 
+        /// The command line's defaults: no k, no renormalization, SwiGLU, x's dtype.
         public init(topK: Int? = nil, renormalize: Bool = false, activation: Activation = .silu, dtype: DType? = nil) {
             self.topK = topK
             self.renormalize = renormalize
@@ -44,9 +47,13 @@ public enum RunLayer {
         public var outputs: [SafetensorsTensor]
         /// Written as the output file's `__metadata__`.
         public var metadata: [String: String]
+        /// The layer's shape, from `w1` and the routing's k.
         public var shape: MoEShape
+        /// M, the rows of `x`.
         public var tokens: Int
+        /// The type the layer computed in and `out` is stored in.
         public var dtype: DType
+        /// Whether the run routed `router_logits` itself (and so wrote `topk_ids`, `topk_weights`).
         public var routedFromLogits: Bool
         /// Conversions made and settings ignored, for the user to see.
         public var notes: [String]
@@ -142,7 +149,8 @@ public enum RunLayer {
         }
         guard w2Info.shape == [experts, hidden, intermediate] else {
             throw .invalidArgument(
-                "w2", "expected [E, H, I] = [\(experts), \(hidden), \(intermediate)] (from w1 and x), got \(w2Info.shape)")
+                "w2",
+                "expected [E, H, I] = [\(experts), \(hidden), \(intermediate)] (from w1 and x), got \(w2Info.shape)")
         }
 
         let routing: Routing
@@ -158,10 +166,12 @@ public enum RunLayer {
             _ = try floatType(logitsInfo)
             guard logitsInfo.shape == [tokens, experts] else {
                 throw .invalidArgument(
-                    "router_logits", "expected [M, E] = [\(tokens), \(experts)] (x's rows, w1's experts), got \(logitsInfo.shape)")
+                    "router_logits",
+                    "expected [M, E] = [\(tokens), \(experts)] (x's rows, w1's experts), got \(logitsInfo.shape)")
             }
             guard let topK = settings.topK else {
-                throw .invalidArgument("top-k", "required when routing from router_logits; expected k in 1...\(experts)")
+                throw .invalidArgument(
+                    "top-k", "required when routing from router_logits; expected k in 1...\(experts)")
             }
             guard (1...experts).contains(topK) else {
                 throw .invalidArgument("top-k", "expected k in 1...\(experts) (the experts of w1), got \(topK)")
@@ -173,16 +183,19 @@ public enum RunLayer {
             guard let idsInfo else {
                 throw .invalidArgument(
                     "router_logits",
-                    "missing from '\(input.path)'; expected router_logits [M, E], or topk_ids [M, k] with topk_weights [M, k]")
+                    "missing from '\(input.path)'; expected router_logits [M, E], or topk_ids [M, k] with "
+                        + "topk_weights [M, k]")
             }
             guard let weightsInfo else {
-                throw .invalidArgument("topk_weights", "missing from '\(input.path)'; topk_ids needs topk_weights [M, k]")
+                throw .invalidArgument(
+                    "topk_weights", "missing from '\(input.path)'; topk_ids needs topk_weights [M, k]")
             }
             guard idsInfo.dtype.isIndexType else {
                 throw .invalidArgument("topk_ids", "dtype \(idsInfo.dtype); expected I32 or I64")
             }
             guard idsInfo.shape.count == 2, idsInfo.shape[0] == tokens, idsInfo.shape[1] >= 1 else {
-                throw .invalidArgument("topk_ids", "expected [M, k] with M = \(tokens) (x's rows) and k >= 1, got \(idsInfo.shape)")
+                throw .invalidArgument(
+                    "topk_ids", "expected [M, k] with M = \(tokens) (x's rows) and k >= 1, got \(idsInfo.shape)")
             }
             let topK = idsInfo.shape[1]
             guard topK <= experts else {
@@ -193,7 +206,8 @@ public enum RunLayer {
             }
             _ = try floatType(weightsInfo)
             guard weightsInfo.shape == idsInfo.shape else {
-                throw .invalidArgument("topk_weights", "expected [M, k] = \(idsInfo.shape) like topk_ids, got \(weightsInfo.shape)")
+                throw .invalidArgument(
+                    "topk_weights", "expected [M, k] = \(idsInfo.shape) like topk_ids, got \(weightsInfo.shape)")
             }
             if settings.renormalize {
                 notes.append("--renormalize applies to router_logits; topk_weights are used as given")
@@ -219,7 +233,8 @@ public enum RunLayer {
         if routedFromLogits {
             let shape = [tokens, routing.topK]
             outputs.append(SafetensorsTensor(name: "topk_ids", try HostTensor(shape: shape, storage: routing.ids)))
-            outputs.append(SafetensorsTensor(name: "topk_weights", try HostTensor(shape: shape, storage: routing.weights)))
+            outputs.append(
+                SafetensorsTensor(name: "topk_weights", try HostTensor(shape: shape, storage: routing.weights)))
         }
         let metadata = [
             "format": "pt", "producer": "fused-moe run", "backend": backend.name,

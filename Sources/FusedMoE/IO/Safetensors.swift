@@ -130,7 +130,8 @@ public final class SafetensorsFile: @unchecked Sendable {
         let headerLength = UInt64(littleEndian: mapping.base.loadUnaligned(as: UInt64.self))
         guard headerLength <= UInt64(fileLength - 8) else {
             throw .malformedFile(
-                path, "header length \(headerLength) exceeds the file (\(fileLength) bytes, so at most \(fileLength - 8))")
+                path,
+                "header length \(headerLength) exceeds the file (\(fileLength) bytes, so at most \(fileLength - 8))")
         }
         guard headerLength <= UInt64(SafetensorsFile.maximumHeaderLength) else {
             throw .malformedFile(
@@ -160,7 +161,8 @@ public final class SafetensorsFile: @unchecked Sendable {
     public func requireInfo(_ name: String) throws(MoEError) -> SafetensorsTensorInfo {
         guard let info = info(name) else {
             let held = tensors.count <= 12 ? names.joined(separator: ", ") : "\(tensors.count) tensors"
-            throw .invalidArgument(name, "no tensor of this name in '\(path)' (it holds \(held.isEmpty ? "none" : held))")
+            throw .invalidArgument(
+                name, "no tensor of this name in '\(path)' (it holds \(held.isEmpty ? "none" : held))")
         }
         return info
     }
@@ -193,7 +195,8 @@ public final class SafetensorsFile: @unchecked Sendable {
     public func integers(_ name: String) throws(MoEError) -> HostTensor<Int32> {
         let info = try requireInfo(name)
         guard info.dtype.isIndexType else {
-            throw .malformedFile(path, "tensor '\(name)': dtype \(info.dtype) cannot be read as integers; expected I32 or I64")
+            throw .malformedFile(
+                path, "tensor '\(name)': dtype \(info.dtype) cannot be read as integers; expected I32 or I64")
         }
         let count = info.elementCount
         let source = mapping.base + dataStart + info.dataOffsets.lowerBound
@@ -204,7 +207,8 @@ public final class SafetensorsFile: @unchecked Sendable {
             } else {
                 let value = Int64(littleEndian: source.loadUnaligned(fromByteOffset: 8 * index, as: Int64.self))
                 guard let narrow = Int32(exactly: value) else {
-                    throw .malformedFile(path, "tensor '\(name)': element \(index) is \(value), outside the int32 range")
+                    throw .malformedFile(
+                        path, "tensor '\(name)': element \(index) is \(value), outside the int32 range")
                 }
                 storage[index] = narrow
             }
@@ -231,7 +235,8 @@ public final class SafetensorsFile: @unchecked Sendable {
         guard info.dtype.floatType != nil else {
             let known = info.dtype.byteCount == nil ? "an unknown dtype" : "dtype"
             throw .malformedFile(
-                path, "tensor '\(info.name)': \(known) \(info.dtype) cannot be read as \(T.dtype); expected BF16, F16 or F32")
+                path,
+                "tensor '\(info.name)': \(known) \(info.dtype) cannot be read as \(T.dtype); expected BF16, F16 or F32")
         }
     }
 
@@ -243,7 +248,8 @@ public final class SafetensorsFile: @unchecked Sendable {
         }
         for (axis, range) in slice.enumerated() where range.lowerBound < 0 || range.upperBound > info.shape[axis] {
             throw .invalidArgument(
-                info.name, "slice \(range) of dimension \(axis) is outside 0..<\(info.shape[axis]) (shape \(info.shape))")
+                info.name,
+                "slice \(range) of dimension \(axis) is outside 0..<\(info.shape[axis]) (shape \(info.shape))")
         }
         return slice
     }
@@ -251,7 +257,9 @@ public final class SafetensorsFile: @unchecked Sendable {
     /// Copies the box `slice` of a float tensor (checked by `checkFloat` and `checkedSlice`) to
     /// `destination` in row-major order, converted to `T`: one contiguous run of the last
     /// dimension at a time, so each byte of the mapping is read once.
-    func copyFloats<T: MoEScalar>(_ info: SafetensorsTensorInfo, slice: [Range<Int>], to destination: UnsafeMutablePointer<T>) {
+    func copyFloats<T: MoEScalar>(
+        _ info: SafetensorsTensorInfo, slice: [Range<Int>], to destination: UnsafeMutablePointer<T>
+    ) {
         guard let source = info.dtype.floatType, let size = info.dtype.byteCount else {
             preconditionFailure("copyFloats on \(info.dtype) without checkFloat")
         }
@@ -349,9 +357,11 @@ public final class SafetensorsFile: @unchecked Sendable {
         // Offsets ordered and disjoint: sorted by start, each non-empty tensor begins at or after
         // the end of the one before.
         let sorted = tensors.filter { !$0.dataOffsets.isEmpty }.sorted {
-            ($0.dataOffsets.lowerBound, $0.dataOffsets.upperBound) < ($1.dataOffsets.lowerBound, $1.dataOffsets.upperBound)
+            let (a, b) = ($0.dataOffsets, $1.dataOffsets)
+            return (a.lowerBound, a.upperBound) < (b.lowerBound, b.upperBound)
         }
-        for (previous, next) in zip(sorted, sorted.dropFirst()) where next.dataOffsets.lowerBound < previous.dataOffsets.upperBound {
+        for (previous, next) in zip(sorted, sorted.dropFirst())
+        where next.dataOffsets.lowerBound < previous.dataOffsets.upperBound {
             throw .malformedFile(
                 path,
                 "tensor '\(next.name)': data_offsets \(next.dataOffsets) overlap those of tensor '\(previous.name)' "
@@ -365,7 +375,9 @@ public final class SafetensorsFile: @unchecked Sendable {
     {
         func fail(_ message: String) -> MoEError { .malformedFile(path, "tensor '\(name)': \(message)") }
         guard case .object = value else { throw fail("expected an object with dtype, shape and data_offsets") }
-        guard let dtypeName = value["dtype"]?.stringValue else { throw fail("'dtype' must be a string such as \"BF16\"") }
+        guard let dtypeName = value["dtype"]?.stringValue else {
+            throw fail("'dtype' must be a string such as \"BF16\"")
+        }
         guard case .array(let dimensions) = value["shape"] else { throw fail("'shape' must be an array of integers") }
         var shape: [Int] = []
         for dimension in dimensions {
@@ -377,7 +389,9 @@ public final class SafetensorsFile: @unchecked Sendable {
         guard case .array(let offsets) = value["data_offsets"], offsets.count == 2,
             let begin = offsets[0].intValue, let end = offsets[1].intValue
         else { throw fail("'data_offsets' must be an array of two integers [begin, end]") }
-        guard begin >= 0, begin <= end else { throw fail("data_offsets [\(begin), \(end)] must satisfy 0 <= begin <= end") }
+        guard begin >= 0, begin <= end else {
+            throw fail("data_offsets [\(begin), \(end)] must satisfy 0 <= begin <= end")
+        }
         guard end <= dataLength else {
             throw fail("data_offsets [\(begin), \(end)] run past the end of the data (\(dataLength) bytes)")
         }
@@ -413,10 +427,12 @@ public struct SafetensorsTensor: Hashable, Sendable {
     ///   negative, or the byte count is not the product of the shape times the element size.
     public init(name: String, dtype: SafetensorsDType, shape: [Int], bytes: [UInt8]) throws(MoEError) {
         guard let size = dtype.byteCount else {
-            throw .invalidArgument(
-                name, "dtype '\(dtype)' is unknown; expected one of \(SafetensorsDType.known.map(\.rawValue).joined(separator: ", "))")
+            let known = SafetensorsDType.known.map(\.rawValue).joined(separator: ", ")
+            throw .invalidArgument(name, "dtype '\(dtype)' is unknown; expected one of \(known)")
         }
-        guard shape.allSatisfy({ $0 >= 0 }) else { throw .invalidArgument(name, "negative dimension in shape \(shape)") }
+        guard shape.allSatisfy({ $0 >= 0 }) else {
+            throw .invalidArgument(name, "negative dimension in shape \(shape)")
+        }
         let count = shape.reduce(1, *)
         guard bytes.count == count * size else {
             throw .invalidArgument(name, "shape \(shape) of \(dtype) needs \(count * size) bytes, got \(bytes.count)")
@@ -463,7 +479,8 @@ extension SafetensorsFile {
     {
         var members: [(String, JSON)] = []
         if !metadata.isEmpty {
-            members.append(("__metadata__", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })))
+            members.append(
+                ("__metadata__", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })))
         }
         var seen = Set<String>()
         var offset = 0
@@ -582,7 +599,7 @@ enum FileSystem {
         guard descriptor >= 0 else {
             throw .invalidArgument(path, "cannot create a temporary file beside it: \(lastError())")
         }
-        let temporary = String(cString: template)
+        let temporary = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         var failure: String?
         writing: for part in parts {
             var written = 0
@@ -600,7 +617,9 @@ enum FileSystem {
             failure = "cannot flush: \(lastError())"
         }
         if close(descriptor) != 0, failure == nil { failure = "cannot close: \(lastError())" }
-        if failure == nil, rename(temporary, path) != 0 { failure = "cannot rename the temporary file into place: \(lastError())" }
+        if failure == nil, rename(temporary, path) != 0 {
+            failure = "cannot rename the temporary file into place: \(lastError())"
+        }
         if let failure {
             unlink(temporary)
             throw .invalidArgument(path, failure)

@@ -183,7 +183,7 @@ int fused_moe_router_create(fused_moe_layer **out, int64_t num_experts, int64_t 
 int fused_moe_layer_destroy(fused_moe_layer *layer);
 
 /* Fills *info with what the layer was made with. */
-int fused_moe_layer_info(const fused_moe_layer *layer, fused_moe_layer_info *info);
+int fused_moe_layer_get_info(const fused_moe_layer *layer, fused_moe_layer_info *info);
 
 /*
  * Enqueues the MoE layer on cuda_stream: out [tokens, H] from x [tokens, H], topk_ids [tokens, k]
