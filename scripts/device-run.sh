@@ -30,6 +30,8 @@ if [[ $mode == smoke || $mode == all ]]; then
 fi
 if [[ $mode == check || $mode == all ]]; then
   step "check (full)"; $bin check --json "$OUT/check.json" 2>&1 | tee "$OUT/check.txt" || status=1
+  step "fused-moe run on safetensors (CUDA and CPU backends vs torch)"
+  mkdir -p /tmp/run-check && python3 scripts/run_check.py $bin /tmp/run-check || status=1
 fi
 if [[ $mode == bench || $mode == all ]]; then
   [[ -f $OUT/ceilings.json ]] || python3 scripts/ceilings.py "$OUT/ceilings.json"
