@@ -23,6 +23,7 @@ let package = Package(
             name: "MoEKernels",
             exclude: [
                 "moe_common.cuh", "moe_probe.cu", "moe_random.cu", "moe_align.cu", "moe_topk.cu", "moe_gemm.cu",
+                "moe_gemm_sm90.cu",
                 "moe_elementwise.cu", "moe_reference.cu",
             ]
         ),

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds the self-contained fused-moe binary into dist/ (ignored by git) for the GPU machine.
+# Builds what the GPU machine runs into dist/ (ignored by git): the self-contained fused-moe binary
+# and libFusedMoEC.so (the C ABI, with the Swift runtime linked in) for the Python package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 swift build -c release --static-swift-stdlib
+swift build -c release --scratch-path .build-capi --product FusedMoEC -Xswiftc -static-stdlib
 mkdir -p dist
 cp .build/release/fused-moe dist/fused-moe
+cp "$(swift build -c release --scratch-path .build-capi --product FusedMoEC -Xswiftc -static-stdlib --show-bin-path)/libFusedMoEC.so" dist/
 git rev-parse HEAD > dist/COMMIT
 if [[ -n "$(git status --porcelain -- Sources Package.swift)" ]]; then echo "$(cat dist/COMMIT)+dirty" > dist/COMMIT; fi
 ls -la dist/

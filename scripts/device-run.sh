@@ -32,6 +32,10 @@ if [[ $mode == check || $mode == all ]]; then
   step "check (full)"; $bin check --json "$OUT/check.json" 2>&1 | tee "$OUT/check.txt" || status=1
   step "fused-moe run on safetensors (CUDA and CPU backends vs torch)"
   mkdir -p /tmp/run-check && python3 scripts/run_check.py $bin /tmp/run-check || status=1
+  if [[ -f dist/libFusedMoEC.so ]]; then
+    step "python package on the GPU (C ABI through ctypes, against torch)"
+    FUSED_MOE_LIBRARY=dist/libFusedMoEC.so timeout 300 python3 -m pytest python/tests -q -x -p no:cacheprovider 2>&1 | tail -15 || status=1
+  fi
 fi
 if [[ $mode == bench || $mode == all ]]; then
   [[ -f $OUT/ceilings.json ]] || python3 scripts/ceilings.py "$OUT/ceilings.json"

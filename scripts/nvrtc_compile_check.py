@@ -85,9 +85,9 @@ def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool) -> str:
     return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}>"
 
 
-def gemm_name(dtype: str, tile, mode: int, mul: bool) -> str:
+def gemm_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
     bm, bn, bk, wm, wn, st = tile
-    return f"moe_gemm<{dtype}, {bm}, {bn}, {bk}, {wm}, {wn}, {st}, {mode}, {'true' if mul else 'false'}>"
+    return f"moe_gemm<{dtype}, {bm}, {bn}, {bk}, {wm}, {wn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
 
 
 def name_expressions() -> dict[str, list[list[str]]]:

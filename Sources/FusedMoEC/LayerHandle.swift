@@ -174,8 +174,8 @@ final class LayerHandle: Sendable {
         do {
             // Compiles every missing program at once, one per host core: later makes only look up.
             try library.prepare(requests)
-            // ASSUMED API (see the report): zero-byte w1/w2 make a CUDAMoELayer whose weights come
-            // with each forward, `forward(x:topkIDs:topkWeights:w1:w2:out:tokens:stream:)`.
+            // Zero-byte w1/w2 make a CUDAMoELayer whose weights come with each forward: one layer's
+            // kernels and scratch then serve every weight pair of this shape.
             let noWeights = try DeviceBuffer(device: device, borrowing: .null, byteCount: 0)
             var buckets: [Bucket] = []
             for group in groups {

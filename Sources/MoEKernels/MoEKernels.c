@@ -34,6 +34,11 @@ static const char gemm_source[] = {
     , 0};
 const char *moe_kernels_gemm_source(void) { return gemm_source; }
 
+static const char gemm_sm90_source[] = {
+#embed "moe_gemm_sm90.cu"
+    , 0};
+const char *moe_kernels_gemm_sm90_source(void) { return gemm_sm90_source; }
+
 static const char elementwise_source[] = {
 #embed "moe_elementwise.cu"
     , 0};

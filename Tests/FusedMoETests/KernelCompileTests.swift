@@ -20,6 +20,23 @@ struct KernelCompileTests {
         }
     }
 
+    @Test func hopperKernelsCompileWithoutSpills() throws {
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        let swap = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true)
+        for config in [wide, swap] {
+            for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
+                let plan = MoEPlan(both: config).withSplit(split, mode: mode)
+                #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
+                for request in CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
+                where request.source == .gemmSM90 {
+                    let program = try compile(request)
+                    #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
+                    #expect(!program.log.contains("C7508"), "setmaxnreg ignored: \(program.log)")
+                }
+            }
+        }
+    }
+
     @Test(arguments: [1, 128, 4096])
     func layerKernelsCompileWithoutSpills(tokens: Int) throws {
         let shape = try ShapePreset.named("seed4096").shape

@@ -345,7 +345,10 @@ class Layer:
                       self.device)
 
     def close(self):
-        """Frees the layer's device memory now (graphs that captured it must not be replayed after)."""
+        """Frees the layer's device memory now, after the device finished its queued work. CUDA
+        graphs that captured the layer must not be replayed afterwards."""
+        if self._handle.value is not None and not _capturing():
+            torch.cuda.synchronize(self.device)
         self._handle.close()
 
     def __enter__(self):
@@ -411,13 +414,14 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation="silu", out=None,
     current stream. All tensors on one CUDA device; x, w1, w2 (and out) bf16 or fp16 alike.
 
     Layers are cached per shape, dtype, device and options, with max_tokens the next power of two
-    >= M (at least 256) unless given. Graph capture works once a layer for the batch exists: run
+    >= M (at least 256) unless given. expert_map is best a list or tuple here (a CUDA tensor is read
+    back to the host on every call); a Layer takes it once. Graph capture works once a layer for the batch exists: run
     the batch size (or a larger one) once before capturing, or use a fused_moe.Layer.
     """
     _require_torch()
-    tokens, hidden, experts, intermediate, top_k = _check_forward(x, w1, w2, topk_weights, topk_ids, out)
     _activation_code(activation)
     _split_mode_code(split_mode)
+    tokens, hidden, experts, intermediate, top_k = _check_forward(x, w1, w2, topk_weights, topk_ids, out)
     map_key = _expert_map_key(expert_map)
     key = (experts, top_k, hidden, intermediate, x.dtype, x.device.index, activation, map_key, int(chunk_tokens),
            int(split_k), split_mode)

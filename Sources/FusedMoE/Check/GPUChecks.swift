@@ -27,6 +27,24 @@ public final class GPUChecks {
     /// The split settings every layer case runs in.
     public static let splitSettings: [(Int, SplitMode)] = [(1, .none), (4, .atomic), (4, .workspace), (8, .workspace)]
 
+    /// Every plan a layer case runs: the mma kernel in each split setting, and on Hopper the wgmma
+    /// kernel (BLOCK_M from the rows per expert) and its swap-AB decode variant, unsplit and split.
+    func casePlans(_ shape: MoEShape, _ tokens: Int) -> [(String, MoEPlan)] {
+        var plans = GPUChecks.splitSettings.map { split, mode in
+            ("mma split=\(split) \(mode.rawValue)", caseplan(shape, tokens, split, mode))
+        }
+        guard library.device.properties.architecture == "sm_90a" else { return plans }
+        let rows = tokens * shape.topK / shape.experts
+        let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
+        let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
+        for (name, config) in [("wgmma", wide), ("wgmma_swap", swap)] {
+            for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
+                plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
+            }
+        }
+        return plans
+    }
+
     /// Runs every check; `quick` limits the presets to seed4096 and the batch sizes to 1 and 128.
     public func run(seed: UInt64, quick: Bool) -> [CheckResult] {
         checkAlign(seed: seed)
@@ -36,8 +54,8 @@ public final class GPUChecks {
         var requests: [KernelLibrary.Request] = []
         for preset in presets {
             for tokens in batches {
-                for (split, mode) in GPUChecks.splitSettings {
-                    var plan = caseplan(preset.shape, tokens, split, mode)
+                for (_, caseplan) in casePlans(preset.shape, tokens) {
+                    var plan = caseplan
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
                     plan.fusedActivation = false
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
@@ -128,9 +146,9 @@ public final class GPUChecks {
             record("gpu \(name) M=\(tokens) fp32 reference vs CPU float64", error < 1e-4, "rel_err \(formatScientific(error))")
         }
         let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
-        for (split, mode) in GPUChecks.splitSettings {
-            let plan = caseplan(shape, tokens, split, mode)
-            let label = "gpu \(name) M=\(tokens) split=\(split) \(mode.rawValue)"
+        for (planName, plan) in casePlans(shape, tokens) {
+            let mode = plan.gemm1.effectiveMode
+            let label = "gpu \(name) M=\(tokens) \(planName)"
             do {
                 let layer = try CUDAMoELayer(
                     library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2, plan: plan,

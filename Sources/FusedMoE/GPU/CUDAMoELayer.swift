@@ -93,6 +93,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let sharedLimit = device.properties.sharedMemoryPerBlockOptIn
         try plan.gemm1.validate(sharedMemoryLimit: sharedLimit)
         try plan.gemm2.validate(sharedMemoryLimit: sharedLimit)
+        if plan.gemm1.kernel.needsHopper || plan.gemm2.kernel.needsHopper {
+            guard device.properties.architecture == "sm_90a" else {
+                throw .unsupported("the wgmma kernels need a Hopper GPU (sm_90a); this is \(device.properties.name) (\(device.properties.architecture))")
+            }
+        }
 
         self.library = library
         self.shape = shape
@@ -131,7 +136,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 expertMap = nil
             }
             gateUp = try DeviceBuffer(
-                device: device, byteCount: plan.fusedActivation ? 0 : pairs * 2 * shape.intermediate * dtype.byteCount)
+                device: device,
+                byteCount: plan.activationIsFused ? 0 : pairs * 2 * shape.intermediate * dtype.byteCount)
             activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
             down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
             accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
@@ -146,22 +152,24 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let activationName = activation == .silu ? "moe_silu_and_mul" : "moe_gelu_and_mul"
         let act = activation == .silu ? 1 : 2
-        let fusedInGemm = plan.fusedActivation && plan.gemm1.effectiveMode == .none ? act : 0
+        let fusedInGemm = plan.fusedActivation && plan.gemm1.fusesActivation ? act : 0
+        let gemm1 = plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false, fusedActivation: fusedInGemm)
+        let gemm2 = plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true)
+        // One program per kernel source, holding that source's GEMM instantiations.
+        var gemmRequests: [KernelLibrary.Request] = []
+        for source in [KernelSource.gemm, .gemmSM90] {
+            let expressions = [(plan.gemm1, gemm1), (plan.gemm2, gemm2)].filter { $0.0.source == source }.map(\.1)
+            if !expressions.isEmpty { gemmRequests.append(KernelLibrary.Request(source: source, expressions: expressions)) }
+        }
         return [
             KernelLibrary.Request(source: .align),
-            KernelLibrary.Request(
-                source: .gemm,
-                expressions: [
-                    plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false, fusedActivation: fusedInGemm),
-                    plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true),
-                ]),
             KernelLibrary.Request(
                 source: .elementwise,
                 expressions: [
                     "\(activationName)<\(type)>", "moe_combine<\(type)>", "moe_splitk_reduce<\(type)>",
                     "moe_cast_f32<\(type)>", "moe_splitk_reduce_act<\(type), \(act)>",
                 ]),
-        ]
+        ] + gemmRequests
     }
 
     static func loadKernels(library: KernelLibrary, dtype: DType, plan: MoEPlan, activation: Activation)
@@ -169,9 +177,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
     {
         let requests = requests(dtype: dtype, plan: plan, activation: activation)
         try library.prepare(requests)
-        let (align, gemm, elementwise) = (requests[0], requests[1], requests[2])
-        let gemm1 = try library.kernel(gemm.expressions[0], in: gemm)
-        let gemm2 = try library.kernel(gemm.expressions[1], in: gemm)
+        let (align, elementwise) = (requests[0], requests[1])
+        func gemmKernel(_ config: GemmConfig, index: Int) throws(CUDAError) -> Kernel {
+            let request = requests.dropFirst(2).first { $0.source == config.source }!
+            let expression = request.expressions.count == 2 ? request.expressions[index] : request.expressions[0]
+            return try library.kernel(expression, in: request)
+        }
+        let gemm1 = try gemmKernel(plan.gemm1, index: 0)
+        let gemm2 = try gemmKernel(plan.gemm2, index: 1)
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
         return Kernels(
@@ -246,7 +259,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let maxPadded = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
         try marker?("align")
         let (h, i) = (shape.hidden, shape.intermediate)
-        if plan.fusedActivation {
+        if plan.activationIsFused {
             // GEMM1 writes act(gate) * up straight into `activated`: in its epilogue when K is not
             // split, else in the split-K reduction.
             try gemm(
@@ -334,14 +347,30 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let rowStride = mode == .none ? outputColumns : n
         let mBlocks = (maxPadded + config.blockM - 1) / config.blockM
         let nBlocks = (n + config.blockN - 1) / config.blockN
-        try kernel.launch(
-            grid: Dimensions(max(mBlocks * nBlocks, 1), config.splitK), block: Dimensions(config.threads),
-            sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
-            arguments: [
-                a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
-                Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
-                Int64(rowStride), Int64(maxPadded),
-            ])
+        let grid = Dimensions(max(mBlocks * nBlocks, 1), config.splitK)
+        if config.kernel == .mma {
+            try kernel.launch(
+                grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
+                arguments: [
+                    a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
+                    Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
+                    Int64(rowStride), Int64(maxPadded),
+                ])
+        } else {
+            // The weights [E, N, K] as [E*N rows][K columns], read by TMA in [blockN][64] boxes with the
+            // 128-byte swizzle the kernel's shared-memory layout expects. Encoding is host-only work.
+            let map = try TensorMap(
+                device: library.device, address: b, elementType: dtype == .fp16 ? .float16 : .bfloat16,
+                rows: weightExperts * n, columns: k, rowStrideBytes: k * dtype.byteCount, boxRows: config.blockN,
+                boxColumns: 64, swizzle: .bytes128)
+            try kernel.launch(
+                grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
+                arguments: [
+                    map, a, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
+                    Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
+                    Int64(maxPadded),
+                ])
+        }
         guard mode != .none else { return }
         let splits = mode == .workspace ? config.splitK : 1
         let splitStride = mode == .workspace ? pairs * n : 0
@@ -364,6 +393,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func elementwiseGrid(work: Int, vector: Int) -> Dimensions {
         Dimensions(min(max((work + 256 * vector - 1) / (256 * vector), 1), 8192))
     }
+
+    /// The experts the weights hold (local experts).
+    var weightExperts: Int { shape.experts }
 
     /// The device bytes this layer allocated for scratch (weights not counted).
     public var scratchBytes: Int {

@@ -78,6 +78,20 @@ public struct ConfigTable: Sendable {
         } else if splitK > 1 {
             mode = .workspace
         }
+        var kernel = GemmKernel.mma
+        if let field = value["KERNEL"] {
+            guard let name = field.stringValue, let parsed = GemmKernel(rawValue: name) else {
+                throw .malformedFile(source, "entry '\(key)': KERNEL must be one of \(GemmKernel.allCases.map(\.rawValue))")
+            }
+            kernel = parsed
+        }
+        if kernel != .mma {
+            var config = GemmConfig.wgmma(
+                blockM: blockM, blockN: blockN, stages: stages, groupSizeM: group, swapAB: kernel == .wgmmaSwap)
+            config.splitK = splitK
+            config.splitMode = splitK > 1 ? mode : .none
+            return config
+        }
         // Triton's tiles are 16..256 wide; clamp what our kernel lacks (BLOCK_K 128/256 -> 64).
         let kernelBlockK = min(max(blockK, 32), 64)
         var layout: (m: Int, n: Int)
@@ -110,7 +124,7 @@ public struct ConfigTable: Sendable {
                 ("BLOCK_SIZE_M", .number(Double(config.blockM))), ("BLOCK_SIZE_N", .number(Double(config.blockN))),
                 ("BLOCK_SIZE_K", .number(Double(config.blockK))), ("GROUP_SIZE_M", .number(Double(config.groupSizeM))),
                 ("num_warps", .number(Double(config.warps))), ("num_stages", .number(Double(config.stages))),
-                ("WARPS_M", .number(Double(config.warpsM))),
+                ("WARPS_M", .number(Double(config.warpsM))), ("KERNEL", .string(config.kernel.rawValue)),
                 ("SPLIT_K", .number(Double(config.splitK))), ("SPLIT_MODE", .string(config.effectiveMode.rawValue)),
             ]
         }

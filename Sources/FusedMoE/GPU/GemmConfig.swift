@@ -17,6 +17,21 @@ public enum SplitMode: String, CaseIterable, Sendable, Hashable {
     }
 }
 
+/// Which grouped-GEMM kernel runs a config.
+public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
+    /// `moe_gemm` (moe_gemm.cu): mma.sync from ldmatrix, cp.async ring; any NVIDIA GPU from sm_80.
+    case mma
+    /// `moe_gemm_sm90` (moe_gemm_sm90.cu): wgmma, weights by TMA, a producer warpgroup and one or
+    /// two consumer warpgroups; Hopper (sm_90a) only. BLOCK_M 64 or 128, BLOCK_K 64.
+    case wgmma
+    /// `moe_gemm_sm90_swap`: wgmma with the weight rows on wgmma's M side and the tokens on its N
+    /// side (swap-AB), for decode; BLOCK_M (tokens) 8..64, BLOCK_N (weight rows) 64 or 128.
+    case wgmmaSwap = "wgmma_swap"
+
+    /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
+    public var needsHopper: Bool { self != .mma }
+}
+
 /// One grouped-GEMM configuration: tile shape, warps, pipeline depth, swizzle and split-K.
 ///
 /// The tile keys are SGLang's and vLLM's (`BLOCK_SIZE_M`, ..., `num_warps`, `num_stages`); the
@@ -31,10 +46,11 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public var groupSizeM: Int
     public var splitK: Int
     public var splitMode: SplitMode
+    public var kernel: GemmKernel
 
     public init(
         blockM: Int, blockN: Int, blockK: Int, warpsM: Int, warpsN: Int, stages: Int, groupSizeM: Int = 1,
-        splitK: Int = 1, splitMode: SplitMode = .none
+        splitK: Int = 1, splitMode: SplitMode = .none, kernel: GemmKernel = .mma
     ) {
         self.blockM = blockM
         self.blockN = blockN
@@ -45,16 +61,42 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         self.groupSizeM = groupSizeM
         self.splitK = splitK
         self.splitMode = splitMode
+        self.kernel = kernel
+    }
+
+    /// A wgmma config: BLOCK_K is 64 and the warps follow from the tile (the kernel fixes them).
+    public static func wgmma(
+        blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false
+    ) -> GemmConfig {
+        let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
+        return GemmConfig(
+            blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
+            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : .wgmma)
     }
 
     public var warps: Int { warpsM * warpsN }
-    public var threads: Int { warps * 32 }
+    public var threads: Int {
+        switch kernel {
+        case .mma: warps * 32
+        case .wgmma: 128 * (1 + blockM / 64)
+        case .wgmmaSwap: 256
+        }
+    }
 
-    /// Dynamic shared memory of `moe_gemm`: STAGES * (BLOCK_M + BLOCK_N) * (BLOCK_K + 8) * 2 bytes.
-    public var sharedMemoryBytes: Int { stages * (blockM + blockN) * (blockK + 8) * 2 }
+    /// Dynamic shared memory of the kernel: for `moe_gemm` STAGES * (BLOCK_M + BLOCK_N) * (BLOCK_K + 8)
+    /// * 2 bytes; for the wgmma kernels STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 8 * BLOCK_M
+    /// plus 1024 bytes the kernel uses to align its base.
+    public var sharedMemoryBytes: Int {
+        switch kernel {
+        case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
+        case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
+        }
+    }
 
     public var description: String {
-        "\(blockM)x\(blockN)x\(blockK) w\(warpsM)x\(warpsN) s\(stages) g\(groupSizeM) split\(splitK)/\(splitMode.rawValue)"
+        let tile = "\(blockM)x\(blockN)x\(blockK)"
+        let body = kernel == .mma ? "\(tile) w\(warpsM)x\(warpsN)" : "\(kernel.rawValue) \(tile)"
+        return body + " s\(stages) g\(groupSizeM) split\(splitK)/\(splitMode.rawValue)"
     }
 
     /// Lays `warps` warps over a tile: as many along M as its 16-row fragments allow (at most 4),
@@ -70,6 +112,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// Checks the config against what the kernel supports and the device allows.
     /// - Throws: `MoEError.invalidArgument` naming the key that is out of range.
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
+        if kernel != .mma {
+            try validateWGMMA(sharedMemoryLimit: sharedMemoryLimit)
+            return
+        }
         guard [16, 32, 64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "must be 16, 32, 64 or 128, got \(blockM)") }
         guard [32, 64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "must be 32, 64, 128 or 256, got \(blockN)") }
         guard [32, 64].contains(blockK) else { throw .invalidArgument("BLOCK_SIZE_K", "must be 32 or 64, got \(blockK)") }
@@ -91,14 +137,49 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The `moe_gemm` instantiation for this config; `fusedActivation` 1 (silu) or 2 (gelu) makes
-    /// the epilogue apply act(gate) * up and write the activated `[rows, I]` directly.
+    private func validateWGMMA(sharedMemoryLimit: Int) throws(MoEError) {
+        let name = kernel.rawValue
+        if kernel == .wgmma {
+            guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
+            guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
+        } else {
+            guard [8, 16, 32, 64].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 8, 16, 32 or 64 tokens, got \(blockM)") }
+            guard [64, 128].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64 or 128, got \(blockN)") }
+        }
+        guard blockK == 64 else { throw .invalidArgument("BLOCK_SIZE_K", "\(name) takes 64, got \(blockK)") }
+        guard (2...8).contains(stages) else { throw .invalidArgument("num_stages", "\(name) takes 2...8, got \(stages)") }
+        guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
+        guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
+        guard splitK == 1 || splitMode != .none else {
+            throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
+        }
+        guard sharedMemoryBytes <= sharedMemoryLimit else {
+            throw .invalidArgument(
+                "num_stages", "\(description) needs \(sharedMemoryBytes) bytes of shared memory; the GPU allows \(sharedMemoryLimit)")
+        }
+    }
+
+    /// The kernel instantiation for this config; for `moe_gemm`, `fusedActivation` 1 (silu) or 2
+    /// (gelu) makes the epilogue apply act(gate) * up and write the activated `[rows, I]` directly.
     func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0) -> String {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let mode = splitK == 1 ? 0 : splitMode.templateValue
-        return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
-            + "\(mulRoutedWeight), \(fusedActivation)>"
+        switch kernel {
+        case .mma:
+            return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
+                + "\(mulRoutedWeight), \(fusedActivation)>"
+        case .wgmma:
+            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight)>"
+        case .wgmmaSwap:
+            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight)>"
+        }
     }
+
+    /// The kernel source holding this config's kernel.
+    var source: KernelSource { kernel == .mma ? .gemm : .gemmSM90 }
+
+    /// Whether the epilogue can apply the activation (only `moe_gemm`, unsplit).
+    var fusesActivation: Bool { kernel == .mma && effectiveMode == .none }
 
     /// The mode the kernel runs in: `none` whenever there is one split.
     var effectiveMode: SplitMode { splitK == 1 ? .none : splitMode }
@@ -127,6 +208,12 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var blockM: Int { gemm1.blockM }
+
+    /// Whether the activation happens inside GEMM1 (its epilogue or split-K reduction), so no
+    /// gate/up intermediate is written: the plan asks for it and GEMM1 can do it.
+    public var activationIsFused: Bool {
+        fusedActivation && (gemm1.fusesActivation || gemm1.effectiveMode != .none)
+    }
     public var description: String {
         (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
     }

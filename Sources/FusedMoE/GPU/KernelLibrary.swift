@@ -10,6 +10,7 @@ public enum KernelSource: String, CaseIterable, Sendable {
     case align = "moe_align.cu"
     case topk = "moe_topk.cu"
     case gemm = "moe_gemm.cu"
+    case gemmSM90 = "moe_gemm_sm90.cu"
     case elementwise = "moe_elementwise.cu"
     case reference = "moe_reference.cu"
 
@@ -22,6 +23,7 @@ public enum KernelSource: String, CaseIterable, Sendable {
             case .align: moe_kernels_align_source()
             case .topk: moe_kernels_topk_source()
             case .gemm: moe_kernels_gemm_source()
+            case .gemmSM90: moe_kernels_gemm_sm90_source()
             case .elementwise: moe_kernels_elementwise_source()
             case .reference: moe_kernels_reference_source()
             }

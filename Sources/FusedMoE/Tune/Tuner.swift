@@ -44,10 +44,36 @@ public final class Tuner {
         return result
     }
 
-    /// BLOCK_M values around the rows each expert gets.
-    static func blockMs(shape: MoEShape, tokens: Int) -> [Int] {
+    /// The wgmma tiles worth trying for a BLOCK_M (Hopper only): the wide kernel for BLOCK_M 64
+    /// and 128, the swap-AB kernel for 8 to 64 tokens per block.
+    static func hopperTiles(blockM: Int, sharedMemoryLimit: Int, groupSizeM: Int) -> [GemmConfig] {
+        var result: [GemmConfig] = []
+        if blockM >= 64 {
+            for blockN in [128, 256] {
+                for stages in [3, 4, 5, 6] {
+                    let config = GemmConfig.wgmma(blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM)
+                    if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
+                }
+            }
+        }
+        if blockM <= 64 {
+            for blockN in [64, 128] {
+                for stages in [4, 6, 8] {
+                    let config = GemmConfig.wgmma(
+                        blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM, swapAB: true)
+                    if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
+                }
+            }
+        }
+        return result
+    }
+
+    /// BLOCK_M values around the rows each expert gets (8 only for the swap-AB kernel).
+    static func blockMs(shape: MoEShape, tokens: Int, hopper: Bool) -> [Int] {
         let rows = Double(tokens * shape.topK) / Double(shape.experts)
-        return [16, 32, 64, 128].filter { Double($0) <= max(16, 2 * rows) && Double($0) * 8 >= rows }
+        return (hopper ? [8, 16, 32, 64, 128] : [16, 32, 64, 128]).filter {
+            Double($0) <= max(16, 2 * rows) && Double($0) * 8 >= rows
+        }
     }
 
     /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
@@ -62,9 +88,12 @@ public final class Tuner {
         var work: [(tokens: Int, plans: [MoEPlan])] = []
         for tokens in batchSizes {
             var plans: [MoEPlan] = []
-            for blockM in Tuner.blockMs(shape: shape, tokens: tokens) {
+            let hopper = device.properties.architecture == "sm_90a"
+            for blockM in Tuner.blockMs(shape: shape, tokens: tokens, hopper: hopper) {
                 let group = tokens * shape.topK >= 8 * shape.experts * blockM ? 8 : 1
-                for tile in Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) {
+                let mmaTiles = blockM >= 16 ? Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
+                let wgmmaTiles = hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
+                for tile in mmaTiles + wgmmaTiles {
                     plans.append(MoEPlan(both: tile))
                     let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
                     let tiles = mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN)

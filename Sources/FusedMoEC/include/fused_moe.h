@@ -162,9 +162,10 @@ int fused_moe_options_init(fused_moe_options *options);
  * so one layer serves every MoE layer of a model that has this shape.
  *
  * Chooses a kernel plan for each token count up to options->max_tokens (tuned configs, else a
- * heuristic), compiles their kernels (NVRTC, cached on disk: the first run of a shape takes
- * seconds, later ones milliseconds) and allocates their scratch. Limits: 1 <= E <= 4096,
- * 1 <= k <= min(E, 32); H and I multiples of 8; at most 512 router experts.
+ * heuristic), compiles their kernels (NVRTC, cached on disk: only the first create of a plan on
+ * a machine compiles) and allocates their scratch. Limits: 1 <= E <= 4096,
+ * 1 <= k <= min(E, 32); H and I multiples of 8 up to 2^20; at most 512 router experts;
+ * max_tokens and chunk_tokens up to 2^24.
  *
  * out: receives the handle; *out is set to NULL on failure. options: NULL for the defaults.
  */
@@ -178,8 +179,9 @@ int fused_moe_layer_create(fused_moe_layer **out, int64_t experts, int64_t top_k
 int fused_moe_router_create(fused_moe_layer **out, int64_t num_experts, int64_t top_k, int renormalize,
                             int device);
 
-/* Releases a layer and its device memory (synchronizing with its pending work). NULL is a no-op;
- * a handle that is not live (destroyed twice, never made) is FUSED_MOE_ERROR_INVALID_ARGUMENT. */
+/* Releases a layer and its device memory (cuMemFree). Synchronize the streams that used it first;
+ * CUDA graphs that captured it must not be launched afterwards. NULL is a no-op; a handle that is
+ * not live (destroyed twice, never made) is FUSED_MOE_ERROR_INVALID_ARGUMENT. */
 int fused_moe_layer_destroy(fused_moe_layer *layer);
 
 /* Fills *info with what the layer was made with. */

@@ -15,6 +15,8 @@ const char *moe_kernels_align_source(void);
 const char *moe_kernels_topk_source(void);
 /// moe_gemm.cu
 const char *moe_kernels_gemm_source(void);
+/// moe_gemm_sm90.cu
+const char *moe_kernels_gemm_sm90_source(void);
 /// moe_elementwise.cu
 const char *moe_kernels_elementwise_source(void);
 /// moe_reference.cu
