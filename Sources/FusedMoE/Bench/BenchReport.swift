@@ -101,13 +101,13 @@ public struct BenchReport: Sendable {
     /// A fixed-width table, one line per row.
     public func table() -> String {
         var lines = [
-            pad("shape", 12) + pad("M", 6) + pad("variant", 14) + pad("split", 6) + pad("mode", 10)
+            pad("shape", 12) + pad("M", 6) + pad("variant", 16) + pad("split", 6) + pad("mode", 22)
                 + pad("ms", 10) + pad("floor_ms", 10) + pad("%floor", 8) + "rel_err"
         ]
         for row in rows {
             lines.append(
-                pad(row.shape, 12) + pad("\(row.tokens)", 6) + pad(row.variant, 14) + pad("\(row.splitK)", 6)
-                    + pad(row.splitMode, 10) + pad(format(row.milliseconds, 4), 10)
+                pad(row.shape, 12) + pad("\(row.tokens)", 6) + pad(row.variant, 16) + pad("\(row.splitK)", 6)
+                    + pad(row.splitMode, 22) + pad(format(row.milliseconds, 4), 10)
                     + pad(format(row.floorMilliseconds, 4), 10) + pad(format(row.percentOfFloor, 1), 8)
                     + formatScientific(row.relativeError))
         }

@@ -40,7 +40,7 @@ public final class GPUBench {
 
         public var label: (variant: String, split: String) {
             switch self {
-            case .auto: ("mma-auto", "plan")
+            case .auto: ("auto", "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
             }
         }
@@ -109,7 +109,8 @@ public final class GPUBench {
                 let milliseconds = try time(layer: layer, inputs: inputs, out: out, tokens: tokens)
                 let label = setting.label
                 var row = BenchRow(
-                    shape: preset.name, moeShape: shape, tokens: tokens, variant: label.variant,
+                    shape: preset.name, moeShape: shape, tokens: tokens,
+                    variant: setting == .auto ? GPUBench.kernelLabel(layerPlan) : label.variant,
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting == .auto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
@@ -122,6 +123,12 @@ public final class GPUBench {
             }
         }
         return rows
+    }
+
+    /// "wgmma", or "wgmma_swap+mma" when the GEMMs use different kernels.
+    static func kernelLabel(_ plan: MoEPlan) -> String {
+        plan.gemm1.kernel == plan.gemm2.kernel
+            ? plan.gemm1.kernel.rawValue : plan.gemm1.kernel.rawValue + "+" + plan.gemm2.kernel.rawValue
     }
 
     /// Median milliseconds of each stage of one forward (align, gemm1, activation, gemm2, combine),
