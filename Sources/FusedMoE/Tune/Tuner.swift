@@ -71,8 +71,9 @@ public final class Tuner {
     /// BLOCK_M values around the rows each expert gets (8 only for the swap-AB kernel).
     static func blockMs(shape: MoEShape, tokens: Int, hopper: Bool) -> [Int] {
         let rows = Double(tokens * shape.topK) / Double(shape.experts)
+        // The largest block is always a candidate: with thousands of rows per expert it is the only one.
         return (hopper ? [8, 16, 32, 64, 128] : [16, 32, 64, 128]).filter {
-            Double($0) <= max(16, 2 * rows) && Double($0) * 8 >= rows
+            Double($0) <= max(16, 2 * rows) && (Double($0) * 8 >= rows || $0 == 128)
         }
     }
 
