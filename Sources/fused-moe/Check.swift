@@ -18,6 +18,9 @@ struct Check: ParsableCommand {
     @Flag(help: "GPU: only seed4096 at M = 1 and 128 (a fast smoke test).")
     var quick = false
 
+    @Flag(help: "GPU: one small shape at M = 1 and 33 with every kernel and plan kind; small enough for compute-sanitizer.")
+    var small = false
+
     func run() throws {
         let seed = self.seed ?? UInt64(HostClock.now() * 1000)
         note("check: seed \(seed)")
@@ -51,7 +54,7 @@ struct Check: ParsableCommand {
             print(result.line)
             results.append(result)
             let checks = try GPUChecks(library: library) { print($0.line) }
-            results += checks.run(seed: seed, quick: quick)
+            results += checks.run(seed: seed, scope: small ? .small : quick ? .quick : .full)
         } catch let error as CUDAError {
             let result = CheckResult(name: "gpu probe kernel", passed: false, detail: error.description)
             print(result.line)

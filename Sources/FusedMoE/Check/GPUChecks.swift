@@ -45,11 +45,32 @@ public final class GPUChecks {
         return plans
     }
 
-    /// Runs every check; `quick` limits the presets to seed4096 and the batch sizes to 1 and 128.
-    public func run(seed: UInt64, quick: Bool) -> [CheckResult] {
-        checkAlign(seed: seed)
-        let presets = quick ? [try! ShapePreset.named("seed4096")] : ShapePreset.all.filter { $0.name != "tiny" }
-        let batches = quick ? [1, 128] : [1, 7, 128, 1000]
+    /// How much to check.
+    public enum Scope: String, Sendable, CaseIterable {
+        /// Every preset at M = 1, 7, 128, 1000, the variants and the 64-bit case.
+        case full
+        /// seed4096 at M = 1 and 128.
+        case quick
+        /// One small shape at M = 1 and 33 and small align cases: every kernel and plan kind, fast
+        /// enough to run under compute-sanitizer.
+        case small
+    }
+
+    /// Runs the checks of `scope`.
+    public func run(seed: UInt64, scope: Scope) -> [CheckResult] {
+        let quick = scope != .full
+        checkAlign(seed: seed, small: scope == .small)
+        let smallShape = ShapePreset(name: "small", shape: try! MoEShape(experts: 16, topK: 4, hidden: 512, intermediate: 256))
+        let presets = switch scope {
+        case .full: ShapePreset.all.filter { $0.name != "tiny" }
+        case .quick: [try! ShapePreset.named("seed4096")]
+        case .small: [smallShape]
+        }
+        let batches = switch scope {
+        case .full: [1, 7, 128, 1000]
+        case .quick: [1, 128]
+        case .small: [1, 33]
+        }
         // Compile every kernel the cases need at once, on all host cores.
         var requests: [KernelLibrary.Request] = []
         for preset in presets {
@@ -96,7 +117,7 @@ public final class GPUChecks {
 
     // MARK: - Align
 
-    func checkAlign(seed: UInt64) {
+    func checkAlign(seed: UInt64, small: Bool) {
         do {
             let example = CPUChecks.alignExample
             let shape = try MoEShape(experts: example.experts, topK: 3, hidden: 8, intermediate: 8)
@@ -109,10 +130,11 @@ public final class GPUChecks {
             record("gpu align example", passed, passed ? "" : "got \(aligned.sortedTokenIDs) / \(aligned.expertIDs)")
 
             var generator = SplitMix64(seed: seed)
-            for (experts, pairs, blockM, mapped) in [
-                (128, 8 * 1000, 16, false), (256, 8 * 65536, 64, false), (512, 300_001, 128, false), (64, 5000, 32, true),
-                (8, 7, 16, false),
-            ] {
+            let cases = small
+                ? [(128, 300, 16, false), (64, 9000, 32, true), (8, 7, 16, false)]
+                : [(128, 8 * 1000, 16, false), (256, 8 * 65536, 64, false), (512, 300_001, 128, false), (64, 5000, 32, true),
+                   (8, 7, 16, false)]
+            for (experts, pairs, blockM, mapped) in cases {
                 let shape = try MoEShape(experts: mapped ? experts / 2 : experts, topK: 1, hidden: 8, intermediate: 8)
                 let map: [Int32]? = mapped ? (0..<experts).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 } : nil
                 let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)

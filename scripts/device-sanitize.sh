@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On the GPU machine: `fused-moe check --small` (every kernel and plan kind on a small shape) under
+# compute-sanitizer's memcheck and racecheck. Outputs under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/fused-moe-out}
+export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+status=0
+dist/fused-moe check --small --seed 1 > "$OUT/check-small.txt" 2>&1 || status=1   # compiles, so the tools time kernels only
+tail -1 "$OUT/check-small.txt"
+for tool in memcheck racecheck; do
+  timeout 280 "$sanitizer" --tool $tool --error-exitcode 9 dist/fused-moe check --small --seed 1 > "$OUT/$tool.txt" 2>&1
+  rc=$?; echo "$tool exit $rc"; [[ $rc == 0 ]] || status=1
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed, " "$OUT/$tool.txt" | tail -3
+done
+exit $status
