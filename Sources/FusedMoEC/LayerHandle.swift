@@ -156,7 +156,8 @@ final class LayerHandle: Sendable {
             do {
                 plan = try PlanSelector.plan(
                     shape: shape, tokens: min(bound, chunkTokens), multiprocessors: properties.multiprocessorCount,
-                    sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name)
+                    sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
+                    architecture: properties.architecture)
             } catch {
                 throw ABIError(error)
             }

@@ -81,6 +81,48 @@ import Testing
         #expect(GemmConfig.warpLayout(blockM: 128, blockN: 128, warps: 8)! == (4, 2))
     }
 
+    @Test func hopperHeuristicIsValidEverywhere() throws {
+        for preset in ShapePreset.all {
+            for tokens in ShapePreset.batchSizes + [0, 3, 65536] {
+                let plan = PlanSelector.hopperHeuristic(shape: preset.shape, tokens: tokens)
+                #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
+                #expect(throws: Never.self) { try plan.gemm2.validate(sharedMemoryLimit: 227 * 1024) }
+                #expect(plan.gemm1.kernel.needsHopper && plan.gemm1.blockM == plan.gemm2.blockM)
+            }
+        }
+        let decode = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1)
+        #expect(decode.gemm1.kernel == .wgmmaSwap)
+        let prefill = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192)
+        #expect(prefill.gemm1.kernel == .wgmma && prefill.blockM == 128)
+    }
+
+    @Test func shippedTablesLoadAndFallBackOffHopper() throws {
+        #expect(ShippedConfigs.names.count >= 4)
+        for name in ShippedConfigs.names {
+            let table = try #require(try ShippedConfigs.table(named: name))
+            #expect(!table.entries.isEmpty)
+        }
+        let seed = try ShapePreset.named("seed4096").shape
+        let hopper = try PlanSelector.plan(
+            shape: seed, tokens: 8192, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+            architecture: "sm_90a")
+        #expect(hopper.gemm1.kernel == .wgmma)
+        // The same GPU name on a build that is not sm_90a must not get wgmma plans.
+        let other = try PlanSelector.plan(
+            shape: seed, tokens: 8192, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+            architecture: "sm_80")
+        #expect(other.gemm1.kernel == .mma && other.gemm2.kernel == .mma)
+    }
+
+    @Test func tunerAlwaysHasABlockM() {
+        for preset in ShapePreset.all {
+            for tokens in ShapePreset.batchSizes {
+                #expect(!Tuner.blockMs(shape: preset.shape, tokens: tokens, hopper: true).isEmpty, "\(preset.name) M=\(tokens)")
+                #expect(!Tuner.blockMs(shape: preset.shape, tokens: tokens, hopper: false).isEmpty, "\(preset.name) M=\(tokens)")
+            }
+        }
+    }
+
     @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
         let seed = try ShapePreset.named("seed4096").shape
         let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)

@@ -63,7 +63,8 @@ public final class GPUBench {
                 return try PlanSelector.plan(
                     shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
-                    deviceName: library.device.properties.name)
+                    deviceName: library.device.properties.name,
+                    architecture: library.device.properties.architecture)
             case .split(let k, let mode):
                 return PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors).withSplit(k, mode: mode)
             }

@@ -161,17 +161,39 @@ public enum PlanSelector {
         return try ShippedConfigs.table(named: name)
     }
 
-    /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic.
+    /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic
+    /// (the Hopper one on `sm_90a`, which uses the wgmma kernels).
     public static func plan(
-        shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String
+        shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
+        architecture: String = ""
     ) throws(MoEError) -> MoEPlan {
         if let table = try configFile(shape: shape, deviceName: deviceName) {
             let plan = table.nearest(to: tokens)
-            try plan.gemm1.validate(sharedMemoryLimit: sharedMemoryLimit)
-            try plan.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
-            return plan
+            // A table tuned on Hopper may name wgmma kernels; elsewhere fall back to the heuristic.
+            if architecture == "sm_90a" || !(plan.gemm1.kernel.needsHopper || plan.gemm2.kernel.needsHopper) {
+                try plan.gemm1.validate(sharedMemoryLimit: sharedMemoryLimit)
+                try plan.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
+                return plan
+            }
         }
+        if architecture == "sm_90a" { return hopperHeuristic(shape: shape, tokens: tokens) }
         return heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
+    }
+
+    /// The default on Hopper, distilled from `fused-moe tune` on the H200 over the five presets
+    /// (bench/NOTES.md): swap-AB wgmma while an expert gets fewer than 32 rows (decode), the wide
+    /// wgmma kernel above, 128x256 tiles from 64 rows per expert. No split-K: the tuner never
+    /// found it worth its partial-sum traffic with these kernels.
+    public static func hopperHeuristic(shape: MoEShape, tokens: Int) -> MoEPlan {
+        let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
+        if rows < 12 {
+            return try! MoEPlan(
+                gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true),
+                gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
+        }
+        if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
+        if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
+        return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4))
     }
 
     /// A default that is good without tuning.

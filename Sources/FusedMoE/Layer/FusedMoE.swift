@@ -68,7 +68,8 @@ public final class FusedMoE<T: MoEScalar>: @unchecked Sendable {
             } else {
                 chosen = try PlanSelector.plan(
                     shape: shape, tokens: tokens, multiprocessors: properties.multiprocessorCount,
-                    sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name)
+                    sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
+                    architecture: properties.architecture)
             }
             guard let deviceWeights else { throw .unsupported("no weights on the GPU") }
             let layer = try CUDAMoELayer(
