@@ -109,7 +109,7 @@ extension Bench {
         let copy = try bench.measureCopyBandwidth()
         var measured = Ceilings(copyBytesPerSecond: copy, matrixFlopsPerSecond: 715e12)
         if let ceilings {
-            guard let text = readFile(ceilings) else { throw ValidationError("--ceilings: cannot read '\(ceilings)'") }
+            guard let text = readTextFile(ceilings) else { throw ValidationError("--ceilings: cannot read '\(ceilings)'") }
             let json = try JSON.parse(text, source: ceilings)
             guard let copyRate = json["copy_bytes_per_s"]?.doubleValue, let matrixRate = json["bf16_flops_per_s"]?.doubleValue,
                 copyRate > 0, matrixRate > 0
@@ -135,19 +135,6 @@ extension Bench {
             note("wrote \(json)")
         }
     }
-}
-
-func readFile(_ path: String) -> String? {
-    guard let file = fopen(path, "r") else { return nil }
-    defer { fclose(file) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let count = fread(&buffer, 1, buffer.count, file)
-        if count == 0 { break }
-        bytes += buffer[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 func cpuCount() -> Int {

@@ -47,7 +47,7 @@ struct Tune: ParsableCommand {
         let tuner = try Tuner(library: KernelLibrary(device: device))
         let batches = batchSizes?.values ?? ShapePreset.batchSizes
         var merged: [(String, JSON)] = []
-        if let text = readFile(out), case .object(let members) = try JSON.parse(text, source: out) { merged = members }
+        if let text = readTextFile(out), case .object(let members) = try JSON.parse(text, source: out) { merged = members }
         for name in shapes {
             let preset = try ShapePreset.named(name)
             let outcomes = try tuner.tune(preset: preset, batchSizes: batches, dtype: dtype, seed: seed, progress: ProgressPrinter().show)

@@ -154,7 +154,7 @@ public enum PlanSelector {
     public static func configFile(shape: MoEShape, deviceName: String) throws(MoEError) -> ConfigTable? {
         let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
         if let directory = getenv(ConfigTable.directoryEnvironmentVariable).map({ String(cString: $0) }),
-            !directory.isEmpty, let text = readText(directory + "/" + name)
+            !directory.isEmpty, let text = readTextFile(directory + "/" + name)
         {
             return try ConfigTable.parse(text, source: directory + "/" + name)
         }
@@ -234,15 +234,7 @@ public enum PlanSelector {
     }
 }
 
-func readText(_ path: String) -> String? {
-    guard let file = fopen(path, "r") else { return nil }
-    defer { fclose(file) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let count = fread(&buffer, 1, buffer.count, file)
-        if count == 0 { break }
-        bytes += buffer[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
+/// The text of a file, or nil when it cannot be read.
+public func readTextFile(_ path: String) -> String? {
+    try? FileSystem.readText(path)
 }

@@ -112,19 +112,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// Checks the config against what the kernel supports and the device allows.
     /// - Throws: `MoEError.invalidArgument` naming the key that is out of range.
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
-        if kernel != .mma {
-            try validateWGMMA(sharedMemoryLimit: sharedMemoryLimit)
-            return
-        }
-        guard [16, 32, 64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "must be 16, 32, 64 or 128, got \(blockM)") }
-        guard [32, 64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "must be 32, 64, 128 or 256, got \(blockN)") }
-        guard [32, 64].contains(blockK) else { throw .invalidArgument("BLOCK_SIZE_K", "must be 32 or 64, got \(blockK)") }
-        guard (2...5).contains(stages) else { throw .invalidArgument("num_stages", "must be 2...5, got \(stages)") }
-        guard warps >= 1, warps <= 32, blockM % (16 * warpsM) == 0, blockN % (8 * warpsN) == 0 else {
-            throw .invalidArgument("num_warps", "\(warpsM)x\(warpsN) warps do not tile a \(blockM)x\(blockN) block")
-        }
-        guard threads % (blockK / 8) == 0 else {
-            throw .invalidArgument("num_warps", "\(threads) threads do not cover whole \(blockK)-wide rows")
+        switch kernel {
+        case .mma: try validateTile()
+        case .wgmma, .wgmmaSwap: try validateHopperTile()
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
         guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
@@ -137,7 +127,22 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    private func validateWGMMA(sharedMemoryLimit: Int) throws(MoEError) {
+    /// The tile limits of `moe_gemm`.
+    private func validateTile() throws(MoEError) {
+        guard [16, 32, 64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "must be 16, 32, 64 or 128, got \(blockM)") }
+        guard [32, 64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "must be 32, 64, 128 or 256, got \(blockN)") }
+        guard [32, 64].contains(blockK) else { throw .invalidArgument("BLOCK_SIZE_K", "must be 32 or 64, got \(blockK)") }
+        guard (2...5).contains(stages) else { throw .invalidArgument("num_stages", "must be 2...5, got \(stages)") }
+        guard warps >= 1, warps <= 32, blockM % (16 * warpsM) == 0, blockN % (8 * warpsN) == 0 else {
+            throw .invalidArgument("num_warps", "\(warpsM)x\(warpsN) warps do not tile a \(blockM)x\(blockN) block")
+        }
+        guard threads % (blockK / 8) == 0 else {
+            throw .invalidArgument("num_warps", "\(threads) threads do not cover whole \(blockK)-wide rows")
+        }
+    }
+
+    /// The tile limits of the wgmma kernels.
+    private func validateHopperTile() throws(MoEError) {
         let name = kernel.rawValue
         if kernel == .wgmma {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
@@ -148,15 +153,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         }
         guard blockK == 64 else { throw .invalidArgument("BLOCK_SIZE_K", "\(name) takes 64, got \(blockK)") }
         guard (2...8).contains(stages) else { throw .invalidArgument("num_stages", "\(name) takes 2...8, got \(stages)") }
-        guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
-        guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
-        guard splitK == 1 || splitMode != .none else {
-            throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
-        }
-        guard sharedMemoryBytes <= sharedMemoryLimit else {
-            throw .invalidArgument(
-                "num_stages", "\(description) needs \(sharedMemoryBytes) bytes of shared memory; the GPU allows \(sharedMemoryLimit)")
-        }
     }
 
     /// The kernel instantiation for this config; for `moe_gemm`, `fusedActivation` 1 (silu) or 2
