@@ -52,6 +52,8 @@ public final class Driver: @unchecked Sendable {
     let cuGraphLaunch: PFN_cuGraphLaunch
     let cuGraphExecDestroy: PFN_cuGraphExecDestroy
     let cuGraphDestroy: PFN_cuGraphDestroy
+    /// Optional (CUDA 12+): launches with attributes, for programmatic dependent launch.
+    let cuLaunchKernelEx: PFN_cuLaunchKernelEx?
     /// Optional: drivers before CUDA 12 lack it; Hopper kernels that use TMA need it.
     let cuTensorMapEncodeTiled: PFN_cuTensorMapEncodeTiled?
 
@@ -121,6 +123,8 @@ public final class Driver: @unchecked Sendable {
         cuGraphLaunch = try load("cuGraphLaunch")
         cuGraphExecDestroy = try load("cuGraphExecDestroy")
         cuGraphDestroy = try load("cuGraphDestroy")
+        cuLaunchKernelEx = try? LibraryLoader.symbol(
+            handle, ["cuLaunchKernelEx"], as: PFN_cuLaunchKernelEx.self, library: opened.path)
         cuTensorMapEncodeTiled = try? LibraryLoader.symbol(
             handle, ["cuTensorMapEncodeTiled"], as: PFN_cuTensorMapEncodeTiled.self, library: opened.path)
 
@@ -150,6 +154,9 @@ public final class Driver: @unchecked Sendable {
         }
         return CUDAError(domain: .driver, code: result, name: name, call: call, message: message)
     }
+
+    /// Whether `cuLaunchKernelEx` (launch attributes, programmatic dependent launch) is available.
+    public var cuLaunchKernelExAvailable: Bool { cuLaunchKernelEx != nil }
 
     /// The driver version as "13.0".
     public var versionString: String {

@@ -136,15 +136,23 @@ public final class Kernel: @unchecked Sendable {
         dynamicSharedLimit = bytes
     }
 
-    /// Enqueues the kernel on `stream` (`cuLaunchKernel`).
+    /// Whether this driver can launch with programmatic stream serialization (`cuLaunchKernelEx`).
+    public var supportsProgrammaticDependentLaunch: Bool { module.device.driver.cuLaunchKernelEx != nil }
+
+    /// Enqueues the kernel on `stream` (`cuLaunchKernel`, or `cuLaunchKernelEx` with
+    /// `programmaticDependentLaunch`).
     ///
     /// The arguments are packed into a temporary parameter block with each one's size and alignment,
     /// and a `void*[]` pointing into it, both alive only for the call.
+    ///
+    /// With `programmaticDependentLaunch` (Hopper), the launch may begin while the previous kernel on
+    /// the stream drains; the kernel must execute `griddepcontrol.wait` before touching memory the
+    /// previous kernels wrote (every forward kernel of this package does so first).
     /// - Throws: `CUDAError` for an empty grid or block, shared memory over the kernel's limit, or the
     ///   driver's launch error.
     public func launch(
         grid: Dimensions, block: Dimensions, sharedMemoryBytes: Int = 0, on stream: Stream,
-        arguments: [any KernelArgument]
+        arguments: [any KernelArgument], programmaticDependentLaunch: Bool = false
     ) throws(CUDAError) {
         guard grid.x >= 1, grid.y >= 1, grid.z >= 1, block.x >= 1, block.y >= 1, block.z >= 1 else {
             throw .usage("Kernel.launch", "\(name): grid \(grid) and block \(block) must be at least 1 in every dimension")
@@ -175,6 +183,19 @@ public final class Kernel: @unchecked Sendable {
                 for (index, argument) in arguments.enumerated() {
                     argument.writeKernelArgument(to: base + offsets[index])
                     pointers[index] = base + offsets[index]
+                }
+                if programmaticDependentLaunch, let launchEx = driver.cuLaunchKernelEx {
+                    var attribute = CCUDALaunchAttribute()
+                    attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+                    attribute.value.programmaticStreamSerializationAllowed = 1
+                    return withUnsafeMutablePointer(to: &attribute) { attributePointer in
+                        var config = CCUDALaunchConfig(
+                            gridDimX: UInt32(grid.x), gridDimY: UInt32(grid.y), gridDimZ: UInt32(grid.z),
+                            blockDimX: UInt32(block.x), blockDimY: UInt32(block.y), blockDimZ: UInt32(block.z),
+                            sharedMemBytes: UInt32(sharedMemoryBytes), hStream: stream.handle, attrs: attributePointer,
+                            numAttrs: 1)
+                        return launchEx(&config, function, pointers.baseAddress, nil)
+                    }
                 }
                 return driver.cuLaunchKernel(
                     function, UInt32(grid.x), UInt32(grid.y), UInt32(grid.z),

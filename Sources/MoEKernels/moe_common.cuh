@@ -642,4 +642,15 @@ MOE_DEVICE void wgmma_m64nNk16_ss<moe_fp16, 256>(float (&d)[128], uint64_t desc_
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+
+// griddepcontrol.wait (sm_90): under programmatic dependent launch, blocks until every grid this
+// one depends on has completed and its memory is visible. Every kernel of the forward calls it
+// first, so the next launch may start while the previous grid drains; without the launch
+// attribute it returns at once.
+MOE_DEVICE void griddepcontrol_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #endif  // MOE_COMMON_CUH

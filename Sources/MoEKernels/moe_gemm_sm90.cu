@@ -297,6 +297,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                   int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
+    griddepcontrol_wait();
     using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
     using Smem = typename Tr::Smem;
 
@@ -463,6 +464,7 @@ __global__ void __launch_bounds__(256, 1)
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
+    griddepcontrol_wait();
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
     using Smem = typename Tr::Smem;
 

@@ -49,6 +49,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: time only the plan's own choice per batch size, not every split setting of the PR's table.")
     var planOnly = false
 
+    @Flag(help: "GPU: also time the plan's choice launched without programmatic dependent launch (PDL).")
+    var withoutPdl = false
+
     @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")
     var stages = false
 
@@ -123,7 +126,7 @@ extension Bench {
         var rows: [BenchRow] = []
         for preset in presets {
             rows += try bench.run(
-                preset: preset, batchSizes: batches, settings: planOnly ? [.auto] : GPUBench.tableSettings, dtype: dtype,
+                preset: preset, batchSizes: batches, settings: (planOnly ? [.auto] : GPUBench.tableSettings) + (withoutPdl ? [.autoSequential] : []), dtype: dtype,
                 ceilings: measured, rotations: rotations, seed: seed, stages: stages, progress: note)
         }
         let report = BenchReport(

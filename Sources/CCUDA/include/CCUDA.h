@@ -108,6 +108,30 @@ typedef CUresult (*PFN_cuGraphLaunch)(CUgraphExec exec, CUstream stream);
 typedef CUresult (*PFN_cuGraphExecDestroy)(CUgraphExec exec);
 typedef CUresult (*PFN_cuGraphDestroy)(CUgraph graph);
 
+/// CUlaunchAttribute (cuda.h): an id, padding, and a 64-byte value union of which we use the first int.
+typedef struct {
+    int id;
+    char pad[4];
+    union {
+        int programmaticStreamSerializationAllowed;
+        char bytes[64];
+    } value;
+} CCUDALaunchAttribute;
+
+/// CUlaunchConfig (cuda.h).
+typedef struct {
+    unsigned int gridDimX, gridDimY, gridDimZ;
+    unsigned int blockDimX, blockDimY, blockDimZ;
+    unsigned int sharedMemBytes;
+    CUstream hStream;
+    CCUDALaunchAttribute *attrs;
+    unsigned int numAttrs;
+} CCUDALaunchConfig;
+
+enum { CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+
+typedef CUresult (*PFN_cuLaunchKernelEx)(const CCUDALaunchConfig *config, CUfunction function, void **parameters, void **extra);
+
 /// `tensorMap` points to a CUtensorMap: an opaque 128-byte descriptor, 64-byte aligned.
 typedef CUresult (*PFN_cuTensorMapEncodeTiled)(
     void *tensorMap, int dataType, unsigned int rank, void *globalAddress,
@@ -139,5 +163,8 @@ const char *ccuda_path_of_symbol(const void *symbol);
 #ifdef __cplusplus
 }
 #endif
+
+// NCCL, for expert parallelism (declared after CUstream, which it uses).
+#include "CNCCL.h"
 
 #endif

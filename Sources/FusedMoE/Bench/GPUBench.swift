@@ -36,11 +36,14 @@ public final class GPUBench {
     /// A timed setting: a fixed split, or the plan's own choice (`auto`).
     public enum Setting: Hashable, Sendable {
         case auto
+        /// The plan's own choice launched without programmatic dependent launch, for comparison.
+        case autoSequential
         case split(Int, SplitMode)
 
         public var label: (variant: String, split: String) {
             switch self {
             case .auto: ("auto", "plan")
+            case .autoSequential: ("auto-nopdl", "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
             }
         }
@@ -59,7 +62,7 @@ public final class GPUBench {
         let multiprocessors = library.device.properties.multiprocessorCount
         func plan(_ setting: Setting, _ tokens: Int) throws -> MoEPlan {
             switch setting {
-            case .auto:
+            case .auto, .autoSequential:
                 return try PlanSelector.plan(
                     shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
@@ -96,7 +99,7 @@ public final class GPUBench {
                 let layerPlan = try plan(setting, tokens)
                 let layer = try CUDAMoELayer(
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: layerPlan,
-                    maxTokens: tokens)
+                    maxTokens: tokens, programmaticDependentLaunch: setting != .autoSequential)
                 // Correctness of this very configuration, poisoned first.
                 try out.fill(byte: 0xFF, on: stream)
                 try layer.forward(
@@ -111,9 +114,10 @@ public final class GPUBench {
                 let label = setting.label
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
-                    variant: setting == .auto ? GPUBench.kernelLabel(layerPlan) : label.variant,
+                    variant: setting == .auto ? GPUBench.kernelLabel(layerPlan)
+                        : setting == .autoSequential ? GPUBench.kernelLabel(layerPlan) + "-nopdl" : label.variant,
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
-                    splitMode: setting == .auto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
+                    splitMode: setting == .auto || setting == .autoSequential ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
                 if stages {
                     row.stages = try stageBreakdown(layer: layer, inputs: inputs[0], out: out)

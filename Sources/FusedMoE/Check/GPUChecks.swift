@@ -194,6 +194,16 @@ public final class GPUChecks {
                     let same = separate.bits == first.bits
                     passed = passed && same
                     detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
+                    // Programmatic dependent launch must not change a bit either (a race would).
+                    if layer.programmaticDependentLaunch {
+                        let sequential = try CUDAMoELayer(
+                            library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                            plan: plan, maxTokens: tokens, programmaticDependentLaunch: false)
+                        let plain = try runPoisoned(sequential, inputs, out)
+                        let equal = plain.bits == first.bits
+                        passed = passed && equal
+                        detail += equal ? ", = without PDL" : ", DIFFERS without PDL"
+                    }
                 }
                 record(label, passed, detail)
             } catch {

@@ -17,6 +17,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public let chunkTokens: Int
     public let w1: DeviceBuffer
     public let w2: DeviceBuffer
+    /// Launch each kernel with programmatic stream serialization (Hopper), so it starts while its
+    /// predecessor drains; every forward kernel waits (`griddepcontrol.wait`) before touching memory.
+    public let programmaticDependentLaunch: Bool
 
     /// E as the router sees it: the expert map's length under expert parallelism.
     public var routedExperts: Int { options.routedExperts(local: shape.experts) }
@@ -61,10 +64,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///   - w2: `[E, H, I]` weights of `dtype`, contiguous.
     ///   - maxTokens: the largest batch `forward` will be given; scratch is sized from it.
     ///   - chunkTokens: tokens per chunk (default 65536).
+    ///   - programmaticDependentLaunch: overlap each launch with its predecessor's drain (default: on
+    ///     where the GPU and driver support it, compute capability 9.0+).
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
-        options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536
+        options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536,
+        programmaticDependentLaunch: Bool? = nil
     ) throws(MoEError) {
         guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
         guard shape.hidden % 8 == 0 else {
@@ -108,6 +114,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
         self.chunkTokens = chunkTokens
         self.w1 = w1
         self.w2 = w2
+        self.programmaticDependentLaunch =
+            (programmaticDependentLaunch ?? true) && device.properties.computeCapabilityMajor >= 9
+            && device.driver.cuLaunchKernelExAvailable
 
         let chunk = max(min(maxTokens, chunkTokens), 1)
         let pairs = chunk * shape.topK
@@ -275,7 +284,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try marker?("gemm1")
             try kernels.activation.launch(
                 grid: elementwiseGrid(work: pairs * i, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
-                on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)])
+                on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)], programmaticDependentLaunch: programmaticDependentLaunch)
             try marker?("activation")
         }
         try gemm(
@@ -285,7 +294,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try marker?("gemm2")
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
-            arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs])
+            arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
         try marker?("combine")
     }
 
@@ -301,21 +310,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
                     Int64(maxPadded),
-                ])
+                ], programmaticDependentLaunch: programmaticDependentLaunch)
         } else {
             let chunks = (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk
             try kernels.alignCount.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts])
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts], programmaticDependentLaunch: programmaticDependentLaunch)
             try kernels.alignScan.launch(
                 grid: Dimensions(1), block: Dimensions(1024), on: stream,
                 arguments: [
                     chunkCounts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs,
                     totalPadded, Int64(maxPadded),
-                ])
+                ], programmaticDependentLaunch: programmaticDependentLaunch)
             try kernels.alignScatter.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs])
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs], programmaticDependentLaunch: programmaticDependentLaunch)
         }
         return maxPadded
     }
@@ -355,7 +364,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
                     Int64(rowStride), Int64(maxPadded),
-                ])
+                ], programmaticDependentLaunch: programmaticDependentLaunch)
         } else {
             // The weights [E, N, K] as [E*N rows][K columns], read by TMA in [blockN][64] boxes with the
             // 128-byte swizzle the kernel's shared-memory layout expects. Encoding is host-only work.
@@ -369,7 +378,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     map, a, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                     Int64(maxPadded),
-                ])
+                ], programmaticDependentLaunch: programmaticDependentLaunch)
         }
         guard mode != .none else { return }
         let splits = mode == .workspace ? config.splitK : 1
@@ -378,15 +387,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
         case .activation:
             try kernels.splitReduceActivation.launch(
                 grid: elementwiseGrid(work: pairs * outputColumns, vector: 8), block: Dimensions(256), on: stream,
-                arguments: [accumulator, Int64(splitStride), Int32(splits), Int64(pairs), Int64(outputColumns), output])
+                arguments: [accumulator, Int64(splitStride), Int32(splits), Int64(pairs), Int64(outputColumns), output], programmaticDependentLaunch: programmaticDependentLaunch)
         case .cast where mode == .atomic:
             try kernels.cast.launch(
                 grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
-                arguments: [accumulator, output, Int64(pairs * n)])
+                arguments: [accumulator, output, Int64(pairs * n)], programmaticDependentLaunch: programmaticDependentLaunch)
         case .cast:
             try kernels.splitReduce.launch(
                 grid: elementwiseGrid(work: pairs * n, vector: 4), block: Dimensions(256), on: stream,
-                arguments: [accumulator, Int64(pairs * n), Int32(config.splitK), Int64(pairs), Int64(n), Int64(n), output])
+                arguments: [accumulator, Int64(pairs * n), Int32(config.splitK), Int64(pairs), Int64(n), Int64(n), output], programmaticDependentLaunch: programmaticDependentLaunch)
         }
     }
 
