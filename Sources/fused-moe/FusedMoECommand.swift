@@ -11,7 +11,7 @@ struct FusedMoECommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fused-moe",
         abstract: "Runs, checks and benchmarks the fused Mixture-of-Experts layer on NVIDIA GPUs (or the CPU).",
-        subcommands: [Info.self, Bench.self, Check.self, Tune.self, Run.self],
+        subcommands: [Info.self, Bench.self, Check.self, Tune.self, Run.self, EP.self],
         defaultSubcommand: Bench.self)
 }
 
