@@ -40,6 +40,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Write the results as JSON (DESIGN.md's format) to this file.")
     var json: String?
 
+    @Option(help: "Write an SVG plot of time and % of floor against batch size to this file.")
+    var plot: String?
+
     @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run (scripts/ceilings.py writes one with torch). Without it the copy bandwidth is measured here and the bf16 rate is taken as 715 TFLOP/s, unmeasured.")
     var ceilings: String?
 
@@ -87,6 +90,10 @@ struct Bench: ParsableCommand {
         if let json {
             try writeText(report.json.serialized(indent: 1) + "\n", to: json)
             note("wrote \(json)")
+        }
+        if let plot {
+            try writeText(BenchPlot.svg(report: report), to: plot)
+            note("wrote \(plot)")
         }
     }
 }
@@ -136,6 +143,10 @@ extension Bench {
         if let json {
             try writeText(report.json.serialized(indent: 1) + "\n", to: json)
             note("wrote \(json)")
+        }
+        if let plot {
+            try writeText(BenchPlot.svg(report: report), to: plot)
+            note("wrote \(plot)")
         }
     }
 }

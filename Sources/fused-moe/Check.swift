@@ -55,6 +55,11 @@ struct Check: ParsableCommand {
             results.append(result)
             let checks = try GPUChecks(library: library) { print($0.line) }
             results += checks.run(seed: seed, scope: small ? .small : quick ? .quick : .full)
+            // The routers: softmax top-k and grouped top-k on the GPU against the CPU, ids exactly.
+            for result in RoutingChecks.run(library: library, seed: seed) {
+                print(result.line)
+                results.append(result)
+            }
         } catch let error as CUDAError {
             let result = CheckResult(name: "gpu probe kernel", passed: false, detail: error.description)
             print(result.line)
