@@ -72,7 +72,7 @@ import Testing
         #expect(elements.first == "svg")
         // Per shape: two panels of 4 labels each, and the floor line.
         #expect(elements.filter { $0 == "polyline" }.count == 2 * (2 * 4 + 1))
-        for label in ["mma none", "mma workspace4", "wgmma&lt;&amp;&gt; atomic2", "wgmma_swap plan:none1/none1"] {
+        for label in ["mma none", "mma workspace4", "wgmma&lt;&amp;&gt; atomic2", "plan"] {
             #expect(svg.contains(">\(label)</text>"), "legend entry \(label)")
         }
         #expect(!svg.contains("wgmma<&>"))

@@ -47,8 +47,12 @@ public enum BenchPlot {
         return canvas.document(width: Layout.width, height: top + Layout.margin)
     }
 
-    /// A row's variant label: `variant` and `split_mode`.
-    static func label(_ row: BenchRow) -> String { row.variant + " " + row.splitMode }
+    /// A row's variant label: `variant` and `split_mode`; the plan's own rows (whose kernels change
+    /// with M) are one line, "plan" (or "plan, no PDL").
+    static func label(_ row: BenchRow) -> String {
+        guard row.splitMode.hasPrefix("plan") else { return row.variant + " " + row.splitMode }
+        return row.variant.hasSuffix("-nopdl") ? "plan, no PDL" : "plan"
+    }
 
     enum Layout {
         static let width = 1400.0
