@@ -114,6 +114,22 @@ import Testing
         #expect(other.gemm1.kernel == .mma && other.gemm2.kernel == .mma)
     }
 
+    @Test func rooflineBoundGrowsWithRereadsAndPartials() throws {
+        let seed = try ShapePreset.named("seed4096").shape
+        func bound(_ config: GemmConfig, tokens: Int) -> Double {
+            Tuner.lowerBoundMilliseconds(
+                config, n: 768, k: 4096, shape: seed, tokens: tokens, expertsTouched: 128, dtype: .bf16, bandwidth: 4e12)
+        }
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        let narrow = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 4, swapAB: true)
+        // One read of all 128 experts' [768, 4096] bf16 slices at 4 TB/s: 0.201 ms.
+        #expect(abs(bound(wide, tokens: 1024) - 1000 * 128 * 768 * 4096 * 2 / 4e12) < 1e-9)
+        // 8192 tokens give 512 rows per expert: 32 reads with BLOCK_M 16, 4 with 128.
+        #expect(bound(narrow, tokens: 8192) > 7 * bound(wide, tokens: 8192))
+        let split = MoEPlan(both: wide).withSplit(8, mode: .workspace).gemm1
+        #expect(bound(split, tokens: 8192) > bound(wide, tokens: 8192))
+    }
+
     @Test func tunerAlwaysHasABlockM() {
         for preset in ShapePreset.all {
             for tokens in ShapePreset.batchSizes {

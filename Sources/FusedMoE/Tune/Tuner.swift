@@ -121,6 +121,8 @@ public final class Tuner {
         let weights = try LayerWeights(tools: bench.tools, shape: shape, dtype: dtype, seed: seed, stream: bench.stream)
         var outcomes: [Outcome] = []
         var done = 0
+        var pruned = 0
+        let copyBandwidth = try bench.measureCopyBandwidth()
         let start = HostClock.now()
         for (tokens, plans) in work {
             let inputs = try LayerInputs(tools: bench.tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(tokens), stream: bench.stream)
@@ -129,12 +131,25 @@ public final class Tuner {
             var best1: [Int: (MoEPlan, Double)] = [:]
             var best2: [Int: (MoEPlan, Double)] = [:]
             var rest: [Int: Double] = [:]
+            let touched = Set(try inputs.ids.download(count: tokens * shape.topK, as: Int32.self)).count
             for plan in plans {
                 done += 1
                 let elapsed = HostClock.now() - start
                 let left = done > 1 ? elapsed / Double(done - 1) * Double(total - done + 1) : 0
                 progress(progressBar(done: done, total: total) + " M=\(tokens) \(plan)  ETA \(clock(left))")
                 if CUDAMoELayer.requests(dtype: dtype, plan: plan, activation: .silu).contains(where: spilling.contains) { continue }
+                // The roofline: skip a candidate whose least possible traffic already takes longer, on
+                // both GEMMs, than the best measured so far with its BLOCK_M.
+                let bound1 = Tuner.lowerBoundMilliseconds(
+                    plan.gemm1, n: 2 * shape.intermediate, k: shape.hidden, shape: shape, tokens: tokens,
+                    expertsTouched: touched, dtype: dtype, bandwidth: copyBandwidth)
+                let bound2 = Tuner.lowerBoundMilliseconds(
+                    plan.gemm2, n: shape.hidden, k: shape.intermediate, shape: shape, tokens: tokens,
+                    expertsTouched: touched, dtype: dtype, bandwidth: copyBandwidth)
+                if bound1 > best1[plan.blockM]?.1 ?? .infinity && bound2 > best2[plan.blockM]?.1 ?? .infinity {
+                    pruned += 1
+                    continue
+                }
                 guard let layer = try? CUDAMoELayer(
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
                 else { continue }
@@ -170,7 +185,7 @@ public final class Tuner {
             let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
             let heuristicLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: heuristic, maxTokens: tokens)
             let heuristicMs = try bench.time(layer: heuristicLayer, inputs: [inputs], out: out, tokens: tokens)
-            progress("M=\(tokens): \(format(ms, 4)) ms (heuristic \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)): \(plan)")
+            progress("M=\(tokens): \(format(ms, 4)) ms (heuristic \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
             guard error < errorBound(dtype) else {
                 throw MoEError.mismatch("the tuned plan for M=\(tokens) gives rel_err \(error): \(plan)")
             }
@@ -181,6 +196,28 @@ public final class Tuner {
                 relativeError: error, candidates: plans.count))
         }
         return outcomes
+    }
+}
+
+extension Tuner {
+    /// The least time one GEMM of a candidate can take on memory traffic alone: every m-block of an
+    /// expert reads that expert's whole `[n, k]` weight slice (so small BLOCK_M re-reads weights),
+    /// plus, when K is split, the fp32 partials written and read back (workspace) or added (atomic).
+    static func lowerBoundMilliseconds(
+        _ config: GemmConfig, n: Int, k: Int, shape: MoEShape, tokens: Int, expertsTouched: Int, dtype: DType,
+        bandwidth: Double
+    ) -> Double {
+        let pairs = tokens * shape.topK
+        let rowsPerExpert = Double(pairs) / Double(max(expertsTouched, 1))
+        let mBlocksPerExpert = max(1, Int((rowsPerExpert / Double(config.blockM)).rounded(.up)))
+        let weightBytes = Double(expertsTouched * mBlocksPerExpert * n * k * dtype.byteCount)
+        var partialBytes = 0.0
+        switch config.effectiveMode {
+        case .none: break
+        case .atomic: partialBytes = Double(pairs * n * 4) * 3  // zero fill, atomic read-modify-write
+        case .workspace: partialBytes = Double(config.splitK * pairs * n * 4) * 2  // written, read back
+        }
+        return 1000 * (weightBytes + partialBytes) / bandwidth
     }
 }
 
