@@ -33,6 +33,18 @@ struct Run: ParsableCommand {
     @Flag(help: "Renormalize the top-k softmax weights to sum to 1 (routing from router_logits).")
     var renormalize = false
 
+    @Option(help: "Grouped routing (DeepSeek-V2/V3): the expert groups; with router_logits, routes by grouped top-k (a `correction_bias [E]` tensor in IN is used when present).")
+    var groups: Int?
+
+    @Option(help: "Grouped routing: the groups kept per token (default: all).")
+    var topKGroups: Int?
+
+    @Option(help: "Grouped routing: the score function, softmax or sigmoid.")
+    var scoring: String = "softmax"
+
+    @Option(help: "Grouped routing: the routed scaling factor the weights are multiplied by.")
+    var scaling: Double = 1
+
     @Option(help: "The activation between the projections: silu or gelu.")
     var activation: Activation = .silu
 
@@ -44,11 +56,22 @@ struct Run: ParsableCommand {
 
     func validate() throws {
         if let topK, topK < 1 { throw ValidationError("--top-k must be >= 1, got \(topK)") }
+        guard ["softmax", "sigmoid"].contains(scoring) else {
+            throw ValidationError("--scoring must be softmax or sigmoid, got '\(scoring)'")
+        }
+        guard groups != nil || (topKGroups == nil && scoring == "softmax" && scaling == 1) else {
+            throw ValidationError("--top-k-groups, --scoring and --scaling go with --groups (grouped routing)")
+        }
     }
 
     func run() throws {
         let file = try SafetensorsFile(path: input)
-        let settings = RunLayer.Settings(topK: topK, renormalize: renormalize, activation: activation, dtype: dtype)
+        var settings = RunLayer.Settings(topK: topK, renormalize: renormalize, activation: activation, dtype: dtype)
+        if let groups {
+            settings.grouped = MoERoutingConfig(
+                scoring: scoring == "sigmoid" ? .sigmoid : .softmax, renormalize: renormalize, groups: groups,
+                topKGroups: topKGroups ?? groups, scalingFactor: scaling)
+        }
         let type = try RunLayer.dtype(input: file, settings: settings)
         var choice = try backend.resolve()
         if choice == .cuda && type == .fp32 {

@@ -50,6 +50,30 @@ import Testing
         #expect(file.metadata["producer"] == "fused-moe run")
     }
 
+    @Test(arguments: [false, true])
+    func groupedRoutingWithAndWithoutCorrectionBias(withBias: Bool) throws {
+        let folder = IOTestFolder()
+        let bias: [Float] = [0.5, -0.25, 0, 0.125]
+        let (input, sample) = try writeInput(BFloat16.self, in: folder) { sample in
+            [SafetensorsTensor(name: "router_logits", sample.logits)]
+                + (withBias ? [SafetensorsTensor(name: "correction_bias", try! HostTensor(shape: [4], storage: bias))] : [])
+        }
+        var settings = RunLayer.Settings(topK: 2, renormalize: true)
+        settings.grouped = MoERoutingConfig(scoring: .sigmoid, renormalize: false, groups: 2, topKGroups: 1, scalingFactor: 2.5)
+        let result = try RunLayer.run(
+            inputPath: input, outputPath: folder.file("out.safetensors"), settings: settings, backend: .cpu)
+        #expect(result.routedFromLogits)
+        let routing = try Router.groupedTopK(
+            logits: sample.logits, correctionBias: withBias ? bias : nil, topK: 2, groups: 2, topKGroups: 1,
+            scoring: .sigmoid, renormalize: true, scalingFactor: 2.5)
+        let file = try SafetensorsFile(path: folder.file("out.safetensors"))
+        #expect(try file.integers("topk_ids").storage == routing.ids)
+        // One group kept of two: both experts of a token come from the same half.
+        for token in 0..<5 { #expect(routing.ids[2 * token] / 2 == routing.ids[2 * token + 1] / 2) }
+        let expected = try CPUBackend.forward(x: sample.x, routing: routing, weights: sample.weights)
+        #expect(try file.tensor("out", as: BFloat16.self).storage == expected.storage)
+    }
+
     @Test func topKIDsAsInt64WithBF16WeightsAndUnroutedSlots() throws {
         let folder = IOTestFolder()
         var routing = Routing?.none

@@ -31,6 +31,10 @@ public enum RunLayer {
         public var activation: Activation
         /// The type to compute in; nil takes `x`'s, and then `w1` and `w2` must have it too.
         public var dtype: DType?
+        /// Grouped routing (DeepSeek): scores, groups kept, scaling. Nil: softmax top-k. Its
+        /// `renormalize` is replaced by `renormalize` above; a `correction_bias [E]` tensor in the
+        /// input is used when present.
+        public var grouped: MoERoutingConfig?
 
         /// The command line's defaults: no k, no renormalization, SwiGLU, x's dtype.
         public init(topK: Int? = nil, renormalize: Bool = false, activation: Activation = .silu, dtype: DType? = nil) {
@@ -177,7 +181,14 @@ public enum RunLayer {
                 throw .invalidArgument("top-k", "expected k in 1...\(experts) (the experts of w1), got \(topK)")
             }
             let logits = try input.tensor("router_logits", as: Float.self)
-            routing = try Router.softmaxTopK(logits: logits, topK: topK, renormalize: settings.renormalize)
+            if var grouped = settings.grouped {
+                grouped.renormalize = settings.renormalize
+                let bias = input.info("correction_bias") == nil
+                    ? nil : try input.tensor("correction_bias", as: Float.self).storage
+                routing = try Router.route(logits: logits, config: grouped, topK: topK, correctionBias: bias)
+            } else {
+                routing = try Router.softmaxTopK(logits: logits, topK: topK, renormalize: settings.renormalize)
+            }
             routedFromLogits = true
         } else {
             guard let idsInfo else {
