@@ -653,4 +653,15 @@ MOE_DEVICE void griddepcontrol_wait() {
 #endif
 }
 
+// griddepcontrol.launch_dependents (sm_90): under programmatic dependent launch, lets the grid that
+// depends on this one be scheduled once every block of this grid has executed it (the first time, by
+// any of its threads) or exited; without the launch attribute it does nothing. It orders no memory:
+// the dependent's griddepcontrol.wait still waits for this whole grid to complete and its writes to
+// be visible, so where a kernel signals changes only when the next one may start waiting.
+MOE_DEVICE void griddepcontrol_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #endif  // MOE_COMMON_CUH

@@ -2,7 +2,7 @@
 // wgmma from shared memory, B (weights) by the copy engine (TMA), A (activation rows) gathered by
 // cp.async, one producer warpgroup and one or two consumer warpgroups.
 //
-// Both kernels compute exactly what moe_gemm computes (see moe_gemm.cu), for every row r <
+// All three kernels compute exactly what moe_gemm computes (see moe_gemm.cu), for every row r <
 // *total_padded of the expert-sorted order:
 //     p = sorted_token_ids[r]                      (pair index; p >= num_valid_tokens is padding)
 //     C[p, :] = A[p / top_k, :] * B[expert_ids[r / BLOCK_M]]^T   (x topk_weights[p] if MUL_ROUTED_WEIGHT)
@@ -63,7 +63,49 @@
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
-// Tensor map (host, cuTensorMapEncodeTiled), both kernels: B viewed as a 2-D tensor of T
+// moe_gemm_sm90_persistent<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>  (prefill, large M)
+//
+// moe_gemm_sm90's tiles and arguments (the same tensor map, boxDim = {64, BLOCK_N}), computed by
+// persistent programs that keep the operand ring full across tiles.
+// Grid:   x = any count >= 1, y = split_k, z = 1; num_tiles = ceil(max_padded / BLOCK_M) * ceil(N / BLOCK_N).
+//         Correct for every x (programs with blockIdx.x >= num_tiles return at once); fastest when all
+//         x * split_k programs are resident at once: x = min(num_tiles, max(1, resident / split_k)),
+//         resident = SMs * blocks per SM (1 for BLOCK_M 128; cuOccupancyMaxActiveBlocksPerMultiprocessor
+//         for BLOCK_M 64 with a shallow ring, where two may fit).
+// Each program (blockIdx.x = b, split blockIdx.y = s) walks the linear tile indices t = b, b + gridDim.x,
+//         ... < num_tiles; tile t is moe_gemm_sm90's program t (the GROUP_SIZE_M swizzle, split s), and
+//         is skipped when its m-block is at or past *total_padded (with the swizzle those interleave
+//         with real tiles) or, in mode 1, when it has no K work (expert -1 or an empty split range).
+//         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
+// Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
+//         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
+//         Producer warpgroup: for each of its tiles with K work (tile.num_tiles > 0), fills one of two
+//           A-row tables (the a_row and pair tables of the layout, alternating; one named barrier over
+//           the producer warpgroup per tile), then loads the tile's K tiles as moe_gemm_sm90 does. Its
+//           ring stage and phase run on from tile to tile, so it loads the next tiles while the
+//           consumers finish the current one and run its epilogue, up to STAGES K tiles ahead.
+//         Consumer warpgroups: per tile, fresh accumulators; the same K loop on the shared ring position,
+//           releasing every stage they consumed (the last one of each tile too); then the epilogue, in
+//           which each consumer warp stores its 16 rows through its own staging rows (below) with
+//           __syncwarp only: no barrier between warps, and the ring is not touched.
+//         Both roles decide which tiles exist and which have K work with the same call on the same
+//         inputs, so every full/empty phase is waited for by the side that the other side signals.
+// Shared memory (dynamic, no static):
+//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
+//         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
+//         SMEM_BYTES + 1024 and raises the dynamic limit to that. Layout: moe_gemm_sm90's (A ring, B ring,
+//         full/empty barriers, two BLOCK_M int32 tables), then the output staging, 256 bytes per tile
+//         row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w. A warp stages its rows in passes of
+//         256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128 bytes for mode 0
+//         with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8), so the wgmma
+//         fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts; each row
+//         then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in 227 KB:
+//         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
+// PDL:    griddepcontrol.wait first; producer thread 0 executes griddepcontrol.launch_dependents once
+//         its program has issued its last load (the dependent grid still waits for this one to finish).
+//
+// ---------------------------------------------------------------------------------------------------
+// Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
 //         (CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 or FLOAT16), rank 2, globalDim = {K, E*N},
 //         globalStrides = {K*2} bytes, boxDim = {64, rows} (rows = BLOCK_N or BLOCK_N_W),
 //         elementStrides = {1, 1}, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -76,7 +118,7 @@
 //         N, stride_cm are free (tails and odd strides fall back to scalar stores).
 #include "moe_common.cuh"
 
-// MARK: - Pieces shared by both kernels
+// MARK: - Pieces shared by the kernels
 
 /// The program's output tile and K range.
 struct MoESm90Tile {
@@ -86,6 +128,36 @@ struct MoESm90Tile {
     int32_t expert;    // -1: not owned
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
 };
+
+/// The tile of linear tile index `pid` and split `split`: moe_sm90_schedule's mapping (Triton's grouped
+/// ordering, as moe_gemm) for any tile index, for programs that walk several tiles. False: no tile (pid
+/// past the tile count, or its m-block at or past *total_padded).
+template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
+MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
+                                 const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
+                                 int32_t group_size_m, int64_t max_padded) {
+    const int64_t num_pid_m = ceil_div(max_padded, BLOCK_M);
+    const int64_t num_pid_n = ceil_div(N, BLOCK_N);
+    const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
+    const int64_t pids_in_group = group_m * num_pid_n;
+    const int64_t first_pid_m = (pid / pids_in_group) * group_m;
+    if (first_pid_m >= num_pid_m) return false;  // grid larger than the tile count
+    const int64_t this_group_m = min_i64(num_pid_m - first_pid_m, group_m);
+    const int64_t pid_m = first_pid_m + (pid % pids_in_group) % this_group_m;
+    const int64_t pid_n = (pid % pids_in_group) / this_group_m;
+
+    tile.row0 = pid_m * BLOCK_M;
+    if (tile.row0 >= static_cast<int64_t>(*total_padded)) return false;
+    tile.n0 = pid_n * BLOCK_N;
+    tile.expert = expert_ids[pid_m];
+
+    const int64_t k_tiles = ceil_div(K, BLOCK_K);
+    const int64_t tiles_per_split = ceil_div(k_tiles, split_k > 0 ? split_k : 1);
+    tile.kt_begin = split * tiles_per_split;
+    const int64_t kt_end = min_i64(tile.kt_begin + tiles_per_split, k_tiles);
+    tile.num_tiles = (tile.expert < 0 || tile.kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - tile.kt_begin);
+    return true;
+}
 
 /// Tile coordinates with Triton's grouped ordering (as moe_gemm). False: this program has no tile.
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
@@ -178,14 +250,18 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
     __syncthreads();
 }
 
-/// The producer warpgroup's loop (all 128 threads). Per K tile: wait for the stage to be empty; thread 0
-/// arms full[s] with the B tile's bytes and issues its TMA copy (box {kt*64, b_row}); every thread
-/// copies 16-byte chunk tid % 8 of A rows tid / 8 + 16 i into the swizzled stage (zero-filled for
-/// padding rows and the K tail), then arrives on full[s] when its copies land (cp.async noinc).
+/// K tile t of `tile`'s split range (kt = tile.kt_begin + t), loaded by the producer warpgroup (all 128
+/// threads) into ring stage `stage` of round parity `phase`: wait for the stage to be empty (the
+/// consumers released its previous round; a fresh barrier passes parity 1 at once); thread 0 arms
+/// full[stage] with the B tile's bytes and issues its TMA copy (box {kt*64, b_row}); every thread copies
+/// 16-byte chunk tid % 8 of A rows tid / 8 + 16 i (source row a_rows[r], -1 for padding) into the
+/// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
+/// copies land (cp.async noinc).
 template <typename T, int A_ROWS, int B_ROWS, int STAGES>
-MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
-                                 const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
-                                 int tid) {
+MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
+                                        const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
+                                        int32_t b_row, const MoESm90Tile& tile, int t, int stage, uint32_t phase,
+                                        int tid) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
     constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
@@ -193,30 +269,39 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
     const int chunk = tid % CHUNKS_PER_ROW;
     const int pass_row = tid / CHUNKS_PER_ROW;  // rows pass_row + 16 i all have r % 8 == pass_row % 8
     const uint32_t a_dst0 = sm.a + pass_row * Sm::ROW_BYTES + ((chunk ^ (pass_row & 7)) << 4);
+    mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
+    const uint32_t full = sm.full + 8 * stage;
+    const int64_t kt = tile.kt_begin + t;
+    if (tid == 0) {
+        mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
+        tma_load_2d(sm.b + stage * Sm::B_STAGE_BYTES, b_map, static_cast<int32_t>(kt * Sm::BLOCK_K), b_row, full);
+    }
+    const int64_t k = kt * Sm::BLOCK_K + chunk * 8;
+    const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
+    const uint32_t a_dst = a_dst0 + stage * Sm::A_STAGE_BYTES;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+        const int r = pass_row + i * ROWS_PER_PASS;
+        if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
+            const int32_t a_row = a_rows[r];
+            const bool ok = k_ok && a_row >= 0;
+            const T* src = ok ? A + static_cast<int64_t>(a_row) * stride_am + k : A;
+            cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, src, ok);
+        }
+    }
+    cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
+}
+
+/// The producer warpgroup's loop over one tile's K tiles (all 128 threads), ring from stage 0.
+template <typename T, int A_ROWS, int B_ROWS, int STAGES>
+MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
+                                 const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
+                                 int tid) {
     int stage = 0;
     uint32_t phase = 0;
     for (int t = 0; t < tile.num_tiles; ++t) {
-        mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
-        const uint32_t full = sm.full + 8 * stage;
-        const int64_t kt = tile.kt_begin + t;
-        if (tid == 0) {
-            mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
-            tma_load_2d(sm.b + stage * Sm::B_STAGE_BYTES, b_map, static_cast<int32_t>(kt * Sm::BLOCK_K), b_row, full);
-        }
-        const int64_t k = kt * Sm::BLOCK_K + chunk * 8;
-        const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
-        const uint32_t a_dst = a_dst0 + stage * Sm::A_STAGE_BYTES;
-#pragma unroll
-        for (int i = 0; i < PASSES; ++i) {
-            const int r = pass_row + i * ROWS_PER_PASS;
-            if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
-                const int32_t a_row = sm.a_row[r];
-                const bool ok = k_ok && a_row >= 0;
-                const T* src = ok ? A + static_cast<int64_t>(a_row) * stride_am + k : A;
-                cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, src, ok);
-            }
-        }
-        cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
+        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES>(sm, sm.a_row, b_map, A, stride_am, K, b_row,
+                                                           tile, t, stage, phase, tid);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -592,6 +677,298 @@ __global__ void __launch_bounds__(256, 1)
                     }
                 }
             }
+        }
+    }
+}
+
+// MARK: - moe_gemm_sm90_persistent
+
+/// One consumer warpgroup's K loop over one tile, on a ring position (stage, phase) that carries over
+/// from tile to tile. Per K tile: wait for full[stage]; fence the async proxy; issue(stage) issues and
+/// commits the stage's wgmma group; wait until only that group is pending, then release the previous
+/// stage. Ends with every group complete and every stage it consumed released (the last one too: the
+/// producer refills it for a later tile). num_tiles == 0: touches no barrier.
+template <int STAGES, typename Issue>
+MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
+                                      uint32_t& phase, Issue&& issue) {
+    int prev_stage = stage;
+    for (int t = 0; t < num_tiles; ++t) {
+        mbarrier_wait_parity(full + 8 * stage, phase);
+        fence_proxy_async_shared_cta();
+        issue(stage);
+        wgmma_wait_group<1>();  // the previous K tile's products are done: its stage may be refilled
+        if (t > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+        prev_stage = stage;
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+    wgmma_wait_group<0>();
+    if (num_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+}
+
+/// Stores one consumer warp's 16 output rows from its accumulators through the warp's own staging rows
+/// (no other warp touches them, so __syncwarp is the only barrier), at most MAX_ROW_BYTES per staged
+/// row and pass. acc is wgmma's layout:
+/// acc[4 j + 2 h + c] is row lane / 4 + 8 h of the 16, column 8 j + 2 (lane % 4) + c. Per pass of
+/// COLS columns: the lanes write their value pairs (4 bytes as T in mode 0, 8 bytes as float) into 16
+/// rows of ROW_BYTES, 16-byte chunk c of row r stored at chunk c ^ ((r * OUT_BYTES / 2) % 8) (the
+/// fragment writes hit 32 distinct banks); then each lane reads 16-byte chunks back and stores them to
+/// C row pair(r) (red.global.add.v4.f32 in mode 1), where lane r < 16 holds pair(r), -1 for rows not
+/// stored; 16-byte stores where stride_cm and the N tail allow, element stores otherwise.
+template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES>
+MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[BLOCK_N / 2], unsigned char* staging, int32_t pair,
+                                         OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
+    constexpr int OUT_BYTES = static_cast<int>(sizeof(OutT));
+    constexpr int ROW_BYTES = BLOCK_N * OUT_BYTES < MAX_ROW_BYTES ? BLOCK_N * OUT_BYTES : MAX_ROW_BYTES;
+    constexpr int COLS = ROW_BYTES / OUT_BYTES;  // columns per pass
+    constexpr int PASSES = BLOCK_N / COLS;
+    constexpr int CHUNKS = ROW_BYTES / 16;  // 16-byte chunks per staged row
+    constexpr int VEC = 16 / OUT_BYTES;     // elements per 16-byte store
+    constexpr int SWIZZLE_STEP = OUT_BYTES / 2;
+    static_assert(CHUNKS >= 8 && BLOCK_N % COLS == 0, "the chunk swizzle stays inside a staged row");
+    static_assert((16 * CHUNKS) % 32 == 0, "whole warp passes over the staged rows");
+
+    const int frag_row = lane / 4;                            // rows frag_row and frag_row + 8
+    const int frag_byte = (lane % 4) * 2 * OUT_BYTES;        // the pair's byte inside 8 columns
+    const int write_swizzle = (frag_row * SWIZZLE_STEP) & 7;  // the same for frag_row + 8
+    const bool vec_ok = stride_cm % VEC == 0;
+#pragma unroll
+    for (int q = 0; q < PASSES; ++q) {
+        __syncwarp();  // every lane has read back the previous pass (or tile)
+#pragma unroll
+        for (int jj = 0; jj < COLS / 8; ++jj) {
+            const int j = q * (COLS / 8) + jj;
+            const int byte = jj * 8 * OUT_BYTES + frag_byte;
+            const int at = (((byte >> 4) ^ write_swizzle) << 4) | (byte & 15);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                unsigned char* dst = staging + (frag_row + 8 * h) * ROW_BYTES + at;
+                if constexpr (SPLIT_MODE == 0) {
+                    *reinterpret_cast<uint32_t*>(dst) = pack2<OutT>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                } else {
+                    *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                }
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 16 * CHUNKS / 32; ++i) {
+            const int idx = i * 32 + lane;
+            const int r = idx / CHUNKS;
+            const int c = idx % CHUNKS;
+            const int32_t p = __shfl_sync(MOE_FULL_MASK, pair, r);
+            const unsigned char* src = staging + r * ROW_BYTES + ((c ^ ((r * SWIZZLE_STEP) & 7)) << 4);
+            const int64_t n = n0 + q * COLS + c * VEC;
+            if (p < 0 || n >= N) continue;
+            OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+            if (vec_ok && n + VEC <= N) {
+                if constexpr (SPLIT_MODE == 1) {
+                    const float4 v = *reinterpret_cast<const float4*>(src);
+                    red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
+                } else {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                }
+            } else {
+                const OutT* s = reinterpret_cast<const OutT*>(src);
+#pragma unroll 1
+                for (int e = 0; e < VEC && n + e < N; ++e) {
+                    if constexpr (SPLIT_MODE == 1) {
+                        red_global_add_f32(dst + e, s[e]);
+                    } else {
+                        dst[e] = s[e];
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+struct MoEGemmSm90PersistentTraits {
+    using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
+    static constexpr int BLOCK_K = Smem::BLOCK_K;
+    static constexpr int WGMMA_K = 16;
+    static constexpr int K_STEPS = BLOCK_K / WGMMA_K;  // wgmma per K tile
+    static constexpr int WARPGROUP_THREADS = 128;
+    static constexpr int CONSUMER_WARPGROUPS = BLOCK_M / 64;
+    static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
+    static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
+    static constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
+    static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread
+    static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp
+
+    // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
+    static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
+    static constexpr int LAUNCH_REGISTERS = 168;
+    static constexpr int PRODUCER_REGISTERS = 40;
+    static constexpr int CONSUMER_REGISTERS = 232;
+
+    // Named barrier of the producer warpgroup (the consumers use none).
+    static constexpr int PRODUCER_BARRIER = 1;
+
+    // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
+    // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row).
+    static constexpr int STAGING_ROW_BYTES = 256;
+    static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
+    static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES;
+    static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
+
+    static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
+    static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M in {64, 128}");
+    static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
+    static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
+    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
+    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
+    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
+                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
+                                              THREADS * LAUNCH_REGISTERS,
+                  "setmaxnreg budget exceeds the registers allocated at launch");
+};
+
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+__global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
+    moe_gemm_sm90_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
+                             void* __restrict__ C, const float* __restrict__ topk_weights,
+                             const int32_t* __restrict__ sorted_token_ids, const int32_t* __restrict__ expert_ids,
+                             const int32_t* __restrict__ total_padded, int64_t N, int64_t K,
+                             int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
+                             int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
+    griddepcontrol_wait();
+    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
+    using Smem = typename Tr::Smem;
+
+    extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
+
+    const int64_t num_tiles = ceil_div(max_padded, BLOCK_M) * ceil_div(N, BLOCK_N);
+    const int64_t first_tile = blockIdx.x;
+    const int64_t tile_stride = gridDim.x;
+    if (first_tile >= num_tiles) return;  // more programs than tiles
+
+    const Smem sm(moe_gemm_sm90_smem);
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
+            mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
+        }
+        fence_mbarrier_init();
+        prefetch_tensormap(&b_map);
+    }
+    __syncthreads();
+
+    // Both roles walk the same tiles and decide "has K work" with the same call on the same inputs
+    // (moe_sm90_tile_at and tile.num_tiles > 0), so they agree on every ring round.
+    if (tid < Tr::PRODUCER_THREADS) {
+        // ===== Producer warpgroup =====
+        if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+        int stage = 0;
+        uint32_t phase = 0;
+        int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
+        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
+            MoESm90Tile tile;
+            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
+                                                                  K, split_k, group_size_m, max_padded) ||
+                tile.num_tiles == 0)
+                continue;  // nothing to load: no tile, expert not owned, or an empty split range
+            // Every producer thread passed the previous tile's barrier after its last read of this table
+            // (two tiles back), so it may be rewritten now.
+            int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
+            table ^= 1;
+            for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
+                const int32_t p = sorted_token_ids[tile.row0 + r];
+                a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+            }
+            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
+            const int32_t b_row = static_cast<int32_t>(static_cast<int64_t>(tile.expert) * N + tile.n0);
+            for (int k = 0; k < tile.num_tiles; ++k) {
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES>(sm, a_rows, &b_map, A, stride_am, K, b_row,
+                                                                     tile, k, stage, phase, tid);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        // Every input load of this program is issued. The dependent grid may be scheduled (it still
+        // waits for this grid to finish before it touches memory).
+        if (tid == 0) griddepcontrol_launch_dependents();
+        cp_async_wait_all();
+    } else {
+        // ===== Consumer warpgroups =====
+        if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+        const int ctid = tid - Tr::PRODUCER_THREADS;
+        const int wg = ctid / Tr::WARPGROUP_THREADS;  // owns tile rows [64 wg, 64 wg + 64)
+        const int warp = ctid / 32;                   // owns tile rows [16 warp, 16 warp + 16)
+        const int lane = tid % 32;
+
+        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+        OutT* out = static_cast<OutT*>(C);
+        if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
+        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
+
+        // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
+        const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
+        const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
+        int stage = 0;
+        uint32_t phase = 0;
+        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
+            MoESm90Tile tile;
+            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
+                                                                  K, split_k, group_size_m, max_padded))
+                continue;
+            if (SPLIT_MODE == 1 && tile.num_tiles == 0) continue;  // adding zeros changes nothing
+
+            // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
+            // weight, loaded now and used after the K loop.
+            int32_t pair = -1;
+            float weight = 0.0f;
+            if (lane < Tr::WARP_ROWS) {
+                const int32_t p = sorted_token_ids[tile.row0 + warp * Tr::WARP_ROWS + lane];
+                if (p >= 0 && p < num_valid_tokens) {
+                    pair = p;
+                    if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
+                }
+            }
+
+            float acc[Tr::ACC];
+#pragma unroll
+            for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+            moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase, [&](int s) {
+#pragma unroll
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                wgmma_fence();
+                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+#pragma unroll
+                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                                  desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                wgmma_commit_group();
+#pragma unroll
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+            });
+#pragma unroll
+            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+
+            // --- Epilogue (the ring is left to the producer, already loading the next tiles) ---
+            if constexpr (MUL_ROUTED_WEIGHT) {
+                const float w0 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4);      // row lane / 4
+                const float w1 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4 + 8);  // row lane / 4 + 8
+#pragma unroll
+                for (int j = 0; j < BLOCK_N / 8; ++j) {
+                    acc[4 * j] *= w0;
+                    acc[4 * j + 1] *= w0;
+                    acc[4 * j + 2] *= w1;
+                    acc[4 * j + 3] *= w1;
+                }
+            }
+            moe_sm90_store_warp_rows<OutT, BLOCK_N, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(acc, staging, pair, out,
+                                                                                     tile.n0, N, stride_cm, lane);
         }
     }
 }

@@ -50,9 +50,16 @@ import Testing
         second.splitK = 4
         second.splitMode = .atomic
         let first = GemmConfig(blockM: 64, blockN: 128, blockK: 32, warpsM: 4, warpsN: 1, stages: 5, groupSizeM: 1)
-        let table = ConfigTable(source: "t", entries: [(8, MoEPlan(both: first)), (512, try MoEPlan(gemm1: first, gemm2: second))])
+        let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 8, persistent: true))
+        let swap = try MoEPlan(
+            gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true), gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
+        let table = ConfigTable(source: "t", entries: [
+            (8, MoEPlan(both: first)), (512, try MoEPlan(gemm1: first, gemm2: second)), (1, swap), (8192, persistent),
+        ])
         let parsed = try ConfigTable.parse(table.json.serialized(indent: 1), source: "t")
-        #expect(parsed.entries.map(\.batch) == [8, 512])
+        #expect(parsed.entries.map(\.batch) == [1, 8, 512, 8192])
+        #expect(parsed.nearest(to: 1) == swap)
+        #expect(parsed.nearest(to: 9000) == persistent)
         #expect(parsed.nearest(to: 8) == MoEPlan(both: first))
         #expect(parsed.nearest(to: 600) == (try MoEPlan(gemm1: first, gemm2: second)))
     }

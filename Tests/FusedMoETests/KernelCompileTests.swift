@@ -23,7 +23,8 @@ struct KernelCompileTests {
     @Test func hopperKernelsCompileWithoutSpills() throws {
         let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         let swap = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true)
-        for config in [wide, swap] {
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        for config in [wide, swap, persistent] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 let plan = MoEPlan(both: config).withSplit(split, mode: mode)
                 #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }

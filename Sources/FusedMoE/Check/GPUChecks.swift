@@ -37,7 +37,8 @@ public final class GPUChecks {
         let rows = tokens * shape.topK / shape.experts
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
-        for (name, config) in [("wgmma", wide), ("wgmma_swap", swap)] {
+        let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
+        for (name, config) in [("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent)] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }

@@ -356,7 +356,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let rowStride = mode == .none ? outputColumns : n
         let mBlocks = (maxPadded + config.blockM - 1) / config.blockM
         let nBlocks = (n + config.blockN - 1) / config.blockN
-        let grid = Dimensions(max(mBlocks * nBlocks, 1), config.splitK)
+        // A persistent kernel walks the tiles with one resident program per SM (per split).
+        let programs = config.kernel == .wgmmaPersistent
+            ? min(mBlocks * nBlocks, max(1, library.device.properties.multiprocessorCount / config.splitK))
+            : mBlocks * nBlocks
+        let grid = Dimensions(max(programs, 1), config.splitK)
         if config.kernel == .mma {
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,

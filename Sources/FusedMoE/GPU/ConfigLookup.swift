@@ -87,7 +87,8 @@ public struct ConfigTable: Sendable {
         }
         if kernel != .mma {
             var config = GemmConfig.wgmma(
-                blockM: blockM, blockN: blockN, stages: stages, groupSizeM: group, swapAB: kernel == .wgmmaSwap)
+                blockM: blockM, blockN: blockN, stages: stages, groupSizeM: group, swapAB: kernel == .wgmmaSwap,
+                persistent: kernel == .wgmmaPersistent)
             config.splitK = splitK
             config.splitMode = splitK > 1 ? mode : .none
             return config

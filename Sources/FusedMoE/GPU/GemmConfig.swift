@@ -27,6 +27,9 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// `moe_gemm_sm90_swap`: wgmma with the weight rows on wgmma's M side and the tokens on its N
     /// side (swap-AB), for decode; BLOCK_M (tokens) 8..64, BLOCK_N (weight rows) 64 or 128.
     case wgmmaSwap = "wgmma_swap"
+    /// `moe_gemm_sm90_persistent`: the wgmma kernel with a persistent grid (one program per SM
+    /// walking the tiles), so the producer fills the ring for the next tile during the epilogue.
+    case wgmmaPersistent = "wgmma_persistent"
 
     /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
     public var needsHopper: Bool { self != .mma }
@@ -66,19 +69,19 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
 
     /// A wgmma config: BLOCK_K is 64 and the warps follow from the tile (the kernel fixes them).
     public static func wgmma(
-        blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false
+        blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false
     ) -> GemmConfig {
         let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
-            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : .wgmma)
+            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : persistent ? .wgmmaPersistent : .wgmma)
     }
 
     public var warps: Int { warpsM * warpsN }
     public var threads: Int {
         switch kernel {
         case .mma: warps * 32
-        case .wgmma: 128 * (1 + blockM / 64)
+        case .wgmma, .wgmmaPersistent: 128 * (1 + blockM / 64)
         case .wgmmaSwap: 256
         }
     }
@@ -90,6 +93,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         switch kernel {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
         case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
+        // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
+        case .wgmmaPersistent: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
         }
     }
 
@@ -114,7 +119,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
         switch kernel {
         case .mma: try validateTile()
-        case .wgmma, .wgmmaSwap: try validateHopperTile()
+        case .wgmma, .wgmmaSwap, .wgmmaPersistent: try validateHopperTile()
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
         guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
@@ -144,7 +149,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// The tile limits of the wgmma kernels.
     private func validateHopperTile() throws(MoEError) {
         let name = kernel.rawValue
-        if kernel == .wgmma {
+        if kernel == .wgmma || kernel == .wgmmaPersistent {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
             guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
         } else {
@@ -168,6 +173,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight)>"
+        case .wgmmaPersistent:
+            return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight)>"
         }
     }
 

@@ -51,8 +51,11 @@ public final class Tuner {
         if blockM >= 64 {
             for blockN in [128, 256] {
                 for stages in [3, 4, 5, 6] {
-                    let config = GemmConfig.wgmma(blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM)
-                    if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
+                    for persistent in [false, true] {
+                        let config = GemmConfig.wgmma(
+                            blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM, persistent: persistent)
+                        if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
+                    }
                 }
             }
         }
