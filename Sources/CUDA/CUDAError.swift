@@ -11,6 +11,8 @@ public struct CUDAError: Error, Hashable, Sendable, CustomStringConvertible {
         case driver
         /// An `nvrtcResult` from the run-time compiler.
         case nvrtc
+        /// An `ncclResult_t` from NCCL (expert parallelism across GPUs).
+        case nccl
         /// A shared library (libcuda, libnvrtc) that could not be found or lacks a symbol.
         case library
         /// The on-disk kernel cache.
@@ -20,7 +22,8 @@ public struct CUDAError: Error, Hashable, Sendable, CustomStringConvertible {
     }
 
     public let domain: Domain
-    /// The raw result code (`CUresult` or `nvrtcResult`); 0 for library, cache and usage errors.
+    /// The raw result code (`CUresult`, `nvrtcResult` or `ncclResult_t`); 0 for library, cache and
+    /// usage errors.
     public let code: Int32
     /// The code's symbolic name, such as `CUDA_ERROR_OUT_OF_MEMORY`.
     public let name: String
@@ -39,7 +42,7 @@ public struct CUDAError: Error, Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch domain {
-        case .driver, .nvrtc:
+        case .driver, .nvrtc, .nccl:
             return "\(call) failed with \(name) (\(code)): \(message)"
         case .library, .cache, .usage:
             return "\(call): \(message)"

@@ -13,9 +13,9 @@ import Darwin
 /// with an error that lists where the library was looked for.
 ///
 /// Errors: a library that cannot be loaded is a `CUDAError` of domain `.library`. A failed NCCL
-/// call is a `CUDAError` of domain `.usage` whose `code` is the `ncclResult_t` and whose `name` is
-/// `"ncclResult N"`; the message carries NCCL's own name and description of the code and, when
-/// the library has it, `ncclGetLastError`.
+/// call is a `CUDAError` of domain `.nccl` whose `code` is the `ncclResult_t` and whose `name` is
+/// the enumerator's (`ncclInvalidUsage`); the message carries NCCL's description of the code and,
+/// when the library has it, `ncclGetLastError`.
 public final class NCCL: @unchecked Sendable {
     // Immutable after init; the function pointers are thread-safe C entry points.
     /// Where libnccl was found.
@@ -162,10 +162,9 @@ public final class NCCL: @unchecked Sendable {
         return NCCL.callError(result, call: call, message: message)
     }
 
-    /// `CUDAError(domain: .usage, code: result, name: "ncclResult N", ...)`: NCCL has no domain of
-    /// its own in `CUDAError.Domain` (yet).
+    /// `CUDAError(domain: .nccl, code: result, name: "ncclInvalidUsage", ...)`.
     static func callError(_ result: ncclResult_t, call: String, message: String) -> CUDAError {
-        CUDAError(domain: .usage, code: result, name: "ncclResult \(result)", call: call, message: message)
+        CUDAError(domain: .nccl, code: result, name: resultName(result), call: call, message: message)
     }
 
     /// The `ncclResult_t` enumerator's name.

@@ -46,9 +46,9 @@ import Glibc
 
     @Test func callErrorsNameTheResult() {
         let error = NCCL.callError(5, call: "ncclSend", message: "\(NCCL.resultName(5)): invalid usage")
-        #expect(error.domain == .usage)
+        #expect(error.domain == .nccl)
         #expect(error.code == 5)
-        #expect(error.name == "ncclResult 5")
+        #expect(error.name == "ncclInvalidUsage")
         #expect(error.description.contains("ncclSend"))
         #expect(error.description.contains("ncclInvalidUsage"))
         #expect(NCCL.resultName(42) == "ncclResult(42)")
