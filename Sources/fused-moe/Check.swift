@@ -27,6 +27,8 @@ struct Check: ParsableCommand {
         var results = CPUChecks.run(seed: seed) { print($0.line) }
         if try backend.resolve() == .cuda {
             results += try gpuChecks(seed: seed)
+        } else {
+            note("no GPU in use (--backend \(backend.rawValue)): the GPU checks were skipped; the CPU backend was checked")
         }
         let failed = results.filter { !$0.passed }.count
         if let json {
