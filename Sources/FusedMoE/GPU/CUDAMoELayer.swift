@@ -35,6 +35,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     let down: DeviceBuffer
     let accumulator: DeviceBuffer
     let kernels: Kernels
+    /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
+    private var heldTensorMaps: [TensorMapKey: TensorMap] = [:]
 
     struct Kernels {
         var alignSingle: Kernel
@@ -153,6 +155,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
             kernels = try CUDAMoELayer.loadKernels(library: library, dtype: dtype, plan: plan, activation: options.activation)
         } catch {
             throw .cuda(error)
+        }
+        let uses = [(plan.gemm1, w1, 2 * shape.intermediate, shape.hidden), (plan.gemm2, w2, shape.hidden, shape.intermediate)]
+        for (config, weights, n, k) in uses where config.kernel.needsHopper && weights.byteCount > 0 {
+            let key = TensorMapKey(address: weights.pointer.address, n: n, k: k, boxRows: config.blockN)
+            do {
+                heldTensorMaps[key] = try tensorMap(key)
+            } catch {
+                throw .cuda(error)
+            }
         }
     }
 
@@ -372,10 +383,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         } else {
             // The weights [E, N, K] as [E*N rows][K columns], read by TMA in [blockN][64] boxes with the
             // 128-byte swizzle the kernel's shared-memory layout expects. Encoding is host-only work.
-            let map = try TensorMap(
-                device: library.device, address: b, elementType: dtype == .fp16 ? .float16 : .bfloat16,
-                rows: weightExperts * n, columns: k, rowStrideBytes: k * dtype.byteCount, boxRows: config.blockN,
-                boxColumns: 64, swizzle: .bytes128)
+            // The held weights' maps are made once in init; weights passed per call get theirs here.
+            let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: config.blockN)
+            let map: TensorMap
+            if let held = heldTensorMaps[key] { map = held } else { map = try tensorMap(key) }
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
                 arguments: [
@@ -409,6 +420,23 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     /// The experts the weights hold (local experts).
     var weightExperts: Int { shape.experts }
+
+    /// What a weight tensor map depends on.
+    struct TensorMapKey: Hashable {
+        var address: UInt64
+        var n: Int
+        var k: Int
+        var boxRows: Int
+    }
+
+    /// The TMA descriptor of weights `[E, n, k]` at `key.address`, read in `[boxRows][64]` boxes with
+    /// the 128-byte swizzle the wgmma kernels' shared-memory layout expects (host-only work).
+    func tensorMap(_ key: TensorMapKey) throws(CUDAError) -> TensorMap {
+        try TensorMap(
+            device: library.device, address: DevicePointer(address: key.address),
+            elementType: dtype == .fp16 ? .float16 : .bfloat16, rows: weightExperts * key.n, columns: key.k,
+            rowStrideBytes: key.k * dtype.byteCount, boxRows: key.boxRows, boxColumns: 64, swizzle: .bytes128)
+    }
 
     /// The device bytes this layer allocated for scratch (weights not counted).
     public var scratchBytes: Int {
