@@ -62,9 +62,7 @@ struct Bench: ParsableCommand {
         guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1, got \(repeats)") }
         guard tp >= 1, ep >= 1 else { throw ValidationError("--tp and --ep must be >= 1") }
         guard model != nil || (tp == 1 && ep == 1) else { throw ValidationError("--tp and --ep go with --model") }
-        for name in shapes where !ShapePreset.all.contains(where: { $0.name == name }) {
-            throw ValidationError("--shape '\(name)' is not a preset; expected one of \(ShapePreset.all.map(\.name).joined(separator: ", "))")
-        }
+        try validatePresetNames(shapes)
     }
 
     func run() throws {

@@ -40,15 +40,17 @@ func note(_ text: String) {
     line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
 }
 
-/// Writes `text` to `path`, or throws a `ValidationError` naming the path.
+/// Writes `text` to `path` atomically; an error names the path.
 func writeText(_ text: String, to path: String) throws {
-    guard let file = fopen(path, "w") else {
-        throw ValidationError("cannot open '\(path)' for writing: \(String(cString: strerror(errno)))")
+    try writeTextFile(text, to: path)
+}
+
+/// Checks --shape values against the presets.
+func validatePresetNames(_ names: [String]) throws {
+    for name in names where !ShapePreset.all.contains(where: { $0.name == name }) {
+        throw ValidationError(
+            "--shape '\(name)' is not a preset; expected one of \(ShapePreset.all.map(\.name).joined(separator: ", "))")
     }
-    defer { fclose(file) }
-    var copy = text
-    let written = copy.withUTF8 { fwrite($0.baseAddress, 1, $0.count, file) }
-    guard written == text.utf8.count else { throw ValidationError("short write to '\(path)'") }
 }
 
 /// A comma-separated list of positive integers, such as `1,8,32`.

@@ -34,9 +34,7 @@ struct Tune: ParsableCommand {
 
     func validate() throws {
         guard dtype != .fp32 else { throw ValidationError("--dtype must be bf16 or fp16 on the GPU") }
-        for name in shapes where !ShapePreset.all.contains(where: { $0.name == name }) {
-            throw ValidationError("--shape '\(name)' is not a preset; expected one of \(ShapePreset.all.map(\.name).joined(separator: ", "))")
-        }
+        try validatePresetNames(shapes)
     }
 
     func run() throws {

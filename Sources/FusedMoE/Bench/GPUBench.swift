@@ -101,14 +101,7 @@ public final class GPUBench {
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: layerPlan,
                     maxTokens: tokens, programmaticDependentLaunch: setting != .autoSequential)
                 // Correctness of this very configuration, poisoned first.
-                try out.fill(byte: 0xFF, on: stream)
-                try layer.forward(
-                    x: inputs[0].x.pointer, topkIDs: inputs[0].ids.pointer, topkWeights: inputs[0].weights.pointer,
-                    out: out.pointer, tokens: tokens, stream: stream)
-                try stream.synchronize()
-                let bits = try out.download(count: tokens * shape.hidden, as: UInt16.self)
-                let values = bits.map { dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
-                let error = relativeError(values, reference)
+                let error = relativeError(try inputs[0].runPoisoned(layer, out: out, stream: stream).values, reference)
 
                 let milliseconds = try time(layer: layer, inputs: inputs, out: out, tokens: tokens)
                 let label = setting.label

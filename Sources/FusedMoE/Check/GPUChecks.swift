@@ -213,22 +213,8 @@ public final class GPUChecks {
         }
     }
 
-    struct Output {
-        var bits: [UInt16]
-        var values: [Float]
-        var unwritten: Int
-    }
-
-    /// Poisons `out` with NaN, runs a forward, and reads it back counting NaNs (unwritten elements).
-    func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> Output {
-        try out.fill(byte: 0xFF, on: stream)
-        try layer.forward(
-            x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
-            tokens: inputs.tokens, stream: stream)
-        try stream.synchronize()
-        let bits = try out.download(count: inputs.tokens * layer.shape.hidden, as: UInt16.self)
-        let values = bits.map { layer.dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
-        return Output(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
+    func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
+        try inputs.runPoisoned(layer, out: out, stream: stream)
     }
 
     // MARK: - Variants: fp16, gelu, chunking, expert parallelism
@@ -332,6 +318,13 @@ struct LayerWeights {
     }
 }
 
+/// A forward's output read back: raw bits, values, and how many elements were left unwritten.
+struct LayerOutput {
+    var bits: [UInt16]
+    var values: [Float]
+    var unwritten: Int
+}
+
 /// Random activations and routing on the GPU for one batch.
 struct LayerInputs {
     let shape: MoEShape
@@ -352,6 +345,19 @@ struct LayerInputs {
         try tools.fillUniform(x.pointer, count: tokens * shape.hidden, dtype: dtype, seed: seed, scale: 1, stream: stream)
         try tools.fillRandomIDs(ids.pointer, tokens: tokens, topK: shape.topK, experts: experts ?? shape.experts, seed: seed &+ 1, stream: stream)
         try tools.fillUniform(weights.pointer, count: tokens * shape.topK, dtype: .fp32, seed: seed &+ 2, scale: 1, stream: stream)
+    }
+
+    /// Poisons `out` with NaN, runs `layer` on these inputs, and reads the output back, counting the
+    /// NaNs left (elements the forward did not write).
+    func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream) throws -> LayerOutput {
+        try out.fill(byte: 0xFF, on: stream)
+        try layer.forward(
+            x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
+            stream: stream)
+        try stream.synchronize()
+        let bits = try out.download(count: tokens * layer.shape.hidden, as: UInt16.self)
+        let values = bits.map { layer.dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
+        return LayerOutput(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
     }
 
     /// The fp32 GPU reference output, as floats. With an expert map, ids are mapped to local ids

@@ -239,3 +239,9 @@ public enum PlanSelector {
 public func readTextFile(_ path: String) -> String? {
     try? FileSystem.readText(path)
 }
+
+/// Writes `text` to `path` atomically (a temporary file beside it, then a rename).
+/// - Throws: `MoEError.invalidArgument(path, ...)` with the system's reason.
+public func writeTextFile(_ text: String, to path: String) throws(MoEError) {
+    try FileSystem.writeAtomically(path: path, parts: [Array(text.utf8)])
+}

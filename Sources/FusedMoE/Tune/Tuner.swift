@@ -178,13 +178,7 @@ public final class Tuner {
             let heuristic = PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
             let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
             let layer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
-            try out.fill(byte: 0xFF, on: bench.stream)
-            try layer.forward(x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer, tokens: tokens, stream: bench.stream)
-            try bench.stream.synchronize()
-            let values = try out.download(count: tokens * shape.hidden, as: UInt16.self).map {
-                dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue
-            }
-            let error = relativeError(values, reference)
+            let error = relativeError(try inputs.runPoisoned(layer, out: out, stream: bench.stream).values, reference)
             let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
             let heuristicLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: heuristic, maxTokens: tokens)
             let heuristicMs = try bench.time(layer: heuristicLayer, inputs: [inputs], out: out, tokens: tokens)
