@@ -143,6 +143,25 @@ MOE_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 template <bool COND, typename A, typename B> struct moe_conditional { typedef A type; };
 template <typename A, typename B> struct moe_conditional<false, A, B> { typedef B type; };
 
+// MARK: - Activations (one definition, so fused epilogues round exactly as the separate kernels)
+
+MOE_DEVICE float moe_silu(float g) { return g / (1.0f + expf(-g)); }
+MOE_DEVICE float moe_gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
+
+/// act(round_T(gate)) * round_T(up) in fp32, ACT 1 silu or 2 exact gelu (the caller rounds the
+/// product once): what GEMM1 rounding its gate/up row to T and then moe_silu_and_mul /
+/// moe_gelu_and_mul computes.
+template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, float up) {
+    static_assert(ACT == 1 || ACT == 2, "ACT: 1 silu, 2 gelu");
+    const float g = to_float(from_float<T>(gate));
+    const float u = to_float(from_float<T>(up));
+    if constexpr (ACT == 1) {
+        return moe_silu(g) * u;
+    } else {
+        return moe_gelu(g) * u;
+    }
+}
+
 // MARK: - Warp helpers
 
 MOE_DEVICE float warp_sum(float v) {

@@ -38,14 +38,12 @@
 #include "moe_common.cuh"
 
 namespace moe_elementwise_detail {
-MOE_DEVICE float silu(float g) { return g / (1.0f + expf(-g)); }
-MOE_DEVICE float gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
 
 struct Silu {
-    MOE_DEVICE float operator()(float g) const { return silu(g); }
+    MOE_DEVICE float operator()(float g) const { return moe_silu(g); }
 };
 struct Gelu {
-    MOE_DEVICE float operator()(float g) const { return gelu(g); }
+    MOE_DEVICE float operator()(float g) const { return moe_gelu(g); }
 };
 
 /// Eight fp32 values from a 16-byte aligned address (two 16-byte loads).

@@ -105,20 +105,9 @@ struct MoEGemmTraits {
 };
 
 namespace moe_gemm_detail {
-// The activations of moe_elementwise.cu, written identically so that the fused epilogue rounds
-// exactly as GEMM1 followed by moe_silu_and_mul / moe_gelu_and_mul does.
-MOE_DEVICE float silu(float g) { return g / (1.0f + expf(-g)); }
-MOE_DEVICE float gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
-
-/// act(round_T(gate)) * round_T(up) in fp32 (the caller rounds the product once).
+/// act(round_T(gate)) * round_T(up): moe_common's, which the separate activation kernels use too.
 template <typename T, int FUSED_ACT> MOE_DEVICE float act_and_mul(float gate, float up) {
-    const float g = to_float(from_float<T>(gate));
-    const float u = to_float(from_float<T>(up));
-    if constexpr (FUSED_ACT == 1) {
-        return silu(g) * u;
-    } else {
-        return gelu(g) * u;
-    }
+    return moe_act_and_mul<T, FUSED_ACT>(gate, up);
 }
 
 /// Fused B tile row r -> (index among the program's gate/up rows, up half?). Tile row r holds

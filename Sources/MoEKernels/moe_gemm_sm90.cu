@@ -16,9 +16,18 @@
 // blockIdx.y takes range y (possibly empty). Programs with pid_m * BLOCK_M >= *total_padded return at
 // once. A block whose expert id is -1 (expert not owned) skips the K loop and stores zeros (modes 0
 // and 2) or nothing (mode 1); so does an empty split range.
+// FUSED_ACT 0: as above. 1 (silu) or 2 (exact gelu): GEMM1 with its activation in the epilogue
+//         (SPLIT_MODE 0, MUL_ROUTED_WEIGHT false). N = 2I is the product width (B rows per expert:
+//         gate rows [0, I), up rows [I, 2I)); the program of n-block nb loads gate rows
+//         [nb*BN/2, (nb+1)*BN/2) into the first half of its B tile and the matching up rows into the
+//         second half (two TMA boxes of BN/2 rows: the tensor map's box has BN/2 rows), and stores
+//         C[p, c] = round_T(act(round_T(gate)) * round_T(up)) for output columns c in
+//         [nb*BN/2, (nb+1)*BN/2) below I, with C's row stride stride_cm (I for a dense output): bit for
+//         bit GEMM1 (mode 0) then moe_silu_and_mul / moe_gelu_and_mul. The n-blocks stay ceil(N / BN).
+//         BN is BLOCK_N (BLOCK_N_W for swap-AB); the persistent kernel needs BLOCK_N >= 128.
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>       (prefill, large M)
+// moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>   (prefill, large M)
 //
 // Grid:   x = ceil(max_padded / BLOCK_M) * ceil(N / BLOCK_N), y = split_k, z = 1.
 //         blockIdx.x -> (pid_m, pid_n) with the GROUP_SIZE_M swizzle of moe_gemm (groups of
@@ -45,7 +54,7 @@
 // Tensor map: boxDim = {64, BLOCK_N} (below).
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90_swap<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>   (decode, small M)
+// moe_gemm_sm90_swap<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (decode, small M)
 //
 // Swap-AB: the weight rows fill wgmma's M side (64 per instruction) and the tokens its N side, so a
 // block of a few tokens per expert does not waste the tensor cores: each program computes
@@ -63,7 +72,7 @@
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90_persistent<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>  (prefill, large M)
+// moe_gemm_sm90_persistent<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (prefill)
 //
 // moe_gemm_sm90's tiles and arguments (the same tensor map, boxDim = {64, BLOCK_N}), computed by
 // persistent programs that keep the operand ring full across tiles.
@@ -107,7 +116,8 @@
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
 //         (CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 or FLOAT16), rank 2, globalDim = {K, E*N},
-//         globalStrides = {K*2} bytes, boxDim = {64, rows} (rows = BLOCK_N or BLOCK_N_W),
+//         globalStrides = {K*2} bytes, boxDim = {64, rows} (rows = BLOCK_N or BLOCK_N_W; half that
+//         with FUSED_ACT),
 //         elementStrides = {1, 1}, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
 //         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros). The tile of
 //         expert e, columns n0.., K tile kt is the box at {kt*64, e*N + n0}; rows past N belong to the
@@ -256,12 +266,14 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
 /// full[stage] with the B tile's bytes and issues its TMA copy (box {kt*64, b_row}); every thread copies
 /// 16-byte chunk tid % 8 of A rows tid / 8 + 16 i (source row a_rows[r], -1 for padding) into the
 /// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
-/// copies land (cp.async noinc).
-template <typename T, int A_ROWS, int B_ROWS, int STAGES>
+/// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation): the B tile is two boxes of
+/// B_ROWS / 2 rows, gate rows from b_row into the stage's first half and up rows from b_row_up into
+/// its second half (the tensor map's box has B_ROWS / 2 rows then).
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
                                         const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
-                                        int32_t b_row, const MoESm90Tile& tile, int t, int stage, uint32_t phase,
-                                        int tid) {
+                                        int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t, int stage,
+                                        uint32_t phase, int tid) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
     constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
@@ -274,7 +286,10 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     const int64_t kt = tile.kt_begin + t;
     if (tid == 0) {
         mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
-        tma_load_2d(sm.b + stage * Sm::B_STAGE_BYTES, b_map, static_cast<int32_t>(kt * Sm::BLOCK_K), b_row, full);
+        const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
+        const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
+        tma_load_2d(b_dst, b_map, kx, b_row, full);
+        if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
     }
     const int64_t k = kt * Sm::BLOCK_K + chunk * 8;
     const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
@@ -293,21 +308,31 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
 }
 
 /// The producer warpgroup's loop over one tile's K tiles (all 128 threads), ring from stage 0.
-template <typename T, int A_ROWS, int B_ROWS, int STAGES>
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                  const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
-                                 int tid) {
+                                 int32_t b_row_up, int tid) {
     int stage = 0;
     uint32_t phase = 0;
     for (int t = 0; t < tile.num_tiles; ++t) {
-        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES>(sm, sm.a_row, b_map, A, stride_am, K, b_row,
-                                                           tile, t, stage, phase, tid);
+        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, sm.a_row, b_map, A, stride_am, K, b_row,
+                                                                    b_row_up, tile, t, stage, phase, tid);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
         }
     }
     cp_async_wait_all();
+}
+
+/// The weight rows of `tile`'s B box in the [E*N, K] view: unfused, rows e*N + n0 on; with FUSED
+/// (GEMM1 with its activation, N = 2I) the tile's BLOCK_N rows are BLOCK_N / 2 gate rows from
+/// e*N + n0/2 and the matching up rows from e*N + N/2 + n0/2, for output columns n0/2 on.
+template <bool FUSED>
+MOE_DEVICE void moe_sm90_b_rows(const MoESm90Tile& tile, int64_t N, int32_t& b_row, int32_t& b_row_up) {
+    const int64_t expert_row = static_cast<int64_t>(tile.expert) * N;
+    b_row = static_cast<int32_t>(expert_row + (FUSED ? tile.n0 / 2 : tile.n0));
+    b_row_up = static_cast<int32_t>(expert_row + N / 2 + tile.n0 / 2);
 }
 
 /// A consumer warpgroup's K loop. Per K tile: wait for full[s]; fence the async proxy (A arrived by
@@ -336,7 +361,7 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
 
 // MARK: - moe_gemm_sm90
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90Traits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -357,11 +382,14 @@ struct MoEGemmSm90Traits {
     static constexpr int PRODUCER_REGISTERS = 40;
     static constexpr int CONSUMER_REGISTERS = 232;
 
-    // Output staging: the tile in the type that goes to global memory.
+    // Output staging: the tile in the type that goes to global memory (with FUSED_ACT, the
+    // BLOCK_N / 2 activated columns).
+    static constexpr bool FUSED = FUSED_ACT != 0;
+    static constexpr int OUT_COLS = FUSED ? BLOCK_N / 2 : BLOCK_N;
     static constexpr int OUT_BYTES = SPLIT_MODE == 0 ? 2 : 4;
-    static constexpr int OUT_PITCH = BLOCK_N + 8;  // elements; keeps fragment writes conflict-free
+    static constexpr int OUT_PITCH = OUT_COLS + 8;  // elements; keeps fragment writes conflict-free
     static constexpr int OUT_VEC = 16 / OUT_BYTES;  // elements per 16-byte store
-    static constexpr int OUT_CHUNKS_PER_ROW = BLOCK_N / OUT_VEC;
+    static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M in {64, 128}");
@@ -369,13 +397,15 @@ struct MoEGemmSm90Traits {
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(BLOCK_M * OUT_PITCH * OUT_BYTES <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
+    static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
+    static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
                                                   CONSUMER_THREADS * CONSUMER_REGISTERS <=
                                               THREADS * LAUNCH_REGISTERS,
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                   const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
@@ -383,7 +413,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                   int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait();
-    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
+    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -403,8 +433,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
         if (tile.num_tiles > 0) {
-            const int32_t b_row = static_cast<int32_t>(static_cast<int64_t>(tile.expert) * N + tile.n0);
-            moe_sm90_produce<T, BLOCK_M, BLOCK_N, STAGES>(sm, tile, &b_map, A, stride_am, K, b_row, tid);
+            int32_t b_row, b_row_up;
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+            moe_sm90_produce<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
+                                                                     b_row_up, tid);
         }
     } else {
         // ===== Consumer warpgroups =====
@@ -454,6 +486,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
         }
+        // FUSED_ACT: columns c < BLOCK_N / 2 are gate, c + BLOCK_N / 2 the matching up (the same
+        // thread's acc[i + 2 BLOCK_N / 8 ... ]); act(gate) * up goes into the first half in place.
+        if constexpr (Tr::FUSED) {
+#pragma unroll
+            for (int i = 0; i < Tr::ACC / 2; ++i) acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
+        }
+        constexpr int OUT_COLS = Tr::OUT_COLS;
+        const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
+        const int64_t out_n = Tr::FUSED ? N / 2 : N;
 
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         constexpr int OPITCH = Tr::OUT_PITCH;
@@ -467,7 +508,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         bar_sync<1, Tr::CONSUMER_THREADS>();
         OutT* staged = reinterpret_cast<OutT*>(sm.base);
 #pragma unroll
-        for (int j = 0; j < BLOCK_N / 8; ++j)
+        for (int j = 0; j < OUT_COLS / 8; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 OutT* dst = staged + (frag_row + 8 * h) * OPITCH + 8 * j + frag_col;
@@ -488,11 +529,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             const int r = wg * 64 + idx / OCPR;
             const int c = idx % OCPR;
             const int32_t p = sm.pair[r];
-            const int64_t n = tile.n0 + c * VEC;
-            if (p < 0 || n >= N) continue;
+            const int64_t n = out_n0 + c * VEC;
+            if (p < 0 || n >= out_n) continue;
             const OutT* src = staged + r * OPITCH + c * VEC;
             OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-            if (vec_ok && n + VEC <= N) {
+            if (vec_ok && n + VEC <= out_n) {
                 if constexpr (SPLIT_MODE == 1) {
                     const float4 v = *reinterpret_cast<const float4*>(src);
                     red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
@@ -500,7 +541,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
                 }
             } else {
-                for (int e = 0; e < VEC && n + e < N; ++e) {
+                for (int e = 0; e < VEC && n + e < out_n; ++e) {
                     if constexpr (SPLIT_MODE == 1) {
                         red_global_add_f32(dst + e, src[e]);
                     } else {
@@ -514,7 +555,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
 // MARK: - moe_gemm_sm90_swap
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90SwapTraits {
     using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -532,7 +573,11 @@ struct MoEGemmSm90SwapTraits {
     // staged rows 16-byte aligned.
     static constexpr int STAGE_PITCH = BLOCK_N_W + 4;
     static constexpr int OUT_VEC = SPLIT_MODE == 0 ? 8 : 4;  // elements per 16-byte store
-    static constexpr int OUT_CHUNKS_PER_ROW = BLOCK_N_W / OUT_VEC;
+    // FUSED_ACT: staged weight rows [0, BLOCK_N_W / 2) are gate, the next half the matching up rows;
+    // BLOCK_N_W / 2 activated columns leave.
+    static constexpr bool FUSED = FUSED_ACT != 0;
+    static constexpr int OUT_COLS = FUSED ? BLOCK_N_W / 2 : BLOCK_N_W;
+    static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128, "BLOCK_N_W in {64, 128}");
@@ -540,9 +585,11 @@ struct MoEGemmSm90SwapTraits {
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(TOKENS * STAGE_PITCH * 4 <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
+    static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
+    static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
 };
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(256, 1)
     moe_gemm_sm90_swap(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
@@ -550,7 +597,7 @@ __global__ void __launch_bounds__(256, 1)
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait();
-    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
+    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -570,8 +617,10 @@ __global__ void __launch_bounds__(256, 1)
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if (tile.num_tiles > 0) {
-            const int32_t b_row = static_cast<int32_t>(static_cast<int64_t>(tile.expert) * N + tile.n0);
-            moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES>(sm, tile, &b_map, A, stride_am, K, b_row, tid);
+            int32_t b_row, b_row_up;
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+            moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
+                                                                      b_row_up, tid);
         }
     } else {
         // ===== Consumer warpgroup =====
@@ -640,24 +689,34 @@ __global__ void __launch_bounds__(256, 1)
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
         const bool vec_ok = stride_cm % VEC == 0;
+        const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
+        const int64_t out_n = Tr::FUSED ? N / 2 : N;
         for (int idx = wg_tid; idx < TOKENS * OCPR; idx += 128) {
             const int r = idx / OCPR;
             const int c = idx % OCPR;
             const int32_t p = sm.pair[r];
-            const int64_t n = tile.n0 + c * VEC;
-            if (p < 0 || n >= N) continue;
+            const int64_t n = out_n0 + c * VEC;
+            if (p < 0 || n >= out_n) continue;
             const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
             float v[VEC];
 #pragma unroll
             for (int q = 0; q < VEC; q += 4) {
                 const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
-                v[q] = f.x * w;
-                v[q + 1] = f.y * w;
-                v[q + 2] = f.z * w;
-                v[q + 3] = f.w * w;
+                if constexpr (Tr::FUSED) {
+                    const float4 u = *reinterpret_cast<const float4*>(staged + r * SPITCH + BLOCK_N_W / 2 + c * VEC + q);
+                    v[q] = moe_act_and_mul<T, FUSED_ACT>(f.x, u.x);
+                    v[q + 1] = moe_act_and_mul<T, FUSED_ACT>(f.y, u.y);
+                    v[q + 2] = moe_act_and_mul<T, FUSED_ACT>(f.z, u.z);
+                    v[q + 3] = moe_act_and_mul<T, FUSED_ACT>(f.w, u.w);
+                } else {
+                    v[q] = f.x * w;
+                    v[q + 1] = f.y * w;
+                    v[q + 2] = f.z * w;
+                    v[q + 3] = f.w * w;
+                }
             }
             OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-            if (vec_ok && n + VEC <= N) {
+            if (vec_ok && n + VEC <= out_n) {
                 if constexpr (SPLIT_MODE == 0) {
                     *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
                 } else if constexpr (SPLIT_MODE == 1) {
@@ -668,7 +727,7 @@ __global__ void __launch_bounds__(256, 1)
             } else {
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) {
-                    if (n + e < N) {
+                    if (n + e < out_n) {
                         if constexpr (SPLIT_MODE == 1) {
                             red_global_add_f32(dst + e, v[e]);
                         } else {
@@ -710,16 +769,17 @@ MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_til
 
 /// Stores one consumer warp's 16 output rows from its accumulators through the warp's own staging rows
 /// (no other warp touches them, so __syncwarp is the only barrier), at most MAX_ROW_BYTES per staged
-/// row and pass. acc is wgmma's layout:
+/// row and pass; BLOCK_N columns from acc[0 .. BLOCK_N / 2) (acc may be longer). acc is wgmma's layout:
 /// acc[4 j + 2 h + c] is row lane / 4 + 8 h of the 16, column 8 j + 2 (lane % 4) + c. Per pass of
 /// COLS columns: the lanes write their value pairs (4 bytes as T in mode 0, 8 bytes as float) into 16
 /// rows of ROW_BYTES, 16-byte chunk c of row r stored at chunk c ^ ((r * OUT_BYTES / 2) % 8) (the
 /// fragment writes hit 32 distinct banks); then each lane reads 16-byte chunks back and stores them to
 /// C row pair(r) (red.global.add.v4.f32 in mode 1), where lane r < 16 holds pair(r), -1 for rows not
 /// stored; 16-byte stores where stride_cm and the N tail allow, element stores otherwise.
-template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES>
-MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[BLOCK_N / 2], unsigned char* staging, int32_t pair,
+template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, int ACC_LEN>
+MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
                                          OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
+    static_assert(ACC_LEN >= BLOCK_N / 2, "the accumulators hold the BLOCK_N stored columns (first BLOCK_N / 2)");
     constexpr int OUT_BYTES = static_cast<int>(sizeof(OutT));
     constexpr int ROW_BYTES = BLOCK_N * OUT_BYTES < MAX_ROW_BYTES ? BLOCK_N * OUT_BYTES : MAX_ROW_BYTES;
     constexpr int COLS = ROW_BYTES / OUT_BYTES;  // columns per pass
@@ -785,7 +845,7 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[BLOCK_N / 2], unsign
     }
 }
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -799,6 +859,10 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread
     static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp
+    // FUSED_ACT: columns [0, BLOCK_N / 2) of the product are gate, the rest the matching up; the
+    // BLOCK_N / 2 activated columns are stored.
+    static constexpr bool FUSED = FUSED_ACT != 0;
+    static constexpr int OUT_COLS = FUSED ? BLOCK_N / 2 : BLOCK_N;
 
     // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
     static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
@@ -823,6 +887,9 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
+    static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
+    static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
     static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
                                                   CONSUMER_THREADS * CONSUMER_REGISTERS <=
@@ -830,7 +897,7 @@ struct MoEGemmSm90PersistentTraits {
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
                              void* __restrict__ C, const float* __restrict__ topk_weights,
@@ -839,7 +906,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                              int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait();
-    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT>;
+    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -884,10 +951,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
             }
             bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
-            const int32_t b_row = static_cast<int32_t>(static_cast<int64_t>(tile.expert) * N + tile.n0);
+            int32_t b_row, b_row_up;
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES>(sm, a_rows, &b_map, A, stride_am, K, b_row,
-                                                                     tile, k, stage, phase, tid);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a_rows, &b_map, A, stride_am, K,
+                                                                                b_row, b_row_up, tile, k, stage,
+                                                                                phase, tid);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -967,8 +1036,14 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     acc[4 * j + 3] *= w1;
                 }
             }
-            moe_sm90_store_warp_rows<OutT, BLOCK_N, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(acc, staging, pair, out,
-                                                                                     tile.n0, N, stride_cm, lane);
+            if constexpr (Tr::FUSED) {
+                // Gate column c and up column c + BLOCK_N / 2 are the same thread's acc[i], acc[i + ACC / 2].
+#pragma unroll
+                for (int i = 0; i < Tr::ACC / 2; ++i)
+                    acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
+            }
+            moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
+                acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
         }
     }
 }

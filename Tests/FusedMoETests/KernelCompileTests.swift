@@ -25,6 +25,14 @@ struct KernelCompileTests {
         let swap = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true)
         let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
         for config in [wide, swap, persistent] {
+            // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
+            #expect(config.fusesActivation)
+            for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)
+            where request.source == .gemmSM90 {
+                #expect(request.expressions.contains { $0.hasSuffix("false, 2>") }, "\(request.expressions)")
+                let program = try compile(request)
+                #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
+            }
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 let plan = MoEPlan(both: config).withSplit(split, mode: mode)
                 #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
@@ -36,6 +44,28 @@ struct KernelCompileTests {
                 }
             }
         }
+    }
+
+    /// The fused epilogue's smallest tiles: 64-row gate/up halves of a 64x64 wgmma tile, 32-row halves
+    /// of a 64-wide swap-AB tile, and the persistent kernel's narrowest fused tile (128 columns).
+    @Test func fusedActivationSmallTilesCompile() throws {
+        let configs = [
+            GemmConfig.wgmma(blockM: 64, blockN: 64, stages: 6), GemmConfig.wgmma(blockM: 8, blockN: 64, stages: 8, swapAB: true),
+            GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, persistent: true),
+        ]
+        for config in configs {
+            #expect(config.fusesActivation)
+            #expect(config.tensorMapBoxRows(fusedActivation: true) == config.blockN / 2)
+            let request = try #require(CUDAMoELayer.requests(dtype: .fp16, plan: MoEPlan(both: config), activation: .silu)
+                .first { $0.source == .gemmSM90 })
+            #expect(request.expressions.first?.hasSuffix("false, 1>") == true, "\(request.expressions)")
+            let program = try compile(request)
+            #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
+        }
+        // The persistent kernel's 64-column tiles leave the activation to its own kernel.
+        let narrow = GemmConfig.wgmma(blockM: 128, blockN: 64, stages: 8, persistent: true)
+        #expect(!narrow.fusesActivation)
+        #expect(narrow.tensorMapBoxRows(fusedActivation: true) == 64)
     }
 
     @Test(arguments: [1, 128, 4096])

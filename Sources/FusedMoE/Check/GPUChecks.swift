@@ -250,6 +250,44 @@ public final class GPUChecks {
             record("gpu chunking 1000 tokens in chunks of 300", a.bits == b.bits && b.unwritten == 0,
                    a.bits == b.bits ? "bitwise identical" : "differs")
 
+            // The activation in the wgmma epilogues when I is no multiple of the tile's gate half (I =
+            // 200): gate boxes run into up rows and up boxes into the next expert; both dtypes, both
+            // activations, bit for bit the separate activation kernel.
+            if library.device.properties.architecture == "sm_90a" {
+                let ragged = try MoEShape(experts: 16, topK: 4, hidden: 512, intermediate: 200)
+                let configs = [
+                    GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 4), GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true),
+                    GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
+                    GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
+                ]
+                for dtype in [DType.bf16, .fp16] {
+                    let w = try LayerWeights(tools: tools, shape: ragged, dtype: dtype, seed: seed + 5, stream: stream)
+                    let x = try LayerInputs(tools: tools, shape: ragged, dtype: dtype, tokens: 77, seed: seed + 6, stream: stream)
+                    let o = try DeviceBuffer(device: library.device, byteCount: 77 * ragged.hidden * 2)
+                    for activation in Activation.allCases {
+                        let reference = try x.reference(weights: w, library: library, activation: activation, stream: stream)
+                        for config in configs {
+                            var plan = MoEPlan(both: config)
+                            let fused = try CUDAMoELayer(
+                                library: library, shape: ragged, dtype: dtype, w1: w.w1, w2: w.w2,
+                                options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
+                            let a = try runPoisoned(fused, x, o)
+                            plan.fusedActivation = false
+                            let separate = try CUDAMoELayer(
+                                library: library, shape: ragged, dtype: dtype, w1: w.w1, w2: w.w2,
+                                options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
+                            let b = try runPoisoned(separate, x, o)
+                            let error = relativeError(a.values, reference)
+                            let same = a.bits == b.bits
+                            record(
+                                "gpu fused \(activation.rawValue) I=200 \(dtype.rawValue) \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
+                                same && a.unwritten == 0 && error < errorBound(dtype) * 2,
+                                "rel_err \(formatScientific(error)), unwritten \(a.unwritten)" + (same ? ", = unfused" : ", DIFFERS from unfused"))
+                        }
+                    }
+                }
+            }
+
             // Expert parallelism: this rank owns the even experts; rows of the others come out zero.
             let local = try MoEShape(experts: 32, topK: 6, hidden: 2048, intermediate: 512)
             let map = (0..<64).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 }

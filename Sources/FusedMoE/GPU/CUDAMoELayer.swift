@@ -156,9 +156,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
         } catch {
             throw .cuda(error)
         }
-        let uses = [(plan.gemm1, w1, 2 * shape.intermediate, shape.hidden), (plan.gemm2, w2, shape.hidden, shape.intermediate)]
-        for (config, weights, n, k) in uses where config.kernel.needsHopper && weights.byteCount > 0 {
-            let key = TensorMapKey(address: weights.pointer.address, n: n, k: k, boxRows: config.blockN)
+        let uses = [
+            (plan.gemm1, w1, 2 * shape.intermediate, shape.hidden, plan.activationIsFused),
+            (plan.gemm2, w2, shape.hidden, shape.intermediate, false),
+        ]
+        for (config, weights, n, k, fused) in uses where config.kernel.needsHopper && weights.byteCount > 0 {
+            let boxRows = config.tensorMapBoxRows(fusedActivation: fused)
+            let key = TensorMapKey(address: weights.pointer.address, n: n, k: k, boxRows: boxRows)
             do {
                 heldTensorMaps[key] = try tensorMap(key)
             } catch {
@@ -384,7 +388,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // The weights [E, N, K] as [E*N rows][K columns], read by TMA in [blockN][64] boxes with the
             // 128-byte swizzle the kernel's shared-memory layout expects. Encoding is host-only work.
             // The held weights' maps are made once in init; weights passed per call get theirs here.
-            let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: config.blockN)
+            let boxRows = config.tensorMapBoxRows(fusedActivation: finish == .activation)
+            let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: boxRows)
             let map: TensorMap
             if let held = heldTensorMaps[key] { map = held } else { map = try tensorMap(key) }
             try kernel.launch(

@@ -160,8 +160,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         guard (2...8).contains(stages) else { throw .invalidArgument("num_stages", "\(name) takes 2...8, got \(stages)") }
     }
 
-    /// The kernel instantiation for this config; for `moe_gemm`, `fusedActivation` 1 (silu) or 2
-    /// (gelu) makes the epilogue apply act(gate) * up and write the activated `[rows, I]` directly.
+    /// The kernel instantiation for this config; `fusedActivation` 1 (silu) or 2 (gelu) makes the
+    /// epilogue apply act(gate) * up and write the activated `[rows, I]` directly (GEMM1, unsplit).
     func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0) -> String {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let mode = splitK == 1 ? 0 : splitMode.templateValue
@@ -170,19 +170,25 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
                 + "\(mulRoutedWeight), \(fusedActivation)>"
         case .wgmma:
-            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight)>"
+            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
         case .wgmmaSwap:
-            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight)>"
+            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
         case .wgmmaPersistent:
-            return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight)>"
+            return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
+                + "\(fusedActivation)>"
         }
     }
 
     /// The kernel source holding this config's kernel.
     var source: KernelSource { kernel == .mma ? .gemm : .gemmSM90 }
 
-    /// Whether the epilogue can apply the activation (only `moe_gemm`, unsplit).
-    var fusesActivation: Bool { kernel == .mma && effectiveMode == .none }
+    /// Whether the epilogue can apply the activation: every kernel unsplit, except the persistent
+    /// one with 64-column tiles (its warp-row stores need at least 64 activated columns).
+    var fusesActivation: Bool { effectiveMode == .none && !(kernel == .wgmmaPersistent && blockN < 128) }
+
+    /// Rows of the TMA box over the weights: BLOCK_N, or half of it when the epilogue applies the
+    /// activation (the tile's gate rows and up rows come as two boxes).
+    func tensorMapBoxRows(fusedActivation: Bool) -> Int { fusedActivation && fusesActivation ? blockN / 2 : blockN }
 
     /// The mode the kernel runs in: `none` whenever there is one split.
     var effectiveMode: SplitMode { splitK == 1 ? .none : splitMode }
