@@ -75,14 +75,16 @@ SM90_SWAP_TILES = {
 SM90_LAUNCH_REGISTERS = 168
 
 
-def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
+def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, combine: bool = False) -> str:
     bm, bn, st = tile
-    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
+    flags = f"{'true' if mul else 'false'}, {fused_act}, {'true' if combine else 'false'}"
+    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {flags}>"
 
 
-def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
+def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, combine: bool = False) -> str:
     bnw, tok, st = tile
-    return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
+    flags = f"{'true' if mul else 'false'}, {fused_act}, {'true' if combine else 'false'}"
+    return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {flags}>"
 
 
 def gemm_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
@@ -102,11 +104,13 @@ def name_expressions() -> dict[str, list[list[str]]]:
     for dtype in DTYPES:
         for tile in SM90_TILES:
             sm90_groups.append([gemm_sm90_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)])
+                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)]
+                               + [gemm_sm90_name(dtype, tile, 0, True, 0, True)])
         for tile in SM90_SWAP_TILES[dtype]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)])
+                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)]
+                + [gemm_sm90_swap_name(dtype, tile, 0, True, 0, True)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):
