@@ -153,8 +153,8 @@ MOE_DEVICE float moe_gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.707106
 /// moe_gelu_and_mul computes.
 template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, float up) {
     static_assert(ACT == 1 || ACT == 2, "ACT: 1 silu, 2 gelu");
-    const float g = to_float(from_float<T>(gate));
-    const float u = to_float(from_float<T>(up));
+    float g, u;
+    unpack2<T>(pack2<T>(gate, up), g, u);  // each rounded once to T (one packed cvt), then widened
     if constexpr (ACT == 1) {
         return moe_silu(g) * u;
     } else {

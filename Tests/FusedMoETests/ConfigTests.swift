@@ -103,6 +103,30 @@ import Testing
         #expect(prefill.gemm1.kernel == .wgmma && prefill.blockM == 128)
     }
 
+    /// GROUP_SIZE_M covers one expert's m-blocks, 1...8; the Hopper prefill default takes it.
+    @Test func groupSizeFollowsTheRowsPerExpert() throws {
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape  // E = 8, k = 2
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128) == 4)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128) == 1)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128) == 8)
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 4)
+    }
+
+    /// Unsplit wgmma plans fuse the activation into GEMM1 and the combine into GEMM2; split or mma
+    /// GEMM2s leave the combine to its own kernel, and the plan's switches turn both off.
+    @Test func fusionFollowsTheKernelAndSplit() throws {
+        var plan = MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4))
+        #expect(plan.activationIsFused && plan.combineIsFused)
+        plan.fusedCombine = false
+        #expect(!plan.combineIsFused && plan.description.hasSuffix("separate-combine"))
+        #expect(!MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)).withSplit(2, mode: .workspace).combineIsFused)
+        let mma = MoEPlan(both: GemmConfig(blockM: 16, blockN: 64, blockK: 64, warpsM: 1, warpsN: 4, stages: 4))
+        #expect(mma.activationIsFused && !mma.combineIsFused)
+        let name = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true)).gemm2
+            .nameExpression(dtype: .bf16, mulRoutedWeight: true, combine: true)
+        #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, true, 0, true>")
+    }
+
     @Test func shippedTablesLoadAndFallBackOffHopper() throws {
         #expect(ShippedConfigs.names.count >= 4)
         for name in ShippedConfigs.names {

@@ -185,9 +185,10 @@ public final class GPUChecks {
                     let identical = second.bits == first.bits
                     passed = passed && identical
                     detail += identical ? ", bitwise identical on a rerun" : ", DIFFERS on a rerun"
-                    // The fused activation must reproduce the separate kernel bit for bit.
+                    // The fused activation and combine must reproduce the separate kernels bit for bit.
                     var unfusedPlan = plan
                     unfusedPlan.fusedActivation = false
+                    unfusedPlan.fusedCombine = false
                     let unfused = try CUDAMoELayer(
                         library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                         plan: unfusedPlan, maxTokens: tokens)
@@ -273,6 +274,7 @@ public final class GPUChecks {
                                 options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
                             let a = try runPoisoned(fused, x, o)
                             plan.fusedActivation = false
+                            plan.fusedCombine = false
                             let separate = try CUDAMoELayer(
                                 library: library, shape: ragged, dtype: dtype, w1: w.w1, w2: w.w2,
                                 options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
@@ -285,6 +287,39 @@ public final class GPUChecks {
                                 "rel_err \(formatScientific(error)), unwritten \(a.unwritten)" + (same ? ", = unfused" : ", DIFFERS from unfused"))
                         }
                     }
+                }
+            }
+
+            // Unrouted slots (id -1: align places no row): token 0 has none routed (its output row must be
+            // zeros), every third token loses its slot 1. The combine in GEMM2's epilogue counts only the
+            // placed rows; bit for bit the separate combine kernel.
+            if library.device.properties.architecture == "sm_90a" {
+                let unrouted = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 90, seed: seed + 7, stream: stream)
+                try stream.synchronize()
+                var ids = try unrouted.ids.download(count: 90 * shape.topK, as: Int32.self)
+                for j in 0..<shape.topK { ids[j] = -1 }
+                for t in stride(from: 3, to: 90, by: 3) { ids[t * shape.topK + 1] = -1 }
+                try unrouted.ids.upload(ids)
+                let reference = try unrouted.reference(weights: bf16, library: library, stream: stream)
+                let o = try DeviceBuffer(device: library.device, byteCount: 90 * shape.hidden * 2)
+                for config in [
+                    GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true), GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
+                    GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
+                ] {
+                    var plan = MoEPlan(both: config)
+                    let fused = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90)
+                    let a = try runPoisoned(fused, unrouted, o)
+                    plan.fusedCombine = false
+                    let separate = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90)
+                    let b = try runPoisoned(separate, unrouted, o)
+                    let error = relativeError(a.values, reference)
+                    let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
+                    let same = a.bits == b.bits
+                    record(
+                        "gpu combine in GEMM2 with unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
+                        same && zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
+                        "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros")
+                            + (same ? ", = separate combine" : ", DIFFERS from the separate combine"))
                 }
             }
 

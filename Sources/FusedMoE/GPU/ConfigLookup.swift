@@ -194,7 +194,17 @@ public enum PlanSelector {
         }
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
         if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
-        return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4))
+        let group = groupSizeM(shape: shape, tokens: tokens, blockM: 128)
+        return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: group))
+    }
+
+    /// GROUP_SIZE_M for a tile of `blockM` rows: the m-blocks one expert gets (1...8), so the programs
+    /// that read one weight tile run together and it comes from HBM once rather than once per
+    /// m-block, which matters when an expert's weights do not stay in L2 between its m-blocks (few
+    /// experts with large K and N, as Mixtral's).
+    public static func groupSizeM(shape: MoEShape, tokens: Int, blockM: Int) -> Int {
+        let rowsPerExpert = tokens * shape.topK / max(shape.experts, 1)
+        return min(max(rowsPerExpert / max(blockM, 1), 1), 8)
     }
 
     /// A default that is good without tuning.

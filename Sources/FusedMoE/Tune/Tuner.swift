@@ -94,7 +94,7 @@ public final class Tuner {
             var plans: [MoEPlan] = []
             let hopper = device.properties.architecture == "sm_90a"
             for blockM in Tuner.blockMs(shape: shape, tokens: tokens, hopper: hopper) {
-                let group = tokens * shape.topK >= 8 * shape.experts * blockM ? 8 : 1
+                let group = PlanSelector.groupSizeM(shape: shape, tokens: tokens, blockM: blockM)
                 let mmaTiles = blockM >= 16 ? Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
                 let wgmmaTiles = hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
                 for tile in mmaTiles + wgmmaTiles {
@@ -158,10 +158,17 @@ public final class Tuner {
                 else { continue }
                 let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
                 let blockM = plan.blockM
-                if let time = stages["gemm1"], time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
-                if let time = stages["gemm2"], time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
-                let other = (stages["align"] ?? 0) + (stages["activation"] ?? 0) + (stages["combine"] ?? 0)
-                rest[blockM] = min(rest[blockM] ?? .infinity, other)
+                // Each GEMM is charged with the stage its epilogue may absorb (the activation after
+                // GEMM1, the combine after GEMM2), so fused and separate candidates compare fairly.
+                if let gemm = stages["gemm1"] {
+                    let time = gemm + (stages["activation"] ?? 0)
+                    if time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
+                }
+                if let gemm = stages["gemm2"] {
+                    let time = gemm + (stages["combine"] ?? 0)
+                    if time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
+                }
+                rest[blockM] = min(rest[blockM] ?? .infinity, stages["align"] ?? 0)
             }
             var bestPlan: MoEPlan? = nil
             var bestTime = Double.infinity
