@@ -184,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS)
     moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
                      const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
                      int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t counts[MAX_EXPERTS];
     __shared__ int32_t cursor[MAX_EXPERTS];
@@ -205,7 +205,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS)
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     moe_align_count(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
                     int32_t* __restrict__ chunk_counts) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t counts[MAX_EXPERTS];
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
@@ -222,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
     moe_align_scan(int32_t* __restrict__ chunk_counts, int32_t num_chunks, int64_t numel, int32_t num_experts,
                    int32_t block_m, const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
                    int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t counts[MAX_EXPERTS];
     __shared__ int32_t offsets[MAX_EXPERTS];
@@ -251,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     moe_align_scatter(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
                       const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ sorted_ids) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t cursor[MAX_EXPERTS];
     __shared__ int32_t warp_counts[CHUNK_WARPS * MAX_EXPERTS];

@@ -614,4 +614,13 @@ MOE_DEVICE void griddepcontrol_launch_dependents() {
 #endif
 }
 
+// The first statement of every forward kernel: wait for the previous grid (its writes visible), then
+// let the next grid be scheduled at once. Its programs become resident as this grid's programs finish
+// (all of this grid's programs have started by then, so none is crowded out) and do their launch
+// before their own wait returns, so no launch latency sits between the kernels of a forward.
+MOE_DEVICE void griddepcontrol_wait_then_launch_dependents() {
+    griddepcontrol_wait();
+    griddepcontrol_launch_dependents();
+}
+
 #endif  // MOE_COMMON_CUH

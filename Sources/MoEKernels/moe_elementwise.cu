@@ -126,21 +126,21 @@ MOE_DEVICE void act_and_mul(const T* __restrict__ in, T* __restrict__ out, int64
 template <typename T>
 __global__ void __launch_bounds__(256) moe_silu_and_mul(const T* __restrict__ in, T* __restrict__ out, int64_t rows,
                                                         int64_t I) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     moe_elementwise_detail::act_and_mul(in, out, rows, I, moe_elementwise_detail::Silu{});
 }
 
 template <typename T>
 __global__ void __launch_bounds__(256) moe_gelu_and_mul(const T* __restrict__ in, T* __restrict__ out, int64_t rows,
                                                         int64_t I) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     moe_elementwise_detail::act_and_mul(in, out, rows, I, moe_elementwise_detail::Gelu{});
 }
 
 template <typename T>
 __global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* __restrict__ out, int64_t M, int32_t k,
                                                    int64_t H, const int32_t* __restrict__ topk_ids) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_elementwise_detail;
     if (M <= 0 || H <= 0) return;
     if (H % 8 == 0) {
@@ -175,7 +175,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     moe_splitk_reduce(const float* __restrict__ workspace, int64_t split_stride, int32_t split_k, int64_t rows,
                       int64_t N, int64_t stride_cm, T* __restrict__ out) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_elementwise_detail;
     if (rows <= 0 || N <= 0) return;
     if (N % 4 == 0 && stride_cm % 4 == 0 && split_stride % 4 == 0) {
@@ -205,7 +205,7 @@ template <typename T, int ACT>
 __global__ void __launch_bounds__(256)
     moe_splitk_reduce_act(const float* __restrict__ workspace, int64_t split_stride, int32_t split_k, int64_t rows,
                           int64_t I, T* __restrict__ out) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_elementwise_detail;
     static_assert(ACT == 1 || ACT == 2, "ACT: 1 silu, 2 gelu");
     const typename ActivationOf<ACT>::type act{};
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(256)
 
 template <typename T>
 __global__ void __launch_bounds__(256) moe_cast_f32(const float* __restrict__ in, T* __restrict__ out, int64_t numel) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using namespace moe_elementwise_detail;
     const int64_t vectors = numel / 4;
     for (int64_t v = grid_start(); v < vectors; v += grid_step()) {

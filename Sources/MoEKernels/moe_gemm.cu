@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
              const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N, int64_t K,
              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m, int64_t stride_am,
              int64_t stride_be, int64_t stride_bn, int64_t stride_cm, int64_t max_padded) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using Tr =
         MoEGemmTraits<T, BLOCK_M, BLOCK_N, BLOCK_K, WARPS_M, WARPS_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     constexpr int THREADS = Tr::THREADS;

@@ -123,8 +123,9 @@
 //         fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts; each row
 //         then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in 227 KB:
 //         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
-// PDL:    griddepcontrol.wait first; producer thread 0 executes griddepcontrol.launch_dependents once
-//         its program has issued its last load (the dependent grid still waits for this one to finish).
+// PDL (all three kernels): griddepcontrol.wait, then griddepcontrol.launch_dependents, first thing:
+//         the next kernel's programs may become resident as this grid's programs finish; they still
+//         wait for this whole grid before touching memory.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
@@ -531,7 +532,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   int64_t stride_am, int64_t stride_cm, int64_t max_padded,
                   const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
                   void* __restrict__ combined, int32_t* __restrict__ counters) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
     using Smem = typename Tr::Smem;
 
@@ -734,7 +735,7 @@ __global__ void __launch_bounds__(256, 1)
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded,
                        const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
                        void* __restrict__ combined, int32_t* __restrict__ counters) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
     using Smem = typename Tr::Smem;
 
@@ -1059,7 +1060,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              int64_t stride_am, int64_t stride_cm, int64_t max_padded,
                              const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
                              void* __restrict__ combined, int32_t* __restrict__ counters) {
-    griddepcontrol_wait();
+    griddepcontrol_wait_then_launch_dependents();
     using Tr =
         MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
     using Smem = typename Tr::Smem;
@@ -1120,9 +1121,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
         }
-        // Every input load of this program is issued. The dependent grid may be scheduled (it still
-        // waits for this grid to finish before it touches memory).
-        if (tid == 0) griddepcontrol_launch_dependents();
         cp_async_wait_all();
     } else {
         // ===== Consumer warpgroups =====
