@@ -373,35 +373,53 @@ MOE_DEVICE int moe_combine_expected(const MoECombineArgs& cb, int64_t t) {
 
 /// combined[t, n .. n + 8) (or up to N) = the sum over the token's placed slots j = 0..top_k-1, in
 /// that order, of C row t * top_k + j, in fp32, rounded once: what moe_combine computes. C is read
-/// through L2 (other programs stored most of those rows).
+/// through L2 (other programs stored most of those rows); the loads of up to 8 slots are in flight
+/// together, so a token costs one memory round trip, not top_k.
 template <typename T>
 MOE_DEVICE void moe_combine_columns(const MoECombineArgs& cb, const T* C, int64_t stride_cm, int64_t t, int64_t n,
                                     int64_t N) {
+    constexpr int BATCH = 8;  // slots loaded at once
     const int32_t top_k = cb.top_k;
     float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     T* dst = static_cast<T*>(cb.combined) + t * N + n;
     const bool vec = n + 8 <= N && N % 8 == 0 && stride_cm % 8 == 0;
-    for (int32_t j = 0; j < top_k; ++j) {
-        const int32_t e = cb.topk_ids[t * top_k + j];
-        if (e < 0 || e >= cb.num_experts) continue;  // no row was computed for this slot
-        const T* src = C + (t * top_k + j) * stride_cm + n;
-        if (vec) {
-            float x[8];
-            unpack8<T>(ld_global_cg_v4(src), x);
+    for (int32_t j0 = 0; j0 < top_k; j0 += BATCH) {
+        bool placed[BATCH];
 #pragma unroll
-            for (int q = 0; q < 8; ++q) sum[q] += x[q];
+        for (int q = 0; q < BATCH; ++q) {
+            const int32_t e = j0 + q < top_k ? cb.topk_ids[t * top_k + j0 + q] : -1;
+            placed[q] = e >= 0 && e < cb.num_experts;  // else no row was computed for this slot
+        }
+        if (vec) {
+            uint4 rows[BATCH];
+#pragma unroll
+            for (int q = 0; q < BATCH; ++q) {
+                if (placed[q]) rows[q] = ld_global_cg_v4(C + (t * top_k + j0 + q) * stride_cm + n);
+            }
+#pragma unroll
+            for (int q = 0; q < BATCH; ++q) {
+                if (!placed[q]) continue;
+                float x[8];
+                unpack8<T>(rows[q], x);
+#pragma unroll
+                for (int c = 0; c < 8; ++c) sum[c] += x[c];
+            }
         } else {
-            for (int q = 0; q < 8 && n + q < N; ++q) {
-                T v;
-                v.bits = ld_global_cg_u16(src + q);
-                sum[q] += to_float(v);
+            for (int q = 0; q < BATCH; ++q) {
+                if (!placed[q]) continue;
+                const T* src = C + (t * top_k + j0 + q) * stride_cm + n;
+                for (int c = 0; c < 8 && n + c < N; ++c) {
+                    T v;
+                    v.bits = ld_global_cg_u16(src + c);
+                    sum[c] += to_float(v);
+                }
             }
         }
     }
     if (vec) {
         *reinterpret_cast<uint4*>(dst) = pack8<T>(sum);
     } else {
-        for (int q = 0; q < 8 && n + q < N; ++q) dst[q] = from_float<T>(sum[q]);
+        for (int c = 0; c < 8 && n + c < N; ++c) dst[c] = from_float<T>(sum[c]);
     }
 }
 
@@ -424,12 +442,24 @@ MOE_DEVICE void moe_combine_warp_rows(const MoECombineArgs& cb, const T* C, int6
     uint32_t finished = __ballot_sync(MOE_FULL_MASK, done);
     if (finished == 0) return;
     fence_acq_rel_gpu();
+    // Items (finished token, 8-column chunk) spread over the lanes, one pass per 32 items.
+    constexpr int CHUNKS = COLS / 8;
+    constexpr int TOKENS_PER_PASS = CHUNKS >= 32 ? 1 : 32 / CHUNKS;
     while (finished != 0) {
-        const int src = __ffs(finished) - 1;
-        finished &= finished - 1;
-        const int64_t token = __shfl_sync(MOE_FULL_MASK, t, src);
-        for (int c = lane * 8; c < COLS; c += 32 * 8) {
-            if (n0 + c < N) moe_combine_columns<T>(cb, C, stride_cm, token, n0 + c, N);
+        // The next TOKENS_PER_PASS finished rows: lane l takes the (l / CHUNKS)-th of them.
+        int64_t token = -1;
+#pragma unroll
+        for (int i = 0; i < TOKENS_PER_PASS; ++i) {
+            if (finished == 0) break;  // uniform
+            const int src = __ffs(finished) - 1;
+            finished &= finished - 1;
+            const int64_t tok = __shfl_sync(MOE_FULL_MASK, t, src);
+            if (lane / CHUNKS == i) token = tok;
+        }
+        if (token >= 0) {
+            for (int c = (lane % CHUNKS) * 8; c < COLS; c += CHUNKS * 8) {
+                if (n0 + c < N) moe_combine_columns<T>(cb, C, stride_cm, token, n0 + c, N);
+            }
         }
     }
 }

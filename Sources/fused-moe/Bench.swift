@@ -55,6 +55,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: also time the plan's choice launched without programmatic dependent launch (PDL).")
     var withoutPdl = false
 
+    @Flag(help: "GPU: also time the plan's kernels with the epilogue fusions forced: activation and combine, activation only, neither.")
+    var fusionAb = false
+
     @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")
     var stages = false
 
@@ -131,7 +134,8 @@ extension Bench {
         var rows: [BenchRow] = []
         for preset in presets {
             rows += try bench.run(
-                preset: preset, batchSizes: batches, settings: (planOnly ? [.auto] : GPUBench.tableSettings) + (withoutPdl ? [.autoSequential] : []), dtype: dtype,
+                preset: preset, batchSizes: batches, settings: (planOnly ? [.auto] : GPUBench.tableSettings) + (withoutPdl ? [.autoSequential] : [])
+                    + (fusionAb ? GPUBench.Setting.fusionComparison : []), dtype: dtype,
                 ceilings: measured, rotations: rotations, seed: seed, stages: stages, progress: note)
         }
         let report = BenchReport(

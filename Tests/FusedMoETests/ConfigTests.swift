@@ -127,6 +127,20 @@ import Testing
         #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, true, 0, true>")
     }
 
+    /// The plan fuses the combine only while the sums it moves into GEMM2 stay few per multiprocessor.
+    @Test func combineFusesAtDecodeBatchesOnly() throws {
+        let seed = try ShapePreset.named("seed4096").shape  // H = 4096: 32 column tiles of 128
+        let tile = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
+        #expect(PlanSelector.fusesCombine(shape: seed, tokens: 8, gemm2: tile, multiprocessors: 132))
+        #expect(!PlanSelector.fusesCombine(shape: seed, tokens: 9, gemm2: tile, multiprocessors: 132))
+        let mma = GemmConfig(blockM: 16, blockN: 64, blockK: 64, warpsM: 1, warpsN: 4, stages: 4)
+        #expect(!PlanSelector.fusesCombine(shape: seed, tokens: 1, gemm2: mma, multiprocessors: 132))
+        let plan = try PlanSelector.plan(
+            shape: seed, tokens: 4096, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+            architecture: "sm_90a")
+        #expect(!plan.combineIsFused)
+    }
+
     @Test func shippedTablesLoadAndFallBackOffHopper() throws {
         #expect(ShippedConfigs.names.count >= 4)
         for name in ShippedConfigs.names {

@@ -38,15 +38,33 @@ public final class GPUBench {
         case auto
         /// The plan's own choice launched without programmatic dependent launch, for comparison.
         case autoSequential
+        /// The plan's own kernels with the epilogue fusions forced on or off (the activation into
+        /// GEMM1, the combine into GEMM2, where the kernels can), for comparison.
+        case autoFusion(activation: Bool, combine: Bool)
         case split(Int, SplitMode)
 
         public var label: (variant: String, split: String) {
             switch self {
             case .auto: ("auto", "plan")
             case .autoSequential: ("auto-nopdl", "plan")
+            case .autoFusion(let activation, let combine):
+                ("auto-fuse-" + (activation ? "act" : "") + (activation && combine ? "+" : "") + (combine ? "comb" : "")
+                    + (activation || combine ? "" : "none"), "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
             }
         }
+
+        /// The plan's own kernels (every setting but a fixed split).
+        public var isAuto: Bool {
+            if case .split = self { return false }
+            return true
+        }
+
+        /// The settings `bench --fusion-ab` adds: each fusion alone, both, and neither.
+        public static let fusionComparison: [Setting] = [
+            .autoFusion(activation: true, combine: true), .autoFusion(activation: true, combine: false),
+            .autoFusion(activation: false, combine: false),
+        ]
     }
 
     /// The settings of the PR's table: SPLIT_K in {1, 2, 4, 8} in both modes, plus the plan's own.
@@ -62,12 +80,17 @@ public final class GPUBench {
         let multiprocessors = library.device.properties.multiprocessorCount
         func plan(_ setting: Setting, _ tokens: Int) throws -> MoEPlan {
             switch setting {
-            case .auto, .autoSequential:
-                return try PlanSelector.plan(
+            case .auto, .autoSequential, .autoFusion:
+                var chosen = try PlanSelector.plan(
                     shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
                     deviceName: library.device.properties.name,
                     architecture: library.device.properties.architecture)
+                if case .autoFusion(let activation, let combine) = setting {
+                    chosen.fusedActivation = activation
+                    chosen.fusedCombine = combine
+                }
+                return chosen
             case .split(let k, let mode):
                 return PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors).withSplit(k, mode: mode)
             }
@@ -108,9 +131,10 @@ public final class GPUBench {
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
                     variant: setting == .auto ? GPUBench.kernelLabel(layerPlan)
-                        : setting == .autoSequential ? GPUBench.kernelLabel(layerPlan) + "-nopdl" : label.variant,
+                        : setting == .autoSequential ? GPUBench.kernelLabel(layerPlan) + "-nopdl"
+                        : setting.isAuto ? GPUBench.kernelLabel(layerPlan) + label.variant.dropFirst(4) : label.variant,
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
-                    splitMode: setting == .auto || setting == .autoSequential ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
+                    splitMode: setting.isAuto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
                 if stages {
                     row.stages = try stageBreakdown(layer: layer, inputs: inputs[0], out: out)

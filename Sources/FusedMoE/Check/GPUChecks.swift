@@ -196,6 +196,17 @@ public final class GPUChecks {
                     let same = separate.bits == first.bits
                     passed = passed && same
                     detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
+                    if !same && plan.combineIsFused {
+                        // Which fusion differs: the activation alone, with the combine kernel.
+                        var actOnly = plan
+                        actOnly.fusedCombine = false
+                        let alone = try runPoisoned(
+                            try CUDAMoELayer(
+                                library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                                plan: actOnly, maxTokens: tokens),
+                            inputs, out)
+                        detail += alone.bits == separate.bits ? " (the combine in GEMM2 differs)" : " (the activation in GEMM1 differs)"
+                    }
                     // Programmatic dependent launch must not change a bit either (a race would).
                     if layer.programmaticDependentLaunch {
                         let sequential = try CUDAMoELayer(

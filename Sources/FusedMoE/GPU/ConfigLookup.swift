@@ -168,17 +168,31 @@ public enum PlanSelector {
         shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
         architecture: String = ""
     ) throws(MoEError) -> MoEPlan {
-        if let table = try configFile(shape: shape, deviceName: deviceName) {
-            let plan = table.nearest(to: tokens)
+        var plan: MoEPlan
+        if let table = try configFile(shape: shape, deviceName: deviceName),
+            case let entry = table.nearest(to: tokens),
             // A table tuned on Hopper may name wgmma kernels; elsewhere fall back to the heuristic.
-            if architecture == "sm_90a" || !(plan.gemm1.kernel.needsHopper || plan.gemm2.kernel.needsHopper) {
-                try plan.gemm1.validate(sharedMemoryLimit: sharedMemoryLimit)
-                try plan.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
-                return plan
-            }
+            architecture == "sm_90a" || !(entry.gemm1.kernel.needsHopper || entry.gemm2.kernel.needsHopper)
+        {
+            try entry.gemm1.validate(sharedMemoryLimit: sharedMemoryLimit)
+            try entry.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
+            plan = entry
+        } else if architecture == "sm_90a" {
+            plan = hopperHeuristic(shape: shape, tokens: tokens)
+        } else {
+            plan = heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
         }
-        if architecture == "sm_90a" { return hopperHeuristic(shape: shape, tokens: tokens) }
-        return heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
+        plan.fusedCombine = fusesCombine(shape: shape, tokens: tokens, gemm2: plan.gemm2, multiprocessors: multiprocessors)
+        return plan
+    }
+
+    /// Whether GEMM2's epilogue should do the top-k combine at this batch size. It saves a launch
+    /// and a pass over `[M*k, H]`, but each (token, column tile) is then summed by the program that
+    /// stores its last row, a memory round trip its multiprocessor does not overlap with other work.
+    /// That pays while those sums are few: at most two per multiprocessor (decode batches).
+    public static func fusesCombine(shape: MoEShape, tokens: Int, gemm2: GemmConfig, multiprocessors: Int) -> Bool {
+        let columnTiles = (shape.hidden + gemm2.blockN - 1) / gemm2.blockN
+        return gemm2.fusesCombine && tokens * columnTiles <= 2 * multiprocessors
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` on the H200 over the five presets

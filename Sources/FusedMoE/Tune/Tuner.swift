@@ -98,7 +98,10 @@ public final class Tuner {
                 let mmaTiles = blockM >= 16 ? Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
                 let wgmmaTiles = hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
                 for tile in mmaTiles + wgmmaTiles {
-                    plans.append(MoEPlan(both: tile))
+                    var plan = MoEPlan(both: tile)
+                    plan.fusedCombine = PlanSelector.fusesCombine(
+                        shape: shape, tokens: tokens, gemm2: tile, multiprocessors: multiprocessors)
+                    plans.append(plan)
                     let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
                     let tiles = mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN)
                     if tiles < 2 * multiprocessors || mBlocks * ((shape.hidden + tile.blockN - 1) / tile.blockN) < 2 * multiprocessors {
@@ -174,7 +177,8 @@ public final class Tuner {
             var bestTime = Double.infinity
             for (blockM, first) in best1 {
                 guard let second = best2[blockM], let other = rest[blockM] else { continue }
-                let plan = try MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
+                var plan = try MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
+                plan.fusedCombine = second.0.fusedCombine
                 if first.1 + second.1 + other < bestTime {
                     bestTime = first.1 + second.1 + other
                     bestPlan = plan
