@@ -285,10 +285,11 @@ MOE_DEVICE void red_global_add_v4_f32(float* addr, float a, float b, float c, fl
 
 // MARK: - Hand-off between programs of one grid (the last-arriver pattern)
 //
-// A program publishes data it stored to global memory by fence_acq_rel_gpu() in every storing thread,
-// a barrier over those threads, then one relaxed atomic add on a counter; the program whose add
-// completes the count executes fence_acq_rel_gpu() and then reads the others' data through L2
-// (ld_global_cg_v4: L1 is not coherent between SMs).
+// A program publishes data it stored to global memory by a barrier over the storing threads, then
+// fence_acq_rel_gpu() and a relaxed atomic add on a counter in the arriving thread (the fence is
+// cumulative over the stores the barrier ordered before it); the program whose add completes the
+// count executes fence_acq_rel_gpu() and then reads the others' data through L2 (ld_global_cg_v4:
+// L1 is not coherent between SMs).
 
 /// fence.acq_rel.gpu
 MOE_DEVICE void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }

@@ -36,8 +36,9 @@
 //         for the tile's columns c < N (combined is dense [M, N]): bit for bit moe_combine. Tokens
 //         with no placed slot get zero rows (program b of the grid covers tokens
 //         [b * ceil(M / gridDim.x), ...)). Deterministic: only who sums varies, not what or in
-//         which order. Rows are published by fence.acq_rel.gpu + a barrier before the relaxed
-//         atomic arrival and read by the finisher after a fence through L2 (ld.global.cg).
+//         which order. The storing threads meet at a barrier; each arriving thread then fences
+//         (fence.acq_rel.gpu) and adds (relaxed atomic); the finisher fences after its add and reads
+//         the rows through L2 (ld.global.cg).
 //
 // ---------------------------------------------------------------------------------------------------
 // moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>   (prefill, large M)
@@ -423,11 +424,12 @@ MOE_DEVICE void moe_combine_columns(const MoECombineArgs& cb, const T* C, int64_
     }
 }
 
-/// One warp's arrivals for up to 16 rows of C it has stored and published (every storing thread ran
-/// fence_acq_rel_gpu, then a barrier covering them): lane i < 16 holds row i's pair (-1: none). Each
-/// pair p = t * top_k + j counts on counters[t * num_pid_n + pid_n]; the lane whose add completes
-/// the token's count resets the counter, and the warp then writes that token's combined columns
-/// [n0, n0 + COLS) (below N).
+/// One warp's arrivals for up to 16 rows of C stored by its program (a barrier over the storing
+/// threads comes first): lane i < 16 holds row i's pair (-1: none). Each pair p = t * top_k + j
+/// counts on counters[t * num_pid_n + pid_n], the arriving lane fencing (fence.acq_rel.gpu, which is
+/// cumulative over the stores the barrier ordered before it) and then adding (the release pattern);
+/// the lane whose add completes the token's count fences again (acquire), resets the counter, and
+/// after a warp barrier the warp writes that token's combined columns [n0, n0 + COLS) (below N).
 template <typename T, int COLS>
 MOE_DEVICE void moe_combine_warp_rows(const MoECombineArgs& cb, const T* C, int64_t stride_cm, int32_t pair,
                                       int64_t num_pid_n, int64_t pid_n, int64_t n0, int64_t N, int lane) {
@@ -436,8 +438,12 @@ MOE_DEVICE void moe_combine_warp_rows(const MoECombineArgs& cb, const T* C, int6
     if (pair >= 0) {
         t = pair / cb.top_k;
         int32_t* counter = cb.counters + t * num_pid_n + pid_n;
+        fence_acq_rel_gpu();  // release: the rows stored before the barrier, then the arrival
         done = atom_add_relaxed_gpu(counter, 1) + 1 == moe_combine_expected(cb, t);
-        if (done) *counter = 0;  // every arrival of this grid is in: ready for the next launch
+        if (done) {
+            fence_acq_rel_gpu();  // acquire: every other program's rows are visible from here
+            *counter = 0;         // every arrival of this grid is in: ready for the next launch
+        }
     }
     uint32_t finished = __ballot_sync(MOE_FULL_MASK, done);
     if (finished == 0) return;
@@ -703,8 +709,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
         }
         if constexpr (COMBINE) {
-            // Publish this warpgroup's rows, then warp w of it arrives for rows [16 w, 16 w + 16).
-            fence_acq_rel_gpu();
+            // Every row of this warpgroup is stored; then warp w of it arrives for rows [16 w, 16 w + 16).
             if (wg == 0) {
                 bar_sync<2, Tr::WARPGROUP_THREADS>();
             } else {
@@ -909,8 +914,7 @@ __global__ void __launch_bounds__(256, 1)
             }
         }
         if constexpr (COMBINE) {
-            // Publish the tile's rows, then warp w arrives for token rows [16 w, 16 w + 16).
-            fence_acq_rel_gpu();
+            // Every row of the tile is stored; then warp w arrives for token rows [16 w, 16 w + 16).
             bar_sync<1, 128>();
             const int row = (wg_tid / 32) * 16 + lane;
             const int32_t pair = lane < 16 && row < TOKENS ? sm.pair[row] : -1;
@@ -1230,8 +1234,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
                 acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
             if constexpr (COMBINE) {
-                // The warp stored its 16 rows itself: publish them and arrive.
-                fence_acq_rel_gpu();
+                // The warp stored its 16 rows itself; then it arrives for them.
                 __syncwarp();
                 moe_combine_warp_rows<T, BLOCK_N>(cb, static_cast<const T*>(C), stride_cm, pair, ceil_div(N, BLOCK_N),
                                                   tile.n0 / BLOCK_N, tile.n0, N, lane);

@@ -112,14 +112,15 @@ import Testing
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 4)
     }
 
-    /// Unsplit wgmma plans fuse the activation into GEMM1 and the combine into GEMM2; split or mma
-    /// GEMM2s leave the combine to its own kernel, and the plan's switches turn both off.
+    /// Unsplit wgmma plans can fuse the activation into GEMM1 and (asked to) the combine into GEMM2;
+    /// split or mma GEMM2s leave the combine to its own kernel.
     @Test func fusionFollowsTheKernelAndSplit() throws {
         var plan = MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4))
-        #expect(plan.activationIsFused && plan.combineIsFused)
-        plan.fusedCombine = false
-        #expect(!plan.combineIsFused && plan.description.hasSuffix("separate-combine"))
-        #expect(!MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)).withSplit(2, mode: .workspace).combineIsFused)
+        #expect(plan.activationIsFused && !plan.combineIsFused)  // the combine is opt-in
+        plan.fusedCombine = true
+        #expect(plan.combineIsFused && plan.description.hasSuffix("fused-combine"))
+        plan = plan.withSplit(2, mode: .workspace)
+        #expect(!plan.combineIsFused)
         let mma = MoEPlan(both: GemmConfig(blockM: 16, blockN: 64, blockK: 64, warpsM: 1, warpsN: 4, stages: 4))
         #expect(mma.activationIsFused && !mma.combineIsFused)
         let name = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true)).gemm2
@@ -127,18 +128,24 @@ import Testing
         #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, true, 0, true>")
     }
 
-    /// The plan fuses the combine only while the sums it moves into GEMM2 stay few per multiprocessor.
-    @Test func combineFusesAtDecodeBatchesOnly() throws {
-        let seed = try ShapePreset.named("seed4096").shape  // H = 4096: 32 column tiles of 128
-        let tile = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
-        #expect(PlanSelector.fusesCombine(shape: seed, tokens: 8, gemm2: tile, multiprocessors: 132))
-        #expect(!PlanSelector.fusesCombine(shape: seed, tokens: 9, gemm2: tile, multiprocessors: 132))
-        let mma = GemmConfig(blockM: 16, blockN: 64, blockK: 64, warpsM: 1, warpsN: 4, stages: 4)
-        #expect(!PlanSelector.fusesCombine(shape: seed, tokens: 1, gemm2: mma, multiprocessors: 132))
-        let plan = try PlanSelector.plan(
-            shape: seed, tokens: 4096, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
-            architecture: "sm_90a")
-        #expect(!plan.combineIsFused)
+    /// The selected plan applies the activation in GEMM1 where that measured faster (mma, swap-AB,
+    /// split-K reductions) and never fuses the combine (opt-in).
+    @Test func selectedPlansFuseWhereItPays() throws {
+        let seed = try ShapePreset.named("seed4096").shape
+        func plan(_ tokens: Int) throws -> MoEPlan {
+            try PlanSelector.plan(
+                shape: seed, tokens: tokens, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+                architecture: "sm_90a")
+        }
+        let decode = try plan(8)
+        #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused && !decode.combineIsFused)
+        let prefill = try plan(4096)
+        #expect(prefill.gemm1.kernel != .wgmmaSwap && !prefill.activationIsFused && !prefill.combineIsFused)
+        #expect(PlanSelector.fusesActivation(gemm1: GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)) == false)
+        var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        split.splitK = 2
+        split.splitMode = .workspace
+        #expect(PlanSelector.fusesActivation(gemm1: split))
     }
 
     @Test func shippedTablesLoadAndFallBackOffHopper() throws {

@@ -27,7 +27,9 @@ struct KernelCompileTests {
         for config in [wide, swap, persistent] {
             // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
             #expect(config.fusesActivation)
-            for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)
+            var fused = MoEPlan(both: config)
+            fused.fusedCombine = true  // opt-in
+            for request in CUDAMoELayer.requests(dtype: .bf16, plan: fused, activation: .gelu)
             where request.source == .gemmSM90 {
                 // GEMM1 with gelu in its epilogue; GEMM2 with the combine in its epilogue.
                 #expect(request.expressions.contains { $0.hasSuffix("false, 2, false>") }, "\(request.expressions)")

@@ -40,7 +40,11 @@ public final class GPUChecks {
         let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
         for (name, config) in [("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent)] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
-                plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
+                // Both epilogue fusions on (the combine is opt-in), so the check covers them; each case
+                // also runs without them and must match bit for bit.
+                var plan = MoEPlan(both: config).withSplit(split, mode: mode)
+                plan.fusedCombine = true
+                plans.append(("\(name) split=\(split) \(mode.rawValue)", plan))
             }
         }
         return plans
@@ -318,6 +322,7 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
                 ] {
                     var plan = MoEPlan(both: config)
+                    plan.fusedCombine = true
                     let fused = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90)
                     let a = try runPoisoned(fused, unrouted, o)
                     plan.fusedCombine = false

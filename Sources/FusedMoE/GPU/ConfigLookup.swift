@@ -182,17 +182,17 @@ public enum PlanSelector {
         } else {
             plan = heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
         }
-        plan.fusedCombine = fusesCombine(shape: shape, tokens: tokens, gemm2: plan.gemm2, multiprocessors: multiprocessors)
+        plan.fusedActivation = fusesActivation(gemm1: plan.gemm1)
         return plan
     }
 
-    /// Whether GEMM2's epilogue should do the top-k combine at this batch size. It saves a launch
-    /// and a pass over `[M*k, H]`, but each (token, column tile) is then summed by the program that
-    /// stores its last row, a memory round trip its multiprocessor does not overlap with other work.
-    /// That pays while those sums are few: at most two per multiprocessor (decode batches).
-    public static func fusesCombine(shape: MoEShape, tokens: Int, gemm2: GemmConfig, multiprocessors: Int) -> Bool {
-        let columnTiles = (shape.hidden + gemm2.blockN - 1) / gemm2.blockN
-        return gemm2.fusesCombine && tokens * columnTiles <= 2 * multiprocessors
+    /// Whether GEMM1 should apply the activation itself (its epilogue, or its split-K reduction):
+    /// measured on the H200 (bench --fusion-ab, NOTES v7), the epilogue gains a little in the mma
+    /// kernel, is even in the swap-AB decode kernel, and costs 3-6% in the unsplit prefill wgmma
+    /// kernels (the activation then runs on the consumers' critical path, which a separate
+    /// memory-bound pass does not), so those keep the separate kernel.
+    public static func fusesActivation(gemm1: GemmConfig) -> Bool {
+        gemm1.effectiveMode != .none || gemm1.kernel == .mma || gemm1.kernel == .wgmmaSwap
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` on the H200 over the five presets

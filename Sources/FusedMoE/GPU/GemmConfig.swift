@@ -209,9 +209,11 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     /// to measure the difference.
     public var fusedActivation = true
     /// Do the top-k combine in GEMM2's epilogue (the wgmma kernels, unsplit: the program that stores
-    /// a token's last row sums its k rows, in slot order) instead of a separate kernel. On by
-    /// default; off only to measure the difference.
-    public var fusedCombine = true
+    /// a token's last row sums its k rows, in slot order, bit for bit the separate kernel) instead
+    /// of a separate kernel. Off by default: on the H200 it was never faster (bench --fusion-ab,
+    /// NOTES v7): the separate pass is a few microseconds under programmatic dependent launch, while
+    /// the sums in the epilogue are memory round trips the GEMM's programs do not overlap.
+    public var fusedCombine = false
 
     public init(gemm1: GemmConfig, gemm2: GemmConfig) throws(MoEError) {
         guard gemm1.blockM == gemm2.blockM else {
@@ -238,7 +240,7 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
-            + (fusedCombine ? "" : " separate-combine")
+            + (fusedCombine ? " fused-combine" : "")
     }
 
     /// The same plan with split-K set on both GEMMs.

@@ -99,8 +99,7 @@ public final class Tuner {
                 let wgmmaTiles = hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
                 for tile in mmaTiles + wgmmaTiles {
                     var plan = MoEPlan(both: tile)
-                    plan.fusedCombine = PlanSelector.fusesCombine(
-                        shape: shape, tokens: tokens, gemm2: tile, multiprocessors: multiprocessors)
+                    plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)
                     plans.append(plan)
                     let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
                     let tiles = mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN)
@@ -178,7 +177,7 @@ public final class Tuner {
             for (blockM, first) in best1 {
                 guard let second = best2[blockM], let other = rest[blockM] else { continue }
                 var plan = try MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
-                plan.fusedCombine = second.0.fusedCombine
+                plan.fusedActivation = first.0.fusedActivation
                 if first.1 + second.1 + other < bestTime {
                     bestTime = first.1 + second.1 + other
                     bestPlan = plan
