@@ -2,14 +2,17 @@
 # On the GPU machine: the fused epilogues (activation in GEMM1, combine in GEMM2) and early PDL
 # triggers. Mode `check` (default): ceilings, the full check, the shipped plans on all presets
 # (bench --plan-only). Mode `ab`: the full check, then bench --fusion-ab (each fusion forced on and
-# off) at decode and mid batch sizes. Mode `sanitize`: scripts/device-sanitize.sh. Outputs under $OUT.
+# off) at decode and mid batch sizes. Mode `decode`: the full check, then one-token batches on every
+# preset with the shipped tables and with scripts/exp_tables.py's (swap-AB GEMM2 at M = 1, so align
+# can be skipped), and Mixtral's GROUP_SIZE_M 4 at M = 1024, 2048. Mode `sanitize`:
+# scripts/device-sanitize.sh. Outputs under $OUT.
 set -uo pipefail
 mode=${1:-check}
 OUT=${OUT:-/tmp/fused-moe-out}
 export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
 export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
 status=0
-if [[ $mode == check || $mode == ab ]]; then
+if [[ $mode == check || $mode == ab || $mode == decode ]]; then
   python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
   timeout 200 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "FAIL|✘" "$OUT/check.txt" | cut -c1-400 | head -20
@@ -25,6 +28,18 @@ if [[ $mode == ab ]]; then
     --batch-sizes 1,4,8,16,32,128,1024 --ceilings "$OUT/ceilings.json" --json "$OUT/bench-ab.json" \
     2>"$OUT/bench-progress.txt" > "$OUT/bench-ab.txt" || status=1
   tail -3 "$OUT/bench-progress.txt"
+fi
+if [[ $mode == decode ]]; then
+  bench=(dist/fused-moe bench --plan-only --ceilings "$OUT/ceilings.json")
+  all=(--shape seed4096 --shape seed8192 --shape mixtral_tp2 --shape qwen235_tp2 --shape dsv3_tp4)
+  timeout 150 "${bench[@]}" --fusion-ab "${all[@]}" --batch-sizes 1 2>/dev/null > "$OUT/decode-shipped.txt" || status=1
+  python3 scripts/exp_tables.py /tmp/exp-tables > /dev/null
+  FUSED_MOE_CONFIG_DIR=/tmp/exp-tables timeout 100 "${bench[@]}" --fusion-ab --shape seed4096 --shape dsv3_tp4 \
+    --batch-sizes 1 2>/dev/null > "$OUT/decode-exp.txt" || status=1
+  timeout 100 "${bench[@]}" --shape mixtral_tp2 --batch-sizes 1024,2048 2>/dev/null > "$OUT/mixtral-shipped.txt" || status=1
+  FUSED_MOE_CONFIG_DIR=/tmp/exp-tables timeout 100 "${bench[@]}" --shape mixtral_tp2 --batch-sizes 1024,2048 \
+    2>/dev/null > "$OUT/mixtral-group4.txt" || status=1
+  tail -n +1 "$OUT"/decode-*.txt "$OUT"/mixtral-*.txt | cut -c1-150
 fi
 if [[ $mode == sanitize ]]; then
   bash scripts/device-sanitize.sh || status=1

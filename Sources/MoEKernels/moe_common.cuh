@@ -162,6 +162,25 @@ template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, floa
     }
 }
 
+// MARK: - The aligned routing the grouped GEMMs read
+
+// Normally align's output: sorted_token_ids (pair of each row, padding >= num_valid_tokens),
+// expert_ids (expert of each BLOCK_M block) and total_padded (rows in use). Identity routing, for a
+// batch of one token (whose k slots name k distinct experts): sorted_token_ids and total_padded are
+// null, block b holds pair b alone (row b * BLOCK_M; the block's other rows are padding), expert_ids
+// is topk_ids itself, and num_valid_tokens * BLOCK_M rows are in use. No align runs then.
+
+/// The pair of sorted row `row` (>= num_valid_tokens: padding).
+MOE_DEVICE int32_t moe_sorted_pair(const int32_t* sorted_token_ids, int64_t row, int block_m, int64_t num_valid_tokens) {
+    if (sorted_token_ids != nullptr) return sorted_token_ids[row];
+    return row % block_m == 0 ? static_cast<int32_t>(row / block_m) : static_cast<int32_t>(num_valid_tokens);
+}
+
+/// The rows in use of the sorted order.
+MOE_DEVICE int64_t moe_total_padded(const int32_t* total_padded, int64_t num_valid_tokens, int block_m) {
+    return total_padded != nullptr ? static_cast<int64_t>(*total_padded) : num_valid_tokens * block_m;
+}
+
 // MARK: - Warp helpers
 
 MOE_DEVICE float warp_sum(float v) {

@@ -16,6 +16,9 @@
 // blockIdx.y takes range y (possibly empty). Programs with pid_m * BLOCK_M >= *total_padded return at
 // once. A block whose expert id is -1 (expert not owned) skips the K loop and stores zeros (modes 0
 // and 2) or nothing (mode 1); so does an empty split range.
+// Identity routing (moe_common.cuh): sorted_token_ids and total_padded null, expert_ids = topk_ids:
+//         block b holds pair b alone (one token's k slots; no align ran). An id outside [0, E) then
+//         reads weight rows past E*N, which the tensor map fills with zeros.
 // FUSED_ACT 0: as above. 1 (silu) or 2 (exact gelu): GEMM1 with its activation in the epilogue
 //         (SPLIT_MODE 0, MUL_ROUTED_WEIGHT false). N = 2I is the product width (B rows per expert:
 //         gate rows [0, I), up rows [I, 2I)); the program of n-block nb loads gate rows
@@ -160,7 +163,7 @@ struct MoESm90Tile {
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
                                  const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
-                                 int32_t group_size_m, int64_t max_padded) {
+                                 int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
     const int64_t num_pid_m = ceil_div(max_padded, BLOCK_M);
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
     const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
@@ -172,7 +175,7 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     const int64_t pid_n = (pid % pids_in_group) / this_group_m;
 
     tile.row0 = pid_m * BLOCK_M;
-    if (tile.row0 >= static_cast<int64_t>(*total_padded)) return false;
+    if (tile.row0 >= moe_total_padded(total_padded, num_valid_tokens, BLOCK_M)) return false;
     tile.n0 = pid_n * BLOCK_N;
     tile.expert = expert_ids[pid_m];
 
@@ -187,7 +190,8 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
 /// Tile coordinates with Triton's grouped ordering (as moe_gemm). False: this program has no tile.
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_schedule(MoESm90Tile& tile, const int32_t* expert_ids, const int32_t* total_padded,
-                                  int64_t N, int64_t K, int32_t split_k, int32_t group_size_m, int64_t max_padded) {
+                                  int64_t N, int64_t K, int32_t split_k, int32_t group_size_m, int64_t max_padded,
+                                  int64_t num_valid_tokens) {
     const int64_t num_pid_m = ceil_div(max_padded, BLOCK_M);
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
     const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
@@ -200,7 +204,7 @@ MOE_DEVICE bool moe_sm90_schedule(MoESm90Tile& tile, const int32_t* expert_ids, 
     const int64_t pid_n = (pid % pids_in_group) / this_group_m;
 
     tile.row0 = pid_m * BLOCK_M;
-    if (tile.row0 >= static_cast<int64_t>(*total_padded)) return false;
+    if (tile.row0 >= moe_total_padded(total_padded, num_valid_tokens, BLOCK_M)) return false;
     tile.n0 = pid_n * BLOCK_N;
     tile.expert = expert_ids[pid_m];
 
@@ -267,7 +271,7 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
         if (tile.num_tiles > 0) prefetch_tensormap(b_map);
     }
     for (int r = tid; r < A_ROWS; r += THREADS) {
-        const int32_t p = sorted_token_ids[tile.row0 + r];
+        const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, A_ROWS, num_valid_tokens);
         const bool valid = p >= 0 && p < num_valid_tokens;
         sm.pair[r] = valid ? p : -1;
         sm.a_row[r] = valid ? p / top_k : -1;
@@ -578,7 +582,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
     MoESm90Tile tile;
     if (!moe_sm90_schedule<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
-                                                          group_size_m, max_padded))
+                                                          group_size_m, max_padded, num_valid_tokens))
         return;
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
@@ -780,7 +784,7 @@ __global__ void __launch_bounds__(256, 1)
 
     MoESm90Tile tile;
     if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
-                                                           group_size_m, max_padded))
+                                                           group_size_m, max_padded, num_valid_tokens))
         return;
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
@@ -1131,7 +1135,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
             MoESm90Tile tile;
             if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
-                                                                  K, split_k, group_size_m, max_padded) ||
+                                                                  K, split_k, group_size_m, max_padded,
+                                                                  num_valid_tokens) ||
                 tile.num_tiles == 0)
                 continue;  // nothing to load: no tile, expert not owned, or an empty split range
             // Every producer thread passed the previous tile's barrier after its last read of this table
@@ -1139,7 +1144,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
             table ^= 1;
             for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
-                const int32_t p = sorted_token_ids[tile.row0 + r];
+                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
                 a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
             }
             bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
@@ -1177,7 +1182,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
             MoESm90Tile tile;
             if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
-                                                                  K, split_k, group_size_m, max_padded))
+                                                                  K, split_k, group_size_m, max_padded,
+                                                                  num_valid_tokens))
                 continue;
             if (SPLIT_MODE == 1 && tile.num_tiles == 0) continue;  // adding zeros changes nothing
 
@@ -1186,7 +1192,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             int32_t pair = -1;
             float weight = 0.0f;
             if (lane < Tr::WARP_ROWS) {
-                const int32_t p = sorted_token_ids[tile.row0 + warp * Tr::WARP_ROWS + lane];
+                const int32_t p =
+                    moe_sorted_pair(sorted_token_ids, tile.row0 + warp * Tr::WARP_ROWS + lane, BLOCK_M, num_valid_tokens);
                 if (p >= 0 && p < num_valid_tokens) {
                     pair = p;
                     if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];

@@ -41,6 +41,8 @@ public final class GPUBench {
         /// The plan's own kernels with the epilogue fusions forced on or off (the activation into
         /// GEMM1, the combine into GEMM2, where the kernels can), for comparison.
         case autoFusion(activation: Bool, combine: Bool)
+        /// The plan's own choice with align always run (no identity routing for one token).
+        case autoAligned
         case split(Int, SplitMode)
 
         public var label: (variant: String, split: String) {
@@ -50,6 +52,7 @@ public final class GPUBench {
             case .autoFusion(let activation, let combine):
                 ("auto-fuse-" + (activation ? "act" : "") + (activation && combine ? "+" : "") + (combine ? "comb" : "")
                     + (activation || combine ? "" : "none"), "plan")
+            case .autoAligned: ("auto-aligned", "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
             }
         }
@@ -60,10 +63,10 @@ public final class GPUBench {
             return true
         }
 
-        /// The settings `bench --fusion-ab` adds: each fusion alone, both, and neither.
+        /// The settings `bench --fusion-ab` adds: each fusion alone, both, neither, and align always run.
         public static let fusionComparison: [Setting] = [
             .autoFusion(activation: true, combine: true), .autoFusion(activation: true, combine: false),
-            .autoFusion(activation: false, combine: false),
+            .autoFusion(activation: false, combine: false), .autoAligned,
         ]
     }
 
@@ -80,7 +83,7 @@ public final class GPUBench {
         let multiprocessors = library.device.properties.multiprocessorCount
         func plan(_ setting: Setting, _ tokens: Int) throws -> MoEPlan {
             switch setting {
-            case .auto, .autoSequential, .autoFusion:
+            case .auto, .autoSequential, .autoFusion, .autoAligned:
                 var chosen = try PlanSelector.plan(
                     shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
@@ -90,6 +93,7 @@ public final class GPUBench {
                     chosen.fusedActivation = activation
                     chosen.fusedCombine = combine
                 }
+                if setting == .autoAligned { chosen.identityRouting = false }
                 return chosen
             case .split(let k, let mode):
                 return PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors).withSplit(k, mode: mode)

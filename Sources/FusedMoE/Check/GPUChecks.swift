@@ -211,6 +211,19 @@ public final class GPUChecks {
                             inputs, out)
                         detail += alone.bits == separate.bits ? " (the combine in GEMM2 differs)" : " (the activation in GEMM1 differs)"
                     }
+                    // One token skips align (identity routing): the same rows as with it, bit for bit.
+                    if layer.usesIdentityRouting(tokens: tokens) {
+                        var alignedPlan = plan
+                        alignedPlan.identityRouting = false
+                        let aligned = try runPoisoned(
+                            try CUDAMoELayer(
+                                library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                                plan: alignedPlan, maxTokens: tokens),
+                            inputs, out)
+                        let equal = aligned.bits == first.bits
+                        passed = passed && equal
+                        detail += equal ? ", = with align" : ", DIFFERS from the aligned run"
+                    }
                     // Programmatic dependent launch must not change a bit either (a race would).
                     if layer.programmaticDependentLaunch {
                         let sequential = try CUDAMoELayer(

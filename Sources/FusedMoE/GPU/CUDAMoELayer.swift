@@ -286,8 +286,16 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
-        let maxPadded = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
-        try marker?("align")
+        let routing: Routing
+        if usesIdentityRouting(tokens: tokens) {
+            // One token: its k slots name distinct experts, so each pair is its own block and the GEMMs
+            // read the ids directly; no align runs.
+            routing = Routing(
+                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.blockM)
+        } else {
+            routing = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
+            try marker?("align")
+        }
         let (h, i) = (shape.hidden, shape.intermediate)
         if plan.activationIsFused {
             // GEMM1 writes act(gate) * up straight into `activated`: in its epilogue when K is not
@@ -295,13 +303,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
-                maxPadded: maxPadded, stream: stream)
+                routing: routing, stream: stream)
             try marker?("gemm1")
         } else {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: gateUp.pointer, outputColumns: 2 * i, finish: .cast,
-                maxPadded: maxPadded, stream: stream)
+                routing: routing, stream: stream)
             try marker?("gemm1")
             try kernels.activation.launch(
                 grid: elementwiseGrid(work: pairs * i, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
@@ -312,7 +320,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // each token's rows into `out` (the program storing a token's last row does it).
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
-            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, maxPadded: maxPadded,
+            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing,
             stream: stream, combine: plan.combineIsFused ? (topkIDs, out) : nil)
         try marker?("gemm2")
         if !plan.combineIsFused {
@@ -323,8 +331,25 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
     }
 
-    /// Enqueues align for `pairs` pairs and returns the padded row bound the GEMM grids cover.
-    private func align(topkIDs: DevicePointer, pairs: Int, stream: Stream) throws(CUDAError) -> Int {
+    /// What the grouped GEMMs read of the routing: align's output, or (one token) the ids themselves.
+    struct Routing {
+        var sortedIDs: DevicePointer
+        var expertIDs: DevicePointer
+        var totalPadded: DevicePointer
+        /// The padded row bound the GEMM grids cover.
+        var maxPadded: Int
+    }
+
+    /// Whether a chunk of `tokens` skips align: one token, no expert map (its ids are router ids, not
+    /// local experts), both GEMMs on the wgmma kernels (their weight reads are bounds-checked by
+    /// the tensor map), and the plan allows it.
+    func usesIdentityRouting(tokens: Int) -> Bool {
+        tokens == 1 && plan.identityRouting && expertMap == nil && plan.gemm1.kernel.needsHopper
+            && plan.gemm2.kernel.needsHopper
+    }
+
+    /// Enqueues align for `pairs` pairs and returns where the GEMMs find its result.
+    private func align(topkIDs: DevicePointer, pairs: Int, stream: Stream) throws(CUDAError) -> Routing {
         let routed = routedExperts
         let blockM = plan.blockM
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
@@ -351,7 +376,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
                 arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs], programmaticDependentLaunch: programmaticDependentLaunch)
         }
-        return maxPadded
+        return Routing(
+            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
+            maxPadded: maxPadded)
     }
 
     /// How a GEMM's fp32 result becomes the output: rounded as is, or as act(gate) * up.
@@ -368,8 +395,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func gemm(
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
-        maxPadded: Int, stream: Stream, combine: (topkIDs: DevicePointer, out: DevicePointer)? = nil
+        routing: Routing, stream: Stream, combine: (topkIDs: DevicePointer, out: DevicePointer)? = nil
     ) throws(CUDAError) {
+        let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
         let target: DevicePointer
         switch mode {
@@ -392,7 +420,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
                 arguments: [
-                    a, b, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
+                    a, b, target, topkWeights, routing.sortedIDs, routing.expertIDs, routing.totalPadded, Int64(n), Int64(k),
+                    Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(n * k), Int64(k),
                     Int64(rowStride), Int64(maxPadded),
                 ], programmaticDependentLaunch: programmaticDependentLaunch)
@@ -407,7 +436,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
                 arguments: [
-                    map, a, target, topkWeights, sortedIDs, expertIDs, totalPadded, Int64(n), Int64(k), Int64(pairs),
+                    map, a, target, topkWeights, routing.sortedIDs, routing.expertIDs, routing.totalPadded, Int64(n),
+                    Int64(k), Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                     Int64(maxPadded), combine?.topkIDs ?? .null, Int32(shape.topK), Int32(routedExperts), combine?.out ?? .null,
                     combine == nil ? DevicePointer.null : combineCounters.pointer,

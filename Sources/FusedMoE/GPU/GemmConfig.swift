@@ -214,6 +214,10 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     /// NOTES v7): the separate pass is a few microseconds under programmatic dependent launch, while
     /// the sums in the epilogue are memory round trips the GEMM's programs do not overlap.
     public var fusedCombine = false
+    /// Skip align for a batch of one token when both GEMMs are wgmma kernels: each of its k pairs is
+    /// its own block and the GEMMs read the expert ids directly (identity routing). On by default;
+    /// off only to measure the difference.
+    public var identityRouting = true
 
     public init(gemm1: GemmConfig, gemm2: GemmConfig) throws(MoEError) {
         guard gemm1.blockM == gemm2.blockM else {
@@ -240,7 +244,7 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
-            + (fusedCombine ? " fused-combine" : "")
+            + (fusedCombine ? " fused-combine" : "") + (identityRouting ? "" : " aligned")
     }
 
     /// The same plan with split-K set on both GEMMs.
