@@ -5,14 +5,14 @@
 # off) at decode and mid batch sizes. Mode `decode`: the full check, then one-token batches on every
 # preset with the shipped tables and with scripts/exp_tables.py's (swap-AB GEMM2 at M = 1, so align
 # can be skipped), and Mixtral's GROUP_SIZE_M 4 at M = 1024, 2048. Mode `sanitize`:
-# scripts/device-sanitize.sh. Outputs under $OUT.
+# scripts/device-sanitize.sh. Mode `diag`: the full check, then the sanitizers. Outputs under $OUT.
 set -uo pipefail
 mode=${1:-check}
 OUT=${OUT:-/tmp/fused-moe-out}
 export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
 export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
 status=0
-if [[ $mode == check || $mode == ab || $mode == decode ]]; then
+if [[ $mode == check || $mode == ab || $mode == decode || $mode == diag ]]; then
   python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
   timeout 200 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "FAIL|✘" "$OUT/check.txt" | cut -c1-400 | head -20
@@ -41,7 +41,7 @@ if [[ $mode == decode ]]; then
     2>/dev/null > "$OUT/mixtral-group4.txt" || status=1
   tail -n +1 "$OUT"/decode-*.txt "$OUT"/mixtral-*.txt | cut -c1-150
 fi
-if [[ $mode == sanitize ]]; then
+if [[ $mode == sanitize || $mode == diag ]]; then
   bash scripts/device-sanitize.sh || status=1
 fi
 exit $status

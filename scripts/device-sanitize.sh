@@ -9,7 +9,7 @@ status=0
 dist/fused-moe check --small --seed 1 > "$OUT/check-small.txt" 2>&1 || status=1   # compiles, so the tools time kernels only
 tail -1 "$OUT/check-small.txt"
 for tool in memcheck racecheck; do
-  timeout 280 "$sanitizer" --tool $tool --error-exitcode 9 dist/fused-moe check --small --seed 1 > "$OUT/$tool.txt" 2>&1
+  timeout ${SANITIZER_TIMEOUT:-280} "$sanitizer" --tool $tool --error-exitcode 9 dist/fused-moe check --small --seed 1 > "$OUT/$tool.txt" 2>&1
   rc=$?; echo "$tool exit $rc"; [[ $rc == 0 ]] || status=1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed, " "$OUT/$tool.txt" | tail -3
 done

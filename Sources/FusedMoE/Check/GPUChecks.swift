@@ -210,6 +210,7 @@ public final class GPUChecks {
                                 plan: actOnly, maxTokens: tokens),
                             inputs, out)
                         detail += alone.bits == separate.bits ? " (the combine in GEMM2 differs)" : " (the activation in GEMM1 differs)"
+                        detail += "; " + (try combineDiagnosis(layer, inputs, out))
                     }
                     // One token skips align (identity routing): the same rows as with it, bit for bit.
                     if layer.usesIdentityRouting(tokens: tokens) {
@@ -240,6 +241,29 @@ public final class GPUChecks {
                 record(label, false, "\(error)")
             }
         }
+    }
+
+    /// What a failing combine-in-GEMM2 run left behind: the arrival counters that did not return to
+    /// zero (each is a token and column tile whose sum was never written), and the same layer
+    /// launched without PDL.
+    func combineDiagnosis(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> String {
+        let first = try runPoisoned(layer, inputs, out)
+        let tiles = (layer.shape.hidden + layer.plan.gemm2.blockN - 1) / layer.plan.gemm2.blockN
+        let counters = try layer.combineCounters.download(count: inputs.tokens * tiles, as: Int32.self)
+        var histogram: [Int32: Int] = [:]
+        for value in counters { histogram[value, default: 0] += 1 }
+        let ids = try inputs.ids.download(count: inputs.tokens * layer.shape.topK, as: Int32.self)
+        let stuck = (0..<inputs.tokens).filter { t in counters[t * tiles..<(t + 1) * tiles].contains { $0 != 0 } }
+        let sample = stuck.prefix(3).map { t in
+            "token \(t) ids \(ids[t * layer.shape.topK..<(t + 1) * layer.shape.topK].map { $0 }) counts \(counters[t * tiles..<(t + 1) * tiles].map { $0 })"
+        }
+        try layer.combineCounters.upload([Int32](repeating: 0, count: counters.count))
+        let sequential = try CUDAMoELayer(
+            library: library, shape: layer.shape, dtype: layer.dtype, w1: layer.w1, w2: layer.w2, plan: layer.plan,
+            maxTokens: inputs.tokens, programmaticDependentLaunch: false)
+        let plain = try runPoisoned(sequential, inputs, out)
+        return "diagnosis: unwritten \(first.unwritten), counters left \(histogram.sorted { $0.key < $1.key }), "
+            + "\(stuck.count) tokens stuck; \(sample.joined(separator: "; ")); without PDL unwritten \(plain.unwritten)"
     }
 
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
