@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CUDA
 
 /// The checks of the GPU pipeline: align against the CPU exactly, every preset at several batch
@@ -67,7 +70,11 @@ public final class GPUChecks {
         checkAlign(seed: seed, small: scope == .small)
         let smallShape = ShapePreset(name: "small", shape: try! MoEShape(experts: 16, topK: 4, hidden: 512, intermediate: 256))
         let presets = switch scope {
-        case .full: ShapePreset.all.filter { $0.name != "tiny" }
+        case .full: ShapePreset.all.filter {
+                // FUSED_MOE_CHECK_PRESET narrows the full check to one preset (for debugging).
+                let only = getenv("FUSED_MOE_CHECK_PRESET").map { String(cString: $0) }
+                return $0.name != "tiny" && (only == nil || only == $0.name)
+            }
         case .quick: [try! ShapePreset.named("seed4096")]
         case .small: [smallShape]
         }
@@ -184,6 +191,22 @@ public final class GPUChecks {
                 let error = relativeError(first.values, reference)
                 var detail = "rel_err \(formatScientific(error)), unwritten \(first.unwritten), plan \(plan)"
                 var passed = first.unwritten == 0 && error < errorBound(.bf16)
+                if plan.combineIsFused {
+                    // The combine's arrival counters must be back at zero after every forward.
+                    let counters = try layer.combineCounters.download(
+                        count: layer.combineCounters.byteCount / 4, as: Int32.self)
+                    let left = counters.filter { $0 != 0 }.count
+                    passed = passed && left == 0
+                    if left > 0 {
+                        let tiles = (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN
+                        let ids = try inputs.ids.download(count: tokens * shape.topK, as: Int32.self)
+                        let stuck = (0..<tokens).filter { t in counters[t * tiles..<(t + 1) * tiles].contains { $0 != 0 } }
+                        detail += ", \(left) counters left non-zero after the first forward (\(stuck.count) tokens): "
+                            + stuck.prefix(4).map { t in
+                                "token \(t) ids \(Array(ids[t * shape.topK..<(t + 1) * shape.topK])) counters \(Array(counters[t * tiles..<min((t + 1) * tiles, t * tiles + 16)]))"
+                            }.joined(separator: "; ")
+                    }
+                }
                 if mode == .workspace || mode == .none {
                     let second = try runPoisoned(layer, inputs, out)
                     let identical = second.bits == first.bits
