@@ -75,16 +75,14 @@ SM90_SWAP_TILES = {
 SM90_LAUNCH_REGISTERS = 168
 
 
-def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, combine: bool = False) -> str:
+def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
     bm, bn, st = tile
-    flags = f"{'true' if mul else 'false'}, {fused_act}, {'true' if combine else 'false'}"
-    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {flags}>"
+    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
 
 
-def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, combine: bool = False) -> str:
+def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
     bnw, tok, st = tile
-    flags = f"{'true' if mul else 'false'}, {fused_act}, {'true' if combine else 'false'}"
-    return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {flags}>"
+    return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
 
 
 def gemm_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
@@ -104,13 +102,11 @@ def name_expressions() -> dict[str, list[list[str]]]:
     for dtype in DTYPES:
         for tile in SM90_TILES:
             sm90_groups.append([gemm_sm90_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)]
-                               + [gemm_sm90_name(dtype, tile, 0, True, 0, True)])
+                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)])
         for tile in SM90_SWAP_TILES[dtype]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)]
-                + [gemm_sm90_swap_name(dtype, tile, 0, True, 0, True)])
+                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):

@@ -302,42 +302,6 @@ MOE_DEVICE void red_global_add_v4_f32(float* addr, float a, float b, float c, fl
 #endif
 }
 
-// MARK: - Hand-off between programs of one grid (the last-arriver pattern)
-//
-// A program publishes data it stored to global memory by a barrier over the storing threads, then
-// fence_acq_rel_gpu() and a relaxed atomic add on a counter in the arriving thread (the fence is
-// cumulative over the stores the barrier ordered before it); the program whose add completes the
-// count executes fence_acq_rel_gpu() and then reads the others' data through L2 (ld_global_cg_v4:
-// L1 is not coherent between SMs).
-
-/// fence.acq_rel.gpu
-MOE_DEVICE void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
-
-/// atom.relaxed.gpu.global.add.s32: returns the old value.
-MOE_DEVICE int32_t atom_add_relaxed_gpu(int32_t* addr, int32_t v) {
-    int32_t old;
-    asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(addr), "r"(v) : "memory");
-    return old;
-}
-
-/// ld.global.cg.v4.u32: 16 bytes from L2 (addr 16-byte aligned).
-MOE_DEVICE uint4 ld_global_cg_v4(const void* addr) {
-    uint4 v;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(addr)
-                 : "memory");
-    return v;
-}
-
-/// ld.global.cg.u16: 2 bytes from L2.
-MOE_DEVICE uint16_t ld_global_cg_u16(const void* addr) {
-    uint16_t v;
-    asm volatile("ld.global.cg.u16 %0, [%1];\n" : "=h"(v) : "l"(addr) : "memory");
-    return v;
-}
-
-
 // MARK: - Hopper (sm_90 / sm_90a): tensor maps, mbarriers, bulk tensor copies, wgmma
 //
 // The wrappers below are used by moe_gemm_sm90.cu only. wgmma and setmaxnreg need the

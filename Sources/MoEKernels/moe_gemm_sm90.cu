@@ -28,20 +28,6 @@
 //         [nb*BN/2, (nb+1)*BN/2) below I, with C's row stride stride_cm (I for a dense output): bit for
 //         bit GEMM1 (mode 0) then moe_silu_and_mul / moe_gelu_and_mul. The n-blocks stay ceil(N / BN).
 //         BN is BLOCK_N (BLOCK_N_W for swap-AB); the persistent kernel needs BLOCK_N >= 128.
-// COMBINE false: the last five arguments (topk_ids, combine_top_k, num_experts, combined, counters)
-//         are unused (pass null / 0). true (GEMM2: SPLIT_MODE 0, MUL_ROUTED_WEIGHT, FUSED_ACT 0): the
-//         top-k combine in the epilogue. C ([M*k, N], row stride stride_cm) is stored as above; then
-//         each stored row's pair p = t*k + j (k = combine_top_k) arrives on
-//         counters[t * ceil(N / BN) + n-block] (int32, zero before the launch, zero again after it),
-//         and the program whose arrival completes token t's count (its slots with topk_ids in
-//         [0, num_experts), the rows align placed) writes
-//             combined[t, c] = round_T(sum over those slots j = 0..k-1, in order, of C[t*k + j, c])
-//         for the tile's columns c < N (combined is dense [M, N]): bit for bit moe_combine. Tokens
-//         with no placed slot get zero rows (program b of the grid covers tokens
-//         [b * ceil(M / gridDim.x), ...)). Deterministic: only who sums varies, not what or in
-//         which order. The storing threads meet at a barrier; each arriving thread then fences
-//         (fence.acq_rel.gpu) and adds (relaxed atomic); the finisher fences after its add and reads
-//         the rows through L2 (ld.global.cg).
 //
 // ---------------------------------------------------------------------------------------------------
 // moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>   (prefill, large M)
@@ -354,142 +340,6 @@ MOE_DEVICE void moe_sm90_b_rows(const MoESm90Tile& tile, int64_t N, int32_t& b_r
     b_row_up = static_cast<int32_t>(expert_row + N / 2 + tile.n0 / 2);
 }
 
-// MARK: - The top-k combine in GEMM2's epilogue (COMBINE)
-
-/// What the COMBINE epilogue needs besides the GEMM's own arguments.
-struct MoECombineArgs {
-    const int32_t* topk_ids;  // [M * top_k]: a slot has a row of C when its id is in [0, num_experts)
-    int32_t top_k;            // slots per token (GEMM2's own top_k argument is 1: its A rows are pairs)
-    int32_t num_experts;      // the router's expert count (align's num_experts)
-    void* combined;           // T [M, N], dense
-    int32_t* counters;        // int32 [M * ceil(N / tile columns)], zero before the launch; left zero
-};
-
-/// The slots of token t that align placed (ids in [0, num_experts)): the rows of C the token gets.
-MOE_DEVICE int moe_combine_expected(const MoECombineArgs& cb, int64_t t) {
-    const int32_t top_k = cb.top_k;
-    int expected = 0;
-    for (int32_t j = 0; j < top_k; ++j) {
-        const int32_t e = cb.topk_ids[t * top_k + j];
-        expected += (e >= 0 && e < cb.num_experts) ? 1 : 0;
-    }
-    return expected;
-}
-
-/// combined[t, n .. n + 8) (or up to N) = the sum over the token's placed slots j = 0..top_k-1, in
-/// that order, of C row t * top_k + j, in fp32, rounded once: what moe_combine computes. C is read
-/// through L2 (other programs stored most of those rows); the loads of up to 8 slots are in flight
-/// together, so a token costs one memory round trip, not top_k.
-template <typename T>
-MOE_DEVICE void moe_combine_columns(const MoECombineArgs& cb, const T* C, int64_t stride_cm, int64_t t, int64_t n,
-                                    int64_t N) {
-    constexpr int BATCH = 8;  // slots loaded at once
-    const int32_t top_k = cb.top_k;
-    float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    T* dst = static_cast<T*>(cb.combined) + t * N + n;
-    const bool vec = n + 8 <= N && N % 8 == 0 && stride_cm % 8 == 0;
-    for (int32_t j0 = 0; j0 < top_k; j0 += BATCH) {
-        bool placed[BATCH];
-#pragma unroll
-        for (int q = 0; q < BATCH; ++q) {
-            const int32_t e = j0 + q < top_k ? cb.topk_ids[t * top_k + j0 + q] : -1;
-            placed[q] = e >= 0 && e < cb.num_experts;  // else no row was computed for this slot
-        }
-        if (vec) {
-            uint4 rows[BATCH];
-#pragma unroll
-            for (int q = 0; q < BATCH; ++q) {
-                if (placed[q]) rows[q] = ld_global_cg_v4(C + (t * top_k + j0 + q) * stride_cm + n);
-            }
-#pragma unroll
-            for (int q = 0; q < BATCH; ++q) {
-                if (!placed[q]) continue;
-                float x[8];
-                unpack8<T>(rows[q], x);
-#pragma unroll
-                for (int c = 0; c < 8; ++c) sum[c] += x[c];
-            }
-        } else {
-            for (int q = 0; q < BATCH; ++q) {
-                if (!placed[q]) continue;
-                const T* src = C + (t * top_k + j0 + q) * stride_cm + n;
-                for (int c = 0; c < 8 && n + c < N; ++c) {
-                    T v;
-                    v.bits = ld_global_cg_u16(src + c);
-                    sum[c] += to_float(v);
-                }
-            }
-        }
-    }
-    if (vec) {
-        *reinterpret_cast<uint4*>(dst) = pack8<T>(sum);
-    } else {
-        for (int c = 0; c < 8 && n + c < N; ++c) dst[c] = from_float<T>(sum[c]);
-    }
-}
-
-/// One warp's arrivals for up to 16 rows of C stored by its program (a barrier over the storing
-/// threads comes first): lane i < 16 holds row i's pair (-1: none). Each pair p = t * top_k + j
-/// counts on counters[t * num_pid_n + pid_n], the arriving lane fencing (fence.acq_rel.gpu, which is
-/// cumulative over the stores the barrier ordered before it) and then adding (the release pattern);
-/// the lane whose add completes the token's count fences again (acquire), resets the counter, and
-/// after a warp barrier the warp writes that token's combined columns [n0, n0 + COLS) (below N).
-template <typename T, int COLS>
-MOE_DEVICE void moe_combine_warp_rows(const MoECombineArgs& cb, const T* C, int64_t stride_cm, int32_t pair,
-                                      int64_t num_pid_n, int64_t pid_n, int64_t n0, int64_t N, int lane) {
-    bool done = false;
-    int64_t t = 0;
-    if (pair >= 0) {
-        t = pair / cb.top_k;
-        int32_t* counter = cb.counters + t * num_pid_n + pid_n;
-        fence_acq_rel_gpu();  // release: the rows stored before the barrier, then the arrival
-        done = atom_add_relaxed_gpu(counter, 1) + 1 == moe_combine_expected(cb, t);
-        if (done) {
-            fence_acq_rel_gpu();  // acquire: every other program's rows are visible from here
-            *counter = 0;         // every arrival of this grid is in: ready for the next launch
-        }
-    }
-    uint32_t finished = __ballot_sync(MOE_FULL_MASK, done);
-    if (finished == 0) return;
-    fence_acq_rel_gpu();
-    // Items (finished token, 8-column chunk) spread over the lanes, one pass per 32 items.
-    constexpr int CHUNKS = COLS / 8;
-    constexpr int TOKENS_PER_PASS = CHUNKS >= 32 ? 1 : 32 / CHUNKS;
-    while (finished != 0) {
-        // The next TOKENS_PER_PASS finished rows: lane l takes the (l / CHUNKS)-th of them.
-        int64_t token = -1;
-#pragma unroll
-        for (int i = 0; i < TOKENS_PER_PASS; ++i) {
-            if (finished == 0) break;  // uniform
-            const int src = __ffs(finished) - 1;
-            finished &= finished - 1;
-            const int64_t tok = __shfl_sync(MOE_FULL_MASK, t, src);
-            if (lane / CHUNKS == i) token = tok;
-        }
-        if (token >= 0) {
-            for (int c = (lane % CHUNKS) * 8; c < COLS; c += CHUNKS * 8) {
-                if (n0 + c < N) moe_combine_columns<T>(cb, C, stride_cm, token, n0 + c, N);
-            }
-        }
-    }
-}
-
-/// Tokens none of whose slots was placed get no arrival: their combined rows are zero. Program b of
-/// `programs` covers tokens [b * chunk, (b + 1) * chunk), chunk = ceil(M / programs). Call before
-/// any early return.
-template <typename T>
-MOE_DEVICE void moe_combine_zero_unplaced(const MoECombineArgs& cb, int64_t num_valid_tokens, int64_t N,
-                                          int64_t program, int64_t programs) {
-    const int64_t tokens = num_valid_tokens / cb.top_k;
-    const int64_t chunk = ceil_div(tokens, programs);
-    const int64_t end = min_i64(tokens, (program + 1) * chunk);
-    for (int64_t t = program * chunk; t < end; ++t) {
-        if (moe_combine_expected(cb, t) != 0) continue;
-        T* row = static_cast<T*>(cb.combined) + t * N;
-        for (int64_t n = threadIdx.x; n < N; n += blockDim.x) row[n] = from_float<T>(0.0f);
-    }
-}
-
 /// A consumer warpgroup's K loop. Per K tile: wait for full[s]; fence the async proxy (A arrived by
 /// cp.async, a generic-proxy write; wgmma reads through the async proxy); issue(s) issues and commits
 /// the stage's wgmma group; wait until only that group is pending, then release the previous stage.
@@ -516,8 +366,7 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
 
 // MARK: - moe_gemm_sm90
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90Traits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -555,30 +404,24 @@ struct MoEGemmSm90Traits {
     static_assert(BLOCK_M * OUT_PITCH * OUT_BYTES <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
-    static_assert(!COMBINE || (SPLIT_MODE == 0 && MUL_ROUTED_WEIGHT && !FUSED), "COMBINE: GEMM2, SPLIT_MODE 0");
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
                                                   CONSUMER_THREADS * CONSUMER_REGISTERS <=
                                               THREADS * LAUNCH_REGISTERS,
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                   const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                   const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                  int64_t stride_am, int64_t stride_cm, int64_t max_padded,
-                  const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
-                  void* __restrict__ combined, int32_t* __restrict__ counters) {
+                  int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
-    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
+    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
-    const MoECombineArgs cb{topk_ids, combine_top_k, num_experts, combined, counters};
-    if constexpr (COMBINE) moe_combine_zero_unplaced<T>(cb, num_valid_tokens, N, blockIdx.x, gridDim.x);
 
     MoESm90Tile tile;
     if (!moe_sm90_schedule<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
@@ -712,24 +555,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
         }
-        if constexpr (COMBINE) {
-            // Every row of this warpgroup is stored; then warp w of it arrives for rows [16 w, 16 w + 16).
-            if (wg == 0) {
-                bar_sync<2, Tr::WARPGROUP_THREADS>();
-            } else {
-                bar_sync<3, Tr::WARPGROUP_THREADS>();
-            }
-            const int32_t pair = lane < 16 ? sm.pair[wg * 64 + (wg_tid / 32) * 16 + lane] : -1;
-            moe_combine_warp_rows<T, BLOCK_N>(cb, static_cast<const T*>(C), stride_cm, pair, ceil_div(N, BLOCK_N),
-                                              tile.n0 / BLOCK_N, tile.n0, N, lane);
-        }
     }
 }
 
 // MARK: - moe_gemm_sm90_swap
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90SwapTraits {
     using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -761,26 +592,20 @@ struct MoEGemmSm90SwapTraits {
     static_assert(TOKENS * STAGE_PITCH * 4 <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
-    static_assert(!COMBINE || (SPLIT_MODE == 0 && MUL_ROUTED_WEIGHT && !FUSED), "COMBINE: GEMM2, SPLIT_MODE 0");
 };
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(256, 1)
     moe_gemm_sm90_swap(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                       int64_t stride_am, int64_t stride_cm, int64_t max_padded,
-                       const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
-                       void* __restrict__ combined, int32_t* __restrict__ counters) {
+                       int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
-    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
+    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
-    const MoECombineArgs cb{topk_ids, combine_top_k, num_experts, combined, counters};
-    if constexpr (COMBINE) moe_combine_zero_unplaced<T>(cb, num_valid_tokens, N, blockIdx.x, gridDim.x);
 
     MoESm90Tile tile;
     if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
@@ -917,14 +742,6 @@ __global__ void __launch_bounds__(256, 1)
                 }
             }
         }
-        if constexpr (COMBINE) {
-            // Every row of the tile is stored; then warp w arrives for token rows [16 w, 16 w + 16).
-            bar_sync<1, 128>();
-            const int row = (wg_tid / 32) * 16 + lane;
-            const int32_t pair = lane < 16 && row < TOKENS ? sm.pair[row] : -1;
-            moe_combine_warp_rows<T, BLOCK_N_W>(cb, static_cast<const T*>(C), stride_cm, pair, ceil_div(N, BLOCK_N_W),
-                                                tile.n0 / BLOCK_N_W, tile.n0, N, lane);
-        }
     }
 }
 
@@ -1033,8 +850,7 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
     }
 }
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -1078,7 +894,6 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
-    static_assert(!COMBINE || (SPLIT_MODE == 0 && MUL_ROUTED_WEIGHT && !FUSED), "COMBINE: GEMM2, SPLIT_MODE 0");
     static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
     static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
@@ -1087,25 +902,19 @@ struct MoEGemmSm90PersistentTraits {
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool COMBINE>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
                              void* __restrict__ C, const float* __restrict__ topk_weights,
                              const int32_t* __restrict__ sorted_token_ids, const int32_t* __restrict__ expert_ids,
                              const int32_t* __restrict__ total_padded, int64_t N, int64_t K,
                              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                             int64_t stride_am, int64_t stride_cm, int64_t max_padded,
-                             const int32_t* __restrict__ topk_ids, int32_t combine_top_k, int32_t num_experts,
-                             void* __restrict__ combined, int32_t* __restrict__ counters) {
+                             int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
-    using Tr =
-        MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, COMBINE>;
+    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
-    const MoECombineArgs cb{topk_ids, combine_top_k, num_experts, combined, counters};
-    if constexpr (COMBINE) moe_combine_zero_unplaced<T>(cb, num_valid_tokens, N, blockIdx.x, gridDim.x);
 
     const int64_t num_tiles = ceil_div(max_padded, BLOCK_M) * ceil_div(N, BLOCK_N);
     const int64_t first_tile = blockIdx.x;
@@ -1240,12 +1049,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
             moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
                 acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
-            if constexpr (COMBINE) {
-                // The warp stored its 16 rows itself; then it arrives for them.
-                __syncwarp();
-                moe_combine_warp_rows<T, BLOCK_N>(cb, static_cast<const T*>(C), stride_cm, pair, ceil_div(N, BLOCK_N),
-                                                  tile.n0 / BLOCK_N, tile.n0, N, lane);
-            }
         }
     }
 }

@@ -55,7 +55,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: also time the plan's choice launched without programmatic dependent launch (PDL).")
     var withoutPdl = false
 
-    @Flag(help: "GPU: also time the plan's kernels with the epilogue fusions forced (activation and combine, activation only, neither) and with align always run.")
+    @Flag(help: "GPU: also time the plan's kernels with the activation in GEMM1 forced on and off, and with align always run.")
     var fusionAb = false
 
     @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")

@@ -112,24 +112,19 @@ import Testing
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 4)
     }
 
-    /// Unsplit wgmma plans can fuse the activation into GEMM1 and (asked to) the combine into GEMM2;
-    /// split or mma GEMM2s leave the combine to its own kernel.
+    /// Unsplit plans on every kernel can apply the activation in GEMM1's epilogue (the persistent
+    /// kernel from 128 columns); the name expressions carry it.
     @Test func fusionFollowsTheKernelAndSplit() throws {
-        var plan = MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4))
-        #expect(plan.activationIsFused && !plan.combineIsFused)  // the combine is opt-in
-        plan.fusedCombine = true
-        #expect(plan.combineIsFused && plan.description.hasSuffix("fused-combine"))
-        plan = plan.withSplit(2, mode: .workspace)
-        #expect(!plan.combineIsFused)
-        let mma = MoEPlan(both: GemmConfig(blockM: 16, blockN: 64, blockK: 64, warpsM: 1, warpsN: 4, stages: 4))
-        #expect(mma.activationIsFused && !mma.combineIsFused)
-        let name = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true)).gemm2
-            .nameExpression(dtype: .bf16, mulRoutedWeight: true, combine: true)
-        #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, true, 0, true>")
+        let plan = MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4))
+        #expect(plan.activationIsFused && plan.identityRouting)
+        #expect(!GemmConfig.wgmma(blockM: 128, blockN: 64, stages: 8, persistent: true).fusesActivation)
+        let name = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true)).gemm1
+            .nameExpression(dtype: .bf16, mulRoutedWeight: false, fusedActivation: 1)
+        #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, false, 1>")
     }
 
-    /// The selected plan applies the activation in GEMM1 where that measured faster (mma, swap-AB,
-    /// split-K reductions) and never fuses the combine (opt-in).
+    /// The selected plan applies the activation in GEMM1 where that measured no slower (mma, swap-AB,
+    /// split-K reductions).
     @Test func selectedPlansFuseWhereItPays() throws {
         let seed = try ShapePreset.named("seed4096").shape
         func plan(_ tokens: Int) throws -> MoEPlan {
@@ -138,9 +133,9 @@ import Testing
                 architecture: "sm_90a")
         }
         let decode = try plan(8)
-        #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused && !decode.combineIsFused)
+        #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused)
         let prefill = try plan(4096)
-        #expect(prefill.gemm1.kernel != .wgmmaSwap && !prefill.activationIsFused && !prefill.combineIsFused)
+        #expect(prefill.gemm1.kernel != .wgmmaSwap && !prefill.activationIsFused)
         #expect(PlanSelector.fusesActivation(gemm1: GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)) == false)
         var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         split.splitK = 2

@@ -38,9 +38,9 @@ public final class GPUBench {
         case auto
         /// The plan's own choice launched without programmatic dependent launch, for comparison.
         case autoSequential
-        /// The plan's own kernels with the epilogue fusions forced on or off (the activation into
-        /// GEMM1, the combine into GEMM2, where the kernels can), for comparison.
-        case autoFusion(activation: Bool, combine: Bool)
+        /// The plan's own kernels with the activation in GEMM1's epilogue forced on or off (where the
+        /// kernel can), for comparison.
+        case autoFusion(activation: Bool)
         /// The plan's own choice with align always run (no identity routing for one token).
         case autoAligned
         case split(Int, SplitMode)
@@ -49,9 +49,7 @@ public final class GPUBench {
             switch self {
             case .auto: ("auto", "plan")
             case .autoSequential: ("auto-nopdl", "plan")
-            case .autoFusion(let activation, let combine):
-                ("auto-fuse-" + (activation ? "act" : "") + (activation && combine ? "+" : "") + (combine ? "comb" : "")
-                    + (activation || combine ? "" : "none"), "plan")
+            case .autoFusion(let activation): (activation ? "auto-fused" : "auto-unfused", "plan")
             case .autoAligned: ("auto-aligned", "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
             }
@@ -63,11 +61,8 @@ public final class GPUBench {
             return true
         }
 
-        /// The settings `bench --fusion-ab` adds: each fusion alone, both, neither, and align always run.
-        public static let fusionComparison: [Setting] = [
-            .autoFusion(activation: true, combine: true), .autoFusion(activation: true, combine: false),
-            .autoFusion(activation: false, combine: false), .autoAligned,
-        ]
+        /// The settings `bench --fusion-ab` adds: the activation fused and not, and align always run.
+        public static let fusionComparison: [Setting] = [.autoFusion(activation: true), .autoFusion(activation: false), .autoAligned]
     }
 
     /// The settings of the PR's table: SPLIT_K in {1, 2, 4, 8} in both modes, plus the plan's own.
@@ -89,10 +84,7 @@ public final class GPUBench {
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
                     deviceName: library.device.properties.name,
                     architecture: library.device.properties.architecture)
-                if case .autoFusion(let activation, let combine) = setting {
-                    chosen.fusedActivation = activation
-                    chosen.fusedCombine = combine
-                }
+                if case .autoFusion(let activation) = setting { chosen.fusedActivation = activation }
                 if setting == .autoAligned { chosen.identityRouting = false }
                 return chosen
             case .split(let k, let mode):

@@ -43,11 +43,7 @@ public final class GPUChecks {
         let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
         for (name, config) in [("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent)] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
-                // Both epilogue fusions on (the combine is opt-in), so the check covers them; each case
-                // also runs without them and must match bit for bit.
-                var plan = MoEPlan(both: config).withSplit(split, mode: mode)
-                plan.fusedCombine = true
-                plans.append(("\(name) split=\(split) \(mode.rawValue)", plan))
+                plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }
         }
         return plans
@@ -191,31 +187,14 @@ public final class GPUChecks {
                 let error = relativeError(first.values, reference)
                 var detail = "rel_err \(formatScientific(error)), unwritten \(first.unwritten), plan \(plan)"
                 var passed = first.unwritten == 0 && error < errorBound(.bf16)
-                if plan.combineIsFused {
-                    // The combine's arrival counters must be back at zero after every forward.
-                    let counters = try layer.combineCounters.download(
-                        count: layer.combineCounters.byteCount / 4, as: Int32.self)
-                    let left = counters.filter { $0 != 0 }.count
-                    passed = passed && left == 0
-                    if left > 0 {
-                        let tiles = (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN
-                        let ids = try inputs.ids.download(count: tokens * shape.topK, as: Int32.self)
-                        let stuck = (0..<tokens).filter { t in counters[t * tiles..<(t + 1) * tiles].contains { $0 != 0 } }
-                        detail += ", \(left) counters left non-zero after the first forward (\(stuck.count) tokens): "
-                            + stuck.prefix(4).map { t in
-                                "token \(t) ids \(Array(ids[t * shape.topK..<(t + 1) * shape.topK])) counters \(Array(counters[t * tiles..<min((t + 1) * tiles, t * tiles + 16)]))"
-                            }.joined(separator: "; ")
-                    }
-                }
                 if mode == .workspace || mode == .none {
                     let second = try runPoisoned(layer, inputs, out)
                     let identical = second.bits == first.bits
                     passed = passed && identical
                     detail += identical ? ", bitwise identical on a rerun" : ", DIFFERS on a rerun"
-                    // The fused activation and combine must reproduce the separate kernels bit for bit.
+                    // The fused activation must reproduce the separate kernel bit for bit.
                     var unfusedPlan = plan
                     unfusedPlan.fusedActivation = false
-                    unfusedPlan.fusedCombine = false
                     let unfused = try CUDAMoELayer(
                         library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                         plan: unfusedPlan, maxTokens: tokens)
@@ -223,18 +202,6 @@ public final class GPUChecks {
                     let same = separate.bits == first.bits
                     passed = passed && same
                     detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
-                    if !same && plan.combineIsFused {
-                        // Which fusion differs: the activation alone, with the combine kernel.
-                        var actOnly = plan
-                        actOnly.fusedCombine = false
-                        let alone = try runPoisoned(
-                            try CUDAMoELayer(
-                                library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
-                                plan: actOnly, maxTokens: tokens),
-                            inputs, out)
-                        detail += alone.bits == separate.bits ? " (the combine in GEMM2 differs)" : " (the activation in GEMM1 differs)"
-                        detail += "; " + (try combineDiagnosis(layer, inputs, out))
-                    }
                     // One token skips align (identity routing): the same rows as with it, bit for bit.
                     if layer.usesIdentityRouting(tokens: tokens) {
                         var alignedPlan = plan
@@ -264,29 +231,6 @@ public final class GPUChecks {
                 record(label, false, "\(error)")
             }
         }
-    }
-
-    /// What a failing combine-in-GEMM2 run left behind: the arrival counters that did not return to
-    /// zero (each is a token and column tile whose sum was never written), and the same layer
-    /// launched without PDL.
-    func combineDiagnosis(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> String {
-        let first = try runPoisoned(layer, inputs, out)
-        let tiles = (layer.shape.hidden + layer.plan.gemm2.blockN - 1) / layer.plan.gemm2.blockN
-        let counters = try layer.combineCounters.download(count: inputs.tokens * tiles, as: Int32.self)
-        var histogram: [Int32: Int] = [:]
-        for value in counters { histogram[value, default: 0] += 1 }
-        let ids = try inputs.ids.download(count: inputs.tokens * layer.shape.topK, as: Int32.self)
-        let stuck = (0..<inputs.tokens).filter { t in counters[t * tiles..<(t + 1) * tiles].contains { $0 != 0 } }
-        let sample = stuck.prefix(3).map { t in
-            "token \(t) ids \(ids[t * layer.shape.topK..<(t + 1) * layer.shape.topK].map { $0 }) counts \(counters[t * tiles..<(t + 1) * tiles].map { $0 })"
-        }
-        try layer.combineCounters.upload([Int32](repeating: 0, count: counters.count))
-        let sequential = try CUDAMoELayer(
-            library: library, shape: layer.shape, dtype: layer.dtype, w1: layer.w1, w2: layer.w2, plan: layer.plan,
-            maxTokens: inputs.tokens, programmaticDependentLaunch: false)
-        let plain = try runPoisoned(sequential, inputs, out)
-        return "diagnosis: unwritten \(first.unwritten), counters left \(histogram.sorted { $0.key < $1.key }), "
-            + "\(stuck.count) tokens stuck; \(sample.joined(separator: "; ")); without PDL unwritten \(plain.unwritten)"
     }
 
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
@@ -349,7 +293,6 @@ public final class GPUChecks {
                                 options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
                             let a = try runPoisoned(fused, x, o)
                             plan.fusedActivation = false
-                            plan.fusedCombine = false
                             let separate = try CUDAMoELayer(
                                 library: library, shape: ragged, dtype: dtype, w1: w.w1, w2: w.w2,
                                 options: MoEOptions(activation: activation), plan: plan, maxTokens: 77)
@@ -365,9 +308,8 @@ public final class GPUChecks {
                 }
             }
 
-            // Unrouted slots (id -1: align places no row): token 0 has none routed (its output row must be
-            // zeros), every third token loses its slot 1. The combine in GEMM2's epilogue counts only the
-            // placed rows; bit for bit the separate combine kernel.
+            // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
+            // output row must be zeros), every third token loses its slot 1.
             if library.device.properties.architecture == "sm_90a" {
                 let unrouted = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 90, seed: seed + 7, stream: stream)
                 try stream.synchronize()
@@ -381,21 +323,15 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true), GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
                 ] {
-                    var plan = MoEPlan(both: config)
-                    plan.fusedCombine = true
-                    let fused = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90)
-                    let a = try runPoisoned(fused, unrouted, o)
-                    plan.fusedCombine = false
-                    let separate = try CUDAMoELayer(library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90)
-                    let b = try runPoisoned(separate, unrouted, o)
+                    let layer = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: MoEPlan(both: config), maxTokens: 90)
+                    let a = try runPoisoned(layer, unrouted, o)
                     let error = relativeError(a.values, reference)
                     let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
-                    let same = a.bits == b.bits
                     record(
-                        "gpu combine in GEMM2 with unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
-                        same && zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
-                        "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros")
-                            + (same ? ", = separate combine" : ", DIFFERS from the separate combine"))
+                        "gpu unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
+                        zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
+                        "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros"))
                 }
             }
 

@@ -34,9 +34,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
     let activated: DeviceBuffer
     let down: DeviceBuffer
     let accumulator: DeviceBuffer
-    /// Arrival counters of the combine in GEMM2's epilogue, `[chunk tokens, ceil(H / BLOCK_N)]`
-    /// int32, zero between forwards (the kernel leaves them zero); empty when the plan does not fuse it.
-    let combineCounters: DeviceBuffer
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
     private var heldTensorMaps: [TensorMapKey: TensorMap] = [:]
@@ -155,9 +152,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
             activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
             down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
             accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
-            let counterCount = plan.combineIsFused ? chunk * ((shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN) : 0
-            combineCounters = try DeviceBuffer(device: device, count: counterCount, of: Int32.self)
-            if counterCount > 0 { try combineCounters.upload([Int32](repeating: 0, count: counterCount)) }
             kernels = try CUDAMoELayer.loadKernels(library: library, dtype: dtype, plan: plan, activation: options.activation)
         } catch {
             throw .cuda(error)
@@ -184,7 +178,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let act = activation == .silu ? 1 : 2
         let fusedInGemm = plan.fusedActivation && plan.gemm1.fusesActivation ? act : 0
         let gemm1 = plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false, fusedActivation: fusedInGemm)
-        let gemm2 = plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true, combine: plan.combineIsFused)
+        let gemm2 = plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true)
         // One program per kernel source, holding that source's GEMM instantiations.
         var gemmRequests: [KernelLibrary.Request] = []
         for source in [KernelSource.gemm, .gemmSM90] {
@@ -316,19 +310,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 on: stream, arguments: [gateUp, activated, Int64(pairs), Int64(i)], programmaticDependentLaunch: programmaticDependentLaunch)
             try marker?("activation")
         }
-        // GEMM2 writes the weighted rows into `down`; with the combine fused, its epilogue also sums
-        // each token's rows into `out` (the program storing a token's last row does it).
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing,
-            stream: stream, combine: plan.combineIsFused ? (topkIDs, out) : nil)
+            stream: stream)
         try marker?("gemm2")
-        if !plan.combineIsFused {
-            try kernels.combine.launch(
-                grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
-                arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
-            try marker?("combine")
-        }
+        try kernels.combine.launch(
+            grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
+            arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
+        try marker?("combine")
     }
 
     /// What the grouped GEMMs read of the routing: align's output, or (one token) the ids themselves.
@@ -390,12 +380,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// One grouped GEMM (`n` output columns of fp32 accumulation) into `output` (`[pairs,
     /// outputColumns]` of the layer's dtype), through the fp32 accumulator when the config splits K.
     /// With `.activation` the n = 2I columns are gate and up, and `output` receives act(gate) * up.
-    /// With `combine` (GEMM2 of a wgmma config, unsplit) the kernel also writes each token's sum of
-    /// its k rows into `combine.out` (`[pairs / k, n]`), using `combineCounters`.
     private func gemm(
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
-        routing: Routing, stream: Stream, combine: (topkIDs: DevicePointer, out: DevicePointer)? = nil
+        routing: Routing, stream: Stream
     ) throws(CUDAError) {
         let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
@@ -439,8 +427,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     map, a, target, topkWeights, routing.sortedIDs, routing.expertIDs, routing.totalPadded, Int64(n),
                     Int64(k), Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
-                    Int64(maxPadded), combine?.topkIDs ?? .null, Int32(shape.topK), Int32(routedExperts), combine?.out ?? .null,
-                    combine == nil ? DevicePointer.null : combineCounters.pointer,
+                    Int64(maxPadded),
                 ], programmaticDependentLaunch: programmaticDependentLaunch)
         }
         guard mode != .none else { return }
@@ -488,7 +475,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     /// The device bytes this layer allocated for scratch (weights not counted).
     public var scratchBytes: Int {
-        [sortedIDs, expertIDs, totalPadded, chunkCounts, gateUp, activated, down, accumulator, combineCounters].map(\.byteCount)
+        [sortedIDs, expertIDs, totalPadded, chunkCounts, gateUp, activated, down, accumulator].map(\.byteCount)
             .reduce(0, +) + (expertMap?.byteCount ?? 0)
     }
 }

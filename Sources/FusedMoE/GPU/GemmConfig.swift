@@ -161,9 +161,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// The kernel instantiation for this config; `fusedActivation` 1 (silu) or 2 (gelu) makes the
-    /// epilogue apply act(gate) * up and write the activated `[rows, I]` directly (GEMM1, unsplit);
-    /// `combine` makes a wgmma kernel's epilogue sum each token's k rows into the output (GEMM2, unsplit).
-    func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0, combine: Bool = false) -> String {
+    /// epilogue apply act(gate) * up and write the activated `[rows, I]` directly (GEMM1, unsplit).
+    func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0) -> String {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let mode = splitK == 1 ? 0 : splitMode.templateValue
         switch kernel {
@@ -171,14 +170,12 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
                 + "\(mulRoutedWeight), \(fusedActivation)>"
         case .wgmma:
-            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation), "
-                + "\(combine)>"
+            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
         case .wgmmaSwap:
-            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), "
-                + "\(fusedActivation), \(combine)>"
+            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
         case .wgmmaPersistent:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
-                + "\(fusedActivation), \(combine)>"
+                + "\(fusedActivation)>"
         }
     }
 
@@ -188,9 +185,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// Whether the epilogue can apply the activation: every kernel unsplit, except the persistent
     /// one with 64-column tiles (its warp-row stores need at least 64 activated columns).
     var fusesActivation: Bool { effectiveMode == .none && !(kernel == .wgmmaPersistent && blockN < 128) }
-
-    /// Whether the epilogue can do the top-k combine (as GEMM2): the wgmma kernels, unsplit.
-    var fusesCombine: Bool { kernel != .mma && effectiveMode == .none }
 
     /// Rows of the TMA box over the weights: BLOCK_N, or half of it when the epilogue applies the
     /// activation (the tile's gate rows and up rows come as two boxes).
@@ -208,12 +202,6 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     /// kernel, so the `[M*k, 2I]` gate/up intermediate is never written. On by default; off only
     /// to measure the difference.
     public var fusedActivation = true
-    /// Do the top-k combine in GEMM2's epilogue (the wgmma kernels, unsplit: the program that stores
-    /// a token's last row sums its k rows, in slot order, bit for bit the separate kernel) instead
-    /// of a separate kernel. Off by default: on the H200 it was never faster (bench --fusion-ab,
-    /// NOTES v7): the separate pass is a few microseconds under programmatic dependent launch, while
-    /// the sums in the epilogue are memory round trips the GEMM's programs do not overlap.
-    public var fusedCombine = false
     /// Skip align for a batch of one token when both GEMMs are wgmma kernels: each of its k pairs is
     /// its own block and the GEMMs read the expert ids directly (identity routing). On by default;
     /// off only to measure the difference.
@@ -239,12 +227,9 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     public var activationIsFused: Bool {
         fusedActivation && (gemm1.fusesActivation || gemm1.effectiveMode != .none)
     }
-    /// Whether GEMM2's epilogue does the top-k combine: the plan asks for it and GEMM2 can do it.
-    public var combineIsFused: Bool { fusedCombine && gemm2.fusesCombine }
-
     public var description: String {
         (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
-            + (fusedCombine ? " fused-combine" : "") + (identityRouting ? "" : " aligned")
+            + (identityRouting ? "" : " aligned")
     }
 
     /// The same plan with split-K set on both GEMMs.

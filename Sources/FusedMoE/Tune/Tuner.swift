@@ -160,8 +160,8 @@ public final class Tuner {
                 else { continue }
                 let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
                 let blockM = plan.blockM
-                // Each GEMM is charged with the stage its epilogue may absorb (the activation after
-                // GEMM1, the combine after GEMM2), so fused and separate candidates compare fairly.
+                // GEMM1 is charged with the activation its epilogue may absorb (so fused and separate
+                // candidates compare fairly), GEMM2 with the combine that follows it.
                 if let gemm = stages["gemm1"] {
                     let time = gemm + (stages["activation"] ?? 0)
                     if time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
