@@ -7,7 +7,8 @@
 //   expert_ids [max_blocks]: per block_m block, its expert e (or expert_map[e] when a map is
 //       given; -1 marks an expert this rank does not own); -1 for blocks >= total / block_m.
 //   total_padded [1]: sum over e of roundup(count_e, block_m).
-// Host sizes: max_padded = numel + E * (block_m - 1), max_blocks = ceil(max_padded / block_m).
+// Host sizes: max_padded >= total_padded, at most min(numel + E * (block_m - 1), numel * block_m)
+// (each expert pads by < block_m; each block holds a pair); max_blocks = ceil(max_padded / block_m).
 // Limits: 1 <= E <= 512, block_m >= 1, numel + E * block_m < 2^31.
 //
 // Two launch sequences compute the same result; pick by size (recommended: single for

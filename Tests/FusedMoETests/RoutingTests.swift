@@ -34,6 +34,7 @@ import Testing
             let aligned = try Align.align(ids: ids, experts: experts, blockM: blockM)
             #expect(aligned.paddedCount % blockM == 0)
             #expect(aligned.paddedCount <= Align.maximumPaddedCount(pairs: ids.count, experts: experts, blockM: blockM))
+            #expect(Align.maximumPaddedCount(pairs: ids.count, experts: experts, blockM: blockM) <= ids.count * blockM)
             let real = aligned.sortedTokenIDs.filter { $0 != aligned.padValue }
             #expect(real.sorted() == Array(0..<Int32(ids.count)))
             for (position, pair) in aligned.sortedTokenIDs.enumerated() where pair != aligned.padValue {

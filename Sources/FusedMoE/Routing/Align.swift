@@ -16,9 +16,12 @@ public struct AlignedRouting: Hashable, Sendable {
 /// Sorting pairs by expert, as SGLang's and vLLM's `moe_align_block_size` do.
 public enum Align {
     /// The largest padded count `align` can produce for `pairs` pairs: every expert may add up to
-    /// `blockM - 1` padding rows. Device buffers for `sortedTokenIDs` are sized from this.
+    /// `blockM - 1` padding rows, and every block holds at least one pair, so it is also at most
+    /// `pairs * blockM` (the tighter bound while pairs < experts, as in decode). Device buffers for
+    /// `sortedTokenIDs` and the GEMM grids are sized from this: a loose bound launches programs
+    /// that only find their block empty.
     public static func maximumPaddedCount(pairs: Int, experts: Int, blockM: Int) -> Int {
-        pairs + experts * (blockM - 1)
+        min(pairs + experts * (blockM - 1), pairs * blockM)
     }
 
     /// Aligns routed expert ids to blocks of `blockM`.
