@@ -186,6 +186,15 @@ import Testing
         }
     }
 
+    /// The tuner tries split-K where tiles are few (all kernels) and for the swap-AB decode kernel.
+    @Test func tunerSplitCandidates() {
+        let swap = GemmConfig.wgmma(blockM: 8, blockN: 128, stages: 8, swapAB: true)
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        #expect(Tuner.splitCandidates(wide, tiles1: 100, tiles2: 5000, multiprocessors: 132) == [2, 4, 8])
+        #expect(Tuner.splitCandidates(wide, tiles1: 5000, tiles2: 5000, multiprocessors: 132).isEmpty)
+        #expect(Tuner.splitCandidates(swap, tiles1: 896, tiles2: 512, multiprocessors: 132) == [2, 4])
+    }
+
     @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
         let seed = try ShapePreset.named("seed4096").shape
         let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)

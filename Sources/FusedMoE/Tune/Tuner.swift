@@ -80,6 +80,15 @@ public final class Tuner {
         }
     }
 
+    /// The SPLIT_K values to try for a tile whose GEMMs have `tiles1` and `tiles2` output tiles: 2, 4
+    /// and 8 when either GEMM has fewer than two tiles per multiprocessor (the PR's case); 2 and 4 for
+    /// the swap-AB decode kernel otherwise, where splitting also evens out the last wave of a few
+    /// long weight-streaming programs for little fp32 partial traffic; none for the rest.
+    static func splitCandidates(_ tile: GemmConfig, tiles1: Int, tiles2: Int, multiprocessors: Int) -> [Int] {
+        if tiles1 < 2 * multiprocessors || tiles2 < 2 * multiprocessors { return [2, 4, 8] }
+        return tile.kernel == .wgmmaSwap ? [2, 4] : []
+    }
+
     /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
     public func tune(
         preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, progress: (String) -> Void
@@ -102,11 +111,11 @@ public final class Tuner {
                     plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)
                     plans.append(plan)
                     let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
-                    let tiles = mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN)
-                    if tiles < 2 * multiprocessors || mBlocks * ((shape.hidden + tile.blockN - 1) / tile.blockN) < 2 * multiprocessors {
-                        for split in [2, 4, 8] {
-                            for mode in [SplitMode.workspace, .atomic] { plans.append(MoEPlan(both: tile).withSplit(split, mode: mode)) }
-                        }
+                    let splits = Tuner.splitCandidates(
+                        tile, tiles1: mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN),
+                        tiles2: mBlocks * ((shape.hidden + tile.blockN - 1) / tile.blockN), multiprocessors: multiprocessors)
+                    for split in splits {
+                        for mode in [SplitMode.workspace, .atomic] { plans.append(MoEPlan(both: tile).withSplit(split, mode: mode)) }
                     }
                 }
             }
