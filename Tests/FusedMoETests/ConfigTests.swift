@@ -186,6 +186,20 @@ import Testing
         }
     }
 
+    /// Only a one-token batch on two wgmma GEMMs without an expert map skips align.
+    @Test func identityRoutingOnlyForOneTokenOnWgmma() {
+        let swap = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true))
+        #expect(CUDAMoELayer.usesIdentityRouting(plan: swap, tokens: 1, expertMap: false))
+        #expect(!CUDAMoELayer.usesIdentityRouting(plan: swap, tokens: 2, expertMap: false))
+        #expect(!CUDAMoELayer.usesIdentityRouting(plan: swap, tokens: 1, expertMap: true))
+        var aligned = swap
+        aligned.identityRouting = false
+        #expect(!CUDAMoELayer.usesIdentityRouting(plan: aligned, tokens: 1, expertMap: false))
+        var mixed = swap
+        mixed.gemm2 = GemmConfig(blockM: 16, blockN: 128, blockK: 64, warpsM: 1, warpsN: 4, stages: 3)
+        #expect(!CUDAMoELayer.usesIdentityRouting(plan: mixed, tokens: 1, expertMap: false))
+    }
+
     /// The tuner tries split-K where tiles are few (all kernels) and for the swap-AB decode kernel.
     @Test func tunerSplitCandidates() {
         let swap = GemmConfig.wgmma(blockM: 8, blockN: 128, stages: 8, swapAB: true)

@@ -334,7 +334,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// local experts), both GEMMs on the wgmma kernels (their weight reads are bounds-checked by
     /// the tensor map), and the plan allows it.
     func usesIdentityRouting(tokens: Int) -> Bool {
-        tokens == 1 && plan.identityRouting && expertMap == nil && plan.gemm1.kernel.needsHopper
+        CUDAMoELayer.usesIdentityRouting(plan: plan, tokens: tokens, expertMap: expertMap != nil)
+    }
+
+    static func usesIdentityRouting(plan: MoEPlan, tokens: Int, expertMap: Bool) -> Bool {
+        tokens == 1 && plan.identityRouting && !expertMap && plan.gemm1.kernel.needsHopper
             && plan.gemm2.kernel.needsHopper
     }
 
