@@ -102,4 +102,23 @@ import Testing
         #expect(BenchPlot.tickLabel(1) == "1")
         #expect(BenchPlot.tickLabel(500) == "500")
     }
+
+    /// The plan's own rows are one line per comparison setting, labelled by the variant's suffix.
+    @Test func planRowsAreLabelledBySetting() throws {
+        let shape = try MoEShape(experts: 8, topK: 2, hidden: 256, intermediate: 128)
+        func row(_ variant: String, _ mode: String) -> BenchRow {
+            BenchRow(
+                shape: "tiny", moeShape: shape, tokens: 1, variant: variant, splitK: 1, splitMode: mode, milliseconds: 1,
+                floorMilliseconds: 1, relativeError: 0, expertsTouched: 2)
+        }
+        #expect(BenchPlot.label(row("wgmma_swap", "plan:none1/none1")) == "plan")
+        #expect(BenchPlot.label(row("wgmma_swap-nopdl", "plan:none1/none1")) == "plan, no PDL")
+        #expect(BenchPlot.label(row("wgmma-unfused", "plan:none1/none1")) == "plan, activation separate")
+        #expect(BenchPlot.label(row("wgmma-fused", "plan:none1/none1")) == "plan, activation in GEMM1")
+        #expect(BenchPlot.label(row("wgmma_swap-aligned", "plan:none1/none1")) == "plan, align always")
+        #expect(BenchPlot.label(row("mma", "workspace4")) == "mma workspace4")
+        #expect(GPUBench.Setting.autoFusion(activation: false).label.variant == "auto-unfused")
+        #expect(GPUBench.Setting.split(4, .atomic).label == ("mma", "atomic4"))
+    }
+
 }

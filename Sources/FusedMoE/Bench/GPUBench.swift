@@ -47,11 +47,19 @@ public final class GPUBench {
 
         public var label: (variant: String, split: String) {
             switch self {
-            case .auto: ("auto", "plan")
-            case .autoSequential: ("auto-nopdl", "plan")
-            case .autoFusion(let activation): (activation ? "auto-fused" : "auto-unfused", "plan")
-            case .autoAligned: ("auto-aligned", "plan")
             case .split(let k, let mode): ("mma", k == 1 ? "none" : mode.rawValue + "\(k)")
+            default: ("auto" + variantSuffix, "plan")
+            }
+        }
+
+        /// What a row of a plan's-own-kernels setting adds to the kernel label: "" for the plan as
+        /// chosen, "-nopdl", "-fused", "-unfused" or "-aligned" for the comparisons.
+        public var variantSuffix: String {
+            switch self {
+            case .auto, .split: ""
+            case .autoSequential: "-nopdl"
+            case .autoFusion(let activation): activation ? "-fused" : "-unfused"
+            case .autoAligned: "-aligned"
             }
         }
 
@@ -126,9 +134,7 @@ public final class GPUBench {
                 let label = setting.label
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
-                    variant: setting == .auto ? GPUBench.kernelLabel(layerPlan)
-                        : setting == .autoSequential ? GPUBench.kernelLabel(layerPlan) + "-nopdl"
-                        : setting.isAuto ? GPUBench.kernelLabel(layerPlan) + label.variant.dropFirst(4) : label.variant,
+                    variant: setting.isAuto ? GPUBench.kernelLabel(layerPlan) + setting.variantSuffix : label.variant,
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting.isAuto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)

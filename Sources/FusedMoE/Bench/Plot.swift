@@ -48,10 +48,14 @@ public enum BenchPlot {
     }
 
     /// A row's variant label: `variant` and `split_mode`; the plan's own rows (whose kernels change
-    /// with M) are one line, "plan" (or "plan, no PDL").
+    /// with M) are one line per setting: "plan", or "plan, no PDL" and the other comparisons.
     static func label(_ row: BenchRow) -> String {
         guard row.splitMode.hasPrefix("plan") else { return row.variant + " " + row.splitMode }
-        return row.variant.hasSuffix("-nopdl") ? "plan, no PDL" : "plan"
+        let comparisons = [
+            ("-nopdl", "plan, no PDL"), ("-unfused", "plan, activation separate"),
+            ("-fused", "plan, activation in GEMM1"), ("-aligned", "plan, align always"),
+        ]
+        return comparisons.first { row.variant.hasSuffix($0.0) }?.1 ?? "plan"
     }
 
     enum Layout {
