@@ -1,6 +1,8 @@
 import CUDA
 
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
+/// The activation runs in GEMM1's epilogue or split-K reduction when the plan asks for it, and a
+/// one-token batch on the wgmma kernels skips align (identity routing).
 ///
 /// A layer holds its weights (device buffers), its plan, the compiled kernels and every scratch
 /// buffer, all made in `init`. `forward` then only enqueues kernels and memsets on the stream: no
@@ -18,7 +20,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public let w1: DeviceBuffer
     public let w2: DeviceBuffer
     /// Launch each kernel with programmatic stream serialization (Hopper), so it starts while its
-    /// predecessor drains; every forward kernel waits (`griddepcontrol.wait`) before touching memory.
+    /// predecessor drains; every forward kernel waits (`griddepcontrol.wait`) before touching memory,
+    /// then at once lets its own successor launch (`griddepcontrol.launch_dependents`).
     public let programmaticDependentLaunch: Bool
 
     /// E as the router sees it: the expert map's length under expert parallelism.
