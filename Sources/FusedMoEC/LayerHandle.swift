@@ -186,12 +186,8 @@ final class LayerHandle: Sendable {
                 buckets.append(Bucket(upTo: group.upTo, layer: layer))
             }
             return GPU(device: device, buckets: buckets, routers: try routers(library: library))
-        } catch let error as MoEError {
-            throw ABIError(error)
-        } catch let error as CUDAError {
-            throw ABIError(error)
         } catch {
-            throw .internal("\(error)")
+            throw ABIError(any: error)
         }
     }
 
@@ -260,12 +256,8 @@ final class LayerHandle: Sendable {
             try bucket.layer.forward(
                 x: pointers.x, topkIDs: pointers.ids, topkWeights: pointers.weights, w1: w1Pointer, w2: w2Pointer,
                 out: pointers.out, tokens: count, stream: cudaStream)
-        } catch let error as MoEError {
-            throw ABIError(error)
-        } catch let error as CUDAError {
-            throw ABIError(error)
         } catch {
-            throw .internal("\(error)")
+            throw ABIError(any: error)
         }
     }
 
@@ -301,12 +293,8 @@ final class LayerHandle: Sendable {
             try router.route(
                 logits: pointers.logits, tokens: count, experts: routedExperts, topK: topK, renormalize: renormalize,
                 ids: pointers.ids, weights: pointers.weights, stream: cudaStream)
-        } catch let error as MoEError {
-            throw ABIError(error)
-        } catch let error as CUDAError {
-            throw ABIError(error)
         } catch {
-            throw .internal("\(error)")
+            throw ABIError(any: error)
         }
     }
 }

@@ -61,4 +61,14 @@ struct ABIError: Error {
         let outOfMemory = error.domain == .driver && error.code == 2
         self.init(status: outOfMemory ? .outOfMemory : .cuda, message: error.description)
     }
+
+    /// Maps whatever a library call threw: library and CUDA errors as above, anything else (a bug)
+    /// as an internal error.
+    init(any error: any Error) {
+        switch error {
+        case let error as MoEError: self.init(error)
+        case let error as CUDAError: self.init(error)
+        default: self = .internal("\(error)")
+        }
+    }
 }

@@ -65,12 +65,10 @@ public final class GPUChecks {
         let quick = scope != .full
         checkAlign(seed: seed, small: scope == .small)
         let smallShape = ShapePreset(name: "small", shape: try! MoEShape(experts: 16, topK: 4, hidden: 512, intermediate: 256))
+        // FUSED_MOE_CHECK_PRESET narrows the full check to one preset (for debugging).
+        let only = getenv("FUSED_MOE_CHECK_PRESET").map { String(cString: $0) }
         let presets = switch scope {
-        case .full: ShapePreset.all.filter {
-                // FUSED_MOE_CHECK_PRESET narrows the full check to one preset (for debugging).
-                let only = getenv("FUSED_MOE_CHECK_PRESET").map { String(cString: $0) }
-                return $0.name != "tiny" && (only == nil || only == $0.name)
-            }
+        case .full: ShapePreset.all.filter { $0.name != "tiny" && (only == nil || only == $0.name) }
         case .quick: [try! ShapePreset.named("seed4096")]
         case .small: [smallShape]
         }

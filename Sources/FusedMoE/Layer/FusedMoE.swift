@@ -90,12 +90,8 @@ public final class FusedMoE<T: MoEScalar>: @unchecked Sendable {
                 try stream.synchronize()
                 return try HostTensor(
                     shape: [tokens, shape.hidden], storage: out.download(count: tokens * shape.hidden, as: T.self))
-            } catch let error as MoEError {
-                throw error
-            } catch let error as CUDAError {
-                throw .cuda(error)
             } catch {
-                throw .unsupported("unexpected error \(error)")
+                throw MoEError(any: error)
             }
         }
     }

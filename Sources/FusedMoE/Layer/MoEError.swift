@@ -22,4 +22,14 @@ public enum MoEError: Error, Hashable, Sendable, CustomStringConvertible {
         case .mismatch(let message): "mismatch: \(message)"
         }
     }
+
+    /// Whatever a layer call threw, as a MoEError: itself, a CUDA error wrapped, anything else as
+    /// unsupported.
+    public init(any error: any Error) {
+        switch error {
+        case let error as MoEError: self = error
+        case let error as CUDAError: self = .cuda(error)
+        default: self = .unsupported("unexpected error \(error)")
+        }
+    }
 }

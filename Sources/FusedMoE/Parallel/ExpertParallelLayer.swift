@@ -155,12 +155,8 @@ public final class ExpertParallelLayer: @unchecked Sendable {
             return try forwardEnqueuing(
                 x: x, topkIDs: topkIDs, topkWeights: topkWeights, out: out, tokens: tokens, stream: stream, timer: timer
             )
-        } catch let error as MoEError {
-            throw error
-        } catch let error as CUDAError {
-            throw .cuda(error)
         } catch {
-            throw .unsupported("unexpected error \(error)")
+            throw MoEError(any: error)
         }
     }
 
