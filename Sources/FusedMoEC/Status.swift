@@ -62,10 +62,12 @@ struct ABIError: Error {
         self.init(status: outOfMemory ? .outOfMemory : .cuda, message: error.description)
     }
 
-    /// Maps whatever a library call threw: library and CUDA errors as above, anything else (a bug)
-    /// as an internal error.
+    /// Maps whatever a library call threw: our own errors as they are (the routers' setup throws
+    /// them inside the same blocks), library and CUDA errors as above, anything else (a bug) as an
+    /// internal error.
     init(any error: any Error) {
         switch error {
+        case let error as ABIError: self = error
         case let error as MoEError: self.init(error)
         case let error as CUDAError: self.init(error)
         default: self = .internal("\(error)")
