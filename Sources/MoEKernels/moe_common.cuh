@@ -142,6 +142,8 @@ MOE_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 /// std::conditional, which NVRTC cannot include.
 template <bool COND, typename A, typename B> struct moe_conditional { typedef A type; };
 template <typename A, typename B> struct moe_conditional<false, A, B> { typedef B type; };
+/// A compile-time bool as a type (a generic lambda's tag argument).
+template <bool B> struct moe_bool_constant { static constexpr bool value = B; };
 
 // MARK: - Activations (one definition, so fused epilogues round exactly as the separate kernels)
 

@@ -33,8 +33,10 @@
 // moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>   (prefill, large M)
 //
 // Grid:   x = ceil(max_padded / BLOCK_M) * ceil(N / BLOCK_N), y = split_k, z = 1.
-//         blockIdx.x -> (pid_m, pid_n) with the GROUP_SIZE_M swizzle of moe_gemm (groups of
-//         group_size_m m-blocks; inside a group pid_m varies fastest, then pid_n).
+//         blockIdx.x -> (pid_m, pid_n) in expert-aligned groups (moe_sm90_tile_at): each expert's run of
+//         m-blocks is cut into groups of at most group_size_m m-blocks (a group never holds two
+//         experts, unlike moe_gemm's Triton swizzle); inside a group pid_m varies fastest, then pid_n,
+//         so the programs that read one weight tile run together and it comes from HBM once.
 // Block:  128 * (1 + BLOCK_M / 64) threads; __launch_bounds__(threads, 1).
 //         Warpgroup 0 (producer): thread 0 issues the TMA copy of each B tile [BLOCK_N][64]; its 128
 //           threads gather the A tile [BLOCK_M][64] with 16-byte cp.async (zero-filled for padding rows
@@ -63,7 +65,7 @@
 // block of a few tokens per expert does not waste the tensor cores: each program computes
 // C^T tile = B tile [BLOCK_N_W x K] * A tile^T [K x TOKENS]. BLOCK_N_W in {64, 128}; TOKENS in
 // {8, 16, 32, 64} is the align block size (BLOCK_M == TOKENS: expert_ids has one entry per TOKENS rows).
-// Grid:   x = ceil(max_padded / TOKENS) * ceil(N / BLOCK_N_W), y = split_k; GROUP_SIZE_M swizzle as above
+// Grid:   x = ceil(max_padded / TOKENS) * ceil(N / BLOCK_N_W), y = split_k; expert-aligned groups as above
 //         with BLOCK_M = TOKENS, BLOCK_N = BLOCK_N_W.
 // Block:  256 threads (producer warpgroup + one consumer warpgroup); __launch_bounds__(256, 1); no
 //         setmaxnreg. The consumer issues BLOCK_N_W / 64 wgmma.m64n{TOKENS}k16 per k16 step.
@@ -85,9 +87,9 @@
 //         resident = SMs * blocks per SM (1 for BLOCK_M 128; cuOccupancyMaxActiveBlocksPerMultiprocessor
 //         for BLOCK_M 64 with a shallow ring, where two may fit).
 // Each program (blockIdx.x = b, split blockIdx.y = s) walks the linear tile indices t = b, b + gridDim.x,
-//         ... < num_tiles; tile t is moe_gemm_sm90's program t (the GROUP_SIZE_M swizzle, split s), and
-//         is skipped when its m-block is at or past *total_padded (with the swizzle those interleave
-//         with real tiles) or, in mode 1, when it has no K work (expert -1 or an empty split range).
+//         ... < num_tiles; tile t is moe_gemm_sm90's program t (the expert-aligned groups, split s), and
+//         is skipped when its m-block is at or past *total_padded (those are the last tiles) or, in
+//         mode 1, when it has no K work (expert -1 or an empty split range).
 //         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
 // Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
 //         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
@@ -143,25 +145,61 @@ struct MoESm90Tile {
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
 };
 
-/// The tile of linear tile index `pid` and split `split`: moe_sm90_schedule's mapping (Triton's grouped
-/// ordering, as moe_gemm) for any tile index, for programs that walk several tiles. False: no tile (pid
-/// past the tile count, or its m-block at or past *total_padded).
+/// The group of m-blocks that holds m-block q: the maximal run of m-blocks around q with q's expert id
+/// (align lays out each expert's blocks as one run), cut from the run's start into groups of group_m;
+/// [first, first + count). Warp-cooperative: every lane of the warp calls it, converged, with the same
+/// arguments (ballots over 32 ids per step). Blocks at or past valid_blocks end every run.
+MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int64_t valid_blocks, int64_t group_m,
+                                      int64_t& first, int64_t& count) {
+    const int32_t e = expert_ids[q];
+    const int lane = static_cast<int>(threadIdx.x & 31);
+    int64_t begin = q;  // the run is [begin, end)
+    for (;;) {
+        const int64_t i = begin - 1 - lane;
+        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, i < 0 || expert_ids[i] != e);
+        if (stop != 0) {
+            begin -= __ffs(stop) - 1;
+            break;
+        }
+        begin -= 32;
+    }
+    int64_t end = q + 1;
+    for (;;) {
+        const int64_t i = end + lane;
+        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, i >= valid_blocks || expert_ids[i] != e);
+        if (stop != 0) {
+            end += __ffs(stop) - 1;
+            break;
+        }
+        end += 32;
+    }
+    first = begin + (q - begin) / group_m * group_m;
+    count = min_i64(group_m, end - first);
+}
+
+/// The tile of linear tile index `pid` and split `split`, for programs that walk several tiles as for one
+/// program per tile (pid = blockIdx.x). Expert-aligned grouped ordering: the m-blocks below
+/// *total_padded / BLOCK_M form groups (moe_sm90_expert_group: an expert's run cut into groups of
+/// group_size_m), group [first, first + count) owns the linear indices [first * num_pid_n,
+/// (first + count) * num_pid_n), and inside a group pid_m varies fastest, then pid_n: the programs that
+/// read one weight tile run together, and a group never mixes experts. False: no tile (pid at or past
+/// the valid m-blocks' tiles). Warp-cooperative (every lane calls it, converged).
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
                                  const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
                                  int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
-    const int64_t num_pid_m = ceil_div(max_padded, BLOCK_M);
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
-    const int64_t pids_in_group = group_m * num_pid_n;
-    const int64_t first_pid_m = (pid / pids_in_group) * group_m;
-    if (first_pid_m >= num_pid_m) return false;  // grid larger than the tile count
-    const int64_t this_group_m = min_i64(num_pid_m - first_pid_m, group_m);
-    const int64_t pid_m = first_pid_m + (pid % pids_in_group) % this_group_m;
-    const int64_t pid_n = (pid % pids_in_group) / this_group_m;
+    const int64_t valid_blocks =
+        min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, ceil_div(max_padded, BLOCK_M));
+    const int64_t q = pid / num_pid_n;  // an m-block of pid's group
+    if (q >= valid_blocks) return false;
+    int64_t first, count;
+    moe_sm90_expert_group(expert_ids, q, valid_blocks, group_size_m > 0 ? group_size_m : 1, first, count);
+    const int64_t local = pid - first * num_pid_n;
+    const int64_t pid_m = first + local % count;
+    const int64_t pid_n = local / count;
 
     tile.row0 = pid_m * BLOCK_M;
-    if (tile.row0 >= moe_total_padded(total_padded, num_valid_tokens, BLOCK_M)) return false;
     tile.n0 = pid_n * BLOCK_N;
     tile.expert = expert_ids[pid_m];
 
@@ -173,33 +211,13 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     return true;
 }
 
-/// Tile coordinates with Triton's grouped ordering (as moe_gemm). False: this program has no tile.
+/// This program's tile (blockIdx.x, split blockIdx.y). False: this program has no tile.
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_schedule(MoESm90Tile& tile, const int32_t* expert_ids, const int32_t* total_padded,
                                   int64_t N, int64_t K, int32_t split_k, int32_t group_size_m, int64_t max_padded,
                                   int64_t num_valid_tokens) {
-    const int64_t num_pid_m = ceil_div(max_padded, BLOCK_M);
-    const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
-    const int64_t pid = blockIdx.x;
-    const int64_t pids_in_group = group_m * num_pid_n;
-    const int64_t first_pid_m = (pid / pids_in_group) * group_m;
-    if (first_pid_m >= num_pid_m) return false;  // grid larger than the tile count
-    const int64_t this_group_m = min_i64(num_pid_m - first_pid_m, group_m);
-    const int64_t pid_m = first_pid_m + (pid % pids_in_group) % this_group_m;
-    const int64_t pid_n = (pid % pids_in_group) / this_group_m;
-
-    tile.row0 = pid_m * BLOCK_M;
-    if (tile.row0 >= moe_total_padded(total_padded, num_valid_tokens, BLOCK_M)) return false;
-    tile.n0 = pid_n * BLOCK_N;
-    tile.expert = expert_ids[pid_m];
-
-    const int64_t k_tiles = ceil_div(K, BLOCK_K);
-    const int64_t tiles_per_split = ceil_div(k_tiles, split_k > 0 ? split_k : 1);
-    tile.kt_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
-    const int64_t kt_end = min_i64(tile.kt_begin + tiles_per_split, k_tiles);
-    tile.num_tiles = (tile.expert < 0 || tile.kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - tile.kt_begin);
-    return true;
+    return moe_sm90_tile_at<BLOCK_M, BLOCK_N, BLOCK_K>(tile, blockIdx.x, blockIdx.y, expert_ids, total_padded, N, K,
+                                                       split_k, group_size_m, max_padded, num_valid_tokens);
 }
 
 /// Shared memory of one program: a STAGES-deep ring of A tiles [A_ROWS][64] and B tiles [B_ROWS][64]
@@ -458,20 +476,32 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
         const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
-        moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
+        // A block's padding rows come last: when this warpgroup's first row is padding, all 64 are,
+        // and it skips its products (uniform over the warpgroup), still keeping the ring's protocol.
+        // (Two loops, not a branch inside one: ptxas serializes wgmma behind a divergent-path guard.)
+        const auto issue = [&](int stage, auto live) {
+            if constexpr (decltype(live)::value) {
 #pragma unroll
-            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-            wgmma_fence();
-            const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * Smem::A_STAGE_BYTES) >> 4);
-            const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                wgmma_fence();
+                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
 #pragma unroll
-            for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                              desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-            wgmma_commit_group();
+                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                                  desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                wgmma_commit_group();
 #pragma unroll
-            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-        });
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+            }
+        };
+        if (sm.pair[wg * 64] >= 0) {
+            moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane,
+                                     [&](int stage) { issue(stage, moe_bool_constant<true>()); });
+        } else {
+            moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane,
+                                     [&](int stage) { issue(stage, moe_bool_constant<false>()); });
+        }
 #pragma unroll
         for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
@@ -1009,23 +1039,38 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
 
+            // Padding rows come last in a block: a warpgroup whose first row is padding skips its
+            // products (uniform over the warpgroup), still keeping the ring's protocol.
+            const int32_t first_pair = moe_sorted_pair(sorted_token_ids, tile.row0 + wg * 64, BLOCK_M, num_valid_tokens);
+            const bool live = first_pair >= 0 && first_pair < num_valid_tokens;
+
             float acc[Tr::ACC];
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
-            moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase, [&](int s) {
+            // (Two loops, not a branch inside one: ptxas serializes wgmma behind a divergent-path guard.)
+            const auto issue = [&](int s, auto live_tag) {
+                if constexpr (decltype(live_tag)::value) {
 #pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                wgmma_fence();
-                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                    wgmma_fence();
+                    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
 #pragma unroll
-                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                                  desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                wgmma_commit_group();
+                    for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                        wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                                      desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                    wgmma_commit_group();
 #pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-            });
+                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                }
+            };
+            if (live) {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_bool_constant<true>()); });
+            } else {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_bool_constant<false>()); });
+            }
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 

@@ -103,13 +103,18 @@ import Testing
         #expect(prefill.gemm1.kernel == .wgmma && prefill.blockM == 128)
     }
 
-    /// GROUP_SIZE_M covers one expert's m-blocks, 1...8; the Hopper prefill default takes it.
+    /// GROUP_SIZE_M: for mma (Triton's swizzle) one expert's average m-blocks, 1...8; for the
+    /// wgmma kernels (groups cut at expert boundaries) twice that, up to 32, so an expert that
+    /// routing favours still has its whole run in one group; the Hopper prefill default takes it.
     @Test func groupSizeFollowsTheRowsPerExpert() throws {
         let mixtral = try ShapePreset.named("mixtral_tp2").shape  // E = 8, k = 2
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128) == 4)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128) == 1)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128) == 8)
-        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 4)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128, kernel: .wgmma) == 8)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128, kernel: .wgmma) == 2)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128, kernel: .wgmmaPersistent) == 32)
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 8)
     }
 
     /// Unsplit plans on every kernel can apply the activation in GEMM1's epilogue (the persistent

@@ -306,6 +306,8 @@ public final class GPUChecks {
                 }
             }
 
+            if library.device.properties.architecture == "sm_90a" { try checkExpertGroups(seed: seed + 8) }
+
             // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
             // output row must be zeros), every third token loses its slot 1.
             if library.device.properties.architecture == "sm_90a" {
@@ -354,6 +356,67 @@ public final class GPUChecks {
                    "\(zeros.values.filter { $0 != 0 }.count) nonzero")
         } catch {
             record("gpu variants", false, "\(error)")
+        }
+    }
+
+    /// The wgmma kernels' expert-aligned tile groups: few experts with several m-blocks each (E = 4,
+    /// k = 2, 900 tokens: about 450 rows per expert, so BLOCK_M 128 runs end in blocks of either
+    /// side of 64 rows, where the second consumer warpgroup skips its products), GROUP_SIZE_M 3 or 5
+    /// cutting runs mid-way, unsplit and split; each against the fp32 reference and bit for bit the
+    /// same plan with GROUP_SIZE_M 1 (the order of the tiles changes no tile's sums). Then an expert
+    /// map that owns every other expert (runs of unowned blocks between owned ones).
+    func checkExpertGroups(seed: UInt64) throws {
+        let shape = try MoEShape(experts: 4, topK: 2, hidden: 512, intermediate: 256)
+        let tokens = 900
+        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
+        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
+        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        let grouped: [(GemmConfig, Int, SplitMode)] = [
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3), 1, .none),
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3), 2, .workspace),
+            (.wgmma(blockM: 64, blockN: 256, stages: 4, groupSizeM: 5), 1, .none),
+            (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true), 1, .none),
+            (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true), 2, .atomic),
+            (.wgmma(blockM: 32, blockN: 64, stages: 6, groupSizeM: 5, swapAB: true), 1, .none),
+        ]
+        for (config, split, mode) in grouped {
+            var ungrouped = config
+            ungrouped.groupSizeM = 1
+            let run = { (gemm: GemmConfig) throws -> LayerOutput in
+                let layer = try CUDAMoELayer(
+                    library: self.library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2,
+                    plan: MoEPlan(both: gemm).withSplit(split, mode: mode), maxTokens: tokens)
+                return try self.runPoisoned(layer, inputs, out)
+            }
+            let a = try run(config)
+            let b = try run(ungrouped)
+            let error = relativeError(a.values, reference)
+            let deterministic = mode != .atomic
+            let same = a.bits == b.bits
+            record(
+                "gpu expert groups \(config.kernel.rawValue) \(config.blockM)x\(config.blockN) g\(config.groupSizeM) split=\(split) \(mode.rawValue)",
+                a.unwritten == 0 && error < errorBound(.bf16) && (same || !deterministic),
+                "rel_err \(formatScientific(error)), unwritten \(a.unwritten)"
+                    + (deterministic ? (same ? ", = g1" : ", DIFFERS from g1") : ""))
+        }
+
+        let map: [Int32] = [0, -1, 1, -1]
+        let local = try MoEShape(experts: 2, topK: 2, hidden: 512, intermediate: 256)
+        let localWeights = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: seed + 2, stream: stream)
+        let mapped = try inputs.reference(weights: localWeights, library: library, expertMap: map, stream: stream)
+        for config in [
+            GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3),
+            .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true),
+        ] {
+            let layer = try CUDAMoELayer(
+                library: library, shape: local, dtype: .bf16, w1: localWeights.w1, w2: localWeights.w2,
+                options: MoEOptions(expertMap: map), plan: MoEPlan(both: config), maxTokens: tokens)
+            let a = try runPoisoned(layer, inputs, out)
+            let error = relativeError(a.values, mapped)
+            record(
+                "gpu expert groups with an expert map \(config.kernel.rawValue) g\(config.groupSizeM)",
+                a.unwritten == 0 && error < errorBound(.bf16), "rel_err \(formatScientific(error)), unwritten \(a.unwritten)")
         }
     }
 

@@ -208,17 +208,22 @@ public enum PlanSelector {
         }
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
         if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
-        let group = groupSizeM(shape: shape, tokens: tokens, blockM: 128)
+        let group = groupSizeM(shape: shape, tokens: tokens, blockM: 128, kernel: .wgmma)
         return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: group))
     }
 
-    /// GROUP_SIZE_M for a tile of `blockM` rows: the m-blocks one expert gets (1...8), so the programs
-    /// that read one weight tile run together and it comes from HBM once rather than once per
-    /// m-block, which matters when an expert's weights do not stay in L2 between its m-blocks (few
-    /// experts with large K and N, as Mixtral's).
-    public static func groupSizeM(shape: MoEShape, tokens: Int, blockM: Int) -> Int {
+    /// GROUP_SIZE_M for a tile of `blockM` rows on `kernel`, so the programs that read one weight
+    /// tile run together and it comes from HBM once rather than once per group, which matters when
+    /// an expert's weights do not stay in L2 between its m-blocks (few experts with large K and N, as
+    /// Mixtral's). mma (Triton's swizzle, groups may straddle experts): the m-blocks one expert gets
+    /// on average (1...8). The wgmma kernels cut each expert's run of m-blocks into groups of at
+    /// most GROUP_SIZE_M, never mixing experts, so a cap of twice the average run (the experts that
+    /// routing favours get more than the average) keeps each run in one group (at most 32).
+    public static func groupSizeM(shape: MoEShape, tokens: Int, blockM: Int, kernel: GemmKernel = .mma) -> Int {
         let rowsPerExpert = tokens * shape.topK / max(shape.experts, 1)
-        return min(max(rowsPerExpert / max(blockM, 1), 1), 8)
+        let blockM = max(blockM, 1)
+        if kernel == .mma { return min(max(rowsPerExpert / blockM, 1), 8) }
+        return min(2 * max((rowsPerExpert + blockM - 1) / blockM, 1), 32)
     }
 
     /// A default that is good without tuning.

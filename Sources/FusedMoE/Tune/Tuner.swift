@@ -104,8 +104,10 @@ public final class Tuner {
             let hopper = device.properties.architecture == "sm_90a"
             for blockM in Tuner.blockMs(shape: shape, tokens: tokens, hopper: hopper) {
                 let group = PlanSelector.groupSizeM(shape: shape, tokens: tokens, blockM: blockM)
+                let wgmmaGroup = PlanSelector.groupSizeM(shape: shape, tokens: tokens, blockM: blockM, kernel: .wgmma)
                 let mmaTiles = blockM >= 16 ? Tuner.tiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
-                let wgmmaTiles = hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: group) : []
+                let wgmmaTiles =
+                    hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: wgmmaGroup) : []
                 for tile in mmaTiles + wgmmaTiles {
                     var plan = MoEPlan(both: tile)
                     plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)

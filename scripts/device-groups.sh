@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the GPU machine: expert-aligned tile groups (NOTES v12). The full check with dist/fused-moe,
+# then the large-M rows of every preset, three settings in one call, interleaved per shape:
+#   old      dist-ab/fused-moe-old (the binary before the change) with the shipped tables
+#   new      dist/fused-moe with the shipped tables (their GROUP_SIZE_M, now cut at experts)
+#   new-g    dist/fused-moe with scripts/exp_tables.py's GROUP_SIZE_M (2x the average run)
+# Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
+set -uo pipefail
+OUT=${OUT:-/tmp/fused-moe-out}
+export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
+export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
+status=0
+python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
+if [[ ${SKIP_CHECK:-0} != 1 ]]; then
+  timeout 240 dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
+  tail -1 "$OUT/check.txt"; grep -E "FAIL|expert groups" "$OUT/check.txt" | cut -c1-300 | head -20
+fi
+python3 scripts/exp_tables.py /tmp/exp-groups > /dev/null
+rows=(mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
+      qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192)
+for round in 1 2; do
+  for row in "${rows[@]}"; do
+    shape=${row%%:*}; ms=${row##*:}
+    for setting in old new new-g; do
+      bin=dist/fused-moe; env=()
+      [[ $setting == old ]] && bin=dist-ab/fused-moe-old
+      [[ $setting == new-g ]] && env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-groups)
+      env "${env[@]}" timeout 200 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
+        --ceilings "$OUT/ceilings.json" --json "/tmp/ab-$round-$shape-$setting.json" > /dev/null 2>&1 || status=1
+      python3 - "$round" "$setting" "/tmp/ab-$round-$shape-$setting.json" >> "$OUT/ab.txt" <<'PY'
+import json, sys
+rnd, setting, path = sys.argv[1:]
+for r in json.load(open(path))["rows"]:
+    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:6} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  {r['variant']}")
+PY
+    done
+  done
+done
+sort -k2,2 -k3,3 -k4,4 -s "$OUT/ab.txt" | cut -c1-120
+exit $status
