@@ -18,7 +18,7 @@ fi
 python3 scripts/exp_tables.py /tmp/exp-groups > /dev/null
 rows=(mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
       qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192)
-for round in 1 2; do
+for round in $(seq 1 ${ROUNDS:-2}); do
   for row in "${rows[@]}"; do
     shape=${row%%:*}; ms=${row##*:}
     for setting in old new new-g; do
