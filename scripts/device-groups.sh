@@ -4,6 +4,7 @@
 #   old      dist-ab/fused-moe-old (the binary before the change) with the shipped tables
 #   new      dist/fused-moe with the shipped tables (their GROUP_SIZE_M, now cut at experts)
 #   new-g    dist/fused-moe with scripts/exp_tables.py's GROUP_SIZE_M (2x the average run)
+#   new-g1   dist/fused-moe with every wide wgmma entry at GROUP_SIZE_M 1 (exp_tables.py DIR 1)
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused-moe-out}
@@ -16,15 +17,17 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then
   tail -1 "$OUT/check.txt"; grep -E "FAIL|expert groups" "$OUT/check.txt" | cut -c1-300 | head -20
 fi
 python3 scripts/exp_tables.py /tmp/exp-groups > /dev/null
+python3 scripts/exp_tables.py /tmp/exp-groups1 1 > /dev/null
 rows=(mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
       qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192)
 for round in $(seq 1 ${ROUNDS:-2}); do
   for row in "${rows[@]}"; do
     shape=${row%%:*}; ms=${row##*:}
-    for setting in old new new-g; do
+    for setting in ${SETTINGS:-old new new-g new-g1}; do
       bin=dist/fused-moe; env=()
       [[ $setting == old ]] && bin=dist-ab/fused-moe-old
       [[ $setting == new-g ]] && env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-groups)
+      [[ $setting == new-g1 ]] && env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-groups1)
       env "${env[@]}" timeout 200 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
         --ceilings "$OUT/ceilings.json" --json "/tmp/ab-$round-$shape-$setting.json" > /dev/null 2>&1 || status=1
       python3 - "$round" "$setting" "/tmp/ab-$round-$shape-$setting.json" >> "$OUT/ab.txt" <<'PY'

@@ -88,8 +88,8 @@
 //         for BLOCK_M 64 with a shallow ring, where two may fit).
 // Each program (blockIdx.x = b, split blockIdx.y = s) walks the linear tile indices t = b, b + gridDim.x,
 //         ... < num_tiles; tile t is moe_gemm_sm90's program t (the expert-aligned groups, split s), and
-//         is skipped when its m-block is at or past *total_padded (those are the last tiles) or, in
-//         mode 1, when it has no K work (expert -1 or an empty split range).
+//         the walk ends at the first tile whose m-block is at or past *total_padded (every later tile's
+//         is too); a tile is skipped in mode 1 when it has no K work (expert -1 or an empty split range).
 //         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
 // Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
 //         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
@@ -145,33 +145,46 @@ struct MoESm90Tile {
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
 };
 
-/// The group of m-blocks that holds m-block q: the maximal run of m-blocks around q with q's expert id
-/// (align lays out each expert's blocks as one run), cut from the run's start into groups of group_m;
-/// [first, first + count). Warp-cooperative: every lane of the warp calls it, converged, with the same
-/// arguments (ballots over 32 ids per step). Blocks at or past valid_blocks end every run.
-MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int64_t valid_blocks, int64_t group_m,
-                                      int64_t& first, int64_t& count) {
-    const int32_t e = expert_ids[q];
+/// The group of m-blocks that holds m-block q (q < valid_blocks): the maximal run of m-blocks around q
+/// with q's expert id e (align lays out each expert's blocks as one run), cut from the run's start into
+/// groups of group_m; [first, first + count). Warp-cooperative: every lane of the warp calls it,
+/// converged, with the same arguments. The 32 ids on each side of q are loaded together with e (one
+/// round trip; expert_ids has num_blocks entries); longer runs take a step per 32 more.
+MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int64_t valid_blocks, int64_t num_blocks,
+                                      int64_t group_m, int32_t& e, int64_t& first, int64_t& count) {
     const int lane = static_cast<int>(threadIdx.x & 31);
+    if (group_m <= 1) {  // single-block groups: no run to find
+        e = expert_ids[q];
+        first = q;
+        count = 1;
+        return;
+    }
+    int64_t below = q - 1 - lane;
+    int64_t above = q + 1 + lane;
+    e = expert_ids[q];
+    int32_t id_below = below >= 0 ? expert_ids[below] : 0;
+    int32_t id_above = above < num_blocks ? expert_ids[above] : 0;
     int64_t begin = q;  // the run is [begin, end)
     for (;;) {
-        const int64_t i = begin - 1 - lane;
-        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, i < 0 || expert_ids[i] != e);
+        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, below < 0 || id_below != e);
         if (stop != 0) {
             begin -= __ffs(stop) - 1;
             break;
         }
         begin -= 32;
+        below -= 32;
+        id_below = below >= 0 ? expert_ids[below] : 0;
     }
     int64_t end = q + 1;
     for (;;) {
-        const int64_t i = end + lane;
-        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, i >= valid_blocks || expert_ids[i] != e);
+        const uint32_t stop = __ballot_sync(MOE_FULL_MASK, above >= valid_blocks || id_above != e);
         if (stop != 0) {
             end += __ffs(stop) - 1;
             break;
         }
         end += 32;
+        above += 32;
+        id_above = above < num_blocks ? expert_ids[above] : 0;
     }
     first = begin + (q - begin) / group_m * group_m;
     count = min_i64(group_m, end - first);
@@ -183,25 +196,25 @@ MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int6
 /// group_size_m), group [first, first + count) owns the linear indices [first * num_pid_n,
 /// (first + count) * num_pid_n), and inside a group pid_m varies fastest, then pid_n: the programs that
 /// read one weight tile run together, and a group never mixes experts. False: no tile (pid at or past
-/// the valid m-blocks' tiles). Warp-cooperative (every lane calls it, converged).
+/// the valid m-blocks' tiles, as is every later pid). Warp-cooperative (every lane calls it, converged).
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
                                  const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
                                  int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    const int64_t valid_blocks =
-        min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, ceil_div(max_padded, BLOCK_M));
+    const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
+    const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
     const int64_t q = pid / num_pid_n;  // an m-block of pid's group
     if (q >= valid_blocks) return false;
     int64_t first, count;
-    moe_sm90_expert_group(expert_ids, q, valid_blocks, group_size_m > 0 ? group_size_m : 1, first, count);
+    moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_size_m > 0 ? group_size_m : 1, tile.expert,
+                          first, count);
     const int64_t local = pid - first * num_pid_n;
-    const int64_t pid_m = first + local % count;
+    const int64_t pid_m = first + local % count;  // in q's run: its expert is q's
     const int64_t pid_n = local / count;
 
     tile.row0 = pid_m * BLOCK_M;
     tile.n0 = pid_n * BLOCK_N;
-    tile.expert = expert_ids[pid_m];
 
     const int64_t k_tiles = ceil_div(K, BLOCK_K);
     const int64_t tiles_per_split = ceil_div(k_tiles, split_k > 0 ? split_k : 1);
@@ -975,9 +988,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             MoESm90Tile tile;
             if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
                                                                   K, split_k, group_size_m, max_padded,
-                                                                  num_valid_tokens) ||
-                tile.num_tiles == 0)
-                continue;  // nothing to load: no tile, expert not owned, or an empty split range
+                                                                  num_valid_tokens))
+                break;  // past the valid m-blocks: so is every later tile
+            if (tile.num_tiles == 0) continue;  // nothing to load: expert not owned, or an empty split range
             // Every producer thread passed the previous tile's barrier after its last read of this table
             // (two tiles back), so it may be rewritten now.
             int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
@@ -1023,7 +1036,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
                                                                   K, split_k, group_size_m, max_padded,
                                                                   num_valid_tokens))
-                continue;
+                break;  // past the valid m-blocks: so is every later tile
             if (SPLIT_MODE == 1 && tile.num_tiles == 0) continue;  // adding zeros changes nothing
 
             // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
