@@ -93,28 +93,34 @@
 //         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
 // Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
 //         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
-//         Producer warpgroup: for each of its tiles with K work (tile.num_tiles > 0), fills one of two
-//           A-row tables (the a_row and pair tables of the layout, alternating; one named barrier over
-//           the producer warpgroup per tile), then loads the tile's K tiles as moe_gemm_sm90 does. Its
-//           ring stage and phase run on from tile to tile, so it loads the next tiles while the
-//           consumers finish the current one and run its epilogue, up to STAGES K tiles ahead.
-//         Consumer warpgroups: per tile, fresh accumulators; the same K loop on the shared ring position,
-//           releasing every stage they consumed (the last one of each tile too); then the epilogue, in
-//           which each consumer warp stores its 16 rows through its own staging rows (below) with
-//           __syncwarp only: no barrier between warps, and the ring is not touched.
-//         Both roles decide which tiles exist and which have K work with the same call on the same
-//         inputs, so every full/empty phase is waited for by the side that the other side signals.
+//         Producer warpgroup: walks the tiles (moe_sm90_tile_at, the only reads of the routing) and
+//           hands each one to the consumers through one of two tile slots, alternating: it waits for
+//           the slot to be free (empty[s]: every consumer warp read its previous tile), writes the
+//           tile's pair table (BLOCK_M pair indices, -1 for padding; one named barrier over the
+//           producer warpgroup), then thread 0 writes n0, the K tile count and flags (which consumer
+//           warpgroups have rows; DONE past the last tile) and arrives on full[s]. Then it loads the
+//           tile's K tiles as moe_gemm_sm90 does (A row = pair / top_k). Its ring stage and phase run
+//           on from tile to tile, so it loads the next tiles while the consumers finish the current
+//           one and run its epilogue, up to STAGES K tiles ahead.
+//         Consumer warpgroups: per tile, wait for full[s], read the slot (each warp its 16 pairs) and
+//           release it, issue the routed-weight loads (used after the K loop), then fresh accumulators;
+//           the same K loop on the shared ring position, releasing every stage they consumed (the last
+//           one of each tile too); a warpgroup whose rows are all padding skips its wgmma. Then the
+//           epilogue, in which each consumer warp stores its 16 rows through its own staging rows
+//           (below) with __syncwarp only: no barrier between warps, and the ring is not touched. No
+//           global reads before the K loop: the tile's routing comes from shared memory.
 // Shared memory (dynamic, no static):
-//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
+//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M + 64
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
 //         SMEM_BYTES + 1024 and raises the dynamic limit to that. Layout: moe_gemm_sm90's (A ring, B ring,
-//         full/empty barriers, two BLOCK_M int32 tables), then the output staging, 256 bytes per tile
-//         row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w. A warp stages its rows in passes of
-//         256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128 bytes for mode 0
-//         with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8), so the wgmma
-//         fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts; each row
-//         then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in 227 KB:
-//         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
+//         full/empty barriers, two BLOCK_M int32 tables: the slots' pair tables), then the output
+//         staging, 256 bytes per tile row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w, then the
+//         tile slots (MoESm90TileSlots: 2 x 16 bytes of info, full[2], empty[2]). A warp stages its
+//         rows in passes of 256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128
+//         bytes for mode 0 with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8),
+//         so the wgmma fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts;
+//         each row then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in
+//         227 KB: STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
 // PDL (all three kernels): griddepcontrol.wait, then griddepcontrol.launch_dependents, first thing:
 //         the next kernel's programs may become resident as this grid's programs finish; they still
 //         wait for this whole grid before touching memory.
@@ -304,12 +310,13 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
 /// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
 /// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation): the B tile is two boxes of
 /// B_ROWS / 2 rows, gate rows from b_row into the stage's first half and up rows from b_row_up into
-/// its second half (the tensor map's box has B_ROWS / 2 rows then).
-template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
+/// its second half (the tensor map's box has B_ROWS / 2 rows then). PAIRS: the table holds pair
+/// indices (or -1) and the source row is pair / top_k.
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false, bool PAIRS = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
                                         const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
                                         int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t, int stage,
-                                        uint32_t phase, int tid) {
+                                        uint32_t phase, int tid, int32_t top_k = 1) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
     constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
@@ -334,7 +341,8 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     for (int i = 0; i < PASSES; ++i) {
         const int r = pass_row + i * ROWS_PER_PASS;
         if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
-            const int32_t a_row = a_rows[r];
+            const int32_t entry = a_rows[r];
+            const int32_t a_row = PAIRS && entry >= 0 ? entry / top_k : entry;
             const bool ok = k_ok && a_row >= 0;
             const T* src = ok ? A + static_cast<int64_t>(a_row) * stride_am + k : A;
             cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, src, ok);
@@ -893,6 +901,39 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
     }
 }
 
+/// One tile handed from the persistent kernel's producer to its consumers.
+struct MoESm90TileSlot {
+    static constexpr int DONE = 1;   // no more tiles: the consumers stop
+    static constexpr int LIVE0 = 2;  // consumer warpgroup 0's rows hold pairs
+    static constexpr int LIVE1 = 4;  // consumer warpgroup 1's rows hold pairs
+    int64_t n0;                      // first output column
+    int32_t num_tiles;               // K tiles to multiply (0: none; modes 0 and 2 store zeros)
+    int32_t flags;
+};
+
+/// The persistent kernel's two tile slots: info[2], then full[2] (one arrival: the producer's, after it
+/// wrote the slot) and empty[2] (lane 0 of every consumer warp, once it has read the slot) mbarriers,
+/// 64 bytes after the output staging; slot s's pair table (BLOCK_M pair indices, -1 for padding) is
+/// the layout's row table s (the two tables are contiguous: a_row, then pair).
+template <int BLOCK_M>
+struct MoESm90TileSlots {
+    static constexpr int BYTES = 2 * 16 + 4 * 8;
+    MoESm90TileSlot* info;
+    uint32_t full;    // full[s] at full + 8 s
+    uint32_t empty;   // empty[s] at empty + 8 s
+    int32_t* tables;  // slot s's pair table at tables + s * BLOCK_M
+
+    MOE_DEVICE MoESm90TileSlots(unsigned char* at, int32_t* row_tables)
+        : info(reinterpret_cast<MoESm90TileSlot*>(at)),
+          full(cvta_to_shared_u32(at + 2 * sizeof(MoESm90TileSlot))),
+          empty(full + 16),
+          tables(row_tables) {
+        static_assert(sizeof(MoESm90TileSlot) == 16, "two 16-byte slots");
+    }
+
+    MOE_DEVICE int32_t* pairs(int s) const { return tables + s * BLOCK_M; }
+};
+
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
@@ -926,7 +967,7 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int STAGING_ROW_BYTES = 256;
     static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
     static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
-    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES;
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES + MoESm90TileSlots<BLOCK_M>::BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
@@ -965,47 +1006,69 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     if (first_tile >= num_tiles) return;  // more programs than tiles
 
     const Smem sm(moe_gemm_sm90_smem);
+    const MoESm90TileSlots<BLOCK_M> slots(sm.base + Smem::SMEM_BYTES + Tr::STAGING_BYTES, sm.a_row);
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
             mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
         }
+        for (int s = 0; s < 2; ++s) {
+            mbarrier_init(slots.full + 8 * s, 1);
+            mbarrier_init(slots.empty + 8 * s, Tr::CONSUMER_WARPS);
+        }
         fence_mbarrier_init();
         prefetch_tensormap(&b_map);
     }
     __syncthreads();
 
-    // Both roles walk the same tiles and decide "has K work" with the same call on the same inputs
-    // (moe_sm90_tile_at and tile.num_tiles > 0), so they agree on every ring round.
+    // The producer walks the tiles and hands each one to the consumers through a tile slot (row0, n0,
+    // K tiles, which warpgroups have rows, the pair table), then loads its K tiles; the consumers take
+    // the slots in the same order, so they agree on every ring round without reading global memory.
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
         int stage = 0;
         uint32_t phase = 0;
-        int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
-        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
+        uint32_t handed = 0;  // tiles handed over so far (slot handed % 2, round handed / 2)
+        for (int64_t t = first_tile;; t += tile_stride) {
             MoESm90Tile tile;
-            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
-                                                                  K, split_k, group_size_m, max_padded,
-                                                                  num_valid_tokens))
-                break;  // past the valid m-blocks: so is every later tile
-            if (tile.num_tiles == 0) continue;  // nothing to load: expert not owned, or an empty split range
-            // Every producer thread passed the previous tile's barrier after its last read of this table
-            // (two tiles back), so it may be rewritten now.
-            int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
-            table ^= 1;
-            for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
-                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
-                a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+            const bool valid = t < num_tiles &&
+                               moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids,
+                                                                              total_padded, N, K, split_k, group_size_m,
+                                                                              max_padded, num_valid_tokens);
+            const int slot = handed & 1;
+            // The consumers have taken this slot's previous tile (a fresh barrier passes parity 1).
+            mbarrier_wait_parity(slots.empty + 8 * slot, ((handed >> 1) & 1) ^ 1);
+            int32_t* pairs = slots.pairs(slot);
+            if (valid) {
+                for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
+                    const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
+                    pairs[r] = p >= 0 && p < num_valid_tokens ? p : -1;
+                }
+                bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             }
-            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
+            if (tid == 0) {
+                MoESm90TileSlot& info = slots.info[slot];
+                if (valid) {
+                    info.n0 = tile.n0;
+                    info.num_tiles = tile.num_tiles;
+                    // Padding rows come last in a block: warpgroup w has rows iff its first row is a pair.
+                    info.flags = (pairs[0] >= 0 ? MoESm90TileSlot::LIVE0 : 0) |
+                                 (BLOCK_M > 64 && pairs[BLOCK_M > 64 ? 64 : 0] >= 0 ? MoESm90TileSlot::LIVE1 : 0);
+                } else {
+                    info.flags = MoESm90TileSlot::DONE;
+                }
+                mbarrier_arrive(slots.full + 8 * slot);  // release: the table and the info are written
+            }
+            ++handed;
+            if (!valid) break;  // past the valid m-blocks: so is every later tile
+            if (tile.num_tiles == 0) continue;  // nothing to load: expert not owned, or an empty split range
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a_rows, &b_map, A, stride_am, K,
-                                                                                b_row, b_row_up, tile, k, stage,
-                                                                                phase, tid);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED, true>(
+                    sm, pairs, &b_map, A, stride_am, K, b_row, b_row_up, tile, k, stage, phase, tid, top_k);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -1031,31 +1094,23 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
         int stage = 0;
         uint32_t phase = 0;
-        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
-            MoESm90Tile tile;
-            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
-                                                                  K, split_k, group_size_m, max_padded,
-                                                                  num_valid_tokens))
-                break;  // past the valid m-blocks: so is every later tile
-            if (SPLIT_MODE == 1 && tile.num_tiles == 0) continue;  // adding zeros changes nothing
-
+        for (uint32_t taken = 0;; ++taken) {
+            const int slot = taken & 1;
+            mbarrier_wait_parity(slots.full + 8 * slot, (taken >> 1) & 1);
+            const MoESm90TileSlot& info = slots.info[slot];
+            const int flags = info.flags;
+            const int64_t n0 = info.n0;
+            const int num_k_tiles = info.num_tiles;
             // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
-            // weight, loaded now and used after the K loop.
-            int32_t pair = -1;
+            // weight, loaded now (no wait: used after the K loop).
+            const int32_t pair = lane < Tr::WARP_ROWS ? slots.pairs(slot)[warp * Tr::WARP_ROWS + lane] : -1;
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(slots.empty + 8 * slot);  // release: this warp is done reading
+            if (flags & MoESm90TileSlot::DONE) break;
+            if (SPLIT_MODE == 1 && num_k_tiles == 0) continue;  // adding zeros changes nothing
             float weight = 0.0f;
-            if (lane < Tr::WARP_ROWS) {
-                const int32_t p =
-                    moe_sorted_pair(sorted_token_ids, tile.row0 + warp * Tr::WARP_ROWS + lane, BLOCK_M, num_valid_tokens);
-                if (p >= 0 && p < num_valid_tokens) {
-                    pair = p;
-                    if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
-                }
-            }
-
-            // Padding rows come last in a block: a warpgroup whose first row is padding skips its
-            // products (uniform over the warpgroup), still keeping the ring's protocol.
-            const int32_t first_pair = moe_sorted_pair(sorted_token_ids, tile.row0 + wg * 64, BLOCK_M, num_valid_tokens);
-            const bool live = first_pair >= 0 && first_pair < num_valid_tokens;
+            if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[pair >= 0 ? pair : 0];
+            const bool live = (flags & (wg == 0 ? MoESm90TileSlot::LIVE0 : MoESm90TileSlot::LIVE1)) != 0;
 
             float acc[Tr::ACC];
 #pragma unroll
@@ -1078,10 +1133,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             };
             if (live) {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, num_k_tiles, lane, stage, phase,
                                               [&](int s) { issue(s, moe_bool_constant<true>()); });
             } else {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, num_k_tiles, lane, stage, phase,
                                               [&](int s) { issue(s, moe_bool_constant<false>()); });
             }
 #pragma unroll
@@ -1106,7 +1161,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
             }
             moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
-                acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
+                acc, staging, pair, out, Tr::FUSED ? n0 / 2 : n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
         }
     }
 }
