@@ -71,7 +71,7 @@ SM90_SWAP_TILES = {
     "moe_fp16": tuple((bnw, tok, 4) for bnw in (64, 128) for tok in (8, 16, 32, 64)),
 }
 # moe_gemm_sm90_persistent tiles (BLOCK_M, BLOCK_N, STAGES): the deepest ring of each shipped tile
-# shape (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 264 * BLOCK_M + 64 + 1024 <= 232448) and
+# shape (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 268 * BLOCK_M + 64 + 1024 <= 232448) and
 # a shallow one; the fused activation needs BLOCK_N >= 128.
 SM90_PERSISTENT_TILES = ((128, 256, 4), (128, 256, 3), (128, 128, 6), (64, 256, 5), (64, 128, 8))
 # Registers each thread of a moe_gemm_sm90 with BLOCK_M = 128 (384 threads) must be launched with:

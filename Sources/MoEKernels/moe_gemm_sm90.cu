@@ -96,10 +96,10 @@
 //         Producer warpgroup: walks the tiles (moe_sm90_tile_at, the only reads of the routing) and
 //           hands each one to the consumers through one of two tile slots, alternating: it waits for
 //           the slot to be free (empty[s]: every consumer warp read its previous tile), writes the
-//           tile's pair table (BLOCK_M pair indices, -1 for padding; one named barrier over the
-//           producer warpgroup), then thread 0 writes n0, the K tile count and flags (which consumer
-//           warpgroups have rows; DONE past the last tile) and arrives on full[s]. Then it loads the
-//           tile's K tiles as moe_gemm_sm90 does (A row = pair / top_k). Its ring stage and phase run
+//           tile's pair table (BLOCK_M pair indices, -1 for padding) and its own A-row table (between
+//           two named barriers over the producer warpgroup), then thread 0 writes n0, the K tile count
+//           and flags (which consumer warpgroups have rows; DONE past the last tile) and arrives on
+//           full[s]. Then it loads the tile's K tiles as moe_gemm_sm90 does. Its ring stage and phase run
 //           on from tile to tile, so it loads the next tiles while the consumers finish the current
 //           one and run its epilogue, up to STAGES K tiles ahead.
 //         Consumer warpgroups: per tile, wait for full[s], read the slot (each warp its 16 pairs) and
@@ -110,12 +110,13 @@
 //           (below) with __syncwarp only: no barrier between warps, and the ring is not touched. No
 //           global reads before the K loop: the tile's routing comes from shared memory.
 // Shared memory (dynamic, no static):
-//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M + 64
+//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 4*BLOCK_M + 256*BLOCK_M + 64
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
 //         SMEM_BYTES + 1024 and raises the dynamic limit to that. Layout: moe_gemm_sm90's (A ring, B ring,
-//         full/empty barriers, two BLOCK_M int32 tables: the slots' pair tables), then the output
-//         staging, 256 bytes per tile row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w, then the
-//         tile slots (MoESm90TileSlots: 2 x 16 bytes of info, full[2], empty[2]). A warp stages its
+//         full/empty barriers, two BLOCK_M int32 tables: the slots' pair tables), the producer's A-row
+//         table (BLOCK_M int32, pair / top_k of the tile it loads), then the output staging, 256 bytes
+//         per tile row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w, then the tile slots
+//         (MoESm90TileSlots: 2 x 16 bytes of info, full[2], empty[2]). A warp stages its
 //         rows in passes of 256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128
 //         bytes for mode 0 with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8),
 //         so the wgmma fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts;
@@ -310,13 +311,12 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
 /// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
 /// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation): the B tile is two boxes of
 /// B_ROWS / 2 rows, gate rows from b_row into the stage's first half and up rows from b_row_up into
-/// its second half (the tensor map's box has B_ROWS / 2 rows then). PAIRS: the table holds pair
-/// indices (or -1) and the source row is pair / top_k.
-template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false, bool PAIRS = false>
+/// its second half (the tensor map's box has B_ROWS / 2 rows then).
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
                                         const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
                                         int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t, int stage,
-                                        uint32_t phase, int tid, int32_t top_k = 1) {
+                                        uint32_t phase, int tid) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
     constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
@@ -341,8 +341,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     for (int i = 0; i < PASSES; ++i) {
         const int r = pass_row + i * ROWS_PER_PASS;
         if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
-            const int32_t entry = a_rows[r];
-            const int32_t a_row = PAIRS && entry >= 0 ? entry / top_k : entry;
+            const int32_t a_row = a_rows[r];
             const bool ok = k_ok && a_row >= 0;
             const T* src = ok ? A + static_cast<int64_t>(a_row) * stride_am + k : A;
             cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, src, ok);
@@ -912,16 +911,18 @@ struct MoESm90TileSlot {
 };
 
 /// The persistent kernel's two tile slots: info[2], then full[2] (one arrival: the producer's, after it
-/// wrote the slot) and empty[2] (lane 0 of every consumer warp, once it has read the slot) mbarriers,
-/// 64 bytes after the output staging; slot s's pair table (BLOCK_M pair indices, -1 for padding) is
-/// the layout's row table s (the two tables are contiguous: a_row, then pair).
+/// wrote the slot) and empty[2] (lane 0 of every consumer warp, once it has read the slot) mbarriers:
+/// 64 bytes after the output staging. Slot s's pair table (BLOCK_M pair indices, -1 for padding) is
+/// the layout's row table s, and the producer's A-row table (pair / top_k, or -1) follows them: three
+/// contiguous BLOCK_M int32 tables (a_row, pair, then the A rows, which push the staging back).
 template <int BLOCK_M>
 struct MoESm90TileSlots {
     static constexpr int BYTES = 2 * 16 + 4 * 8;
+    static constexpr int A_ROW_TABLE_BYTES = 4 * BLOCK_M;
     MoESm90TileSlot* info;
     uint32_t full;    // full[s] at full + 8 s
     uint32_t empty;   // empty[s] at empty + 8 s
-    int32_t* tables;  // slot s's pair table at tables + s * BLOCK_M
+    int32_t* tables;  // slot s's pair table at tables + s * BLOCK_M, the A rows at tables + 2 BLOCK_M
 
     MOE_DEVICE MoESm90TileSlots(unsigned char* at, int32_t* row_tables)
         : info(reinterpret_cast<MoESm90TileSlot*>(at)),
@@ -932,6 +933,7 @@ struct MoESm90TileSlots {
     }
 
     MOE_DEVICE int32_t* pairs(int s) const { return tables + s * BLOCK_M; }
+    MOE_DEVICE int32_t* a_rows() const { return tables + 2 * BLOCK_M; }
 };
 
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
@@ -967,7 +969,8 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int STAGING_ROW_BYTES = 256;
     static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
     static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
-    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES + MoESm90TileSlots<BLOCK_M>::BYTES;
+    static constexpr int STAGING_OFFSET = Smem::SMEM_BYTES + MoESm90TileSlots<BLOCK_M>::A_ROW_TABLE_BYTES;
+    static constexpr int SMEM_BYTES = STAGING_OFFSET + STAGING_BYTES + MoESm90TileSlots<BLOCK_M>::BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
@@ -975,7 +978,7 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
-    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(STAGING_OFFSET % 16 == 0, "the staging region stays 16-byte aligned");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
@@ -1006,7 +1009,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     if (first_tile >= num_tiles) return;  // more programs than tiles
 
     const Smem sm(moe_gemm_sm90_smem);
-    const MoESm90TileSlots<BLOCK_M> slots(sm.base + Smem::SMEM_BYTES + Tr::STAGING_BYTES, sm.a_row);
+    const MoESm90TileSlots<BLOCK_M> slots(sm.base + Tr::STAGING_OFFSET + Tr::STAGING_BYTES, sm.a_row);
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -1042,9 +1045,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             mbarrier_wait_parity(slots.empty + 8 * slot, ((handed >> 1) & 1) ^ 1);
             int32_t* pairs = slots.pairs(slot);
             if (valid) {
+                // Every producer thread is done with the previous tile's A rows (one table, rewritten now).
+                bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
                 for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
                     const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
-                    pairs[r] = p >= 0 && p < num_valid_tokens ? p : -1;
+                    const bool pair_ok = p >= 0 && p < num_valid_tokens;
+                    pairs[r] = pair_ok ? p : -1;
+                    slots.a_rows()[r] = pair_ok ? p / top_k : -1;
                 }
                 bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             }
@@ -1067,8 +1074,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED, true>(
-                    sm, pairs, &b_map, A, stride_am, K, b_row, b_row_up, tile, k, stage, phase, tid, top_k);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(
+                    sm, slots.a_rows(), &b_map, A, stride_am, K, b_row, b_row_up, tile, k, stage, phase, tid);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -1087,7 +1094,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
+        unsigned char* staging = sm.base + Tr::STAGING_OFFSET + warp * Tr::WARP_STAGING_BYTES;
 
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
