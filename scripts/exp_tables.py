@@ -8,8 +8,9 @@ Variant written (the rest of each table as shipped; edit it for the next A/B): e
 entry (kernel wgmma or wgmma_persistent, BLOCK_SIZE_M >= 64, GEMM1 and GEMM2) takes
 GROUP_SIZE_M = min(2 * ceil(rows per expert / BLOCK_SIZE_M), CAP) (CAP 32 by default): the
 wgmma kernels cut groups at expert boundaries (NOTES v12), so a group as long as an expert's
-whole run reads each weight tile from HBM once. PlanSelector.groupSizeM(kernel: .wgmma) is the
-same rule. Earlier variants (M = 1 swap-AB GEMM2, Mixtral GROUP_SIZE_M 4: NOTES v8, v9) are in
+whole run reads each weight tile from HBM once (measured in NOTES v12: the shipped Mixtral rows
+512, 2048-8192 took it; PlanSelector.groupSizeM(kernel: .wgmma) keeps 1 where an expert's tiles
+fit in one wave). CAP 1 gives every such entry group 1. Earlier variants (M = 1 swap-AB GEMM2, Mixtral GROUP_SIZE_M 4: NOTES v8, v9) are in
 the shipped tables.
 """
 import json

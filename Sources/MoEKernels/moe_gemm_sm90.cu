@@ -93,35 +93,28 @@
 //         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
 // Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
 //         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
-//         Producer warpgroup: walks the tiles (moe_sm90_tile_at, the only reads of the routing) and
-//           hands each one to the consumers through one of two tile slots, alternating: it waits for
-//           the slot to be free (empty[s]: every consumer warp read its previous tile), writes the
-//           tile's pair table (BLOCK_M pair indices, -1 for padding) and its own A-row table (between
-//           two named barriers over the producer warpgroup), then thread 0 writes n0, the K tile count
-//           and flags (which consumer warpgroups have rows; DONE past the last tile) and arrives on
-//           full[s]. Then it loads the tile's K tiles as moe_gemm_sm90 does. Its ring stage and phase run
-//           on from tile to tile, so it loads the next tiles while the consumers finish the current
-//           one and run its epilogue, up to STAGES K tiles ahead.
-//         Consumer warpgroups: per tile, wait for full[s], read the slot (each warp its 16 pairs) and
-//           release it, issue the routed-weight loads (used after the K loop), then fresh accumulators;
-//           the same K loop on the shared ring position, releasing every stage they consumed (the last
-//           one of each tile too); a warpgroup whose rows are all padding skips its wgmma. Then the
-//           epilogue, in which each consumer warp stores its 16 rows through its own staging rows
-//           (below) with __syncwarp only: no barrier between warps, and the ring is not touched. No
-//           global reads before the K loop: the tile's routing comes from shared memory.
+//         Producer warpgroup: for each of its tiles with K work (tile.num_tiles > 0), fills one of two
+//           A-row tables (the a_row and pair tables of the layout, alternating; one named barrier over
+//           the producer warpgroup per tile), then loads the tile's K tiles as moe_gemm_sm90 does. Its
+//           ring stage and phase run on from tile to tile, so it loads the next tiles while the
+//           consumers finish the current one and run its epilogue, up to STAGES K tiles ahead.
+//         Consumer warpgroups: per tile, fresh accumulators; the same K loop on the shared ring position,
+//           releasing every stage they consumed (the last one of each tile too); then the epilogue, in
+//           which each consumer warp stores its 16 rows through its own staging rows (below) with
+//           __syncwarp only: no barrier between warps, and the ring is not touched.
+//         Both roles decide which tiles exist and which have K work with the same call on the same
+//         inputs, so every full/empty phase is waited for by the side that the other side signals.
 // Shared memory (dynamic, no static):
-//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 4*BLOCK_M + 256*BLOCK_M + 64
+//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
 //         SMEM_BYTES + 1024 and raises the dynamic limit to that. Layout: moe_gemm_sm90's (A ring, B ring,
-//         full/empty barriers, two BLOCK_M int32 tables: the slots' pair tables), the producer's A-row
-//         table (BLOCK_M int32, pair / top_k of the tile it loads), then the output staging, 256 bytes
-//         per tile row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w, then the tile slots
-//         (MoESm90TileSlots: 2 x 16 bytes of info, full[2], empty[2]). A warp stages its
-//         rows in passes of 256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128
-//         bytes for mode 0 with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8),
-//         so the wgmma fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts;
-//         each row then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in
-//         227 KB: STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
+//         full/empty barriers, two BLOCK_M int32 tables), then the output staging, 256 bytes per tile
+//         row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w. A warp stages its rows in passes of
+//         256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128 bytes for mode 0
+//         with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8), so the wgmma
+//         fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts; each row
+//         then leaves as 16-byte stores (red.global.add.v4.f32 in mode 1). Deepest rings in 227 KB:
+//         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
 // PDL (all three kernels): griddepcontrol.wait, then griddepcontrol.launch_dependents, first thing:
 //         the next kernel's programs may become resident as this grid's programs finish; they still
 //         wait for this whole grid before touching memory.
@@ -900,42 +893,6 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
     }
 }
 
-/// One tile handed from the persistent kernel's producer to its consumers.
-struct MoESm90TileSlot {
-    static constexpr int DONE = 1;   // no more tiles: the consumers stop
-    static constexpr int LIVE0 = 2;  // consumer warpgroup 0's rows hold pairs
-    static constexpr int LIVE1 = 4;  // consumer warpgroup 1's rows hold pairs
-    int64_t n0;                      // first output column
-    int32_t num_tiles;               // K tiles to multiply (0: none; modes 0 and 2 store zeros)
-    int32_t flags;
-};
-
-/// The persistent kernel's two tile slots: info[2], then full[2] (one arrival: the producer's, after it
-/// wrote the slot) and empty[2] (lane 0 of every consumer warp, once it has read the slot) mbarriers:
-/// 64 bytes after the output staging. Slot s's pair table (BLOCK_M pair indices, -1 for padding) is
-/// the layout's row table s, and the producer's A-row table (pair / top_k, or -1) follows them: three
-/// contiguous BLOCK_M int32 tables (a_row, pair, then the A rows, which push the staging back).
-template <int BLOCK_M>
-struct MoESm90TileSlots {
-    static constexpr int BYTES = 2 * 16 + 4 * 8;
-    static constexpr int A_ROW_TABLE_BYTES = 4 * BLOCK_M;
-    MoESm90TileSlot* info;
-    uint32_t full;    // full[s] at full + 8 s
-    uint32_t empty;   // empty[s] at empty + 8 s
-    int32_t* tables;  // slot s's pair table at tables + s * BLOCK_M, the A rows at tables + 2 BLOCK_M
-
-    MOE_DEVICE MoESm90TileSlots(unsigned char* at, int32_t* row_tables)
-        : info(reinterpret_cast<MoESm90TileSlot*>(at)),
-          full(cvta_to_shared_u32(at + 2 * sizeof(MoESm90TileSlot))),
-          empty(full + 16),
-          tables(row_tables) {
-        static_assert(sizeof(MoESm90TileSlot) == 16, "two 16-byte slots");
-    }
-
-    MOE_DEVICE int32_t* pairs(int s) const { return tables + s * BLOCK_M; }
-    MOE_DEVICE int32_t* a_rows() const { return tables + 2 * BLOCK_M; }
-};
-
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
@@ -969,8 +926,7 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int STAGING_ROW_BYTES = 256;
     static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
     static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
-    static constexpr int STAGING_OFFSET = Smem::SMEM_BYTES + MoESm90TileSlots<BLOCK_M>::A_ROW_TABLE_BYTES;
-    static constexpr int SMEM_BYTES = STAGING_OFFSET + STAGING_BYTES + MoESm90TileSlots<BLOCK_M>::BYTES;
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
@@ -978,7 +934,7 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
-    static_assert(STAGING_OFFSET % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
@@ -1009,73 +965,47 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     if (first_tile >= num_tiles) return;  // more programs than tiles
 
     const Smem sm(moe_gemm_sm90_smem);
-    const MoESm90TileSlots<BLOCK_M> slots(sm.base + Tr::STAGING_OFFSET + Tr::STAGING_BYTES, sm.a_row);
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
             mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
         }
-        for (int s = 0; s < 2; ++s) {
-            mbarrier_init(slots.full + 8 * s, 1);
-            mbarrier_init(slots.empty + 8 * s, Tr::CONSUMER_WARPS);
-        }
         fence_mbarrier_init();
         prefetch_tensormap(&b_map);
     }
     __syncthreads();
 
-    // The producer walks the tiles and hands each one to the consumers through a tile slot (row0, n0,
-    // K tiles, which warpgroups have rows, the pair table), then loads its K tiles; the consumers take
-    // the slots in the same order, so they agree on every ring round without reading global memory.
+    // Both roles walk the same tiles and decide "has K work" with the same call on the same inputs
+    // (moe_sm90_tile_at and tile.num_tiles > 0), so they agree on every ring round.
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
         int stage = 0;
         uint32_t phase = 0;
-        uint32_t handed = 0;  // tiles handed over so far (slot handed % 2, round handed / 2)
-        for (int64_t t = first_tile;; t += tile_stride) {
+        int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
+        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
             MoESm90Tile tile;
-            const bool valid = t < num_tiles &&
-                               moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids,
-                                                                              total_padded, N, K, split_k, group_size_m,
-                                                                              max_padded, num_valid_tokens);
-            const int slot = handed & 1;
-            // The consumers have taken this slot's previous tile (a fresh barrier passes parity 1).
-            mbarrier_wait_parity(slots.empty + 8 * slot, ((handed >> 1) & 1) ^ 1);
-            int32_t* pairs = slots.pairs(slot);
-            if (valid) {
-                // Every producer thread is done with the previous tile's A rows (one table, rewritten now).
-                bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
-                for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
-                    const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
-                    const bool pair_ok = p >= 0 && p < num_valid_tokens;
-                    pairs[r] = pair_ok ? p : -1;
-                    slots.a_rows()[r] = pair_ok ? p / top_k : -1;
-                }
-                bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
-            }
-            if (tid == 0) {
-                MoESm90TileSlot& info = slots.info[slot];
-                if (valid) {
-                    info.n0 = tile.n0;
-                    info.num_tiles = tile.num_tiles;
-                    // Padding rows come last in a block: warpgroup w has rows iff its first row is a pair.
-                    info.flags = (pairs[0] >= 0 ? MoESm90TileSlot::LIVE0 : 0) |
-                                 (BLOCK_M > 64 && pairs[BLOCK_M > 64 ? 64 : 0] >= 0 ? MoESm90TileSlot::LIVE1 : 0);
-                } else {
-                    info.flags = MoESm90TileSlot::DONE;
-                }
-                mbarrier_arrive(slots.full + 8 * slot);  // release: the table and the info are written
-            }
-            ++handed;
-            if (!valid) break;  // past the valid m-blocks: so is every later tile
+            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
+                                                                  K, split_k, group_size_m, max_padded,
+                                                                  num_valid_tokens))
+                break;  // past the valid m-blocks: so is every later tile
             if (tile.num_tiles == 0) continue;  // nothing to load: expert not owned, or an empty split range
+            // Every producer thread passed the previous tile's barrier after its last read of this table
+            // (two tiles back), so it may be rewritten now.
+            int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
+            table ^= 1;
+            for (int r = tid; r < BLOCK_M; r += Tr::PRODUCER_THREADS) {
+                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, BLOCK_M, num_valid_tokens);
+                a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+            }
+            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(
-                    sm, slots.a_rows(), &b_map, A, stride_am, K, b_row, b_row_up, tile, k, stage, phase, tid);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a_rows, &b_map, A, stride_am, K,
+                                                                                b_row, b_row_up, tile, k, stage,
+                                                                                phase, tid);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -1094,58 +1024,53 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-        unsigned char* staging = sm.base + Tr::STAGING_OFFSET + warp * Tr::WARP_STAGING_BYTES;
+        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
 
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
         const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
         int stage = 0;
         uint32_t phase = 0;
-        for (uint32_t taken = 0;; ++taken) {
-            const int slot = taken & 1;
-            mbarrier_wait_parity(slots.full + 8 * slot, (taken >> 1) & 1);
-            const MoESm90TileSlot& info = slots.info[slot];
-            const int flags = info.flags;
-            const int64_t n0 = info.n0;
-            const int num_k_tiles = info.num_tiles;
-            // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
-            // weight, loaded now (no wait: used after the K loop).
-            const int32_t pair = lane < Tr::WARP_ROWS ? slots.pairs(slot)[warp * Tr::WARP_ROWS + lane] : -1;
-            __syncwarp();
-            if (lane == 0) mbarrier_arrive(slots.empty + 8 * slot);  // release: this warp is done reading
-            if (flags & MoESm90TileSlot::DONE) break;
-            if (SPLIT_MODE == 1 && num_k_tiles == 0) continue;  // adding zeros changes nothing
-            float weight = 0.0f;
-            if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[pair >= 0 ? pair : 0];
-            const bool live = (flags & (wg == 0 ? MoESm90TileSlot::LIVE0 : MoESm90TileSlot::LIVE1)) != 0;
+        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
+            MoESm90Tile tile;
+            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
+                                                                  K, split_k, group_size_m, max_padded,
+                                                                  num_valid_tokens))
+                break;  // past the valid m-blocks: so is every later tile
+            if (SPLIT_MODE == 1 && tile.num_tiles == 0) continue;  // adding zeros changes nothing
 
+            // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
+            // weight, loaded now and used after the K loop.
+            int32_t pair = -1;
+            float weight = 0.0f;
+            if (lane < Tr::WARP_ROWS) {
+                const int32_t p =
+                    moe_sorted_pair(sorted_token_ids, tile.row0 + warp * Tr::WARP_ROWS + lane, BLOCK_M, num_valid_tokens);
+                if (p >= 0 && p < num_valid_tokens) {
+                    pair = p;
+                    if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
+                }
+            }
+
+            // (No all-padding skip here, unlike moe_gemm_sm90: deciding it needs a global read the
+            // consumers would wait for before every tile; NOTES v12.)
             float acc[Tr::ACC];
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
-            // (Two loops, not a branch inside one: ptxas serializes wgmma behind a divergent-path guard.)
-            const auto issue = [&](int s, auto live_tag) {
-                if constexpr (decltype(live_tag)::value) {
+            moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase, [&](int s) {
 #pragma unroll
-                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                    wgmma_fence();
-                    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                wgmma_fence();
+                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
 #pragma unroll
-                    for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                        wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                                      desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                    wgmma_commit_group();
+                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                                  desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                wgmma_commit_group();
 #pragma unroll
-                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                }
-            };
-            if (live) {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, num_k_tiles, lane, stage, phase,
-                                              [&](int s) { issue(s, moe_bool_constant<true>()); });
-            } else {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, num_k_tiles, lane, stage, phase,
-                                              [&](int s) { issue(s, moe_bool_constant<false>()); });
-            }
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+            });
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
@@ -1168,7 +1093,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
             }
             moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
-                acc, staging, pair, out, Tr::FUSED ? n0 / 2 : n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
+                acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, Tr::FUSED ? N / 2 : N, stride_cm, lane);
         }
     }
 }

@@ -104,15 +104,18 @@ import Testing
     }
 
     /// GROUP_SIZE_M: for mma (Triton's swizzle) one expert's average m-blocks, 1...8; for the
-    /// wgmma kernels (groups cut at expert boundaries) twice that, up to 32, so an expert that
-    /// routing favours still has its whole run in one group; the Hopper prefill default takes it.
+    /// wgmma kernels (groups cut at expert boundaries) 1 while an expert's GEMM1 tiles fit in one
+    /// wave, else twice the average run, up to 32, so an expert that routing favours still has its
+    /// whole run in one group; the Hopper prefill default takes it.
     @Test func groupSizeFollowsTheRowsPerExpert() throws {
         let mixtral = try ShapePreset.named("mixtral_tp2").shape  // E = 8, k = 2
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128) == 4)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128) == 1)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128) == 8)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128, kernel: .wgmma) == 8)
-        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128, kernel: .wgmma) == 2)
+        #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 1, blockM: 128, kernel: .wgmma) == 1)
+        let seed = try ShapePreset.named("seed4096").shape  // E = 128, 2I = 768: 3 n-blocks
+        #expect(PlanSelector.groupSizeM(shape: seed, tokens: 8192, blockM: 128, kernel: .wgmma) == 1)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128, kernel: .wgmmaPersistent) == 32)
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 8)
     }

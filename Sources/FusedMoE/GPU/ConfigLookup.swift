@@ -217,13 +217,18 @@ public enum PlanSelector {
     /// an expert's weights do not stay in L2 between its m-blocks (few experts with large K and N, as
     /// Mixtral's). mma (Triton's swizzle, groups may straddle experts): the m-blocks one expert gets
     /// on average (1...8). The wgmma kernels cut each expert's run of m-blocks into groups of at
-    /// most GROUP_SIZE_M, never mixing experts, so a cap of twice the average run (the experts that
-    /// routing favours get more than the average) keeps each run in one group (at most 32).
+    /// most GROUP_SIZE_M, never mixing experts: 1 while an expert's GEMM1 tiles (its m-blocks times
+    /// the 256-column n-blocks of 2I) fit in one wave of 128 programs (the plain order already runs
+    /// them together; measured: grouping cost 1-8% on the 128-expert shapes, NOTES v12), else
+    /// twice the average run (the experts routing favours get more than the average), at most 32,
+    /// so each run stays in one group.
     public static func groupSizeM(shape: MoEShape, tokens: Int, blockM: Int, kernel: GemmKernel = .mma) -> Int {
         let rowsPerExpert = tokens * shape.topK / max(shape.experts, 1)
         let blockM = max(blockM, 1)
         if kernel == .mma { return min(max(rowsPerExpert / blockM, 1), 8) }
-        return min(2 * max((rowsPerExpert + blockM - 1) / blockM, 1), 32)
+        let blocks = max((rowsPerExpert + blockM - 1) / blockM, 1)
+        let nBlocks = (2 * shape.intermediate + 255) / 256
+        return blocks * nBlocks <= 128 ? 1 : min(2 * blocks, 32)
     }
 
     /// A default that is good without tuning.

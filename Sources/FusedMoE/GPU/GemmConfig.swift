@@ -93,11 +93,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         switch kernel {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
         case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
-        // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling,
-        // the producer's A-row table (4 bytes per row) and 64 bytes of tile slots (the producer hands
-        // each tile to the consumers through them).
-        case .wgmmaPersistent:
-            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 4 * blockM + 256 * blockM + 64 + 1024
+        // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
+        case .wgmmaPersistent: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
         }
     }
 
