@@ -42,7 +42,9 @@
 //           threads gather the A tile [BLOCK_M][64] with 16-byte cp.async (zero-filled for padding rows
 //           and the K tail); STAGES-deep ring, full/empty mbarriers.
 //         Warpgroup 1 + i (consumer i): output rows [64 i, 64 i + 64) of the tile, all BLOCK_N columns:
-//           four wgmma.m64n{BLOCK_N}k16 per K tile, one wgmma group kept in flight.
+//           four wgmma.m64n{BLOCK_N}k16 per K tile, one wgmma group kept in flight; a consumer whose
+//           64 rows are all padding (its first row's pair is -1 in the row table) issues none, still
+//           waiting for and releasing every stage.
 //         BLOCK_M = 128 (384 threads): setmaxnreg gives the producer 40 registers per thread and the
 //         consumers 232 (128*40 + 256*232 = 384*168, the launch allocation ptxas must report).
 // Each program: one BLOCK_M x BLOCK_N output tile over its split's K tiles.
