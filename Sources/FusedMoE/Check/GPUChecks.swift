@@ -55,8 +55,8 @@ public final class GPUChecks {
         case full
         /// seed4096 at M = 1 and 128.
         case quick
-        /// One small shape at M = 1 and 33 and small align cases: every kernel and plan kind, fast
-        /// enough to run under compute-sanitizer.
+        /// One small shape at M = 1 and 33, small align cases and (on Hopper) the expert-aligned
+        /// groups: every kernel and plan kind, fast enough to run under compute-sanitizer.
         case small
     }
 
@@ -112,6 +112,9 @@ public final class GPUChecks {
         if !quick {
             checkVariants(seed: caseSeed &+ 1000)
             checkLargeOffsets(seed: caseSeed &+ 2000)
+        } else if scope == .small && library.device.properties.architecture == "sm_90a" {
+            // Small enough for compute-sanitizer: the wgmma kernels' expert-aligned groups.
+            do { try checkExpertGroups(seed: caseSeed &+ 3000) } catch { record("gpu expert groups", false, "\(error)") }
         }
         return results
     }
