@@ -6,6 +6,9 @@
 #   new-g    dist/fused-moe with scripts/exp_tables.py's GROUP_SIZE_M (2x the average run)
 #   new-g1   dist/fused-moe with every wide wgmma entry at GROUP_SIZE_M 1 (exp_tables.py DIR 1)
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
+# Here, before rebuilding: mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old (ignored by git);
+# then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"] (63 MB of 64 MiB).
+# ROUNDS (default 2), SETTINGS (default "old new new-g new-g1"), SKIP_CHECK=1.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused-moe-out}
 export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
