@@ -217,6 +217,21 @@ import Testing
         #expect(Tuner.splitCandidates(swap, tiles1: 896, tiles2: 512, multiprocessors: 132) == [2, 4])
     }
 
+    /// The tuner's GROUP_SIZE_M refinement: 1, the average run and twice it, for wide wgmma tiles
+    /// only, without the group the winner already has.
+    @Test func tunerGroupAlternatives() throws {
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape  // 2048 tokens: 512 rows, 4 blocks of 128
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 8)
+        #expect(Tuner.groupAlternatives(wide, shape: mixtral, tokens: 2048) == [1, 4])
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 1, persistent: true)
+        #expect(Tuner.groupAlternatives(persistent, shape: mixtral, tokens: 65536) == [32])
+        #expect(Tuner.groupAlternatives(persistent, shape: mixtral, tokens: 1).isEmpty)  // one block: 1 only
+        let swap = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
+        #expect(Tuner.groupAlternatives(swap, shape: mixtral, tokens: 2048).isEmpty)
+        let mma = GemmConfig(blockM: 128, blockN: 128, blockK: 64, warpsM: 2, warpsN: 4, stages: 3)
+        #expect(Tuner.groupAlternatives(mma, shape: mixtral, tokens: 2048).isEmpty)
+    }
+
     @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
         let seed = try ShapePreset.named("seed4096").shape
         let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)

@@ -7,7 +7,9 @@ import CUDA
 /// GEMM stages time GEMM1 and GEMM2 separately (split-K reductions included), so each GEMM gets its
 /// own best config. The BLOCK_M whose best pair (plus align, activation and combine) is fastest
 /// wins. Candidates that cannot fit (shared memory) or spill are skipped before they run, and split
-/// factors are tried only when the output tiles are too few to fill the multiprocessors.
+/// factors are tried only when the output tiles are too few to fill the multiprocessors. Each tile
+/// runs with the heuristic's GROUP_SIZE_M; a refinement pass then reruns each BLOCK_M's winners
+/// with the other groups worth trying (`groupAlternatives`).
 public final class Tuner {
     public let library: KernelLibrary
     let bench: GPUBench
@@ -89,6 +91,25 @@ public final class Tuner {
         return tile.kernel == .wgmmaSwap ? [2, 4] : []
     }
 
+    /// The GROUP_SIZE_M values the refinement pass tries for a wide wgmma winner (BLOCK_M >= 64) of
+    /// `blockM` rows, besides the one it won with: 1, the average run of m-blocks per expert, and
+    /// twice that (at most 32). The wgmma kernels cut groups at expert boundaries, so these cover
+    /// "order does not matter" (many experts), "one group per average run" and "one group per run
+    /// for the experts routing favours"; measured: the best of them differs by 1-14% with the shape
+    /// (NOTES v12). Empty for other kernels (mma keeps Triton's swizzle; swap-AB blocks are small) and
+    /// while an expert gets one block on average (its run is one block: the group cannot matter).
+    static func groupAlternatives(_ config: GemmConfig, shape: MoEShape, tokens: Int) -> [Int] {
+        guard config.kernel == .wgmma || config.kernel == .wgmmaPersistent, config.blockM >= 64 else { return [] }
+        let rows = tokens * shape.topK / max(shape.experts, 1)
+        let blocks = (rows + config.blockM - 1) / config.blockM
+        guard blocks >= 2 else { return [] }
+        var result: [Int] = []
+        for group in [1, min(blocks, 32), min(2 * blocks, 32)] where group != config.groupSizeM && !result.contains(group) {
+            result.append(group)
+        }
+        return result
+    }
+
     /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
     public func tune(
         preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, progress: (String) -> Void
@@ -148,6 +169,25 @@ public final class Tuner {
             var best2: [Int: (MoEPlan, Double)] = [:]
             var rest: [Int: Double] = [:]
             let touched = Set(try inputs.ids.download(count: tokens * shape.topK, as: Int32.self)).count
+            // Runs one candidate and keeps its GEMMs where they beat the best of their BLOCK_M.
+            func measure(_ plan: MoEPlan) throws {
+                guard let layer = try? CUDAMoELayer(
+                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
+                else { return }
+                let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
+                let blockM = plan.blockM
+                // GEMM1 is charged with the activation its epilogue may absorb (so fused and separate
+                // candidates compare fairly), GEMM2 with the combine that follows it.
+                if let gemm = stages["gemm1"] {
+                    let time = gemm + (stages["activation"] ?? 0)
+                    if time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
+                }
+                if let gemm = stages["gemm2"] {
+                    let time = gemm + (stages["combine"] ?? 0)
+                    if time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
+                }
+                rest[blockM] = min(rest[blockM] ?? .infinity, stages["align"] ?? 0)
+            }
             for plan in plans {
                 done += 1
                 let elapsed = HostClock.now() - start
@@ -166,22 +206,25 @@ public final class Tuner {
                     pruned += 1
                     continue
                 }
-                guard let layer = try? CUDAMoELayer(
-                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
-                else { continue }
-                let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
-                let blockM = plan.blockM
-                // GEMM1 is charged with the activation its epilogue may absorb (so fused and separate
-                // candidates compare fairly), GEMM2 with the combine that follows it.
-                if let gemm = stages["gemm1"] {
-                    let time = gemm + (stages["activation"] ?? 0)
-                    if time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
+                try measure(plan)
+            }
+            // Refinement: the winners of every BLOCK_M with other GROUP_SIZE_M values (the search above
+            // tried each tile with the heuristic's group only). Both GEMMs of a refinement run take the
+            // same group; each keeps it only if its own stage got faster.
+            for blockM in best1.keys.sorted() {
+                guard let first = best1[blockM], let second = best2[blockM] else { continue }
+                let groups = Set(Tuner.groupAlternatives(first.0.gemm1, shape: shape, tokens: tokens)
+                    + Tuner.groupAlternatives(second.0.gemm2, shape: shape, tokens: tokens))
+                for group in groups.sorted() {
+                    var gemm1 = first.0.gemm1
+                    var gemm2 = second.0.gemm2
+                    if Tuner.groupAlternatives(gemm1, shape: shape, tokens: tokens).contains(group) { gemm1.groupSizeM = group }
+                    if Tuner.groupAlternatives(gemm2, shape: shape, tokens: tokens).contains(group) { gemm2.groupSizeM = group }
+                    var plan = try MoEPlan(gemm1: gemm1, gemm2: gemm2)
+                    plan.fusedActivation = first.0.fusedActivation
+                    progress("M=\(tokens) refining GROUP_SIZE_M: \(plan)")
+                    try measure(plan)
                 }
-                if let gemm = stages["gemm2"] {
-                    let time = gemm + (stages["combine"] ?? 0)
-                    if time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
-                }
-                rest[blockM] = min(rest[blockM] ?? .infinity, stages["align"] ?? 0)
             }
             var bestPlan: MoEPlan? = nil
             var bestTime = Double.infinity
