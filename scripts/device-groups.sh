@@ -9,16 +9,9 @@
 # Here, before rebuilding: mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old (ignored by git);
 # then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"] (63 MB of 64 MiB).
 # ROUNDS (default 2), SETTINGS (default "old new new-g new-g1"), SKIP_CHECK=1.
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
-status=0
-python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
-if [[ ${SKIP_CHECK:-0} != 1 ]]; then
-  timeout 240 dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
-  tail -1 "$OUT/check.txt"; grep -E "FAIL|expert groups" "$OUT/check.txt" | cut -c1-300 | head -20
-fi
+source "$(dirname "$0")/device-env.sh"
+device_ceilings
+[[ ${SKIP_CHECK:-0} == 1 ]] || device_check 240 "FAIL|expert groups"
 python3 scripts/exp_tables.py /tmp/exp-groups > /dev/null
 python3 scripts/exp_tables.py /tmp/exp-groups1 1 > /dev/null
 rows=(mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192

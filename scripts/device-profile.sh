@@ -3,12 +3,9 @@
 # time inside them (tensor-pipe use, L2/DRAM throughput, warp stall reasons). Arguments: pairs
 # SHAPE:M (default: the large-M rows furthest from their floor). Clocks left alone
 # (--clock-control none, METHOD.md). One text report per pair under $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
+source "$(dirname "$0")/device-env.sh"
 pairs=("$@")
 [[ ${#pairs[@]} -gt 0 ]] || pairs=(mixtral_tp2:2048 seed4096:4096)
-status=0
 for pair in "${pairs[@]}"; do
   shape=${pair%%:*}; m=${pair##*:}
   # The bench's correctness pass and warm-up come first: skip into the timed launches.

@@ -1,0 +1,22 @@
+# Sourced by the device scripts (bash): the common set-up on the GPU machine.
+#   OUT                   where outputs go ($OUT from the device tool; /tmp/fused-moe-out otherwise)
+#   FUSED_MOE_CACHE_DIR   the kernel cache (compiled programs are reused between invocations)
+#   FUSED_MOE_COMMIT      the commit dist/ was built from (recorded in bench JSON)
+#   status                0; the steps below set it to 1 when they fail, and the script exits with it
+# device_ceilings: copy bandwidth and bf16 matrix rate into $OUT/ceilings.json.
+# device_check SECONDS [GREP]: the full check into $OUT/check.txt under a timeout; prints its summary
+#   and the lines matching FAIL (or GREP).
+set -uo pipefail
+OUT=${OUT:-/tmp/fused-moe-out}
+export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
+export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
+status=0
+
+device_ceilings() {
+  python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
+}
+
+device_check() {
+  timeout "$1" dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
+  tail -1 "$OUT/check.txt"; grep -E "${2:-FAIL}" "$OUT/check.txt" | cut -c1-300 | head -20
+}
