@@ -4,11 +4,7 @@
 # compute-sanitizer (memcheck, racecheck) on `check --small`. At most 8 files under $OUT: ceilings.json,
 # check.txt, bench-seed.json, bench-presets.json, bench-torch.txt, check-small.txt, memcheck.txt,
 # racecheck.txt (bench tables as text and check.json go to /tmp).
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
-status=0
+source "$(dirname "$0")/device-env.sh"
 python3 scripts/ceilings.py "$OUT/ceilings.json"
 dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
 tail -1 "$OUT/check.txt"; grep FAIL "$OUT/check.txt" | cut -c1-300 | head

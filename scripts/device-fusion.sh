@@ -6,12 +6,8 @@
 # preset with the shipped tables and with scripts/exp_tables.py's (swap-AB GEMM2 at M = 1, so align
 # can be skipped), and Mixtral's GROUP_SIZE_M 4 at M = 1024, 2048. Mode `sanitize`:
 # scripts/device-sanitize.sh. Mode `diag`: the full check, then the sanitizers. Outputs under $OUT.
-set -uo pipefail
+source "$(dirname "$0")/device-env.sh"
 mode=${1:-check}
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
-status=0
 if [[ $mode == check || $mode == ab || $mode == decode || $mode == diag ]]; then
   python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
   timeout 200 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1

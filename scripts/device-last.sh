@@ -2,11 +2,7 @@
 # On the GPU machine: the full check (routing, PDL and fused comparisons included), the plan's
 # bench for the seed shapes with and without programmatic dependent launch, with a plot, and the
 # expert-parallel path on one GPU (ep = 1, loopback exchange).
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
-status=0
+source "$(dirname "$0")/device-env.sh"
 python3 scripts/ceilings.py "$OUT/ceilings.json"
 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
 tail -1 "$OUT/check.txt"; grep FAIL "$OUT/check.txt" | head -20

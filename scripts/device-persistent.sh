@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: the full check (persistent kernel included); if it passes, re-tune the large
 # batch sizes of seed4096 and mixtral_tp2 with the persistent candidates and bench the new tables.
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
+source "$(dirname "$0")/device-env.sh"
 mkdir -p "$OUT/configs"
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1
 rc=$?; tail -1 "$OUT/check.txt"; grep FAIL "$OUT/check.txt" | head -20
 [[ $rc == 0 ]] || exit 1

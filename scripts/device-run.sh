@@ -6,14 +6,10 @@
 #   check: the full `fused-moe check`
 #   bench: `fused-moe bench` (the PR's table on seed4096 and seed8192) with ceilings from torch
 # Everything it prints is also written under $OUT.
-set -uo pipefail
+source "$(dirname "$0")/device-env.sh"
 mode=${1:-smoke}; shift || true
-OUT=${OUT:-/tmp/fused-moe-out}
 mkdir -p "$OUT"
 bin=dist/fused-moe
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
-status=0
 
 step() { echo; echo "=== $*"; }
 

@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: `fused-moe check --small` (every kernel and plan kind on a small shape) under
 # compute-sanitizer's memcheck and racecheck. Outputs under $OUT.
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
+source "$(dirname "$0")/device-env.sh"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-status=0
 dist/fused-moe check --small --seed 1 > "$OUT/check-small.txt" 2>&1 || status=1   # compiles, so the tools time kernels only
 tail -1 "$OUT/check-small.txt"
 for tool in memcheck racecheck; do

@@ -2,11 +2,8 @@
 # On the GPU machine: tune the given shapes, then bench the tuned plans (plan only, with stage
 # timings) reading the new tables through FUSED_MOE_CONFIG_DIR. Outputs under $OUT.
 # Usage: scripts/device-tune.sh SHAPE... [-- extra bench args]
-set -uo pipefail
-OUT=${OUT:-/tmp/fused-moe-out}
+source "$(dirname "$0")/device-env.sh"
 mkdir -p "$OUT/configs"
-export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
-export FUSED_MOE_COMMIT=$(cat dist/COMMIT 2>/dev/null || echo unknown)
 shapes=(); while [[ $# -gt 0 && $1 != -- ]]; do shapes+=(--shape "$1"); shift; done; [[ ${1:-} == -- ]] && shift
 python3 scripts/ceilings.py "$OUT/ceilings.json"
 dist/fused-moe tune "${shapes[@]}" --out "$OUT/configs.json" --sglang-dir "$OUT/configs" 2>"$OUT/tune.log" | tee "$OUT/tune.txt"
