@@ -213,13 +213,13 @@ public final class Tuner {
             // same group; each keeps it only if its own stage got faster.
             for blockM in best1.keys.sorted() {
                 guard let first = best1[blockM], let second = best2[blockM] else { continue }
-                let groups = Set(Tuner.groupAlternatives(first.0.gemm1, shape: shape, tokens: tokens)
-                    + Tuner.groupAlternatives(second.0.gemm2, shape: shape, tokens: tokens))
-                for group in groups.sorted() {
+                let groups1 = Tuner.groupAlternatives(first.0.gemm1, shape: shape, tokens: tokens)
+                let groups2 = Tuner.groupAlternatives(second.0.gemm2, shape: shape, tokens: tokens)
+                for group in Set(groups1 + groups2).sorted() {
                     var gemm1 = first.0.gemm1
                     var gemm2 = second.0.gemm2
-                    if Tuner.groupAlternatives(gemm1, shape: shape, tokens: tokens).contains(group) { gemm1.groupSizeM = group }
-                    if Tuner.groupAlternatives(gemm2, shape: shape, tokens: tokens).contains(group) { gemm2.groupSizeM = group }
+                    if groups1.contains(group) { gemm1.groupSizeM = group }
+                    if groups2.contains(group) { gemm2.groupSizeM = group }
                     var plan = try MoEPlan(gemm1: gemm1, gemm2: gemm2)
                     plan.fusedActivation = first.0.fusedActivation
                     progress("M=\(tokens) refining GROUP_SIZE_M: \(plan)")
