@@ -2,16 +2,19 @@
 """Writes experimental config tables (SGLang file format) into a folder, for A/B benches with
 FUSED_MOE_CONFIG_DIR=<folder> against the shipped tables (Sources/MoEConfigs/configs.json).
 
-Usage: python3 scripts/exp_tables.py OUT_DIR [CAP]
+Usage: python3 scripts/exp_tables.py OUT_DIR [VARIANT]
 
-Variant written (the rest of each table as shipped; edit it for the next A/B): every wide wgmma
-entry (kernel wgmma or wgmma_persistent, BLOCK_SIZE_M >= 64, GEMM1 and GEMM2) takes
-GROUP_SIZE_M = min(2 * ceil(rows per expert / BLOCK_SIZE_M), CAP) (CAP 32 by default): the
-wgmma kernels cut groups at expert boundaries (NOTES v12), so a group as long as an expert's
-whole run reads each weight tile from HBM once (measured in NOTES v12: the shipped Mixtral rows
-512, 2048-8192 took it; PlanSelector.groupSizeM(kernel: .wgmma) keeps 1 where an expert's tiles
-fit in one wave). CAP 1 gives every such entry group 1. Earlier variants (M = 1 swap-AB GEMM2, Mixtral GROUP_SIZE_M 4: NOTES v8, v9) are in
-the shipped tables.
+Variants (the rest of each table as shipped; every change applies to GEMM1 and GEMM2 entries):
+  groups[:CAP]  every wide wgmma entry (kernel wgmma or wgmma_persistent, BLOCK_SIZE_M >= 64) takes
+                GROUP_SIZE_M = min(2 * ceil(rows per expert / BLOCK_SIZE_M), CAP) (CAP 32 by
+                default; groups:1 gives every such entry group 1). NOTES v12; the shipped tables took
+                it where it won.
+  cluster       every wgmma entry (BLOCK_SIZE_M >= 64) whose experts get two or more m-blocks on
+                average takes CLUSTER_M 2 with an even GROUP_SIZE_M >= 2 (Tuner.clusterAlternative's
+                rule). NOTES v13.
+  cluster-all   as cluster, and such wgmma_persistent entries become clustered wgmma entries too
+                (same tile and ring).
+A bare number is read as groups:NUMBER (the older command line).
 """
 import json
 import sys
@@ -20,7 +23,13 @@ from pathlib import Path
 root = Path(__file__).resolve().parent.parent
 tables = json.loads((root / "Sources" / "MoEConfigs" / "configs.json").read_text())
 out = Path(sys.argv[1])
-cap = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
+if variant.isdigit():
+    variant = f"groups:{variant}"
+kind, _, arg = variant.partition(":")
+if kind not in ("groups", "cluster", "cluster-all"):
+    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all)")
+cap = int(arg) if arg else 32
 out.mkdir(parents=True, exist_ok=True)
 
 
@@ -29,19 +38,32 @@ def top_k(name):
     return 2 if experts == 8 else 8, experts
 
 
-def group(entry, tokens, k, experts):
-    if entry.get("KERNEL") not in ("wgmma", "wgmma_persistent") or entry["BLOCK_SIZE_M"] < 64:
-        return
+def blocks_per_expert(entry, tokens, k, experts):
     rows = tokens * k // experts
     block_m = entry["BLOCK_SIZE_M"]
-    entry["GROUP_SIZE_M"] = min(2 * max((rows + block_m - 1) // block_m, 1), cap)
+    return max((rows + block_m - 1) // block_m, 1)
+
+
+def change(entry, tokens, k, experts):
+    if entry.get("KERNEL") not in ("wgmma", "wgmma_persistent") or entry["BLOCK_SIZE_M"] < 64:
+        return
+    blocks = blocks_per_expert(entry, tokens, k, experts)
+    if kind == "groups":
+        entry["GROUP_SIZE_M"] = min(2 * blocks, cap)
+        return
+    if blocks < 2 or (entry["KERNEL"] == "wgmma_persistent" and kind != "cluster-all"):
+        return
+    group = entry.get("GROUP_SIZE_M", 1)
+    entry["KERNEL"] = "wgmma"
+    entry["CLUSTER_M"] = 2
+    entry["GROUP_SIZE_M"] = min(max(2, group + group % 2), 32)
 
 
 for name, table in tables.items():
     k, experts = top_k(name)
     for m, entry in table.items():
-        group(entry, int(m), k, experts)
+        change(entry, int(m), k, experts)
         if "GEMM2" in entry:  # (without one, GEMM2 runs GEMM1's entry, group included)
-            group(entry["GEMM2"], int(m), k, experts)
+            change(entry["GEMM2"], int(m), k, experts)
     (out / name).write_text(json.dumps(table, indent=1))
     print("wrote", out / name)

@@ -64,6 +64,11 @@ SM90_TILES = tuple(
     for st in range(3, 7)
     if st * 128 * (bm + bn) + 16 * st + 8 * bm + 1024 <= 232448
 )
+# The moe_gemm_sm90 tiles compiled again with CLUSTER 2: the deepest ring of each tile shape.
+SM90_CLUSTER_TILES = tuple(
+    max((t for t in SM90_TILES if t[:2] == shape), key=lambda t: t[2])
+    for shape in sorted({t[:2] for t in SM90_TILES})
+)
 # moe_gemm_sm90_swap tiles (BLOCK_N_W, TOKENS, STAGES): a middle and the deepest ring (8 fits all)
 # for bf16, the middle one for fp16 (the stage count only changes constants).
 SM90_SWAP_TILES = {
@@ -79,9 +84,9 @@ SM90_PERSISTENT_TILES = ((128, 256, 4), (128, 256, 3), (128, 128, 6), (64, 256, 
 SM90_LAUNCH_REGISTERS = 168
 
 
-def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
+def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, cluster: int = 1) -> str:
     bm, bn, st = tile
-    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
+    return f"moe_gemm_sm90<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}, {cluster}>"
 
 
 def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
@@ -112,6 +117,11 @@ def name_expressions() -> dict[str, list[list[str]]]:
         for tile in SM90_TILES:
             sm90_groups.append([gemm_sm90_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
                                + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)])
+        # Clusters of two (CLUSTER_M 2): the deepest ring of each tile shape, every mode.
+        for tile in SM90_CLUSTER_TILES:
+            sm90_groups.append(
+                [gemm_sm90_name(dtype, tile, m, mul, cluster=2) for m in (0, 1, 2) for mul in (False, True)]
+                + [gemm_sm90_name(dtype, tile, 0, False, act, cluster=2) for act in (1, 2)])
         for tile in SM90_PERSISTENT_TILES:
             sm90_groups.append(
                 [gemm_sm90_persistent_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]

@@ -140,7 +140,7 @@ public final class Kernel: @unchecked Sendable {
     public var supportsProgrammaticDependentLaunch: Bool { module.device.driver.cuLaunchKernelEx != nil }
 
     /// Enqueues the kernel on `stream` (`cuLaunchKernel`, or `cuLaunchKernelEx` with
-    /// `programmaticDependentLaunch`).
+    /// `programmaticDependentLaunch` or a cluster).
     ///
     /// The arguments are packed into a temporary parameter block with each one's size and alignment,
     /// and a `void*[]` pointing into it, both alive only for the call.
@@ -148,14 +148,24 @@ public final class Kernel: @unchecked Sendable {
     /// With `programmaticDependentLaunch` (Hopper), the launch may begin while the previous kernel on
     /// the stream drains; the kernel must execute `griddepcontrol.wait` before touching memory the
     /// previous kernels wrote (every forward kernel of this package does so first).
-    /// - Throws: `CUDAError` for an empty grid or block, shared memory over the kernel's limit, or the
-    ///   driver's launch error.
+    ///
+    /// `clusterX` > 1 (Hopper) launches thread-block clusters of `clusterX x 1 x 1` blocks; `grid.x`
+    /// must be a multiple of it.
+    /// - Throws: `CUDAError` for an empty grid or block, a grid that the cluster does not divide, a
+    ///   cluster without `cuLaunchKernelEx`, shared memory over the kernel's limit, or the driver's
+    ///   launch error.
     public func launch(
         grid: Dimensions, block: Dimensions, sharedMemoryBytes: Int = 0, on stream: Stream,
-        arguments: [any KernelArgument], programmaticDependentLaunch: Bool = false
+        arguments: [any KernelArgument], programmaticDependentLaunch: Bool = false, clusterX: Int = 1
     ) throws(CUDAError) {
         guard grid.x >= 1, grid.y >= 1, grid.z >= 1, block.x >= 1, block.y >= 1, block.z >= 1 else {
             throw .usage("Kernel.launch", "\(name): grid \(grid) and block \(block) must be at least 1 in every dimension")
+        }
+        guard (1...8).contains(clusterX), grid.x % clusterX == 0 else {
+            throw .usage("Kernel.launch", "\(name): cluster width \(clusterX) must be 1...8 and divide grid.x = \(grid.x)")
+        }
+        guard clusterX == 1 || module.device.driver.cuLaunchKernelEx != nil else {
+            throw .usage("Kernel.launch", "\(name): a cluster launch needs cuLaunchKernelEx, which this driver lacks")
         }
         guard grid.x <= Int(Int32.max), grid.y <= 65535, grid.z <= 65535 else {
             throw .usage("Kernel.launch", "\(name): grid \(grid) exceeds the hardware limits (2^31-1, 65535, 65535)")
@@ -184,16 +194,28 @@ public final class Kernel: @unchecked Sendable {
                     argument.writeKernelArgument(to: base + offsets[index])
                     pointers[index] = base + offsets[index]
                 }
-                if programmaticDependentLaunch, let launchEx = driver.cuLaunchKernelEx {
-                    var attribute = CCUDALaunchAttribute()
-                    attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-                    attribute.value.programmaticStreamSerializationAllowed = 1
-                    return withUnsafeMutablePointer(to: &attribute) { attributePointer in
+                if programmaticDependentLaunch || clusterX > 1, let launchEx = driver.cuLaunchKernelEx {
+                    var attributes: [CCUDALaunchAttribute] = []
+                    if programmaticDependentLaunch {
+                        var attribute = CCUDALaunchAttribute()
+                        attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+                        attribute.value.programmaticStreamSerializationAllowed = 1
+                        attributes.append(attribute)
+                    }
+                    if clusterX > 1 {
+                        var attribute = CCUDALaunchAttribute()
+                        attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+                        attribute.value.clusterDim.x = UInt32(clusterX)
+                        attribute.value.clusterDim.y = 1
+                        attribute.value.clusterDim.z = 1
+                        attributes.append(attribute)
+                    }
+                    return attributes.withUnsafeMutableBufferPointer { attributePointer in
                         var config = CCUDALaunchConfig(
                             gridDimX: UInt32(grid.x), gridDimY: UInt32(grid.y), gridDimZ: UInt32(grid.z),
                             blockDimX: UInt32(block.x), blockDimY: UInt32(block.y), blockDimZ: UInt32(block.z),
-                            sharedMemBytes: UInt32(sharedMemoryBytes), hStream: stream.handle, attrs: attributePointer,
-                            numAttrs: 1)
+                            sharedMemBytes: UInt32(sharedMemoryBytes), hStream: stream.handle,
+                            attrs: attributePointer.baseAddress, numAttrs: UInt32(attributePointer.count))
                         return launchEx(&config, function, pointers.baseAddress, nil)
                     }
                 }

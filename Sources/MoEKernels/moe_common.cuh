@@ -418,6 +418,55 @@ MOE_DEVICE void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, in
         : "memory");
 }
 
+/// The same box copied into the shared memory of every CTA of the cluster in cta_mask (bit r: rank r),
+/// at the same offset dst in each, completing the transaction bytes of the barrier at offset bar in
+/// each destination CTA (cp.async.bulk.tensor...multicast::cluster). The issuing CTA is usually in
+/// the mask.
+MOE_DEVICE void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar,
+                                      uint16_t cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+        "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+        : "memory");
+}
+
+/// %cluster_ctarank: this CTA's rank in its thread-block cluster (0 without a cluster launch).
+MOE_DEVICE uint32_t cluster_ctarank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
+/// %cluster_nctarank: the CTAs in this thread-block cluster (1 without a cluster launch).
+MOE_DEVICE uint32_t cluster_nctarank() {
+    uint32_t n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+    return n;
+}
+
+/// mapa.shared::cluster: the shared::cluster address of offset `addr` (a shared::cta address of this
+/// CTA) in the shared memory of cluster rank `rank`.
+MOE_DEVICE uint32_t mapa_shared_cluster(uint32_t addr, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+
+/// mbarrier.arrive.release.cluster.shared::cluster.b64: one arrival on a barrier of any CTA of the
+/// cluster (a shared::cluster address from mapa_shared_cluster), ordered after this thread's prior
+/// memory accesses at cluster scope.
+MOE_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+}
+
+/// barrier.cluster.arrive.release + barrier.cluster.wait.acquire: every non-exited thread of the
+/// cluster has arrived (and its prior writes, mbarrier inits included, are visible) before any
+/// caller goes on.
+MOE_DEVICE void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
 /// wgmma shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle layout:
 /// rows of 128 bytes (64 16-bit elements of K), 8-row atoms of 1024 bytes, 16-byte chunk c of
 /// row r stored at chunk c ^ (r % 8) (the TMA's CU_TENSOR_MAP_SWIZZLE_128B pattern: address bits

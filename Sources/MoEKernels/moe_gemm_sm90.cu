@@ -30,13 +30,22 @@
 //         BN is BLOCK_N (BLOCK_N_W for swap-AB); the persistent kernel needs BLOCK_N >= 128.
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>   (prefill, large M)
+// moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, CLUSTER> (prefill, large M)
 //
-// Grid:   x = ceil(max_padded / BLOCK_M) * ceil(N / BLOCK_N), y = split_k, z = 1.
-//         blockIdx.x -> (pid_m, pid_n) in expert-aligned groups (moe_sm90_tile_at): each expert's run of
-//         m-blocks is cut into groups of at most group_size_m m-blocks (a group never holds two
-//         experts, unlike moe_gemm's Triton swizzle); inside a group pid_m varies fastest, then pid_n,
-//         so the programs that read one weight tile run together and it comes from HBM once.
+// Grid:   x = ceil(max_padded / BLOCK_M) * ceil(N / BLOCK_N) (CLUSTER 2: rounded up to even), y = split_k,
+//         z = 1. blockIdx.x -> (pid_m, pid_n) in expert-aligned groups (moe_sm90_tile_at): each expert's
+//         run of m-blocks is cut into groups of at most group_size_m m-blocks (a group never holds two
+//         experts, unlike moe_gemm's Triton swizzle); inside a group pid_m varies fastest, then pid_n
+//         (n-blocks in pairs for odd groups, below), so the programs that read one weight tile run
+//         together and it comes from HBM once.
+// CLUSTER 2: launched in clusters of 2 along x (cuLaunchKernelEx, cluster dimension {2, 1, 1}; without
+//         one the kernel runs as CLUSTER 1). Programs 2c and 2c + 1 whose tiles have K work on the same
+//         expert, n-block and K range share the weight tiles: each CTA's thread 0 copies half of every
+//         B tile (a box of BLOCK_N / 2 rows: the tensor map's box has BLOCK_N / 2 rows) into the same
+//         stage of both CTAs (TMA multicast), every full barrier expects the whole tile, and each
+//         consumer warp releases a stage in both CTAs (empty barriers count both CTAs' consumer warps);
+//         a cluster barrier after the barrier init and one before exit. Half the B traffic from L2
+//         for those tiles; other pairs load alone.
 // Block:  128 * (1 + BLOCK_M / 64) threads; __launch_bounds__(threads, 1).
 //         Warpgroup 0 (producer): thread 0 issues the TMA copy of each B tile [BLOCK_N][64]; its 128
 //           threads gather the A tile [BLOCK_M][64] with 16-byte cp.async (zero-filled for padding rows
@@ -58,7 +67,7 @@
 //         Operand tiles use the 128-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8);
 //         every stage starts 1024-byte aligned. After the K loop the ring stages the output tile
 //         [BLOCK_M][BLOCK_N + 8] (T in mode 0, float otherwise) for 16-byte row stores.
-// Tensor map: boxDim = {64, BLOCK_N} (below).
+// Tensor map: boxDim = {64, BLOCK_N}, or {64, BLOCK_N / 2} with FUSED_ACT or CLUSTER 2 (below).
 //
 // ---------------------------------------------------------------------------------------------------
 // moe_gemm_sm90_swap<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (decode, small M)
@@ -125,7 +134,7 @@
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
 //         (CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 or FLOAT16), rank 2, globalDim = {K, E*N},
 //         globalStrides = {K*2} bytes, boxDim = {64, rows} (rows = BLOCK_N or BLOCK_N_W; half that
-//         with FUSED_ACT),
+//         with FUSED_ACT or CLUSTER 2),
 //         elementStrides = {1, 1}, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
 //         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE (zeros). The tile of
 //         expert e, columns n0.., K tile kt is the box at {kt*64, e*N + n0}; rows past N belong to the
@@ -211,9 +220,26 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     int64_t first, count;
     moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_size_m > 0 ? group_size_m : 1, tile.expert,
                           first, count);
+    // Inside the group, n-blocks go in pairs (2c, 2c + 1): first the even part of its m-blocks
+    // (count - count % 2) down column 2c then column 2c + 1, then an odd count's last m-block at 2c
+    // and 2c + 1 (a lone last column takes its m-blocks in order). For even counts this is pid_m
+    // fastest, then pid_n; it keeps consecutive tile pairs (2i, 2i + 1) on one n-block and two
+    // m-blocks of one expert wherever the group can, which is what clusters share (moe_gemm_sm90).
     const int64_t local = pid - first * num_pid_n;
-    const int64_t pid_m = first + local % count;  // in q's run: its expert is q's
-    const int64_t pid_n = local / count;
+    const int64_t even = count & ~static_cast<int64_t>(1);
+    const int64_t col_pair = local / (2 * count);
+    const int64_t within = local - col_pair * 2 * count;
+    int64_t pid_m, pid_n;  // pid_m in q's run: its expert is q's
+    if (2 * col_pair + 1 >= num_pid_n) {  // a lone last column
+        pid_m = first + within;
+        pid_n = 2 * col_pair;
+    } else if (within < 2 * even) {
+        pid_m = first + within % even;
+        pid_n = 2 * col_pair + within / even;
+    } else {
+        pid_m = first + count - 1;
+        pid_n = 2 * col_pair + (within - 2 * even);
+    }
 
     tile.row0 = pid_m * BLOCK_M;
     tile.n0 = pid_n * BLOCK_N;
@@ -275,16 +301,17 @@ struct MoESm90Smem {
 
 /// Barrier init and the row tables, then __syncthreads. full[s] expects one cp.async noinc arrival
 /// per producer thread plus thread 0's arrive.expect_tx (with the B tile's bytes); empty[s] expects
-/// lane 0 of every consumer warp.
+/// lane 0 of every consumer warp of `consumer_ctas` CTAs (2: a cluster pair sharing the B tiles, whose
+/// consumers release the stage in both CTAs).
 template <int A_ROWS, int B_ROWS, int STAGES, int THREADS, int PRODUCER_THREADS, int CONSUMER_WARPS>
 MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                const CUtensorMap* b_map, const int32_t* sorted_token_ids, int64_t num_valid_tokens,
-                               int32_t top_k) {
+                               int32_t top_k, int consumer_ctas = 1) {
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(sm.full + 8 * s, PRODUCER_THREADS + 1);
-            mbarrier_init(sm.empty + 8 * s, CONSUMER_WARPS);
+            mbarrier_init(sm.empty + 8 * s, CONSUMER_WARPS * consumer_ctas);
         }
         fence_mbarrier_init();
         if (tile.num_tiles > 0) prefetch_tensormap(b_map);
@@ -304,14 +331,16 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
 /// full[stage] with the B tile's bytes and issues its TMA copy (box {kt*64, b_row}); every thread copies
 /// 16-byte chunk tid % 8 of A rows tid / 8 + 16 i (source row a_rows[r], -1 for padding) into the
 /// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
-/// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation): the B tile is two boxes of
-/// B_ROWS / 2 rows, gate rows from b_row into the stage's first half and up rows from b_row_up into
-/// its second half (the tensor map's box has B_ROWS / 2 rows then).
+/// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation, or a cluster): the B tile is two
+/// boxes of B_ROWS / 2 rows, rows from b_row into the stage's first half and rows from b_row_up into
+/// its second half (the tensor map's box has B_ROWS / 2 rows then). mc_rank 0 or 1 (a cluster pair
+/// sharing the tile): this CTA copies only half mc_rank, into the same stage of both CTAs (multicast),
+/// and the other CTA copies the other half; full[stage] in each still expects the whole tile's bytes.
 template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
                                         const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
                                         int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t, int stage,
-                                        uint32_t phase, int tid) {
+                                        uint32_t phase, int tid, int mc_rank = -1) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
     constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
@@ -326,8 +355,13 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
         mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
         const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
         const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
-        tma_load_2d(b_dst, b_map, kx, b_row, full);
-        if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
+        if (!SPLIT_B || mc_rank < 0) {
+            tma_load_2d(b_dst, b_map, kx, b_row, full);
+            if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
+        } else {
+            tma_load_2d_multicast(b_dst + mc_rank * (Sm::B_STAGE_BYTES / 2), b_map, kx, mc_rank ? b_row_up : b_row,
+                                  full, 0x3);
+        }
     }
     const int64_t k = kt * Sm::BLOCK_K + chunk * 8;
     const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
@@ -349,12 +383,12 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
 template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                  const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
-                                 int32_t b_row_up, int tid) {
+                                 int32_t b_row_up, int tid, int mc_rank = -1) {
     int stage = 0;
     uint32_t phase = 0;
     for (int t = 0; t < tile.num_tiles; ++t) {
         moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, sm.a_row, b_map, A, stride_am, K, b_row,
-                                                                    b_row_up, tile, t, stage, phase, tid);
+                                                                    b_row_up, tile, t, stage, phase, tid, mc_rank);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -375,10 +409,12 @@ MOE_DEVICE void moe_sm90_b_rows(const MoESm90Tile& tile, int64_t N, int32_t& b_r
 
 /// A consumer warpgroup's K loop. Per K tile: wait for full[s]; fence the async proxy (A arrived by
 /// cp.async, a generic-proxy write; wgmma reads through the async proxy); issue(s) issues and commits
-/// the stage's wgmma group; wait until only that group is pending, then release the previous stage.
-/// Ends with every group complete.
-template <int STAGES, typename Issue>
-MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, int lane, Issue&& issue) {
+/// the stage's wgmma group; wait until only that group is pending, then release the previous stage
+/// (REMOTE: in the cluster peer too, at its empty barriers' shared::cluster address peer_empty,
+/// unless that is 0). Ends with every group complete.
+template <int STAGES, bool REMOTE = false, typename Issue>
+MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, int lane, Issue&& issue,
+                                 uint32_t peer_empty = 0) {
     int stage = 0;
     uint32_t phase = 0;
     int prev_stage = 0;
@@ -387,7 +423,10 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
         fence_proxy_async_shared_cta();
         issue(stage);
         wgmma_wait_group<1>();  // the previous tile's products are done: its stage may be refilled
-        if (t > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+        if (t > 0 && lane == 0) {
+            mbarrier_arrive(empty + 8 * prev_stage);
+            if (REMOTE && peer_empty != 0) mbarrier_arrive_cluster(peer_empty + 8 * prev_stage);
+        }
         prev_stage = stage;
         if (++stage == STAGES) {
             stage = 0;
@@ -399,7 +438,8 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
 
 // MARK: - moe_gemm_sm90
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          int CLUSTER = 1>
 struct MoEGemmSm90Traits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -437,13 +477,18 @@ struct MoEGemmSm90Traits {
     static_assert(BLOCK_M * OUT_PITCH * OUT_BYTES <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
+    static_assert(CLUSTER == 1 || CLUSTER == 2, "CLUSTER in {1, 2}");
+    // The B tile comes as two boxes of BLOCK_N / 2 rows: gate and up rows (FUSED), or the two halves
+    // a cluster pair splits between its CTAs.
+    static constexpr bool SPLIT_B = FUSED || CLUSTER == 2;
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
                                                   CONSUMER_THREADS * CONSUMER_REGISTERS <=
                                               THREADS * LAUNCH_REGISTERS,
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          int CLUSTER>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                   const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
@@ -451,7 +496,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                   int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
-    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
+    using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, CLUSTER>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -462,9 +507,29 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         return;
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
+    // CLUSTER 2: programs 2c and 2c + 1 form a cluster. When both tiles have K work on the same
+    // expert, n-block and K range (two m-blocks of one expert: the tile order pairs them wherever it
+    // can), they share the B tiles: each copies half of every K tile into both CTAs (multicast) and
+    // its consumers release each stage in both. Otherwise each loads its own, as with CLUSTER 1.
+    // Both programs reach the same decision from the same inputs.
+    int mc_rank = -1;  // 0 or 1: this CTA's half of the shared B tiles
+    if constexpr (CLUSTER == 2) {
+        MoESm90Tile peer;
+        if (tile.num_tiles > 0 && cluster_nctarank() == 2 &&
+            moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(peer, blockIdx.x ^ 1, blockIdx.y, expert_ids,
+                                                            total_padded, N, K, split_k, group_size_m, max_padded,
+                                                            num_valid_tokens) &&
+            peer.expert == tile.expert && peer.n0 == tile.n0 && peer.kt_begin == tile.kt_begin &&
+            peer.num_tiles == tile.num_tiles)
+            mc_rank = static_cast<int>(cluster_ctarank());
+    }
+    const bool shared_b = CLUSTER == 2 && mc_rank >= 0;
+
     const Smem sm(moe_gemm_sm90_smem);
     moe_sm90_setup<BLOCK_M, BLOCK_N, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
-        sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k);
+        sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k, shared_b ? 2 : 1);
+    // Both CTAs' barriers are initialized before either copies into the other or arrives on its barriers.
+    if (shared_b) cluster_sync();
 
     const int tid = threadIdx.x;
     if (tid < Tr::PRODUCER_THREADS) {
@@ -473,8 +538,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         if (tile.num_tiles > 0) {
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
-            moe_sm90_produce<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
-                                                                     b_row_up, tid);
+            if (!Tr::FUSED && CLUSTER == 2) b_row_up = b_row + BLOCK_N / 2;  // the tile's second half
+            moe_sm90_produce<T, BLOCK_M, BLOCK_N, STAGES, Tr::SPLIT_B>(sm, tile, &b_map, A, stride_am, K, b_row,
+                                                                       b_row_up, tid, mc_rank);
         }
     } else {
         // ===== Consumer warpgroups =====
@@ -510,12 +576,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
             }
         };
+        const uint32_t peer_empty = shared_b ? mapa_shared_cluster(sm.empty, static_cast<uint32_t>(mc_rank ^ 1)) : 0;
         if (sm.pair[wg * 64] >= 0) {
-            moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane,
-                                     [&](int stage) { issue(stage, moe_bool_constant<true>()); });
+            moe_sm90_consume<STAGES, CLUSTER == 2>(
+                sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) { issue(stage, moe_bool_constant<true>()); },
+                peer_empty);
         } else {
-            moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane,
-                                     [&](int stage) { issue(stage, moe_bool_constant<false>()); });
+            moe_sm90_consume<STAGES, CLUSTER == 2>(
+                sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) { issue(stage, moe_bool_constant<false>()); },
+                peer_empty);
         }
 #pragma unroll
         for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
@@ -601,6 +670,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
         }
     }
+    // A CTA sharing B tiles stays until its peer is done: the peer's consumers still arrive on this
+    // CTA's empty barriers until their last K tile.
+    if (shared_b) cluster_sync();
 }
 
 // MARK: - moe_gemm_sm90_swap

@@ -232,6 +232,67 @@ import Testing
         #expect(Tuner.groupAlternatives(mma, shape: mixtral, tokens: 2048).isEmpty)
     }
 
+    /// CLUSTER_M: read and written by the tables, part of the kernel's name, half-height TMA boxes,
+    /// and refused (naming the key) on kernels other than wgmma.
+    @Test func clusterPairsConfig() throws {
+        let clustered = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 8, clusterM: 2)
+        #expect(throws: Never.self) { try clustered.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(clustered.nameExpression(dtype: .bf16, mulRoutedWeight: false) == "moe_gemm_sm90<moe_bf16, 128, 256, 4, 0, false, 0, 2>")
+        #expect(clustered.tensorMapBoxRows(fusedActivation: false) == 128)
+        #expect(clustered.tensorMapBoxRows(fusedActivation: true) == 128)
+        #expect(GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4).tensorMapBoxRows(fusedActivation: false) == 256)
+        #expect(clustered.description.contains(" c2 "))
+        let table = ConfigTable(source: "t", entries: [(2048, MoEPlan(both: clustered))])
+        let text = table.json.serialized(indent: 1)
+        #expect(text.contains("CLUSTER_M"))
+        let parsed = try ConfigTable.parse(text, source: "t")
+        #expect(parsed.nearest(to: 2048).gemm1 == clustered)
+        // Unclustered tables do not mention it (SGLang's format stays as it was).
+        #expect(!ConfigTable(source: "t", entries: [(8, MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4)))])
+            .json.serialized(indent: 1).contains("CLUSTER_M"))
+
+        for wrong in [
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true, clusterM: 2),
+            GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true, clusterM: 2),
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, clusterM: 4),
+        ] {
+            do {
+                try wrong.validate(sharedMemoryLimit: 227 * 1024)
+                Issue.record("\(wrong) validated")
+            } catch {
+                guard case .invalidArgument(let key, _) = error else { Issue.record("\(error)"); continue }
+                #expect(key == "CLUSTER_M")
+            }
+        }
+        do {
+            _ = try ConfigTable.parse(
+                #"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "CLUSTER_M": 2}}"#, source: "c.json")
+            Issue.record("CLUSTER_M on the mma kernel parsed")
+        } catch {
+            guard case .malformedFile(let file, let message) = error else { Issue.record("\(error)"); return }
+            #expect(file == "c.json" && message.contains("CLUSTER_M"), "\(message)")
+        }
+    }
+
+    /// The tuner's cluster refinement: wide non-persistent wgmma winners while experts get two or more
+    /// m-blocks, with an even group of at least 2.
+    @Test func tunerClusterAlternative() throws {
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape  // 2048 tokens: 512 rows, 4 blocks of 128
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 3, groupSizeM: 8)
+        let alternative = try #require(Tuner.clusterAlternative(wide, shape: mixtral, tokens: 2048))
+        #expect(alternative.clusterM == 2 && alternative.groupSizeM == 8 && alternative.stages == 3)
+        #expect(Tuner.clusterAlternative(.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 1), shape: mixtral,
+                                         tokens: 2048)?.groupSizeM == 2)
+        #expect(Tuner.clusterAlternative(.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 5), shape: mixtral,
+                                         tokens: 2048)?.groupSizeM == 6)
+        #expect(Tuner.clusterAlternative(alternative, shape: mixtral, tokens: 2048) == nil)  // already clustered
+        #expect(Tuner.clusterAlternative(wide, shape: mixtral, tokens: 100) == nil)  // one block per expert
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 8, persistent: true)
+        #expect(Tuner.clusterAlternative(persistent, shape: mixtral, tokens: 2048) == nil)
+        let swap = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
+        #expect(Tuner.clusterAlternative(swap, shape: mixtral, tokens: 2048) == nil)
+    }
+
     @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
         let seed = try ShapePreset.named("seed4096").shape
         let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)

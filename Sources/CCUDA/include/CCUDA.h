@@ -114,6 +114,7 @@ typedef struct {
     char pad[4];
     union {
         int programmaticStreamSerializationAllowed;
+        struct { unsigned int x, y, z; } clusterDim;
         char bytes[64];
     } value;
 } CCUDALaunchAttribute;
@@ -128,7 +129,7 @@ typedef struct {
     unsigned int numAttrs;
 } CCUDALaunchConfig;
 
-enum { CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+enum { CCUDA_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4, CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
 
 typedef CUresult (*PFN_cuLaunchKernelEx)(const CCUDALaunchConfig *config, CUfunction function, void **parameters, void **extra);
 

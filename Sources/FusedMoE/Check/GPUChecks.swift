@@ -115,6 +115,7 @@ public final class GPUChecks {
         } else if scope == .small && library.device.properties.architecture == "sm_90a" {
             // Small enough for compute-sanitizer: the wgmma kernels' expert-aligned groups.
             do { try checkExpertGroups(seed: caseSeed &+ 3000) } catch { record("gpu expert groups", false, "\(error)") }
+            do { try checkClusterPairs(seed: caseSeed &+ 4000) } catch { record("gpu cluster pairs", false, "\(error)") }
         }
         return results
     }
@@ -309,7 +310,10 @@ public final class GPUChecks {
                 }
             }
 
-            if library.device.properties.architecture == "sm_90a" { try checkExpertGroups(seed: seed + 8) }
+            if library.device.properties.architecture == "sm_90a" {
+                try checkExpertGroups(seed: seed + 8)
+                try checkClusterPairs(seed: seed + 9)
+            }
 
             // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
             // output row must be zeros), every third token loses its slot 1.
@@ -420,6 +424,59 @@ public final class GPUChecks {
             record(
                 "gpu expert groups with an expert map \(config.kernel.rawValue) g\(config.groupSizeM)",
                 a.unwritten == 0 && error < errorBound(.bf16), "rel_err \(formatScientific(error)), unwritten \(a.unwritten)")
+        }
+    }
+
+    /// The wgmma kernel in clusters of two (CLUSTER_M 2): pairs of programs on two m-blocks of one
+    /// expert share each weight tile (TMA multicast), other pairs load alone. E = 4, k = 2, 900 tokens
+    /// (runs of 3-4 m-blocks of 128 per expert), hidden 640 and I = 320, so n-blocks come in odd
+    /// counts (5 of 128, 3 of 256: a lone last column, pairs that straddle n-blocks); groups 1 (no
+    /// pair shares), 3 and 5 (odd: the last m-block of a group pairs across two n-blocks), 2 and 4;
+    /// unsplit (GEMM1 fused: gate and up boxes shared), workspace and atomic splits; then an expert map
+    /// owning every other expert. Each against the fp32 reference and, deterministic, bit for bit the
+    /// same plan without the cluster (sharing moves bytes, not sums).
+    func checkClusterPairs(seed: UInt64) throws {
+        let shape = try MoEShape(experts: 4, topK: 2, hidden: 640, intermediate: 320)
+        let tokens = 900
+        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
+        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
+        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        let map: [Int32] = [0, -1, 1, -1]
+        let local = try MoEShape(experts: 2, topK: 2, hidden: 640, intermediate: 320)
+        let localWeights = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: seed + 2, stream: stream)
+        let mapped = try inputs.reference(weights: localWeights, library: library, expertMap: map, stream: stream)
+        let cases: [(GemmConfig, Int, SplitMode, mapped: Bool)] = [
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 4, clusterM: 2), 1, .none, false),
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3, clusterM: 2), 1, .none, false),
+            (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 5, clusterM: 2), 2, .workspace, false),
+            (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 1, clusterM: 2), 1, .none, false),
+            (.wgmma(blockM: 64, blockN: 256, stages: 4, groupSizeM: 2, clusterM: 2), 1, .none, false),
+            (.wgmma(blockM: 128, blockN: 64, stages: 6, groupSizeM: 4, clusterM: 2), 2, .atomic, false),
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 4, clusterM: 2), 1, .none, true),
+        ]
+        for (config, split, mode, isMapped) in cases {
+            var alone = config
+            alone.clusterM = 1
+            let run = { (gemm: GemmConfig) throws -> LayerOutput in
+                let layer = try CUDAMoELayer(
+                    library: self.library, shape: isMapped ? local : shape, dtype: .bf16,
+                    w1: isMapped ? localWeights.w1 : weights.w1, w2: isMapped ? localWeights.w2 : weights.w2,
+                    options: isMapped ? MoEOptions(expertMap: map) : MoEOptions(),
+                    plan: MoEPlan(both: gemm).withSplit(split, mode: mode), maxTokens: tokens)
+                return try self.runPoisoned(layer, inputs, out)
+            }
+            let a = try run(config)
+            let b = try run(alone)
+            let error = relativeError(a.values, isMapped ? mapped : reference)
+            let deterministic = mode != .atomic
+            let same = a.bits == b.bits
+            record(
+                "gpu cluster pairs \(config.blockM)x\(config.blockN) g\(config.groupSizeM) split=\(split) \(mode.rawValue)"
+                    + (isMapped ? " expert map" : ""),
+                a.unwritten == 0 && error < errorBound(.bf16) && (same || !deterministic),
+                "rel_err \(formatScientific(error)), unwritten \(a.unwritten)"
+                    + (deterministic ? (same ? ", = unclustered" : ", DIFFERS from unclustered") : ""))
         }
     }
 

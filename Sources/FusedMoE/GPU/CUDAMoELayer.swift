@@ -407,9 +407,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let mBlocks = (maxPadded + config.blockM - 1) / config.blockM
         let nBlocks = (n + config.blockN - 1) / config.blockN
         // A persistent kernel walks the tiles with one resident program per SM (per split).
+        // Cluster pairs need an even count (a last program without a tile returns at once).
         let programs = config.kernel == .wgmmaPersistent
             ? min(mBlocks * nBlocks, max(1, library.device.properties.multiprocessorCount / config.splitK))
-            : mBlocks * nBlocks
+            : (mBlocks * nBlocks + config.clusterM - 1) / config.clusterM * config.clusterM
         let grid = Dimensions(max(programs, 1), config.splitK)
         if config.kernel == .mma {
             try kernel.launch(
@@ -435,7 +436,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     Int64(k), Int64(pairs),
                     Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                     Int64(maxPadded),
-                ], programmaticDependentLaunch: programmaticDependentLaunch)
+                ], programmaticDependentLaunch: programmaticDependentLaunch, clusterX: config.clusterM)
         }
         guard mode != .none else { return }
         let splits = mode == .workspace ? config.splitK : 1

@@ -69,6 +69,7 @@ public struct ConfigTable: Sendable {
         let stages = try integer("num_stages", default: 3)
         let group = try integer("GROUP_SIZE_M", default: 1)
         let splitK = try integer("SPLIT_K", default: 1)
+        let cluster = try integer("CLUSTER_M", default: 1)
         var mode = SplitMode.none
         if let field = value["SPLIT_MODE"] {
             guard let name = field.stringValue, let parsed = SplitMode(rawValue: name) else {
@@ -91,7 +92,11 @@ public struct ConfigTable: Sendable {
                 persistent: kernel == .wgmmaPersistent)
             config.splitK = splitK
             config.splitMode = splitK > 1 ? mode : .none
+            config.clusterM = cluster
             return config
+        }
+        guard cluster == 1 else {
+            throw .malformedFile(source, "entry '\(key)': CLUSTER_M \(cluster) needs KERNEL wgmma (the mma kernel takes 1)")
         }
         // Triton's tiles are 16..256 wide; clamp what our kernel lacks (BLOCK_K 128/256 -> 64).
         let kernelBlockK = min(max(blockK, 32), 64)
@@ -118,16 +123,18 @@ public struct ConfigTable: Sendable {
         entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!.plan
     }
 
-    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE and GEMM2 where needed.
+    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M (when not 1)
+    /// and GEMM2 where needed.
     public var json: JSON {
         func object(_ config: GemmConfig) -> [(String, JSON)] {
-            [
+            let cluster: [(String, JSON)] = config.clusterM == 1 ? [] : [("CLUSTER_M", .number(Double(config.clusterM)))]
+            return [
                 ("BLOCK_SIZE_M", .number(Double(config.blockM))), ("BLOCK_SIZE_N", .number(Double(config.blockN))),
                 ("BLOCK_SIZE_K", .number(Double(config.blockK))), ("GROUP_SIZE_M", .number(Double(config.groupSizeM))),
                 ("num_warps", .number(Double(config.warps))), ("num_stages", .number(Double(config.stages))),
                 ("WARPS_M", .number(Double(config.warpsM))), ("KERNEL", .string(config.kernel.rawValue)),
                 ("SPLIT_K", .number(Double(config.splitK))), ("SPLIT_MODE", .string(config.effectiveMode.rawValue)),
-            ]
+            ] + cluster
         }
         return .object(entries.map { entry in
             var members = object(entry.plan.gemm1)

@@ -50,10 +50,14 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public var splitK: Int
     public var splitMode: SplitMode
     public var kernel: GemmKernel
+    /// Thread-block cluster width (`CLUSTER_M`): 2 launches the `wgmma` kernel in pairs of programs
+    /// that share each weight tile (TMA multicast) when their tiles are two m-blocks of one expert on
+    /// one n-block; 1 (the default) for every other kernel.
+    public var clusterM: Int
 
     public init(
         blockM: Int, blockN: Int, blockK: Int, warpsM: Int, warpsN: Int, stages: Int, groupSizeM: Int = 1,
-        splitK: Int = 1, splitMode: SplitMode = .none, kernel: GemmKernel = .mma
+        splitK: Int = 1, splitMode: SplitMode = .none, kernel: GemmKernel = .mma, clusterM: Int = 1
     ) {
         self.blockM = blockM
         self.blockN = blockN
@@ -65,16 +69,19 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         self.splitK = splitK
         self.splitMode = splitMode
         self.kernel = kernel
+        self.clusterM = clusterM
     }
 
     /// A wgmma config: BLOCK_K is 64 and the warps follow from the tile (the kernel fixes them).
     public static func wgmma(
-        blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false
+        blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false,
+        clusterM: Int = 1
     ) -> GemmConfig {
         let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
-            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : persistent ? .wgmmaPersistent : .wgmma)
+            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : persistent ? .wgmmaPersistent : .wgmma,
+            clusterM: clusterM)
     }
 
     public var warps: Int { warpsM * warpsN }
@@ -101,7 +108,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         let tile = "\(blockM)x\(blockN)x\(blockK)"
         let body = kernel == .mma ? "\(tile) w\(warpsM)x\(warpsN)" : "\(kernel.rawValue) \(tile)"
-        return body + " s\(stages) g\(groupSizeM) split\(splitK)/\(splitMode.rawValue)"
+        return body + " s\(stages) g\(groupSizeM)" + (clusterM > 1 ? " c\(clusterM)" : "")
+            + " split\(splitK)/\(splitMode.rawValue)"
     }
 
     /// Lays `warps` warps over a tile: as many along M as its 16-row fragments allow (at most 4),
@@ -122,6 +130,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         case .wgmma, .wgmmaSwap, .wgmmaPersistent: try validateHopperTile()
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
+        guard clusterM == 1 || (clusterM == 2 && kernel == .wgmma) else {
+            throw .invalidArgument(
+                "CLUSTER_M", "must be 1, or 2 with KERNEL wgmma; got \(clusterM) with KERNEL \(kernel.rawValue)")
+        }
         guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
         guard splitK == 1 || splitMode != .none else {
             throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
@@ -170,7 +182,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "
                 + "\(mulRoutedWeight), \(fusedActivation)>"
         case .wgmma:
-            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
+            return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation), "
+                + "\(clusterM)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
         case .wgmmaPersistent:
@@ -187,8 +200,11 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     var fusesActivation: Bool { effectiveMode == .none && !(kernel == .wgmmaPersistent && blockN < 128) }
 
     /// Rows of the TMA box over the weights: BLOCK_N, or half of it when the epilogue applies the
-    /// activation (the tile's gate rows and up rows come as two boxes).
-    func tensorMapBoxRows(fusedActivation: Bool) -> Int { fusedActivation && fusesActivation ? blockN / 2 : blockN }
+    /// activation (the tile's gate rows and up rows come as two boxes) or a cluster pair splits the
+    /// tile's copies.
+    func tensorMapBoxRows(fusedActivation: Bool) -> Int {
+        (fusedActivation && fusesActivation) || clusterM > 1 ? blockN / 2 : blockN
+    }
 
     /// The mode the kernel runs in: `none` whenever there is one split.
     var effectiveMode: SplitMode { splitK == 1 ? .none : splitMode }

@@ -9,7 +9,8 @@ import CUDA
 /// wins. Candidates that cannot fit (shared memory) or spill are skipped before they run, and split
 /// factors are tried only when the output tiles are too few to fill the multiprocessors. Each tile
 /// runs with the heuristic's GROUP_SIZE_M; a refinement pass then reruns each BLOCK_M's winners
-/// with the other groups worth trying (`groupAlternatives`).
+/// with the other groups worth trying (`groupAlternatives`), then in clusters of two
+/// (`clusterAlternative`).
 public final class Tuner {
     public let library: KernelLibrary
     let bench: GPUBench
@@ -108,6 +109,21 @@ public final class Tuner {
             result.append(group)
         }
         return result
+    }
+
+    /// The clustered variant the refinement pass tries for a `wgmma` winner (BLOCK_M >= 64) while an
+    /// expert gets two or more m-blocks on average: CLUSTER_M 2 (program pairs on two m-blocks of one
+    /// expert share each weight tile), with an even GROUP_SIZE_M of at least 2 (group 1 would pair
+    /// n-blocks of one m-block, which share nothing; an odd group leaves its last m-block alone).
+    /// Nil for other kernels and configs already clustered.
+    static func clusterAlternative(_ config: GemmConfig, shape: MoEShape, tokens: Int) -> GemmConfig? {
+        guard config.kernel == .wgmma, config.blockM >= 64, config.clusterM == 1 else { return nil }
+        let rows = tokens * shape.topK / max(shape.experts, 1)
+        guard (rows + config.blockM - 1) / config.blockM >= 2 else { return nil }
+        var clustered = config
+        clustered.clusterM = 2
+        clustered.groupSizeM = min(max(2, config.groupSizeM + config.groupSizeM % 2), 32)
+        return clustered
     }
 
     /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
@@ -223,6 +239,16 @@ public final class Tuner {
                     var plan = try MoEPlan(gemm1: gemm1, gemm2: gemm2)
                     plan.fusedActivation = first.0.fusedActivation
                     progress("M=\(tokens) refining GROUP_SIZE_M: \(plan)")
+                    try measure(plan)
+                }
+                // Then the refined winners in clusters of two, where that can share weight tiles.
+                guard let refined1 = best1[blockM], let refined2 = best2[blockM] else { continue }
+                let cluster1 = Tuner.clusterAlternative(refined1.0.gemm1, shape: shape, tokens: tokens)
+                let cluster2 = Tuner.clusterAlternative(refined2.0.gemm2, shape: shape, tokens: tokens)
+                if cluster1 != nil || cluster2 != nil {
+                    var plan = try MoEPlan(gemm1: cluster1 ?? refined1.0.gemm1, gemm2: cluster2 ?? refined2.0.gemm2)
+                    plan.fusedActivation = refined1.0.fusedActivation
+                    progress("M=\(tokens) refining CLUSTER_M: \(plan)")
                     try measure(plan)
                 }
             }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the GPU machine: same-call A/B of binaries and config tables. The full check with dist/fused-moe,
+# then the large-M rows of every preset under each setting, interleaved per shape:
+#   old          dist-ab/fused-moe-old (a binary from before the change) with the shipped tables
+#   shipped      dist/fused-moe with the shipped tables
+#   VARIANT      dist/fused-moe with scripts/exp_tables.py's tables of that variant (groups, groups:1,
+#                cluster, cluster-all: see exp_tables.py)
+# Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
+# For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
+# (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]
+# (63 MB of 64 MiB). Otherwise carry ["dist"].
+# SETTINGS (default "shipped cluster cluster-all"), ROUNDS (default 1), ROWS (default: below),
+# SKIP_CHECK=1, CHECK_GREP (lines of the check to print besides FAIL; default "FAIL|cluster").
+source "$(dirname "$0")/device-env.sh"
+device_ceilings
+[[ ${SKIP_CHECK:-0} == 1 ]] || device_check 300 "${CHECK_GREP:-FAIL|cluster}"
+settings=${SETTINGS:-shipped cluster cluster-all}
+for setting in $settings; do
+  [[ $setting == old || $setting == shipped ]] || python3 scripts/exp_tables.py "/tmp/exp-$setting" "$setting" > /dev/null
+done
+rows=(${ROWS:-mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
+      qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192})
+for round in $(seq 1 ${ROUNDS:-1}); do
+  for row in "${rows[@]}"; do
+    shape=${row%%:*}; ms=${row##*:}
+    for setting in $settings; do
+      bin=dist/fused-moe; env=()
+      [[ $setting == old ]] && bin=dist-ab/fused-moe-old
+      [[ $setting == old || $setting == shipped ]] || env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-$setting)
+      env "${env[@]}" timeout 200 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
+        --ceilings "$OUT/ceilings.json" --json "/tmp/ab-$round-$shape-$setting.json" > /dev/null 2>&1 || status=1
+      python3 - "$round" "$setting" "/tmp/ab-$round-$shape-$setting.json" >> "$OUT/ab.txt" <<'PY'
+import json, sys
+rnd, setting, path = sys.argv[1:]
+try:
+    rows = json.load(open(path))["rows"]
+except (OSError, ValueError, KeyError):
+    print(f"{rnd} {setting}: no result ({path})")
+    rows = []
+for r in rows:
+    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:11} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  {r['variant']}")
+PY
+    done
+  done
+done
+sort -k2,2 -k3,3 -k4,4 -s "$OUT/ab.txt" | cut -c1-160
+exit $status
