@@ -13,7 +13,11 @@
 # SKIP_CHECK=1, CHECK_GREP (lines of the check to print besides FAIL; default "FAIL|cluster").
 source "$(dirname "$0")/device-env.sh"
 device_ceilings
-[[ ${SKIP_CHECK:-0} == 1 ]] || device_check 300 "${CHECK_GREP:-FAIL|cluster}"
+if [[ ${SKIP_CHECK:-0} != 1 ]]; then
+  device_check 300 "${CHECK_GREP:-FAIL|cluster}"
+  # A failed or hung check: timing the kernels would say nothing (and a hang would eat the call).
+  if [[ $status != 0 ]]; then echo "check failed: no A/B"; exit 1; fi
+fi
 settings=${SETTINGS:-shipped cluster cluster-all}
 for setting in $settings; do
   [[ $setting == old || $setting == shipped ]] || python3 scripts/exp_tables.py "/tmp/exp-$setting" "$setting" > /dev/null
@@ -27,7 +31,7 @@ for round in $(seq 1 ${ROUNDS:-1}); do
       bin=dist/fused-moe; env=()
       [[ $setting == old ]] && bin=dist-ab/fused-moe-old
       [[ $setting == old || $setting == shipped ]] || env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-$setting)
-      env "${env[@]}" timeout 200 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
+      env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
         --ceilings "$OUT/ceilings.json" --json "/tmp/ab-$round-$shape-$setting.json" > /dev/null 2>&1 || status=1
       python3 - "$round" "$setting" "/tmp/ab-$round-$shape-$setting.json" >> "$OUT/ab.txt" <<'PY'
 import json, sys

@@ -14,6 +14,7 @@ Variants (the rest of each table as shipped; every change applies to GEMM1 and G
                 rule). NOTES v13.
   cluster-all   as cluster, and such wgmma_persistent entries become clustered wgmma entries too
                 (same tile and ring).
+  cluster-deep  as cluster, with the deepest ring of the tile (4 stages for 128x256).
 A bare number is read as groups:NUMBER (the older command line).
 """
 import json
@@ -27,8 +28,8 @@ variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
 if variant.isdigit():
     variant = f"groups:{variant}"
 kind, _, arg = variant.partition(":")
-if kind not in ("groups", "cluster", "cluster-all"):
-    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all)")
+if kind not in ("groups", "cluster", "cluster-all", "cluster-deep"):
+    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all, cluster-deep)")
 cap = int(arg) if arg else 32
 out.mkdir(parents=True, exist_ok=True)
 
@@ -57,6 +58,10 @@ def change(entry, tokens, k, experts):
     entry["KERNEL"] = "wgmma"
     entry["CLUSTER_M"] = 2
     entry["GROUP_SIZE_M"] = min(max(2, group + group % 2), 32)
+    if kind == "cluster-deep":
+        # moe_gemm_sm90's ring: STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 8 * BLOCK_M + 1024 <= 232448
+        bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
+        entry["num_stages"] = max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
 
 
 for name, table in tables.items():

@@ -453,19 +453,20 @@ MOE_DEVICE uint32_t mapa_shared_cluster(uint32_t addr, uint32_t rank) {
     return r;
 }
 
-/// mbarrier.arrive.release.cluster.shared::cluster.b64: one arrival on a barrier of any CTA of the
-/// cluster (a shared::cluster address from mapa_shared_cluster), ordered after this thread's prior
-/// memory accesses at cluster scope.
+/// mbarrier.arrive.shared::cluster.b64 (release, CTA scope): one arrival on a barrier of any CTA of
+/// the cluster (a shared::cluster address from mapa_shared_cluster). For releasing a ring stage
+/// whose reads (wgmma, waited for) are done: a cluster-scope release would put a GPU-wide memory
+/// barrier (MEMBAR.ALL.GPU) before every arrival.
 MOE_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
 }
 
-/// barrier.cluster.arrive.release + barrier.cluster.wait.acquire: every non-exited thread of the
-/// cluster has arrived (and its prior writes, mbarrier inits included, are visible) before any
-/// caller goes on.
-MOE_DEVICE void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
+/// barrier.cluster.arrive.relaxed: this thread's arrival on the cluster barrier, without ordering
+/// its memory accesses (pair with cluster_wait; mbarrier inits are published by fence_mbarrier_init).
+MOE_DEVICE void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory"); }
+
+/// barrier.cluster.wait.acquire: waits until every non-exited thread of the cluster has arrived.
+MOE_DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
 
 /// wgmma shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle layout:
 /// rows of 128 bytes (64 16-bit elements of K), 8-row atoms of 1024 bytes, 16-byte chunk c of

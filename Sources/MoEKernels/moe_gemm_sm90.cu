@@ -44,8 +44,9 @@
 //         B tile (a box of BLOCK_N / 2 rows: the tensor map's box has BLOCK_N / 2 rows) into the same
 //         stage of both CTAs (TMA multicast), every full barrier expects the whole tile, and each
 //         consumer warp releases a stage in both CTAs (empty barriers count both CTAs' consumer warps);
-//         a cluster barrier after the barrier init and one before exit. Half the B traffic from L2
-//         for those tiles; other pairs load alone.
+//         a cluster barrier after the barrier init; before exit each producer waits until both CTAs'
+//         consumers have released the last stages. Half the B traffic from L2 for those tiles; other
+//         pairs load alone.
 // Block:  128 * (1 + BLOCK_M / 64) threads; __launch_bounds__(threads, 1).
 //         Warpgroup 0 (producer): thread 0 issues the TMA copy of each B tile [BLOCK_N][64]; its 128
 //           threads gather the A tile [BLOCK_M][64] with 16-byte cp.async (zero-filled for padding rows
@@ -380,6 +381,10 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
 }
 
 /// The producer warpgroup's loop over one tile's K tiles (all 128 threads), ring from stage 0.
+/// mc_rank >= 0 (sharing B tiles with the cluster peer): then waits until both CTAs' consumers have
+/// released the last STAGES stages (they release every stage then), so this CTA stays resident until
+/// every copy it multicast has landed in the peer and every arrival of the peer's consumers on its
+/// barriers has happened.
 template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                  const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
@@ -395,6 +400,16 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
         }
     }
     cp_async_wait_all();
+    if (SPLIT_B && mc_rank >= 0) {
+        // The releases of K tiles num_tiles - STAGES .. num_tiles - 1 (earlier rounds pass at once).
+        for (int i = 0; i < STAGES; ++i) {
+            mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);
+            if (++stage == STAGES) {
+                stage = 0;
+                phase ^= 1;
+            }
+        }
+    }
 }
 
 /// The weight rows of `tile`'s B box in the [E*N, K] view: unfused, rows e*N + n0 on; with FUSED
@@ -411,7 +426,8 @@ MOE_DEVICE void moe_sm90_b_rows(const MoESm90Tile& tile, int64_t N, int32_t& b_r
 /// cp.async, a generic-proxy write; wgmma reads through the async proxy); issue(s) issues and commits
 /// the stage's wgmma group; wait until only that group is pending, then release the previous stage
 /// (REMOTE: in the cluster peer too, at its empty barriers' shared::cluster address peer_empty,
-/// unless that is 0). Ends with every group complete.
+/// unless that is 0; then the last stage is released too, for the producers' final wait). Ends
+/// with every group complete.
 template <int STAGES, bool REMOTE = false, typename Issue>
 MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, int lane, Issue&& issue,
                                  uint32_t peer_empty = 0) {
@@ -434,6 +450,10 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
         }
     }
     wgmma_wait_group<0>();
+    if (REMOTE && peer_empty != 0 && num_tiles > 0 && lane == 0) {
+        mbarrier_arrive(empty + 8 * prev_stage);
+        mbarrier_arrive_cluster(peer_empty + 8 * prev_stage);
+    }
 }
 
 // MARK: - moe_gemm_sm90
@@ -528,8 +548,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     const Smem sm(moe_gemm_sm90_smem);
     moe_sm90_setup<BLOCK_M, BLOCK_N, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
         sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k, shared_b ? 2 : 1);
-    // Both CTAs' barriers are initialized before either copies into the other or arrives on its barriers.
-    if (shared_b) cluster_sync();
+    // Both CTAs' barriers are initialized (and published: fence_mbarrier_init) before either copies
+    // into the other or arrives on its barriers.
+    if (shared_b) {
+        cluster_arrive_relaxed();
+        cluster_wait();
+    }
 
     const int tid = threadIdx.x;
     if (tid < Tr::PRODUCER_THREADS) {
@@ -586,6 +610,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) { issue(stage, moe_bool_constant<false>()); },
                 peer_empty);
         }
+
 #pragma unroll
         for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
@@ -670,9 +695,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
         }
     }
-    // A CTA sharing B tiles stays until its peer is done: the peer's consumers still arrive on this
-    // CTA's empty barriers until their last K tile.
-    if (shared_b) cluster_sync();
+
 }
 
 // MARK: - moe_gemm_sm90_swap
