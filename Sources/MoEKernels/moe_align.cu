@@ -53,15 +53,25 @@ MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, 
 }
 
 /// Adds the per-expert counts of pairs [begin, end) into counts (shared), all threads of the block.
+/// Each thread loads COUNT_UNROLL ids before using any (one memory round trip per batch, not per id).
+constexpr int COUNT_UNROLL = 8;
 MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end, int64_t numel, int32_t num_experts,
                             int32_t* counts) {
     const int lane = threadIdx.x & 31;
+    const int64_t stride = blockDim.x;
     // Whole warps iterate together so that __match_any_sync sees every lane.
-    for (int64_t base = begin + (threadIdx.x & ~31); base < end; base += blockDim.x) {
-        const int64_t i = base + lane;
-        const int32_t e = expert_of(topk_ids, i, i < end ? numel : 0, num_experts);
-        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
-        if (e >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counts[e], __popc(same));
+    for (int64_t base = begin + (threadIdx.x & ~31); base < end; base += stride * COUNT_UNROLL) {
+        int32_t e[COUNT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < COUNT_UNROLL; ++u) {
+            const int64_t i = base + u * stride + lane;
+            e[u] = expert_of(topk_ids, i, i < end ? numel : 0, num_experts);
+        }
+#pragma unroll
+        for (int u = 0; u < COUNT_UNROLL; ++u) {
+            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e[u]);
+            if (e[u] >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counts[e[u]], __popc(same));
+        }
     }
 }
 
@@ -139,11 +149,17 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
     const uint32_t below = lanemask_lt();
 
     for (int e = threadIdx.x; e < WARPS * num_experts; e += WARPS * 32) warp_counts[e] = 0;
+
+    // The warp's ids, all loaded before any is used (one memory round trip), kept for both passes.
+    int32_t ids[ITEMS_PER_LANE];
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
     __syncthreads();
 
     // Pass 1: per-warp counts (one leader per expert per step; the warp steps in order).
+#pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        const int32_t e = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
+        const int32_t e = ids[it];
         const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
         if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
         __syncwarp();
@@ -164,9 +180,10 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
 
     // Pass 2: each pair goes to its warp's position for the expert plus its rank among the
     // lanes below with the same expert.
+#pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         const int64_t i = warp_begin + it * 32 + lane;
-        const int32_t e = expert_of(topk_ids, i, numel, num_experts);
+        const int32_t e = ids[it];
         const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
         int32_t base = 0;
         if (e >= 0) {
@@ -238,13 +255,21 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
     __syncthreads();
     layout_runs(counts, offsets, warp_totals, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids,
                 total_padded, max_padded);
+    // Counts are loaded in batches before the batch's positions are stored (the compiler cannot
+    // move a load above a store to the same array: one round trip per chunk otherwise).
+    constexpr int BATCH = 8;
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
         int32_t position = offsets[e];
-        for (int32_t c = 0; c < num_chunks; ++c) {
-            int32_t* slot = chunk_counts + static_cast<int64_t>(c) * num_experts + e;
-            const int32_t count = *slot;
-            *slot = position;
-            position += count;
+        for (int32_t c0 = 0; c0 < num_chunks; c0 += BATCH) {
+            int32_t count[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u)
+                count[u] = c0 + u < num_chunks ? chunk_counts[static_cast<int64_t>(c0 + u) * num_experts + e] : 0;
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (c0 + u < num_chunks) chunk_counts[static_cast<int64_t>(c0 + u) * num_experts + e] = position;
+                position += count[u];
+            }
         }
     }
 }
