@@ -80,7 +80,7 @@ SM90_SWAP_TILES = {
 # a shallow one; the fused activation needs BLOCK_N >= 128.
 SM90_PERSISTENT_TILES = ((128, 256, 4), (128, 256, 3), (128, 128, 6), (64, 256, 5), (64, 128, 8))
 # Registers each thread of a moe_gemm_sm90 with BLOCK_M = 128 (384 threads) must be launched with:
-# the setmaxnreg split (producer 40, consumers 232) redistributes exactly 384 * 168 registers.
+# the setmaxnreg split (producer 56, consumers 224) redistributes exactly 384 * 168 registers.
 SM90_LAUNCH_REGISTERS = 168
 
 

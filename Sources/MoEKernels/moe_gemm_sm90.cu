@@ -55,8 +55,8 @@
 //           four wgmma.m64n{BLOCK_N}k16 per K tile, one wgmma group kept in flight; a consumer whose
 //           64 rows are all padding (its first row's pair is -1 in the row table) issues none, still
 //           waiting for and releasing every stage.
-//         BLOCK_M = 128 (384 threads): setmaxnreg gives the producer 40 registers per thread and the
-//         consumers 232 (128*40 + 256*232 = 384*168, the launch allocation ptxas must report).
+//         BLOCK_M = 128 (384 threads): setmaxnreg gives the producer 56 registers per thread and the
+//         consumers 224 (128*56 + 256*224 = 384*168, the launch allocation ptxas must report).
 // Each program: one BLOCK_M x BLOCK_N output tile over its split's K tiles.
 // Shared memory (dynamic, no static): SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M
 //         (MoEGemmSm90Traits::SMEM_BYTES); the host passes SMEM_BYTES + 1024 (the kernel rounds its base
@@ -104,7 +104,7 @@
 //         is too); a tile is skipped in mode 1 when it has no K work (expert -1 or an empty split range).
 //         Tiles without K work in modes 0 and 2 store zeros, loading nothing.
 // Block:  as moe_gemm_sm90: 128 * (1 + BLOCK_M / 64) threads, __launch_bounds__(threads, 1), and for
-//         BLOCK_M = 128 setmaxnreg 40 (producer) / 232 (consumers) of 168 at launch.
+//         BLOCK_M = 128 setmaxnreg 56 (producer) / 224 (consumers) of 168 at launch.
 //         Producer warpgroup: for each of its tiles with K work (tile.num_tiles > 0), fills one of two
 //           A-row tables (the a_row and pair tables of the layout, alternating; one named barrier over
 //           the producer warpgroup per tile), then loads the tile's K tiles as moe_gemm_sm90 does. Its
@@ -326,26 +326,62 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
     __syncthreads();
 }
 
+/// Where one producer thread's A chunks come from, for one tile: the thread copies 16-byte chunk
+/// tid % 8 of tile rows tid / 8 + 16 i (i < PASSES); src[i] is that chunk's address in K tile 0
+/// (A + a_row * stride_am + 8 * (tid % 8)), or A for a padding row (bit i of `valid` clear). Made
+/// once per tile from the row table (moe_sm90_a_sources), so the K loop reads no shared memory and
+/// redoes no row arithmetic: the producer's issue rate bounds the ring (NOTES v13).
+template <typename T, int A_ROWS>
+struct MoESm90ASources {
+    static constexpr int CHUNKS_PER_ROW = 8;  // 16-byte chunks of a 128-byte (64-element) row
+    static constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
+    static constexpr int PASSES = (A_ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    const T* src[PASSES];
+    uint32_t valid;
+};
+
+/// This producer thread's A sources for the tile whose row table (source row per tile row, -1 for
+/// padding) is a_rows. Reads shared memory: call after the table is written and synchronized.
+template <typename T, int A_ROWS>
+MOE_DEVICE MoESm90ASources<T, A_ROWS> moe_sm90_a_sources(const int32_t* a_rows, const T* A, int64_t stride_am,
+                                                         int tid) {
+    using Src = MoESm90ASources<T, A_ROWS>;
+    Src out;
+    out.valid = 0;
+    const int chunk = tid % Src::CHUNKS_PER_ROW;
+    const int pass_row = tid / Src::CHUNKS_PER_ROW;
+#pragma unroll
+    for (int i = 0; i < Src::PASSES; ++i) {
+        const int r = pass_row + i * Src::ROWS_PER_PASS;
+        const int32_t a_row = (A_ROWS % Src::ROWS_PER_PASS == 0 || r < A_ROWS) ? a_rows[r] : -1;
+        out.src[i] = a_row >= 0 ? A + static_cast<int64_t>(a_row) * stride_am + chunk * 8 : A;
+        out.valid |= a_row >= 0 ? 1u << i : 0u;
+    }
+    return out;
+}
+
 /// K tile t of `tile`'s split range (kt = tile.kt_begin + t), loaded by the producer warpgroup (all 128
 /// threads) into ring stage `stage` of round parity `phase`: wait for the stage to be empty (the
 /// consumers released its previous round; a fresh barrier passes parity 1 at once); thread 0 arms
 /// full[stage] with the B tile's bytes and issues its TMA copy (box {kt*64, b_row}); every thread copies
-/// 16-byte chunk tid % 8 of A rows tid / 8 + 16 i (source row a_rows[r], -1 for padding) into the
-/// swizzled stage (zero-filled for padding rows and the K tail), then arrives on full[stage] when its
-/// copies land (cp.async noinc). SPLIT_B (fused GEMM1 activation, or a cluster): the B tile is two
+/// 16-byte chunk tid % 8 of A rows tid / 8 + 16 i (from its sources `a`) into the swizzled stage
+/// (zero-filled for padding rows and the K tail), then arrives on full[stage] when its copies land
+/// (cp.async noinc). SPLIT_B (fused GEMM1 activation, or a cluster): the B tile is two
 /// boxes of B_ROWS / 2 rows, rows from b_row into the stage's first half and rows from b_row_up into
 /// its second half (the tensor map's box has B_ROWS / 2 rows then). mc_rank 0 or 1 (a cluster pair
 /// sharing the tile): this CTA copies only half mc_rank, into the same stage of both CTAs (multicast),
 /// and the other CTA copies the other half; full[stage] in each still expects the whole tile's bytes.
 template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
-MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const int32_t* a_rows,
-                                        const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K,
-                                        int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t, int stage,
-                                        uint32_t phase, int tid, int mc_rank = -1) {
+MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm,
+                                        const MoESm90ASources<T, A_ROWS>& a, const CUtensorMap* b_map, const T* A,
+                                        int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
+                                        int stage, uint32_t phase, int tid, int mc_rank = -1) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
-    constexpr int CHUNKS_PER_ROW = Sm::ROW_BYTES / 16;  // 8
-    constexpr int ROWS_PER_PASS = 128 / CHUNKS_PER_ROW;  // 16
-    constexpr int PASSES = (A_ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+    using Src = MoESm90ASources<T, A_ROWS>;
+    constexpr int CHUNKS_PER_ROW = Src::CHUNKS_PER_ROW;
+    constexpr int ROWS_PER_PASS = Src::ROWS_PER_PASS;
+    constexpr int PASSES = Src::PASSES;
+    static_assert(CHUNKS_PER_ROW * 16 == Sm::ROW_BYTES, "8 chunks of 16 bytes per operand row");
     const int chunk = tid % CHUNKS_PER_ROW;
     const int pass_row = tid / CHUNKS_PER_ROW;  // rows pass_row + 16 i all have r % 8 == pass_row % 8
     const uint32_t a_dst0 = sm.a + pass_row * Sm::ROW_BYTES + ((chunk ^ (pass_row & 7)) << 4);
@@ -364,17 +400,15 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
                                   full, 0x3);
         }
     }
-    const int64_t k = kt * Sm::BLOCK_K + chunk * 8;
-    const bool k_ok = k < K;  // K % 8 == 0: a chunk is all in or all out
+    const int64_t k0 = kt * Sm::BLOCK_K;
+    const bool k_ok = k0 + chunk * 8 < K;  // K % 8 == 0: a chunk is all in or all out
     const uint32_t a_dst = a_dst0 + stage * Sm::A_STAGE_BYTES;
 #pragma unroll
     for (int i = 0; i < PASSES; ++i) {
         const int r = pass_row + i * ROWS_PER_PASS;
         if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
-            const int32_t a_row = a_rows[r];
-            const bool ok = k_ok && a_row >= 0;
-            const T* src = ok ? A + static_cast<int64_t>(a_row) * stride_am + k : A;
-            cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, src, ok);
+            const bool ok = k_ok && ((a.valid >> i) & 1u) != 0;
+            cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, ok ? a.src[i] + k0 : A, ok);
         }
     }
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
@@ -391,9 +425,10 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
                                  int32_t b_row_up, int tid, int mc_rank = -1) {
     int stage = 0;
     uint32_t phase = 0;
+    const MoESm90ASources<T, A_ROWS> a = moe_sm90_a_sources<T, A_ROWS>(sm.a_row, A, stride_am, tid);
     for (int t = 0; t < tile.num_tiles; ++t) {
-        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, sm.a_row, b_map, A, stride_am, K, b_row,
-                                                                    b_row_up, tile, t, stage, phase, tid, mc_rank);
+        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, a, b_map, A, K, b_row, b_row_up, tile, t,
+                                                                    stage, phase, tid, mc_rank);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -477,8 +512,8 @@ struct MoEGemmSm90Traits {
     // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
     static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
     static constexpr int LAUNCH_REGISTERS = 168;
-    static constexpr int PRODUCER_REGISTERS = 40;
-    static constexpr int CONSUMER_REGISTERS = 232;
+    static constexpr int PRODUCER_REGISTERS = 56;
+    static constexpr int CONSUMER_REGISTERS = 224;
 
     // Output staging: the tile in the type that goes to global memory (with FUSED_ACT, the
     // BLOCK_N / 2 activated columns).
@@ -1012,8 +1047,8 @@ struct MoEGemmSm90PersistentTraits {
     // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
     static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
     static constexpr int LAUNCH_REGISTERS = 168;
-    static constexpr int PRODUCER_REGISTERS = 40;
-    static constexpr int CONSUMER_REGISTERS = 232;
+    static constexpr int PRODUCER_REGISTERS = 56;
+    static constexpr int CONSUMER_REGISTERS = 224;
 
     // Named barrier of the producer warpgroup (the consumers use none).
     static constexpr int PRODUCER_BARRIER = 1;
@@ -1099,10 +1134,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+            const MoESm90ASources<T, BLOCK_M> a = moe_sm90_a_sources<T, BLOCK_M>(a_rows, A, stride_am, tid);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a_rows, &b_map, A, stride_am, K,
-                                                                                b_row, b_row_up, tile, k, stage,
-                                                                                phase, tid);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a, &b_map, A, K, b_row, b_row_up,
+                                                                                tile, k, stage, phase, tid);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
