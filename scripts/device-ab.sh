@@ -4,7 +4,7 @@
 #   old          dist-ab/fused-moe-old (a binary from before the change) with the shipped tables
 #   shipped      dist/fused-moe with the shipped tables
 #   VARIANT      dist/fused-moe with scripts/exp_tables.py's tables of that variant (groups, groups:1,
-#                cluster, cluster-all: see exp_tables.py)
+#                cluster, cluster-all, cluster-deep, patch:FILE: see exp_tables.py)
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 # For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
 # (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]
@@ -19,8 +19,9 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then
   if [[ $status != 0 ]]; then echo "check failed: no A/B"; exit 1; fi
 fi
 settings=${SETTINGS:-shipped cluster cluster-all}
+table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }
 for setting in $settings; do
-  [[ $setting == old || $setting == shipped ]] || python3 scripts/exp_tables.py "/tmp/exp-$setting" "$setting" > /dev/null
+  [[ $setting == old || $setting == shipped ]] || python3 scripts/exp_tables.py "$(table_dir "$setting")" "$setting" > /dev/null || status=1
 done
 rows=(${ROWS:-mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
       qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192})
@@ -30,10 +31,10 @@ for round in $(seq 1 ${ROUNDS:-1}); do
     for setting in $settings; do
       bin=dist/fused-moe; env=()
       [[ $setting == old ]] && bin=dist-ab/fused-moe-old
-      [[ $setting == old || $setting == shipped ]] || env=(FUSED_MOE_CONFIG_DIR=/tmp/exp-$setting)
+      [[ $setting == old || $setting == shipped ]] || env=(FUSED_MOE_CONFIG_DIR=$(table_dir "$setting"))
       env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
-        --ceilings "$OUT/ceilings.json" --json "/tmp/ab-$round-$shape-$setting.json" > /dev/null 2>&1 || status=1
-      python3 - "$round" "$setting" "/tmp/ab-$round-$shape-$setting.json" >> "$OUT/ab.txt" <<'PY'
+        --ceilings "$OUT/ceilings.json" --json "$(table_dir "ab-$round-$shape-$setting").json" > /dev/null 2>&1 || status=1
+      python3 - "$round" "${setting##*/}" "$(table_dir "ab-$round-$shape-$setting").json" >> "$OUT/ab.txt" <<'PY'
 import json, sys
 rnd, setting, path = sys.argv[1:]
 try:

@@ -15,6 +15,9 @@ Variants (the rest of each table as shipped; every change applies to GEMM1 and G
   cluster-all   as cluster, and such wgmma_persistent entries become clustered wgmma entries too
                 (same tile and ring).
   cluster-deep  as cluster, with the deepest ring of the tile (4 stages for 128x256).
+  patch:FILE    merges FILE (JSON: {table file name: {batch size: {key: value, ..., "GEMM2": {...}}}})
+                into the tables: the given keys replace the shipped ones; a GEMM2 object without
+                one in the entry starts from a copy of the entry's GEMM1 keys.
 A bare number is read as groups:NUMBER (the older command line).
 """
 import json
@@ -28,9 +31,10 @@ variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
 if variant.isdigit():
     variant = f"groups:{variant}"
 kind, _, arg = variant.partition(":")
-if kind not in ("groups", "cluster", "cluster-all", "cluster-deep"):
-    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all, cluster-deep)")
-cap = int(arg) if arg else 32
+if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "patch"):
+    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all, cluster-deep, patch:FILE)")
+cap = int(arg) if arg and kind == "groups" else 32
+patch = json.loads(Path(arg).read_text()) if kind == "patch" else {}
 out.mkdir(parents=True, exist_ok=True)
 
 
@@ -46,6 +50,8 @@ def blocks_per_expert(entry, tokens, k, experts):
 
 
 def change(entry, tokens, k, experts):
+    if kind == "patch":
+        return
     if entry.get("KERNEL") not in ("wgmma", "wgmma_persistent") or entry["BLOCK_SIZE_M"] < 64:
         return
     blocks = blocks_per_expert(entry, tokens, k, experts)
@@ -70,5 +76,13 @@ for name, table in tables.items():
         change(entry, int(m), k, experts)
         if "GEMM2" in entry:  # (without one, GEMM2 runs GEMM1's entry, group included)
             change(entry["GEMM2"], int(m), k, experts)
+    for m, keys in patch.get(name, {}).items():
+        entry = table.setdefault(m, {})
+        for key, value in keys.items():
+            if key == "GEMM2":
+                second = entry.setdefault("GEMM2", {k: v for k, v in entry.items() if k != "GEMM2"})
+                second.update(value)
+            else:
+                entry[key] = value
     (out / name).write_text(json.dumps(table, indent=1))
     print("wrote", out / name)
