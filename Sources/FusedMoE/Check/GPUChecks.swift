@@ -366,6 +366,20 @@ public final class GPUChecks {
         }
     }
 
+    /// A bf16 case with few experts and several m-blocks each (E = 4, k = 2, 900 tokens): weights,
+    /// inputs, an output buffer and the fp32 reference.
+    func fewExpertCase(hidden: Int, intermediate: Int, seed: UInt64) throws
+        -> (MoEShape, Int, LayerWeights, LayerInputs, DeviceBuffer, [Double])
+    {
+        let shape = try MoEShape(experts: 4, topK: 2, hidden: hidden, intermediate: intermediate)
+        let tokens = 900
+        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
+        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
+        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        return (shape, tokens, weights, inputs, out, reference)
+    }
+
     /// The wgmma kernels' expert-aligned tile groups: few experts with several m-blocks each (E = 4,
     /// k = 2, 900 tokens: about 450 rows per expert, so BLOCK_M 128 runs end in blocks of either
     /// side of 64 rows, where the second consumer warpgroup skips its products), GROUP_SIZE_M 3 or 5
@@ -373,12 +387,7 @@ public final class GPUChecks {
     /// same plan with GROUP_SIZE_M 1 (the order of the tiles changes no tile's sums). Then an expert
     /// map that owns every other expert (runs of unowned blocks between owned ones).
     func checkExpertGroups(seed: UInt64) throws {
-        let shape = try MoEShape(experts: 4, topK: 2, hidden: 512, intermediate: 256)
-        let tokens = 900
-        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
-        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
-        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
-        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        let (shape, tokens, weights, inputs, out, reference) = try fewExpertCase(hidden: 512, intermediate: 256, seed: seed)
         let grouped: [(GemmConfig, Int, SplitMode)] = [
             (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3), 1, .none),
             (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3), 2, .workspace),
@@ -436,12 +445,7 @@ public final class GPUChecks {
     /// owning every other expert. Each against the fp32 reference and, deterministic, bit for bit the
     /// same plan without the cluster (sharing moves bytes, not sums).
     func checkClusterPairs(seed: UInt64) throws {
-        let shape = try MoEShape(experts: 4, topK: 2, hidden: 640, intermediate: 320)
-        let tokens = 900
-        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
-        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed + 1, stream: stream)
-        let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
-        let reference = try inputs.reference(weights: weights, library: library, stream: stream)
+        let (shape, tokens, weights, inputs, out, reference) = try fewExpertCase(hidden: 640, intermediate: 320, seed: seed)
         let map: [Int32] = [0, -1, 1, -1]
         let local = try MoEShape(experts: 2, topK: 2, hidden: 640, intermediate: 320)
         let localWeights = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: seed + 2, stream: stream)
