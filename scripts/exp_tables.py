@@ -15,6 +15,9 @@ Variants (the rest of each table as shipped; every change applies to GEMM1 and G
   cluster-all   as cluster, and such wgmma_persistent entries become clustered wgmma entries too
                 (same tile and ring).
   cluster-deep  as cluster, with the deepest ring of the tile (4 stages for 128x256).
+  deep          every wgmma entry (BLOCK_SIZE_M >= 64) takes the deepest ring of its tile (NOTES v13:
+                after the producer fix the consumers' remaining waits are load latency; the tables'
+                3-stage 128x256 entries were chosen before it).
   patch:FILE    merges FILE (JSON: {table file name: {batch size: {key: value, ..., "GEMM2": {...}}}})
                 into the tables: the given keys replace the shipped ones; a GEMM2 object without
                 one in the entry starts from a copy of the entry's GEMM1 keys.
@@ -31,8 +34,9 @@ variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
 if variant.isdigit():
     variant = f"groups:{variant}"
 kind, _, arg = variant.partition(":")
-if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "patch"):
-    sys.exit(f"exp_tables.py: unknown variant {variant!r} (groups[:CAP], cluster, cluster-all, cluster-deep, patch:FILE)")
+if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "deep", "patch"):
+    sys.exit(f"exp_tables.py: unknown variant {variant!r} "
+             "(groups[:CAP], cluster, cluster-all, cluster-deep, deep, patch:FILE)")
 cap = int(arg) if arg and kind == "groups" else 32
 patch = json.loads(Path(arg).read_text()) if kind == "patch" else {}
 out.mkdir(parents=True, exist_ok=True)
@@ -49,8 +53,18 @@ def blocks_per_expert(entry, tokens, k, experts):
     return max((rows + block_m - 1) // block_m, 1)
 
 
+def deepest_ring(entry):
+    """moe_gemm_sm90's deepest ring: STAGES * 128 * (BM + BN) + 16 * STAGES + 8 * BM + 1024 <= 232448."""
+    bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
+    return max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
+
+
 def change(entry, tokens, k, experts):
     if kind == "patch":
+        return
+    if kind == "deep":
+        if entry.get("KERNEL") == "wgmma" and entry["BLOCK_SIZE_M"] >= 64:
+            entry["num_stages"] = deepest_ring(entry)
         return
     if entry.get("KERNEL") not in ("wgmma", "wgmma_persistent") or entry["BLOCK_SIZE_M"] < 64:
         return
@@ -65,9 +79,7 @@ def change(entry, tokens, k, experts):
     entry["CLUSTER_M"] = 2
     entry["GROUP_SIZE_M"] = min(max(2, group + group % 2), 32)
     if kind == "cluster-deep":
-        # moe_gemm_sm90's ring: STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 8 * BLOCK_M + 1024 <= 232448
-        bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
-        entry["num_stages"] = max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
+        entry["num_stages"] = deepest_ring(entry)
 
 
 for name, table in tables.items():
