@@ -11,7 +11,10 @@ struct Tune: ParsableCommand {
             kept only if it beats the built-in heuristic. Candidates compile in parallel on the host's cores.
             --out names a JSON object mapping SGLang file names (E=..,N=..,device_name=...json) to tables, merged into \
             the file if it exists: Sources/MoEConfigs/configs.json is the one shipped in the binary. --sglang-dir \
-            also writes one file per shape in SGLang's layout (FUSED_MOE_CONFIG_DIR reads such a folder).
+            also writes one file per shape in SGLang's layout (FUSED_MOE_CONFIG_DIR reads such a folder). \
+            --refine searches only around the plan in use (FUSED_MOE_CONFIG_DIR, the shipped tables or the \
+            heuristic): one knob moved at a time, a few candidates per batch size, and the plan in use is what a \
+            winner must beat.
             """)
 
     @Option(name: .customLong("shape"), help: "A preset shape; repeat for several.")
@@ -32,6 +35,9 @@ struct Tune: ParsableCommand {
     @Option(help: "Seed for the random inputs.")
     var seed: UInt64 = 7
 
+    @Flag(help: "Search only the neighbours of the plan in use (stages, BLOCK_N, persistent, split, groups, clusters).")
+    var refine = false
+
     func validate() throws {
         guard dtype != .fp32 else { throw ValidationError("--dtype must be bf16 or fp16 on the GPU") }
         try validatePresetNames(shapes)
@@ -48,7 +54,8 @@ struct Tune: ParsableCommand {
         if let text = readTextFile(out), case .object(let members) = try JSON.parse(text, source: out) { merged = members }
         for name in shapes {
             let preset = try ShapePreset.named(name)
-            let outcomes = try tuner.tune(preset: preset, batchSizes: batches, dtype: dtype, seed: seed, progress: ProgressPrinter().show)
+            let outcomes = try tuner.tune(
+                preset: preset, batchSizes: batches, dtype: dtype, seed: seed, around: refine, progress: ProgressPrinter().show)
             let table = ConfigTable(source: out, entries: outcomes.map { ($0.tokens, $0.plan) })
             let fileName = ConfigTable.fileName(
                 experts: preset.shape.experts, n: preset.shape.intermediate, deviceName: device.properties.name, dtype: nil)
@@ -56,7 +63,8 @@ struct Tune: ParsableCommand {
             merged.append((fileName, table.json))
             print("\(preset.name) -> \(fileName)")
             for outcome in outcomes {
-                print("  M=\(outcome.tokens): \(format(outcome.milliseconds, 4)) ms (heuristic \(format(outcome.heuristicMilliseconds, 4)) ms, \(outcome.candidates) candidates) \(outcome.plan)")
+                let baseline = refine ? "in use" : "heuristic"
+                print("  M=\(outcome.tokens): \(format(outcome.milliseconds, 4)) ms (\(baseline) \(format(outcome.heuristicMilliseconds, 4)) ms, \(outcome.candidates) candidates) \(outcome.plan)")
             }
             if let sglangDir {
                 try writeText(table.json.serialized(indent: 4) + "\n", to: sglangDir + "/" + fileName)

@@ -293,6 +293,37 @@ import Testing
         #expect(Tuner.clusterAlternative(swap, shape: mixtral, tokens: 2048) == nil)
     }
 
+    /// `tune --refine`: one knob moved at a time, every candidate valid, the plan itself first.
+    @Test func tunerNeighbors() throws {
+        let limit = 227 * 1024
+        let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 3, groupSizeM: 8)
+        let around = Tuner.neighbors(of: wide, sharedMemoryLimit: limit)
+        #expect(around.contains { $0.kernel == .wgmma && $0.blockN == 256 && $0.stages == 2 })
+        #expect(around.contains { $0.kernel == .wgmma && $0.blockN == 256 && $0.stages == 4 })
+        #expect(around.contains { $0.kernel == .wgmma && $0.blockN == 128 && $0.stages == 3 })
+        #expect(around.contains { $0.kernel == .wgmmaPersistent && $0.blockN == 256 && $0.stages == 3 })
+        #expect(!around.contains(wide))
+        for candidate in around {
+            #expect(throws: Never.self) { try candidate.validate(sharedMemoryLimit: limit) }
+            #expect(candidate.blockM == wide.blockM && candidate.groupSizeM == wide.groupSizeM)
+        }
+        // The deepest 128x256 ring (4) has no deeper neighbour; the persistent toggle takes the deepest that fits.
+        let deepest = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        #expect(!Tuner.neighbors(of: deepest, sharedMemoryLimit: limit).contains { $0.kernel == .wgmma && $0.stages == 5 })
+        let swap = GemmConfig.wgmma(blockM: 8, blockN: 128, stages: 6, swapAB: true)
+        let swaps = Tuner.neighbors(of: swap, sharedMemoryLimit: limit)
+        #expect(swaps.contains { $0.blockN == 64 && $0.stages == 6 && $0.splitK == 1 })
+        #expect(swaps.contains { $0.blockN == 128 && $0.splitK == 2 && $0.splitMode == .workspace })
+        #expect(swaps.allSatisfy { $0.kernel == .wgmmaSwap && $0.blockM == 8 })
+
+        let plan = try MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 8, blockN: 64, stages: 8, swapAB: true))
+        let plans = Tuner.neighborPlans(of: plan, sharedMemoryLimit: limit)
+        #expect(plans.first == plan)
+        #expect(Set(plans).count == plans.count)
+        // Every other candidate moves exactly one GEMM.
+        #expect(plans.dropFirst().allSatisfy { ($0.gemm1 == plan.gemm1) != ($0.gemm2 == plan.gemm2) })
+    }
+
     @Test func heuristicSplitsOnlyWhenTilesAreFew() throws {
         let seed = try ShapePreset.named("seed4096").shape
         let decode = PlanSelector.heuristic(shape: seed, tokens: 1, multiprocessors: 132)

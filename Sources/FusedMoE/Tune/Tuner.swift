@@ -11,6 +11,11 @@ import CUDA
 /// runs with the heuristic's GROUP_SIZE_M; a refinement pass then reruns each BLOCK_M's winners
 /// with the other groups worth trying (`groupAlternatives`), then in clusters of two
 /// (`clusterAlternative`).
+///
+/// With `around: true` (`fused-moe tune --refine`) the search starts from the plan in use (a table
+/// in `FUSED_MOE_CONFIG_DIR`, the shipped tables, or the heuristic) and tries only its neighbours,
+/// one knob moved at a time (`neighborPlans`): a few candidates per batch size instead of a hundred,
+/// for re-checking tables after a kernel change; the plan in use is the baseline a winner must beat.
 public final class Tuner {
     public let library: KernelLibrary
     let bench: GPUBench
@@ -25,6 +30,7 @@ public final class Tuner {
         public var tokens: Int
         public var plan: MoEPlan
         public var milliseconds: Double
+        /// The baseline's time: the heuristic's, or with `around` the plan in use before.
         public var heuristicMilliseconds: Double
         public var relativeError: Double
         public var candidates: Int
@@ -126,17 +132,92 @@ public final class Tuner {
         return clustered
     }
 
+    /// One GEMM's configs with one knob moved: stages one less and one more; for the wide wgmma
+    /// kernels the other BLOCK_N (128 or 256) and the persistent kernel toggled (keeping the ring
+    /// when it fits, else the deepest one that does); for the swap-AB kernel the other BLOCK_N (64
+    /// or 128) and SPLIT_K 1 or 2 (workspace). Only configs that validate on this GPU.
+    static func neighbors(of config: GemmConfig, sharedMemoryLimit: Int) -> [GemmConfig] {
+        var result: [GemmConfig] = []
+        func add(_ candidate: GemmConfig) {
+            if candidate != config && !result.contains(candidate)
+                && (try? candidate.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil
+            {
+                result.append(candidate)
+            }
+        }
+        // The same config with the deepest ring that fits, from the current one down.
+        func fitted(_ candidate: GemmConfig) -> GemmConfig {
+            var shallower = candidate
+            while shallower.stages > 2 && (try? shallower.validate(sharedMemoryLimit: sharedMemoryLimit)) == nil {
+                shallower.stages -= 1
+            }
+            return shallower
+        }
+        for delta in [-1, 1] {
+            var staged = config
+            staged.stages += delta
+            add(staged)
+        }
+        switch config.kernel {
+        case .wgmma, .wgmmaPersistent:
+            var wide = config
+            wide.blockN = config.blockN == 256 ? 128 : 256
+            add(fitted(wide))
+            var toggled = config
+            toggled.kernel = config.kernel == .wgmma ? .wgmmaPersistent : .wgmma
+            toggled.clusterM = 1
+            add(fitted(toggled))
+        case .wgmmaSwap:
+            var other = config
+            other.blockN = config.blockN == 128 ? 64 : 128
+            add(fitted(other))
+            var split = config
+            split.splitK = config.splitK == 1 ? 2 : 1
+            split.splitMode = split.splitK == 1 ? .none : .workspace
+            add(split)
+        case .mma:
+            break
+        }
+        return result
+    }
+
+    /// `plan` itself, then for each GEMM its `neighbors` with the other GEMM kept (GEMM1 candidates
+    /// take the activation where `PlanSelector.fusesActivation` says).
+    static func neighborPlans(of plan: MoEPlan, sharedMemoryLimit: Int) -> [MoEPlan] {
+        var result = [plan]
+        for candidate in neighbors(of: plan.gemm1, sharedMemoryLimit: sharedMemoryLimit) {
+            guard var moved = try? MoEPlan(gemm1: candidate, gemm2: plan.gemm2) else { continue }
+            moved.fusedActivation = PlanSelector.fusesActivation(gemm1: candidate)
+            result.append(moved)
+        }
+        for candidate in neighbors(of: plan.gemm2, sharedMemoryLimit: sharedMemoryLimit) {
+            guard var moved = try? MoEPlan(gemm1: plan.gemm1, gemm2: candidate) else { continue }
+            moved.fusedActivation = plan.fusedActivation
+            result.append(moved)
+        }
+        return result
+    }
+
     /// Tunes one shape over `batchSizes`; `progress` gets a one-line status with the time left.
+    /// `around`: search the neighbours of the plan in use instead of every tile (see the type).
     public func tune(
-        preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, progress: (String) -> Void
+        preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, around: Bool = false,
+        progress: (String) -> Void
     ) throws -> [Outcome] {
         let device = library.device
         let shape = preset.shape
         let limit = device.properties.sharedMemoryPerBlockOptIn
         let multiprocessors = device.properties.multiprocessorCount
-        // Every candidate layer, per batch size.
-        var work: [(tokens: Int, plans: [MoEPlan])] = []
+        // Every candidate layer, per batch size, and the baseline the winner must beat.
+        var work: [(tokens: Int, plans: [MoEPlan], baseline: MoEPlan)] = []
         for tokens in batchSizes {
+            if around {
+                let current = try PlanSelector.plan(
+                    shape: shape, tokens: tokens, multiprocessors: multiprocessors, sharedMemoryLimit: limit,
+                    deviceName: device.properties.name, architecture: device.properties.architecture)
+                work.append((tokens, Tuner.neighborPlans(of: current, sharedMemoryLimit: limit), current))
+                continue
+            }
             var plans: [MoEPlan] = []
             let hopper = device.properties.architecture == "sm_90a"
             for blockM in Tuner.blockMs(shape: shape, tokens: tokens, hopper: hopper) {
@@ -158,7 +239,7 @@ public final class Tuner {
                     }
                 }
             }
-            work.append((tokens, plans))
+            work.append((tokens, plans, PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)))
         }
         let total = work.reduce(0) { $0 + $1.plans.count }
         progress("\(preset.name): \(total) candidate layers over \(batchSizes.count) batch sizes; compiling...")
@@ -177,7 +258,7 @@ public final class Tuner {
         var pruned = 0
         let copyBandwidth = try bench.measureCopyBandwidth()
         let start = HostClock.now()
-        for (tokens, plans) in work {
+        for (tokens, plans, baseline) in work {
             let inputs = try LayerInputs(tools: bench.tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(tokens), stream: bench.stream)
             let out = try DeviceBuffer(device: device, byteCount: tokens * shape.hidden * dtype.byteCount)
             // Best GEMM1 and GEMM2 per BLOCK_M, and the other stages' time.
@@ -264,19 +345,20 @@ public final class Tuner {
                 }
             }
             guard let plan = bestPlan else { throw MoEError.unsupported("no candidate ran for M=\(tokens)") }
-            // The winner and the heuristic, timed the way bench times them, and the winner checked.
-            let heuristic = PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
+            // The winner and the baseline (the heuristic, or the plan in use), timed the way bench times
+            // them, and the winner checked.
+            let heuristic = baseline
             let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
             let layer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
             let error = relativeError(try inputs.runPoisoned(layer, out: out, stream: bench.stream).values, reference)
             let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
             let heuristicLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: heuristic, maxTokens: tokens)
             let heuristicMs = try bench.time(layer: heuristicLayer, inputs: [inputs], out: out, tokens: tokens)
-            progress("M=\(tokens): \(format(ms, 4)) ms (heuristic \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
+            progress("M=\(tokens): \(format(ms, 4)) ms (\(around ? "in use" : "heuristic") \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
             guard error < errorBound(dtype) else {
                 throw MoEError.mismatch("the tuned plan for M=\(tokens) gives rel_err \(error): \(plan)")
             }
-            // Keep the heuristic when the search did not beat it.
+            // Keep the baseline when the search did not beat it.
             let chosen = ms <= heuristicMs ? plan : heuristic
             outcomes.append(Outcome(
                 tokens: tokens, plan: chosen, milliseconds: min(ms, heuristicMs), heuristicMilliseconds: heuristicMs,
