@@ -150,7 +150,8 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
 
     for (int e = threadIdx.x; e < WARPS * num_experts; e += WARPS * 32) warp_counts[e] = 0;
 
-    // The warp's ids, all loaded before any is used (one memory round trip), kept for both passes.
+    // Each pass loads the warp's ids before using any (one memory round trip per pass; kept across
+    // the passes, the 16 ids made ptxas spill).
     int32_t ids[ITEMS_PER_LANE];
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
@@ -180,6 +181,8 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
 
     // Pass 2: each pair goes to its warp's position for the expert plus its rank among the
     // lanes below with the same expert.
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         const int64_t i = warp_begin + it * 32 + lane;

@@ -20,17 +20,26 @@ struct KernelCompileTests {
         }
     }
 
+    /// The FUSED_ACT template argument of a wgmma kernel's name expression (the seventh in all three
+    /// kernels: type, two tile sizes, stages, mode, routed weight, activation[, cluster]).
+    func fusedActivation(_ expression: String) -> Int? {
+        guard let open = expression.firstIndex(of: "<"), let close = expression.lastIndex(of: ">") else { return nil }
+        let arguments = expression[expression.index(after: open)..<close].split(separator: ",")
+        return arguments.count > 6 ? Int(arguments[6].trimmingCharacters(in: .whitespaces)) : nil
+    }
+
     @Test func hopperKernelsCompileWithoutSpills() throws {
         let wide = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         let swap = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true)
         let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
-        for config in [wide, swap, persistent] {
+        let clustered = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 2, clusterM: 2)
+        for config in [wide, swap, persistent, clustered] {
             // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
             #expect(config.fusesActivation)
             for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)
             where request.source == .gemmSM90 {
                 // GEMM1 with gelu in its epilogue.
-                #expect(request.expressions.contains { $0.hasSuffix("false, 2>") }, "\(request.expressions)")
+                #expect(request.expressions.contains { fusedActivation($0) == 2 }, "\(request.expressions)")
                 let program = try compile(request)
                 #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
             }
@@ -59,7 +68,7 @@ struct KernelCompileTests {
             #expect(config.tensorMapBoxRows(fusedActivation: true) == config.blockN / 2)
             let request = try #require(CUDAMoELayer.requests(dtype: .fp16, plan: MoEPlan(both: config), activation: .silu)
                 .first { $0.source == .gemmSM90 })
-            #expect(request.expressions.first?.hasSuffix("false, 1>") == true, "\(request.expressions)")
+            #expect(request.expressions.first.flatMap(fusedActivation) == 1, "\(request.expressions)")
             let program = try compile(request)
             #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
         }
