@@ -195,27 +195,30 @@ public final class Kernel: @unchecked Sendable {
                     pointers[index] = base + offsets[index]
                 }
                 if programmaticDependentLaunch || clusterX > 1, let launchEx = driver.cuLaunchKernelEx {
-                    var attributes: [CCUDALaunchAttribute] = []
-                    if programmaticDependentLaunch {
-                        var attribute = CCUDALaunchAttribute()
-                        attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-                        attribute.value.programmaticStreamSerializationAllowed = 1
-                        attributes.append(attribute)
-                    }
-                    if clusterX > 1 {
-                        var attribute = CCUDALaunchAttribute()
-                        attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-                        attribute.value.clusterDim.x = UInt32(clusterX)
-                        attribute.value.clusterDim.y = 1
-                        attribute.value.clusterDim.z = 1
-                        attributes.append(attribute)
-                    }
-                    return attributes.withUnsafeMutableBufferPointer { attributePointer in
+                    // At most two attributes, on the stack: launch runs on every forward.
+                    return withUnsafeTemporaryAllocation(of: CCUDALaunchAttribute.self, capacity: 2) { attributes in
+                        var count = 0
+                        if programmaticDependentLaunch {
+                            var attribute = CCUDALaunchAttribute()
+                            attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+                            attribute.value.programmaticStreamSerializationAllowed = 1
+                            attributes.initializeElement(at: count, to: attribute)
+                            count += 1
+                        }
+                        if clusterX > 1 {
+                            var attribute = CCUDALaunchAttribute()
+                            attribute.id = Int32(CCUDA_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+                            attribute.value.clusterDim.x = UInt32(clusterX)
+                            attribute.value.clusterDim.y = 1
+                            attribute.value.clusterDim.z = 1
+                            attributes.initializeElement(at: count, to: attribute)
+                            count += 1
+                        }
                         var config = CCUDALaunchConfig(
                             gridDimX: UInt32(grid.x), gridDimY: UInt32(grid.y), gridDimZ: UInt32(grid.z),
                             blockDimX: UInt32(block.x), blockDimY: UInt32(block.y), blockDimZ: UInt32(block.z),
                             sharedMemBytes: UInt32(sharedMemoryBytes), hStream: stream.handle,
-                            attrs: attributePointer.baseAddress, numAttrs: UInt32(attributePointer.count))
+                            attrs: attributes.baseAddress, numAttrs: UInt32(count))
                         return launchEx(&config, function, pointers.baseAddress, nil)
                     }
                 }
