@@ -4,7 +4,9 @@
 #   old          dist-ab/fused-moe-old (a binary from before the change) with the shipped tables
 #   shipped      dist/fused-moe with the shipped tables
 #   VARIANT      dist/fused-moe with scripts/exp_tables.py's tables of that variant (groups, groups:1,
-#                cluster, cluster-all, cluster-deep, patch:FILE: see exp_tables.py)
+#                cluster, cluster-all, cluster-deep, deep, bulk, bulk-all, patch:FILE: see exp_tables.py)
+#   X+define:D   setting X with the kernels compiled under FUSED_MOE_KERNEL_DEFINES="D" (D: NAME=VALUE
+#                words joined by commas, e.g. shipped+define:MOE_SM90_SKIP_PADDING=0,MOE_SM90_BULK_STORE=0)
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 # For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
 # (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]
@@ -20,8 +22,11 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then
 fi
 settings=${SETTINGS:-shipped cluster cluster-all}
 table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }
+tables_of() { echo "${1%%+define:*}"; }
+defines_of() { [[ $1 == *+define:* ]] && echo "${1##*+define:}" | tr , ' '; }
 for setting in $settings; do
-  [[ $setting == old || $setting == shipped ]] || python3 scripts/exp_tables.py "$(table_dir "$setting")" "$setting" > /dev/null || status=1
+  tables=$(tables_of "$setting")
+  [[ $tables == old || $tables == shipped ]] || python3 scripts/exp_tables.py "$(table_dir "$tables")" "$tables" > /dev/null || status=1
 done
 rows=(${ROWS:-mixtral_tp2:512,1024,2048,4096,8192 seed4096:1024,2048,4096,8192 seed8192:2048,4096,8192
       qwen235_tp2:1024,2048,4096,8192 dsv3_tp4:2048,4096,8192})
@@ -29,9 +34,9 @@ for round in $(seq 1 ${ROUNDS:-1}); do
   for row in "${rows[@]}"; do
     shape=${row%%:*}; ms=${row##*:}
     for setting in $settings; do
-      bin=dist/fused-moe; env=()
-      [[ $setting == old ]] && bin=dist-ab/fused-moe-old
-      [[ $setting == old || $setting == shipped ]] || env=(FUSED_MOE_CONFIG_DIR=$(table_dir "$setting"))
+      bin=dist/fused-moe; env=(FUSED_MOE_KERNEL_DEFINES="$(defines_of "$setting")"); tables=$(tables_of "$setting")
+      [[ $tables == old ]] && bin=dist-ab/fused-moe-old
+      [[ $tables == old || $tables == shipped ]] || env+=(FUSED_MOE_CONFIG_DIR=$(table_dir "$tables"))
       env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
         --ceilings "$OUT/ceilings.json" --json "$(table_dir "ab-$round-$shape-$setting").json" > /dev/null 2>&1 || status=1
       python3 - "$round" "${setting##*/}" "$(table_dir "ab-$round-$shape-$setting").json" >> "$OUT/ab.txt" <<'PY'
@@ -43,7 +48,7 @@ except (OSError, ValueError, KeyError):
     print(f"{rnd} {setting}: no result ({path})")
     rows = []
 for r in rows:
-    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:11} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  {r['variant']}")
+    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:22} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  {r['variant']}")
 PY
     done
   done

@@ -2,6 +2,7 @@ import CUDA
 import MoEKernels
 import Synchronization
 import Dispatch
+import Glibc
 
 /// The kernel sources embedded in the binary (Sources/MoEKernels), one per kernel family.
 public enum KernelSource: String, CaseIterable, Sendable {
@@ -62,11 +63,41 @@ public final class KernelLibrary: @unchecked Sendable {
         self.device = device
         self.compiler = try NVRTC.shared()
         self.cache = cache
+        self.defines = try KernelLibrary.experimentDefines(
+            getenv(KernelLibrary.definesEnvironmentVariable).map { String(cString: $0) } ?? "")
     }
+
+    /// Macro definitions for kernel experiments (same-binary A/B of a kernel variant: the sources
+    /// read a few `MOE_*` switches, bench/NOTES.md names them), as `NAME=VALUE` words separated by
+    /// spaces. They are compile options, so they are part of every cache key.
+    public static let definesEnvironmentVariable = "FUSED_MOE_KERNEL_DEFINES"
+
+    /// `-D` options from `FUSED_MOE_KERNEL_DEFINES`.
+    /// - Throws: `CUDAError` of domain `.usage` for a word that is not `NAME=VALUE` (NAME an upper-case
+    ///   identifier starting `MOE_`, VALUE letters, digits and `_`).
+    public static func experimentDefines(_ text: String) throws(CUDAError) -> [String] {
+        var options: [String] = []
+        for word in text.split(whereSeparator: \.isWhitespace) {
+            let parts = word.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let nameOK = parts[0].hasPrefix("MOE_") && parts[0].allSatisfy { $0.isUppercase || $0.isNumber || $0 == "_" }
+            let valueOK = parts.count == 2 && !parts[1].isEmpty
+                && parts[1].allSatisfy { ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "_" }
+            guard nameOK && valueOK else {
+                throw CUDAError(
+                    domain: .usage, code: 0, name: "usage", call: definesEnvironmentVariable,
+                    message: "'\(word)': expected NAME=VALUE words (NAME upper-case starting MOE_, VALUE letters, digits, _)")
+            }
+            options.append("-D\(word)")
+        }
+        return options
+    }
+
+    /// The experiment defines in force (`FUSED_MOE_KERNEL_DEFINES`), as `-D` options.
+    public let defines: [String]
 
     /// The NVRTC options for this device.
     public var options: [String] {
-        KernelLibrary.options(architecture: device.properties.architecture)
+        KernelLibrary.options(architecture: device.properties.architecture) + defines
     }
 
     public static func options(architecture: String) -> [String] {
