@@ -4,9 +4,9 @@
 #   old          dist-ab/fused-moe-old (a binary from before the change) with the shipped tables
 #   shipped      dist/fused-moe with the shipped tables
 #   VARIANT      dist/fused-moe with scripts/exp_tables.py's tables of that variant (groups, groups:1,
-#                cluster, cluster-all, cluster-deep, deep, bulk, bulk-all, patch:FILE: see exp_tables.py)
+#                cluster, cluster-all, cluster-deep, deep, patch:FILE: see exp_tables.py)
 #   X+define:D   setting X with the kernels compiled under FUSED_MOE_KERNEL_DEFINES="D" (D: NAME=VALUE
-#                words joined by commas, e.g. shipped+define:MOE_SM90_SKIP_PADDING=0,MOE_SM90_BULK_STORE=0)
+#                words joined by commas, e.g. shipped+define:MOE_SM90_EARLY_SCHEDULE=0)
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 # For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
 # (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]

@@ -18,10 +18,6 @@ Variants (the rest of each table as shipped; every change applies to GEMM1 and G
   deep          every wgmma entry (BLOCK_SIZE_M >= 64) takes the deepest ring of its tile (NOTES v13:
                 after the producer fix the consumers' remaining waits are load latency; the tables'
                 3-stage 128x256 entries were chosen before it).
-  bulk          every unsplit wgmma_persistent entry takes the deepest ring that leaves room for its
-                bulk-copy epilogue (the whole output tile staged: 3 stages for 128x256; NOTES v14).
-  bulk-all      as bulk, and every unsplit wgmma entry (BLOCK_SIZE_M >= 64) at M >= 1024 becomes such a
-                persistent entry too.
   patch:FILE    merges FILE (JSON: {table file name: {batch size: {key: value, ..., "GEMM2": {...}}}})
                 into the tables: the given keys replace the shipped ones; a GEMM2 object without
                 one in the entry starts from a copy of the entry's GEMM1 keys.
@@ -38,9 +34,9 @@ variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
 if variant.isdigit():
     variant = f"groups:{variant}"
 kind, _, arg = variant.partition(":")
-if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "deep", "bulk", "bulk-all", "patch"):
+if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "deep", "patch"):
     sys.exit(f"exp_tables.py: unknown variant {variant!r} "
-             "(groups[:CAP], cluster, cluster-all, cluster-deep, deep, bulk, bulk-all, patch:FILE)")
+             "(groups[:CAP], cluster, cluster-all, cluster-deep, deep, patch:FILE)")
 cap = int(arg) if arg and kind == "groups" else 32
 patch = json.loads(Path(arg).read_text()) if kind == "patch" else {}
 out.mkdir(parents=True, exist_ok=True)
@@ -63,24 +59,8 @@ def deepest_ring(entry):
     return max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
 
 
-def bulk_ring(entry):
-    """moe_gemm_sm90_persistent's deepest ring with the bulk-copy epilogue's staging (GemmConfig):
-    STAGES * 128 * (BM + BN) + 16 * STAGES + 8 * BM + BM * (2 * BN + 16) + 1024 <= 232448."""
-    bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
-    fits = [s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + bm * (2 * bn + 16) + 1024 <= 232448]
-    return max(fits) if fits else None
-
-
 def change(entry, tokens, k, experts):
     if kind == "patch":
-        return
-    if kind in ("bulk", "bulk-all"):
-        if entry.get("SPLIT_K", 1) != 1 or entry["BLOCK_SIZE_M"] < 64:
-            return
-        if entry.get("KERNEL") == "wgmma" and kind == "bulk-all" and tokens >= 1024 and entry.get("CLUSTER_M", 1) == 1:
-            entry["KERNEL"] = "wgmma_persistent"
-        if entry.get("KERNEL") == "wgmma_persistent" and bulk_ring(entry):
-            entry["num_stages"] = bulk_ring(entry)
         return
     if kind == "deep":
         if entry.get("KERNEL") == "wgmma" and entry["BLOCK_SIZE_M"] >= 64:

@@ -400,28 +400,6 @@ MOE_DEVICE void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
 /// cp.async.wait_all: wait for every cp.async this thread has issued.
 MOE_DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-/// cp.async.bulk.global.shared::cta.bulk_group: `bytes` (a multiple of 16; both addresses 16-byte
-/// aligned) copied from shared memory at src to global memory at dst by the copy engine, in this
-/// thread's current bulk group. Shared writes the copy reads must be made visible to the async proxy
-/// first (fence_proxy_async_shared_cta, then a barrier over the writers, before the issue).
-MOE_DEVICE void bulk_store_shared_to_global(void* dst, uint32_t src, uint32_t bytes) {
-    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
-                 : "memory");
-}
-
-/// cp.async.bulk.commit_group: closes this thread's bulk group of the copies issued since the last commit.
-MOE_DEVICE void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-
-/// cp.async.bulk.wait_group.read N: waits until at most N of this thread's bulk groups still read their
-/// shared-memory source (the source may be rewritten then; the global writes may still be in flight).
-template <int N> MOE_DEVICE void bulk_wait_group_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-}
-
-/// cp.async.bulk.wait_group N: waits until at most N of this thread's bulk groups are incomplete
-/// (their global writes done).
-template <int N> MOE_DEVICE void bulk_wait_group() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 /// prefetch.tensormap: bring a tensor map (generic address of a __grid_constant__ parameter)
 /// into the cache the copy engine reads it from.
 MOE_DEVICE void prefetch_tensormap(const CUtensorMap* map) {

@@ -118,18 +118,11 @@
 //         Both roles decide which tiles exist and which have K work with the same call on the same
 //         inputs, so every full/empty phase is waited for by the side that the other side signals.
 // Shared memory (dynamic, no static):
-//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + ROW*BLOCK_M
-//         (MoEGemmSm90PersistentTraits::SMEM_BYTES); the host passes SMEM_BYTES + 1024 and raises the
-//         dynamic limit to that. ROW (STAGING_ROW_BYTES) is BLOCK_N*2 + 16 in mode 0 when that total
-//         stays within 227 KB (BULK_STORE: 128x256 with up to 3 stages, 128x128 up to 5, 64x256 up to
-//         4), else 256. Layout: moe_gemm_sm90's (A ring, B ring, full/empty barriers, two BLOCK_M int32
-//         tables), then the output staging: consumer warp w's rows [16 w, 16 w + 16) at 16*ROW*w.
-//         BULK_STORE (and N of the stored columns and stride_cm multiples of 8): each warp writes its
-//         rounded rows unswizzled at ROW bytes apart (the 16-byte pad spreads a fragment write over all
-//         banks) and lane r < 16 stores row r with one bulk copy (cp.async.bulk.global.shared::cta),
-//         which runs on while the warp multiplies the next tile; before rewriting its rows the warp
-//         waits until its copies have read them, and before exit until they are complete.
-//         Otherwise a warp stages its rows in passes of
+//         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
+//         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
+//         SMEM_BYTES + 1024 and raises the dynamic limit to that. Layout: moe_gemm_sm90's (A ring, B ring,
+//         full/empty barriers, two BLOCK_M int32 tables), then the output staging, 256 bytes per tile
+//         row: consumer warp w's rows [16 w, 16 w + 16) at 4096 w. A warp stages its rows in passes of
 //         256-byte rows (128 columns of T in mode 0, 64 floats in modes 1 and 2; 128 bytes for mode 0
 //         with BLOCK_N 64), 16-byte chunk c of row r at c ^ ((r * OUT_BYTES / 2) % 8), so the wgmma
 //         fragment writes (4 or 8 bytes) and the 16-byte reads are free of bank conflicts; each row
@@ -156,9 +149,6 @@
 
 // Experiment switches of the persistent kernel (FUSED_MOE_KERNEL_DEFINES, for same-binary A/Bs;
 // bench/NOTES.md v14). 1 is the shipped behaviour.
-#ifndef MOE_SM90_BULK_STORE
-#define MOE_SM90_BULK_STORE 1  // 0: never the bulk-copy epilogue (the staging stays 256 bytes per row)
-#endif
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
 #endif
@@ -1045,48 +1035,6 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
     }
 }
 
-/// Stores one consumer warp's 16 output rows (mode 0) with the copy engine: the lanes write their
-/// rounded value pairs into the warp's 16 staging rows of OUT_COLS * 2 + 16 bytes (row r at r * ROW:
-/// the 16-byte pad puts the 8 rows of a fragment write on distinct banks), and lane r < 16 copies row
-/// r to C row pair(r) (-1: padding, not stored) with one bulk copy of its min(OUT_COLS, N - n0)
-/// columns (the caller guarantees N % 8 == 0 and stride_cm % 8 == 0: 16-byte sizes and addresses).
-/// The copies run on while the warp goes on to the next tile; the next call first waits until they
-/// have read the staging rows, and the kernel's end until they are complete (moe_sm90_bulk_store_done).
-/// acc is wgmma's layout (moe_sm90_store_warp_rows).
-template <typename OutT, int OUT_COLS, int ACC_LEN>
-MOE_DEVICE void moe_sm90_bulk_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
-                                              OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
-    static_assert(ACC_LEN >= OUT_COLS / 2, "the accumulators hold the OUT_COLS stored columns (first OUT_COLS / 2)");
-    static_assert(sizeof(OutT) == 2 && OUT_COLS % 64 == 0, "rows of a multiple of 128 bytes, plus the pad");
-    constexpr int ROW = OUT_COLS * 2 + 16;
-    if (lane < 16) bulk_wait_group_read<0>();  // the previous tile's copies have read these rows
-    __syncwarp();
-    const int frag_row = lane / 4;  // rows frag_row and frag_row + 8
-    const int frag_byte = (lane % 4) * 4;
-#pragma unroll
-    for (int j = 0; j < OUT_COLS / 8; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            *reinterpret_cast<uint32_t*>(staging + (frag_row + 8 * h) * ROW + 16 * j + frag_byte) =
-                pack2<OutT>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-    }
-    fence_proxy_async_shared_cta();  // the generic-proxy writes, seen by the copy engine
-    __syncwarp();
-    if (lane < 16 && pair >= 0) {
-        const int64_t cols = min_i64(OUT_COLS, N - n0);
-        bulk_store_shared_to_global(out + static_cast<int64_t>(pair) * stride_cm + n0,
-                                    cvta_to_shared_u32(staging + lane * ROW), static_cast<uint32_t>(cols * 2));
-        bulk_commit_group();
-    }
-}
-
-/// Before a consumer warp exits: its bulk copies complete (they read shared memory that ends with the
-/// block, and write the output the next kernel reads).
-MOE_DEVICE void moe_sm90_bulk_store_done(int lane) {
-    if (lane < 16) bulk_wait_group<0>();
-    __syncwarp();
-}
-
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
@@ -1115,14 +1063,10 @@ struct MoEGemmSm90PersistentTraits {
     // Named barrier of the producer warpgroup (the consumers use none).
     static constexpr int PRODUCER_BARRIER = 1;
 
-    // Output staging, its own region after the ring, barriers and row tables. Mode 0, when the whole
-    // tile fits beside the ring: rows of BLOCK_N * 2 + 16 bytes, stored by bulk copies
-    // (moe_sm90_bulk_store_warp_rows) that run on under the next tile. Otherwise 256 bytes per tile row
-    // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row, and stores them).
-    static constexpr int BULK_ROW_BYTES = BLOCK_N * 2 + 16;
-    static constexpr bool BULK_STORE =
-        MOE_SM90_BULK_STORE && SPLIT_MODE == 0 && Smem::SMEM_BYTES + BLOCK_M * BULK_ROW_BYTES + Smem::ALIGN <= 232448;
-    static constexpr int STAGING_ROW_BYTES = BULK_STORE ? BULK_ROW_BYTES : 256;
+    // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
+    // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
+    // whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
+    static constexpr int STAGING_ROW_BYTES = 256;
     static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
     static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES;
@@ -1228,10 +1172,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
         const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
-        // The bulk-copy epilogue needs 16-byte rows and row starts (else the stores of
-        // moe_sm90_store_warp_rows, through the first 4 KB of the warp's staging rows).
         const int64_t out_n = Tr::FUSED ? N / 2 : N;
-        const bool bulk_store = Tr::BULK_STORE && out_n % 8 == 0 && stride_cm % 8 == 0;
         // A tile's schedule; false: no tile (past the valid m-blocks, as is every later index). In
         // mode 0 the next tile's is computed in the drain of the current tile's K loop, under its last
         // wgmma, so its global loads do not stall the consumers between tiles. (Skipping the products
@@ -1316,25 +1257,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 for (int i = 0; i < Tr::ACC / 2; ++i)
                     acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
             }
-            if constexpr (Tr::BULK_STORE) {
-                if (bulk_store) {
-                    moe_sm90_bulk_store_warp_rows<OutT, Tr::OUT_COLS>(acc, staging, pair, out,
-                                                                      Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n,
-                                                                      stride_cm, lane);
-                } else {
-                    moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, 256>(
-                        acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
-                }
-            } else {
-                moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, 256>(
-                    acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
-            }
+            moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
+                acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
             if constexpr (!EARLY) have_next = schedule(t + tile_stride, next);
             tile = next;
             have = have_next;
-        }
-        if constexpr (Tr::BULK_STORE) {
-            if (bulk_store) moe_sm90_bulk_store_done(lane);
         }
     }
 }

@@ -65,36 +65,11 @@ import Testing
         #expect(parsed.nearest(to: 600) == (try MoEPlan(gemm1: first, gemm2: second)))
     }
 
-    /// The persistent kernel stages a whole output tile for its bulk-copy epilogue where that fits
-    /// beside the ring (unsplit; 128x256 up to 3 stages), else 256 bytes per row: the host's shared
-    /// memory follows its traits, and every such config still fits in 227 KB.
-    @Test func persistentStagingFollowsTheKernel() throws {
-        let bulk = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 3, persistent: true)
-        #expect(bulk.persistentStagingRowBytes == 528)
-        #expect(bulk.sharedMemoryBytes == 3 * 128 * 384 + 48 + 1024 + 128 * 528 + 1024)
-        let deep = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
-        #expect(deep.persistentStagingRowBytes == 256)
-        #expect(deep.sharedMemoryBytes == 4 * 128 * 384 + 64 + 1024 + 128 * 256 + 1024)
-        var split = bulk
-        split.splitK = 2
-        split.splitMode = .workspace
-        #expect(split.persistentStagingRowBytes == 256)
-        #expect(GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, persistent: true).persistentStagingRowBytes == 272)
-        for blockM in [64, 128] {
-            for blockN in [64, 128, 256] {
-                for stages in 2...8 {
-                    let config = GemmConfig.wgmma(blockM: blockM, blockN: blockN, stages: stages, persistent: true)
-                    if config.persistentStagingRowBytes != 256 { #expect(config.sharedMemoryBytes <= 232_448) }
-                }
-            }
-        }
-    }
-
     /// FUSED_MOE_KERNEL_DEFINES: NAME=VALUE words become -D options; anything else is refused by name.
     @Test func experimentDefinesParse() throws {
         #expect(try KernelLibrary.experimentDefines("") == [])
-        #expect(try KernelLibrary.experimentDefines(" MOE_SM90_BULK_STORE=0  MOE_X_2=abc_1 ")
-            == ["-DMOE_SM90_BULK_STORE=0", "-DMOE_X_2=abc_1"])
+        #expect(try KernelLibrary.experimentDefines(" MOE_SM90_EARLY_SCHEDULE=0  MOE_X_2=abc_1 ")
+            == ["-DMOE_SM90_EARLY_SCHEDULE=0", "-DMOE_X_2=abc_1"])
         for bad in ["MOE_A", "MOE_A=", "moe_a=1", "OTHER=1", "MOE_A=1;rm", "MOE_A=$(x)"] {
             #expect(throws: CUDAError.self) { try KernelLibrary.experimentDefines(bad) }
         }

@@ -40,18 +40,11 @@ public final class GPUChecks {
         let rows = tokens * shape.topK / shape.experts
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
-        // Unsplit, 128x256 at 3 stages (64x256 at 4) stores through bulk copies; 128x256 at 4 stages
-        // leaves no room for that staging and stores row chunks itself (both epilogues, NOTES v14).
-        let persistent = GemmConfig.wgmma(
-            blockM: rows > 64 ? 128 : 64, blockN: 256, stages: rows > 64 ? 3 : 4, persistent: true)
+        let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
         for (name, config) in [("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent)] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }
-        }
-        if rows > 64 {
-            let staged = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
-            plans.append(("wgmma_persistent s4 split=1 none", MoEPlan(both: staged)))
         }
         return plans
     }
@@ -288,7 +281,6 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 4), GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true),
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
-                    GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 3, persistent: true),
                 ]
                 for dtype in [DType.bf16, .fp16] {
                     let w = try LayerWeights(tools: tools, shape: ragged, dtype: dtype, seed: seed + 5, stream: stream)

@@ -100,19 +100,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         switch kernel {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
         case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
-        // Plus output staging per tile row, apart from the ring the producer keeps filling.
-        case .wgmmaPersistent:
-            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + persistentStagingRowBytes * blockM + 1024
+        // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
+        case .wgmmaPersistent: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
         }
-    }
-
-    /// The persistent kernel's output staging per tile row (its traits' STAGING_ROW_BYTES): a whole
-    /// padded output row (BLOCK_N * 2 + 16 bytes, stored by bulk copies that overlap the next tile)
-    /// when K is not split and that fits beside the ring in 227 KB, else 256 bytes.
-    var persistentStagingRowBytes: Int {
-        let ring = stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM
-        let bulkRow = blockN * 2 + 16
-        return effectiveMode == .none && ring + blockM * bulkRow + 1024 <= 232_448 ? bulkRow : 256
     }
 
     public var description: String {
