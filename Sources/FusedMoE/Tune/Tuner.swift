@@ -347,21 +347,20 @@ public final class Tuner {
             guard let plan = bestPlan else { throw MoEError.unsupported("no candidate ran for M=\(tokens)") }
             // The winner and the baseline (the heuristic, or the plan in use), timed the way bench times
             // them, and the winner checked.
-            let heuristic = baseline
             let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
             let layer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
             let error = relativeError(try inputs.runPoisoned(layer, out: out, stream: bench.stream).values, reference)
             let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
-            let heuristicLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: heuristic, maxTokens: tokens)
-            let heuristicMs = try bench.time(layer: heuristicLayer, inputs: [inputs], out: out, tokens: tokens)
-            progress("M=\(tokens): \(format(ms, 4)) ms (\(around ? "in use" : "heuristic") \(format(heuristicMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
+            let baselineLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: baseline, maxTokens: tokens)
+            let baselineMs = try bench.time(layer: baselineLayer, inputs: [inputs], out: out, tokens: tokens)
+            progress("M=\(tokens): \(format(ms, 4)) ms (\(around ? "in use" : "heuristic") \(format(baselineMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
             guard error < errorBound(dtype) else {
                 throw MoEError.mismatch("the tuned plan for M=\(tokens) gives rel_err \(error): \(plan)")
             }
             // Keep the baseline when the search did not beat it.
-            let chosen = ms <= heuristicMs ? plan : heuristic
+            let chosen = ms <= baselineMs ? plan : baseline
             outcomes.append(Outcome(
-                tokens: tokens, plan: chosen, milliseconds: min(ms, heuristicMs), heuristicMilliseconds: heuristicMs,
+                tokens: tokens, plan: chosen, milliseconds: min(ms, baselineMs), heuristicMilliseconds: baselineMs,
                 relativeError: error, candidates: plans.count))
         }
         return outcomes
