@@ -142,6 +142,9 @@ MOE_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 /// std::conditional, which NVRTC cannot include.
 template <bool COND, typename A, typename B> struct moe_conditional { typedef A type; };
 template <typename A, typename B> struct moe_conditional<false, A, B> { typedef B type; };
+/// A compile-time int as a value (std::integral_constant without <type_traits>): lets a generic
+/// lambda take a template parameter.
+template <int V> struct moe_int_constant { static constexpr int value = V; };
 /// A compile-time bool as a type (a generic lambda's tag argument).
 template <bool B> struct moe_bool_constant { static constexpr bool value = B; };
 

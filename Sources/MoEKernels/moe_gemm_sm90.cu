@@ -152,6 +152,14 @@
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
 #endif
+#ifndef MOE_SM90_HALF_TILES
+#define MOE_SM90_HALF_TILES 1  // 0: a 128-row tile whose rows 64..127 are all padding runs as any other
+#endif
+#ifndef MOE_SM90_HALF_MIN_K_TILES
+#define MOE_SM90_HALF_MIN_K_TILES 0  // half tiles only where the tile has at least this many K tiles
+#endif
+// Diagnostics (NOTES v15): 2 compiles the half-tile code and loads row 64, but never takes the half path;
+// 3 compiles it without the load, never taken (K < 0 is false at run time, unknown to the compiler).
 
 // MARK: - Pieces shared by the kernels
 
@@ -162,6 +170,7 @@ struct MoESm90Tile {
     int64_t kt_begin;  // first K tile of this split
     int32_t expert;    // -1: not owned
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
+    bool half;         // persistent kernel: rows [64, 128) are all padding (set there; false here)
 };
 
 /// The group of m-blocks that holds m-block q (q < valid_blocks): the maximal run of m-blocks around q
@@ -257,6 +266,7 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     tile.kt_begin = split * tiles_per_split;
     const int64_t kt_end = min_i64(tile.kt_begin + tiles_per_split, k_tiles);
     tile.num_tiles = (tile.expert < 0 || tile.kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - tile.kt_begin);
+    tile.half = false;
     return true;
 }
 
@@ -1063,6 +1073,14 @@ struct MoEGemmSm90PersistentTraits {
     // Named barrier of the producer warpgroup (the consumers use none).
     static constexpr int PRODUCER_BARRIER = 1;
 
+    // Half tiles: in a 128-row tile whose rows [64, 128) are all padding (an expert's last m-block
+    // holding at most 64 rows), both consumer warpgroups multiply rows [0, 64), warpgroup w the
+    // columns [w * HALF_N, (w + 1) * HALF_N) (wgmma m64 x HALF_N), and store them: half the tensor
+    // work of the padded tile, on the same ring and loads. Not with the fused activation (its gate
+    // and up columns are the tile's two halves).
+    static constexpr bool HALF = MOE_SM90_HALF_TILES && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED;
+    static constexpr int HALF_N = BLOCK_N / 2;
+
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
     // whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
@@ -1160,8 +1178,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
         const int ctid = tid - Tr::PRODUCER_THREADS;
-        const int wg = ctid / Tr::WARPGROUP_THREADS;  // owns tile rows [64 wg, 64 wg + 64)
-        const int warp = ctid / 32;                   // owns tile rows [16 warp, 16 warp + 16)
+        // Broadcast from lane 0, so the compiler knows them warp-uniform (wgmma descriptors stay in
+        // uniform registers).
+        const int wg = __shfl_sync(MOE_FULL_MASK, ctid / Tr::WARPGROUP_THREADS, 0);  // rows [64 wg, 64 wg + 64)
+        const int warp = ctid / 32;  // owns tile rows [16 warp, 16 warp + 16) (a half tile: 16 (warp % 4) on)
         const int lane = tid % 32;
 
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
@@ -1172,6 +1192,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
         const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
+        // A half tile's: rows [0, 64) of A, B rows [wg * HALF_N, (wg + 1) * HALF_N).
+        const uint64_t desc_a0_half = wgmma_desc_k_major_sw128(sm.a);
+        const uint64_t desc_b0_half = wgmma_desc_k_major_sw128(sm.b + wg * Tr::HALF_N * Smem::ROW_BYTES);
         const int64_t out_n = Tr::FUSED ? N / 2 : N;
         // A tile's schedule; false: no tile (past the valid m-blocks, as is every later index). In
         // mode 0 the next tile's is computed in the drain of the current tile's K loop, under its last
@@ -1179,9 +1202,21 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // of a warpgroup whose rows are all padding, as moe_gemm_sm90 does, measured 6-9% slower
         // here: NOTES v14.)
         const auto schedule = [&](int64_t t, MoESm90Tile& tile) -> bool {
-            return t < num_tiles &&
-                   moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N, K,
-                                                                   split_k, group_size_m, max_padded, num_valid_tokens);
+            if (!(t < num_tiles &&
+                  moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N, K,
+                                                                  split_k, group_size_m, max_padded, num_valid_tokens)))
+                return false;
+            if constexpr (Tr::HALF) {
+                // Align pads each expert's run at its end, so row 64 decides.
+                if (MOE_SM90_HALF_TILES == 3) {
+                    tile.half = K < 0;
+                } else if (tile.num_tiles > 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES) {
+                    const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + BLOCK_M / 2, BLOCK_M,
+                                                      num_valid_tokens);
+                    tile.half = !(p >= 0 && p < num_valid_tokens) && (MOE_SM90_HALF_TILES == 1 || K < 0);
+                }
+            }
+            return true;
         };
         int stage = 0;
         uint32_t phase = 0;
@@ -1203,13 +1238,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 continue;
             }
 
+            // Warp-uniform (every lane loaded the same row), and known so to the compiler.
+            const bool half = Tr::HALF && __shfl_sync(MOE_FULL_MASK, tile.half ? 1 : 0, 0) != 0;
             // Lane i < 16: pair index of the warp's row i (-1: padding, not stored) and its routed
             // weight, loaded now and used after the K loop.
             int32_t pair = -1;
             float weight = 0.0f;
             if (lane < Tr::WARP_ROWS) {
-                const int32_t p =
-                    moe_sorted_pair(sorted_token_ids, tile.row0 + warp * Tr::WARP_ROWS + lane, BLOCK_M, num_valid_tokens);
+                const int row = (half ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
+                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + row, BLOCK_M, num_valid_tokens);
                 if (p >= 0 && p < num_valid_tokens) {
                     pair = p;
                     if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
@@ -1219,23 +1256,32 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             float acc[Tr::ACC];
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
-            moe_sm90_consume_tile<STAGES>(
-                sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
-                [&](int s) {
+            // One K loop per tile kind, chosen outside the loop: a wgmma whose shape is chosen per K
+            // tile inside one loop costs every tile (ptxas closes each branch with a dummy wgmma).
+            const auto issue = [&](int s, auto columns) {
+                constexpr int COLS = decltype(columns)::value;
+                constexpr bool HALF_TILE = COLS != BLOCK_N;
+                float(&acc_used)[COLS / 2] = *reinterpret_cast<float(*)[COLS / 2]>(&acc[0]);
 #pragma unroll
-                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                    wgmma_fence();
-                    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                wgmma_fence();
+                const uint64_t desc_a = (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b = (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
 #pragma unroll
-                    for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                        wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                                      desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                    wgmma_commit_group();
+                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                    wgmma_m64nNk16_ss<T, COLS>(acc_used, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                               desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                wgmma_commit_group();
 #pragma unroll
-                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                },
-                prefetch);
+                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+            };
+            if (Tr::HALF && half) {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_int_constant<Tr::HALF_N>()); }, prefetch);
+            } else {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_int_constant<BLOCK_N>()); }, prefetch);
+            }
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
@@ -1257,8 +1303,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 for (int i = 0; i < Tr::ACC / 2; ++i)
                     acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
             }
-            moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
-                acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+            if (Tr::HALF && half) {
+                moe_sm90_store_warp_rows<OutT, Tr::HALF_N, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
+                    acc, staging, pair, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
+            } else {
+                moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
+                    acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+            }
             if constexpr (!EARLY) have_next = schedule(t + tile_stride, next);
             tile = next;
             have = have_next;
