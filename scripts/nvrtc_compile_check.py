@@ -5,7 +5,8 @@ No GPU needed: NVRTC runs on the CPU and produces a CUBIN for the target archite
 Each .cu under Sources/MoEKernels is compiled as its own program with moe_common.cuh passed
 as a header under that include name, with the options
     -arch=<arch> -std=c++17 -default-device --ptxas-options=-v
-and a representative set of template instantiations (name expressions). Prints the
+and a representative set of template instantiations (name expressions), plus the off-by-default
+kernel experiments switched on (experiment_jobs: the half tiles of the persistent kernel). Prints the
 registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
 spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128. Every
 moe_gemm_sm90 / _swap / _persistent instantiation must also have no spill and no stack frame, no ptxas warning about
@@ -325,6 +326,15 @@ def register_problem(u: "KernelUsage") -> str | None:
     return None
 
 
+def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
+    """Off-by-default kernel experiments (FUSED_MOE_KERNEL_DEFINES switches), compiled switched on so
+    they keep compiling under the same rules: (file, name expressions, extra -D options)."""
+    half = [gemm_sm90_persistent_name(dtype, tile, m, mul)
+            for dtype in DTYPES for tile in SM90_PERSISTENT_TILES if tile[0] == 128 and tile[1] >= 128
+            for m in (0, 1, 2) for mul in (False, True)]
+    return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"])]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sm_90a", help="NVRTC -arch value (default sm_90a)")
@@ -349,20 +359,22 @@ def main() -> int:
             # its templates are not instantiated until listed in name_expressions().
             print(f"note {cu}: no name expressions listed here, templates not instantiated")
         for group in groups.get(cu, [[]]):
-            jobs.append((cu, group))
+            jobs.append((cu, group, []))
+    jobs += [job for job in experiment_jobs() if not args.only or job[0] == args.only]
 
     def run(job):
-        cu, exprs = job
+        cu, exprs, extra = job
         start = time.time()
         src = (kernel_dir / cu).read_text()
-        result = nvrtc.compile(src, cu, headers, options, exprs)
+        result = nvrtc.compile(src, cu, headers, options + extra, exprs)
         return job, result, time.time() - start
 
     failures = 0
     rows: list[tuple[str, KernelUsage]] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for (cu, exprs), (ok, log, cubin, lowered), seconds in pool.map(run, jobs):
+        for (cu, exprs, extra), (ok, log, cubin, lowered), seconds in pool.map(run, jobs):
             label = f"{cu}" + (f" [{exprs[0]} ...]" if len(exprs) > 1 else (f" [{exprs[0]}]" if exprs else ""))
+            label += "".join(f" {d}" for d in extra)
             if not ok:
                 failures += 1
                 print(f"FAIL compile {label}\n{log}")
@@ -372,7 +384,7 @@ def main() -> int:
             usage = parse_ptxas(log)
             by_mangled = {v: k for k, v in lowered.items()}
             for mangled, u in usage.items():
-                u.name = by_mangled.get(mangled, mangled)
+                u.name = by_mangled.get(mangled, mangled) + "".join(f" {d}" for d in extra)
                 rows.append((cu, u))
             warnings = [l for l in log.splitlines() if "warning" in l.lower()]
             for w in warnings:

@@ -152,14 +152,18 @@
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
 #endif
+// Half tiles (MoEGemmSm90PersistentTraits::HALF): off by default, since on the layer they measured
+// slower (long-K GEMM1 +7-17%; short-K GEMM2 -3-6%: NOTES v15). 1: on, for tiles with
+// MIN..MAX K tiles (e.g. MOE_SM90_HALF_MAX_K_TILES=16: the short-K GEMM2 only).
 #ifndef MOE_SM90_HALF_TILES
-#define MOE_SM90_HALF_TILES 1  // 0: a 128-row tile whose rows 64..127 are all padding runs as any other
+#define MOE_SM90_HALF_TILES 0
 #endif
 #ifndef MOE_SM90_HALF_MIN_K_TILES
-#define MOE_SM90_HALF_MIN_K_TILES 0  // half tiles only where the tile has at least this many K tiles
+#define MOE_SM90_HALF_MIN_K_TILES 0
 #endif
-// Diagnostics (NOTES v15): 2 compiles the half-tile code and loads row 64, but never takes the half path;
-// 3 compiles it without the load, never taken (K < 0 is false at run time, unknown to the compiler).
+#ifndef MOE_SM90_HALF_MAX_K_TILES
+#define MOE_SM90_HALF_MAX_K_TILES 1000000
+#endif
 
 // MARK: - Pieces shared by the kernels
 
@@ -1078,7 +1082,7 @@ struct MoEGemmSm90PersistentTraits {
     // columns [w * HALF_N, (w + 1) * HALF_N) (wgmma m64 x HALF_N), and store them: half the tensor
     // work of the padded tile, on the same ring and loads. Not with the fused activation (its gate
     // and up columns are the tile's two halves).
-    static constexpr bool HALF = MOE_SM90_HALF_TILES && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED;
+    static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED;
     static constexpr int HALF_N = BLOCK_N / 2;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
@@ -1178,9 +1182,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
         const int ctid = tid - Tr::PRODUCER_THREADS;
-        // Broadcast from lane 0, so the compiler knows them warp-uniform (wgmma descriptors stay in
-        // uniform registers).
-        const int wg = __shfl_sync(MOE_FULL_MASK, ctid / Tr::WARPGROUP_THREADS, 0);  // rows [64 wg, 64 wg + 64)
+        // With half tiles broadcast from lane 0, so the compiler knows it warp-uniform (their wgmma
+        // descriptors then stay in uniform registers).
+        const int wg = Tr::HALF ? __shfl_sync(MOE_FULL_MASK, ctid / Tr::WARPGROUP_THREADS, 0)
+                                : ctid / Tr::WARPGROUP_THREADS;  // owns tile rows [64 wg, 64 wg + 64)
         const int warp = ctid / 32;  // owns tile rows [16 warp, 16 warp + 16) (a half tile: 16 (warp % 4) on)
         const int lane = tid % 32;
 
@@ -1208,12 +1213,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 return false;
             if constexpr (Tr::HALF) {
                 // Align pads each expert's run at its end, so row 64 decides.
-                if (MOE_SM90_HALF_TILES == 3) {
-                    tile.half = K < 0;
-                } else if (tile.num_tiles > 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES) {
+                if (tile.num_tiles > 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
+                    tile.num_tiles <= MOE_SM90_HALF_MAX_K_TILES) {
                     const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + BLOCK_M / 2, BLOCK_M,
                                                       num_valid_tokens);
-                    tile.half = !(p >= 0 && p < num_valid_tokens) && (MOE_SM90_HALF_TILES == 1 || K < 0);
+                    tile.half = !(p >= 0 && p < num_valid_tokens);
                 }
             }
             return true;
@@ -1265,8 +1269,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 #pragma unroll
                 for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
                 wgmma_fence();
-                const uint64_t desc_a = (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                const uint64_t desc_b = (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+                const uint64_t desc_a =
+                    (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b =
+                    (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
 #pragma unroll
                 for (int kk = 0; kk < Tr::K_STEPS; ++kk)
                     wgmma_m64nNk16_ss<T, COLS>(acc_used, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
