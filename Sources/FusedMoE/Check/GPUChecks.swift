@@ -30,10 +30,16 @@ public final class GPUChecks {
     /// The split settings every layer case runs in.
     public static let splitSettings: [(Int, SplitMode)] = [(1, .none), (4, .atomic), (4, .workspace), (8, .workspace)]
 
-    /// Every plan a layer case runs: the mma kernel in each split setting, and on Hopper the wgmma
-    /// kernel (BLOCK_M from the rows per expert) and its swap-AB decode variant, unsplit and split.
-    func casePlans(_ shape: MoEShape, _ tokens: Int) -> [(String, MoEPlan)] {
-        var plans = GPUChecks.splitSettings.map { split, mode in
+    /// The batch size of the large cases: every preset with the plan its shipped table gives (the
+    /// 128-row persistent kernel with several m-blocks per expert, 3-stage rings), not covered at 1000.
+    public static let largeBatch = 4096
+
+    /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
+    /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
+    /// (BLOCK_M from the rows per expert) and its swap-AB decode variant, unsplit and split.
+    func casePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
+        var plans = [("shipped", try shippedPlan(shape, tokens))]
+        plans += GPUChecks.splitSettings.map { split, mode in
             ("mma split=\(split) \(mode.rawValue)", caseplan(shape, tokens, split, mode))
         }
         guard library.device.properties.architecture == "sm_90a" else { return plans }
@@ -51,7 +57,8 @@ public final class GPUChecks {
 
     /// How much to check.
     public enum Scope: String, Sendable, CaseIterable {
-        /// Every preset at M = 1, 7, 128, 1000, the variants and the 64-bit case.
+        /// Every preset at M = 1, 7, 128, 1000 and (its default plan only) 4096, the variants and the
+        /// 64-bit case.
         case full
         /// seed4096 at M = 1 and 128.
         case quick
@@ -79,22 +86,23 @@ public final class GPUChecks {
         }
         // Compile every kernel the cases need at once, on all host cores.
         var requests: [KernelLibrary.Request] = []
-        for preset in presets {
-            for tokens in batches {
-                for (_, caseplan) in casePlans(preset.shape, tokens) {
+        let start = HostClock.now()
+        do {
+            for preset in presets {
+                var plans: [(String, MoEPlan)] = []
+                for tokens in batches { plans += try casePlans(preset.shape, tokens) }
+                if scope == .full { plans.append(("shipped", try shippedPlan(preset.shape, GPUChecks.largeBatch))) }
+                for (_, caseplan) in plans {
                     var plan = caseplan
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
                     plan.fusedActivation = false
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
                 }
             }
-        }
-        let start = HostClock.now()
-        do {
             try library.prepare(requests)
             record("gpu compile \(Set(requests).count) programs", true, "\(format(HostClock.now() - start, 1)) s, compiled \(library.cache.compiled), from cache \(library.cache.loaded)")
         } catch {
-            record("gpu compile", false, error.description)
+            record("gpu compile", false, "\(error)")
             return results
         }
         var caseSeed = seed
@@ -104,6 +112,12 @@ public final class GPUChecks {
                 for tokens in batches {
                     caseSeed &+= 1
                     try checkLayer(preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: tokens <= 7)
+                }
+                if scope == .full {
+                    caseSeed &+= 1
+                    try checkLayer(
+                        preset.name, weights, tokens: GPUChecks.largeBatch, seed: caseSeed, cpuCrossCheck: false,
+                        plans: [("shipped", try shippedPlan(preset.shape, GPUChecks.largeBatch))])
                 }
             } catch {
                 record("gpu \(preset.name)", false, "\(error)")
@@ -118,6 +132,15 @@ public final class GPUChecks {
             do { try checkClusterPairs(seed: caseSeed &+ 4000) } catch { record("gpu cluster pairs", false, "\(error)") }
         }
         return results
+    }
+
+    /// The plan a layer of this shape and batch uses by default (PlanSelector.plan on this GPU).
+    func shippedPlan(_ shape: MoEShape, _ tokens: Int) throws -> MoEPlan {
+        let properties = library.device.properties
+        return try PlanSelector.plan(
+            shape: shape, tokens: tokens, multiprocessors: properties.multiprocessorCount,
+            sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
+            architecture: properties.architecture)
     }
 
     func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {
@@ -168,7 +191,11 @@ public final class GPUChecks {
 
     /// Runs one layer case in every split setting against the fp32 GPU reference (and, for small
     /// batches, the CPU reference on the touched experts).
-    func checkLayer(_ name: String, _ weights: LayerWeights, tokens: Int, seed: UInt64, cpuCrossCheck: Bool) throws {
+    /// One preset at one batch size against the fp32 reference, in each of `plans` (nil: casePlans).
+    func checkLayer(
+        _ name: String, _ weights: LayerWeights, tokens: Int, seed: UInt64, cpuCrossCheck: Bool,
+        plans: [(String, MoEPlan)]? = nil
+    ) throws {
         let shape = weights.shape
         let inputs = try LayerInputs(tools: tools, shape: shape, dtype: weights.dtype, tokens: tokens, seed: seed, stream: stream)
         let reference = try inputs.reference(weights: weights, library: library, stream: stream)
@@ -178,7 +205,7 @@ public final class GPUChecks {
             record("gpu \(name) M=\(tokens) fp32 reference vs CPU float64", error < 1e-4, "rel_err \(formatScientific(error))")
         }
         let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * 2)
-        for (planName, plan) in casePlans(shape, tokens) {
+        for (planName, plan) in try plans ?? casePlans(shape, tokens) {
             let mode = plan.gemm1.effectiveMode
             let label = "gpu \(name) M=\(tokens) \(planName)"
             do {
