@@ -373,8 +373,8 @@ def main() -> int:
     rows: list[tuple[str, KernelUsage]] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for (cu, exprs, extra), (ok, log, cubin, lowered), seconds in pool.map(run, jobs):
-            label = f"{cu}" + (f" [{exprs[0]} ...]" if len(exprs) > 1 else (f" [{exprs[0]}]" if exprs else ""))
-            label += "".join(f" {d}" for d in extra)
+            defines = "".join(f" {d}" for d in extra)
+            label = f"{cu}" + (f" [{exprs[0]} ...]" if len(exprs) > 1 else (f" [{exprs[0]}]" if exprs else "")) + defines
             if not ok:
                 failures += 1
                 print(f"FAIL compile {label}\n{log}")
@@ -384,7 +384,7 @@ def main() -> int:
             usage = parse_ptxas(log)
             by_mangled = {v: k for k, v in lowered.items()}
             for mangled, u in usage.items():
-                u.name = by_mangled.get(mangled, mangled) + "".join(f" {d}" for d in extra)
+                u.name = by_mangled.get(mangled, mangled) + defines
                 rows.append((cu, u))
             warnings = [l for l in log.splitlines() if "warning" in l.lower()]
             for w in warnings:

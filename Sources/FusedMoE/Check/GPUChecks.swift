@@ -91,7 +91,7 @@ public final class GPUChecks {
             for preset in presets {
                 var plans: [(String, MoEPlan)] = []
                 for tokens in batches { plans += try casePlans(preset.shape, tokens) }
-                if scope == .full { plans.append(("shipped", try shippedPlan(preset.shape, GPUChecks.largeBatch))) }
+                if scope == .full { plans += try largeCasePlans(preset.shape) }
                 for (_, caseplan) in plans {
                     var plan = caseplan
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
@@ -117,7 +117,7 @@ public final class GPUChecks {
                     caseSeed &+= 1
                     try checkLayer(
                         preset.name, weights, tokens: GPUChecks.largeBatch, seed: caseSeed, cpuCrossCheck: false,
-                        plans: [("shipped", try shippedPlan(preset.shape, GPUChecks.largeBatch))])
+                        plans: try largeCasePlans(preset.shape))
                 }
             } catch {
                 record("gpu \(preset.name)", false, "\(error)")
@@ -141,6 +141,11 @@ public final class GPUChecks {
             shape: shape, tokens: tokens, multiprocessors: properties.multiprocessorCount,
             sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
             architecture: properties.architecture)
+    }
+
+    /// The plans of the large case (M = largeBatch): the default one only.
+    func largeCasePlans(_ shape: MoEShape) throws -> [(String, MoEPlan)] {
+        [("shipped", try shippedPlan(shape, GPUChecks.largeBatch))]
     }
 
     func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {
@@ -189,9 +194,8 @@ public final class GPUChecks {
 
     // MARK: - Layer cases
 
-    /// Runs one layer case in every split setting against the fp32 GPU reference (and, for small
-    /// batches, the CPU reference on the touched experts).
-    /// One preset at one batch size against the fp32 reference, in each of `plans` (nil: casePlans).
+    /// Runs one layer case in each of `plans` (nil: casePlans) against the fp32 GPU reference (and,
+    /// for small batches, the CPU reference on the touched experts).
     func checkLayer(
         _ name: String, _ weights: LayerWeights, tokens: Int, seed: UInt64, cpuCrossCheck: Bool,
         plans: [(String, MoEPlan)]? = nil
