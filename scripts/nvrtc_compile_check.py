@@ -80,6 +80,8 @@ SM90_SWAP_TILES = {
 # shape (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 268 * BLOCK_M + 64 + 1024 <= 232448) and
 # a shallow one; the fused activation needs BLOCK_N >= 128.
 SM90_PERSISTENT_TILES = ((128, 256, 4), (128, 256, 3), (128, 128, 6), (64, 256, 5), (64, 128, 8))
+# Its ping-pong form (BLOCK_M 128, BLOCK_N 64 or 128): the deepest rings and an odd one.
+SM90_PINGPONG_TILES = ((128, 128, 6), (128, 128, 5), (128, 64, 8))
 # Registers each thread of a moe_gemm_sm90 with BLOCK_M = 128 (384 threads) must be launched with:
 # the setmaxnreg split (producer 56, consumers 224) redistributes exactly 384 * 168 registers.
 SM90_LAUNCH_REGISTERS = 168
@@ -95,9 +97,10 @@ def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int =
     return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
 
 
-def gemm_sm90_persistent_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
+def gemm_sm90_persistent_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, pingpong: bool = False) -> str:
     bm, bn, st = tile
-    return f"moe_gemm_sm90_persistent<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
+    return (f"moe_gemm_sm90_persistent<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}, "
+            f"{'true' if pingpong else 'false'}>")
 
 
 def gemm_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
@@ -127,6 +130,11 @@ def name_expressions() -> dict[str, list[list[str]]]:
             sm90_groups.append(
                 [gemm_sm90_persistent_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
                 + [gemm_sm90_persistent_name(dtype, tile, 0, False, act) for act in (1, 2) if tile[1] >= 128])
+        for tile in SM90_PINGPONG_TILES:
+            sm90_groups.append(
+                [gemm_sm90_persistent_name(dtype, tile, m, mul, pingpong=True) for m in (0, 1, 2) for mul in (False, True)]
+                + [gemm_sm90_persistent_name(dtype, tile, 0, False, act, pingpong=True)
+                   for act in (1, 2) if tile[1] >= 128])
         for tile in SM90_SWAP_TILES[dtype]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]

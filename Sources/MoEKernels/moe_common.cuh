@@ -351,6 +351,18 @@ template <int ID, int COUNT> MOE_DEVICE void bar_sync() {
     asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(COUNT) : "memory");
 }
 
+/// bar.sync / bar.arrive on named barrier `id` (1..15, chosen at run time) over COUNT threads: the
+/// arriving threads do not wait; the barrier completes when COUNT threads have arrived or synced, and
+/// orders the arriving threads' prior memory accesses before the syncing threads' later ones.
+template <int COUNT> MOE_DEVICE void bar_sync_id(int id) {
+    static_assert(COUNT % 32 == 0, "bar.sync: count a multiple of 32");
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(COUNT) : "memory");
+}
+template <int COUNT> MOE_DEVICE void bar_arrive_id(int id) {
+    static_assert(COUNT % 32 == 0, "bar.arrive: count a multiple of 32");
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(COUNT) : "memory");
+}
+
 /// fence.proxy.async.shared::cta: orders this thread's view of shared memory between the
 /// generic proxy (ld/st, cp.async) and the async proxy (TMA, wgmma operand reads).
 MOE_DEVICE void fence_proxy_async_shared_cta() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

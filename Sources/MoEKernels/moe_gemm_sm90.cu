@@ -1049,7 +1049,37 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
     }
 }
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+/// One consumer warp's epilogue for its 16 rows of a COLS-column product (acc[0 .. COLS / 2), wgmma's
+/// layout): the routed weight (lane i < 16 holds row i's), then with FUSED_ACT the activation (gate
+/// column c and up column c + COLS / 2 are the thread's acc[i] and acc[i + COLS / 4]; COLS / 2 columns
+/// stored), then moe_sm90_store_warp_rows at output column n0.
+template <typename T, int COLS, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT, int MAX_ROW_BYTES, typename OutT,
+          int ACC_LEN>
+MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, int32_t pair, unsigned char* staging,
+                                          OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
+    if constexpr (MUL_ROUTED_WEIGHT) {
+        const float w0 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4);      // row lane / 4
+        const float w1 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4 + 8);  // row lane / 4 + 8
+#pragma unroll
+        for (int j = 0; j < COLS / 8; ++j) {
+            acc[4 * j] *= w0;
+            acc[4 * j + 1] *= w0;
+            acc[4 * j + 2] *= w1;
+            acc[4 * j + 3] *= w1;
+        }
+    }
+    if constexpr (FUSED_ACT != 0) {
+#pragma unroll
+        for (int i = 0; i < COLS / 4; ++i) acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + COLS / 4]);
+        moe_sm90_store_warp_rows<OutT, COLS / 2, SPLIT_MODE, MAX_ROW_BYTES>(acc, staging, pair, out, n0, N, stride_cm,
+                                                                            lane);
+    } else {
+        moe_sm90_store_warp_rows<OutT, COLS, SPLIT_MODE, MAX_ROW_BYTES>(acc, staging, pair, out, n0, N, stride_cm, lane);
+    }
+}
+
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          bool PING_PONG>
 struct MoEGemmSm90PersistentTraits {
     using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
@@ -1061,8 +1091,18 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
     static constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
     static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
-    static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread
-    static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp
+    // Ping-pong: each consumer warpgroup computes whole tiles (the program's tiles alternately), as
+    // two m64 halves of BLOCK_N / 2 accumulators each; otherwise both compute each tile, 64 rows each.
+    static constexpr bool PINGPONG = PING_PONG;
+    static constexpr int HALVES = PING_PONG ? BLOCK_M / 64 : 1;
+    static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread and half
+    static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp (per half)
+    // The warps that release each stage: one warpgroup's in ping-pong, else every consumer warp.
+    static constexpr int RELEASING_WARPS = PING_PONG ? WARPGROUP_THREADS / 32 : CONSUMER_WARPS;
+    // Ping-pong order barriers: warpgroup w waits on ORDER_BARRIER + w before its K loop, which the
+    // other warpgroup arrives at once its own K loop is issued (so the K loops alternate and one
+    // warpgroup's epilogue runs under the other's products).
+    static constexpr int ORDER_BARRIER = 2;
     // FUSED_ACT: columns [0, BLOCK_N / 2) of the product are gate, the rest the matching up; the
     // BLOCK_N / 2 activated columns are stored.
     static constexpr bool FUSED = FUSED_ACT != 0;
@@ -1082,7 +1122,7 @@ struct MoEGemmSm90PersistentTraits {
     // columns [w * HALF_N, (w + 1) * HALF_N) (wgmma m64 x HALF_N), and store them: half the tensor
     // work of the padded tile, on the same ring and loads. Not with the fused activation (its gate
     // and up columns are the tile's two halves).
-    static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED;
+    static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED && !PING_PONG;
     static constexpr int HALF_N = BLOCK_N / 2;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
@@ -1097,6 +1137,7 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M in {64, 128}");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
+    static_assert(!PING_PONG || (BLOCK_M == 128 && BLOCK_N <= 128), "ping-pong: BLOCK_M 128, BLOCK_N 64 or 128");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
@@ -1110,7 +1151,8 @@ struct MoEGemmSm90PersistentTraits {
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          bool PINGPONG = false>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
                              void* __restrict__ C, const float* __restrict__ topk_weights,
@@ -1119,7 +1161,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                              int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
-    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
+    using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
+                                           PINGPONG>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -1134,7 +1177,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
-            mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
+            mbarrier_init(sm.empty + 8 * s, Tr::RELEASING_WARPS);
         }
         fence_mbarrier_init();
         prefetch_tensormap(&b_map);
@@ -1178,6 +1221,125 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
         }
         cp_async_wait_all();
+    } else if constexpr (Tr::PINGPONG) {
+        // ===== Consumer warpgroups, ping-pong =====
+        if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+        const int ctid = tid - Tr::PRODUCER_THREADS;
+        // Broadcast from lane 0 so the compiler knows it warp-uniform.
+        const int wg = __shfl_sync(MOE_FULL_MASK, ctid / Tr::WARPGROUP_THREADS, 0);
+        const int warp = ctid / 32;  // its staging rows
+        const int wq = warp % 4;     // owns rows [16 wq, 16 wq + 16) of each 64-row half of its tiles
+        const int lane = tid % 32;
+
+        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+        OutT* out = static_cast<OutT*>(C);
+        if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
+        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
+        // Descriptors of stage 0, k step 0, rows [0, 64); half h adds 64 rows, stage s and step kk
+        // (s * STAGE_BYTES + 32 kk) >> 4.
+        const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a);
+        const uint64_t desc_b0 = wgmma_desc_k_major_sw128(sm.b);
+        const int64_t out_n = Tr::FUSED ? N / 2 : N;
+        const auto schedule = [&](int64_t t, MoESm90Tile& tile) -> bool {
+            return t < num_tiles &&
+                   moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N, K,
+                                                                   split_k, group_size_m, max_padded, num_valid_tokens);
+        };
+        // The ring position of this warpgroup's next K tile: it moves past the other's K tiles too.
+        int stage = 0;
+        uint32_t phase = 0;
+        const auto skip = [&](int k_tiles) {
+            const int s = stage + k_tiles;
+            stage = s % STAGES;
+            phase ^= static_cast<uint32_t>(s / STAGES) & 1u;
+        };
+        // The program's tiles t_j = first_tile + j * tile_stride (the walk ends at the first without an
+        // m-block); warpgroup w takes j = w, w + 2, ... Each warpgroup arrives at the other's order
+        // barrier once per tile it takes, right after issuing its K loop; each waits on its own before
+        // every tile but the walk's first, and once more at its end when the walk's last tile is the
+        // other's: so every arrival is waited for, and a warpgroup waits for the full barrier of a ring
+        // position only after every earlier position was waited for (no stale parity can pass).
+        MoESm90Tile tile;
+        int64_t t = first_tile;
+        bool have = schedule(t, tile);
+        if (wg == 1) {
+            const bool have_first = have;
+            if (have_first) skip(tile.num_tiles);
+            t += tile_stride;
+            have = have_first && schedule(t, tile);
+            if (have_first && !have) bar_sync_id<2 * Tr::WARPGROUP_THREADS>(Tr::ORDER_BARRIER + 1);
+        }
+        bool wait_turn = wg == 1;
+        while (have) {
+            // Lane i < 16: the pair index (-1: padding) and routed weight of the warp's row i of half h.
+            int32_t pair[Tr::HALVES];
+            float weight[Tr::HALVES];
+#pragma unroll
+            for (int h = 0; h < Tr::HALVES; ++h) {
+                pair[h] = -1;
+                weight[h] = 0.0f;
+                if (lane < Tr::WARP_ROWS) {
+                    const int row = 64 * h + Tr::WARP_ROWS * wq + lane;
+                    const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + row, BLOCK_M, num_valid_tokens);
+                    if (p >= 0 && p < num_valid_tokens) {
+                        pair[h] = p;
+                        if constexpr (MUL_ROUTED_WEIGHT) weight[h] = topk_weights[p];
+                    }
+                }
+            }
+            float acc[Tr::HALVES][Tr::ACC];
+#pragma unroll
+            for (int h = 0; h < Tr::HALVES; ++h)
+#pragma unroll
+                for (int i = 0; i < Tr::ACC; ++i) acc[h][i] = 0.0f;
+            const auto fence_acc = [&] {
+#pragma unroll
+                for (int h = 0; h < Tr::HALVES; ++h)
+#pragma unroll
+                    for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[h][i]);
+            };
+            const auto issue = [&](int s) {
+                fence_acc();
+                wgmma_fence();
+                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
+                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
+#pragma unroll
+                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+#pragma unroll
+                    for (int h = 0; h < Tr::HALVES; ++h)
+                        wgmma_m64nNk16_ss<T, BLOCK_N>(
+                            acc[h], desc_a + (((h * 64 * Smem::ROW_BYTES) + kk * Tr::WGMMA_K * 2) >> 4),
+                            desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                wgmma_commit_group();
+                fence_acc();
+            };
+            if (wait_turn) bar_sync_id<2 * Tr::WARPGROUP_THREADS>(Tr::ORDER_BARRIER + wg);
+            wait_turn = true;
+            MoESm90Tile other, next;
+            bool have_other = false, have_next = false;
+            moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase, issue, [&] {
+                // The other warpgroup's turn; then the next two tiles' schedules, under the last products.
+                bar_arrive_id<2 * Tr::WARPGROUP_THREADS>(Tr::ORDER_BARRIER + (wg ^ 1));
+                have_other = schedule(t + tile_stride, other);
+                have_next = have_other && schedule(t + 2 * tile_stride, next);
+            });
+            fence_acc();
+
+            // --- Epilogue, under the other warpgroup's K loop ---
+            if (!(SPLIT_MODE == 1 && tile.num_tiles == 0)) {  // (adding zeros changes nothing)
+#pragma unroll
+                for (int h = 0; h < Tr::HALVES; ++h)
+                    moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
+                                              Tr::STAGING_ROW_BYTES>(acc[h], weight[h], pair[h], staging, out,
+                                                                     Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n,
+                                                                     stride_cm, lane);
+            }
+            if (have_other) skip(other.num_tiles);
+            if (have_other && !have_next) bar_sync_id<2 * Tr::WARPGROUP_THREADS>(Tr::ORDER_BARRIER + wg);
+            tile = next;
+            have = have_next;
+            t += 2 * tile_stride;
+        }
     } else {
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
@@ -1292,29 +1454,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
             // --- Epilogue (the ring is left to the producer, already loading the next tiles) ---
-            if constexpr (MUL_ROUTED_WEIGHT) {
-                const float w0 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4);      // row lane / 4
-                const float w1 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4 + 8);  // row lane / 4 + 8
-#pragma unroll
-                for (int j = 0; j < BLOCK_N / 8; ++j) {
-                    acc[4 * j] *= w0;
-                    acc[4 * j + 1] *= w0;
-                    acc[4 * j + 2] *= w1;
-                    acc[4 * j + 3] *= w1;
-                }
-            }
-            if constexpr (Tr::FUSED) {
-                // Gate column c and up column c + BLOCK_N / 2 are the same thread's acc[i], acc[i + ACC / 2].
-#pragma unroll
-                for (int i = 0; i < Tr::ACC / 2; ++i)
-                    acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + Tr::ACC / 2]);
-            }
+            constexpr int ROW_BYTES = Tr::STAGING_ROW_BYTES;
             if (Tr::HALF && half) {
-                moe_sm90_store_warp_rows<OutT, Tr::HALF_N, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
-                    acc, staging, pair, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
+                moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
+                    acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
             } else {
-                moe_sm90_store_warp_rows<OutT, Tr::OUT_COLS, SPLIT_MODE, Tr::STAGING_ROW_BYTES>(
-                    acc, staging, pair, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+                moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
+                    acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
             }
             if constexpr (!EARLY) have_next = schedule(t + tile_stride, next);
             tile = next;

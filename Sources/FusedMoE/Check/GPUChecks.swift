@@ -36,7 +36,8 @@ public final class GPUChecks {
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
     /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
-    /// (BLOCK_M from the rows per expert) and its swap-AB decode variant, unsplit and split.
+    /// (BLOCK_M from the rows per expert), its swap-AB decode variant, the persistent kernel and its
+    /// ping-pong form (an odd ring: 5 stages), unsplit and split.
     func casePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         var plans = [("shipped", try shippedPlan(shape, tokens))]
         plans += GPUChecks.splitSettings.map { split, mode in
@@ -47,7 +48,10 @@ public final class GPUChecks {
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
         let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
-        for (name, config) in [("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent)] {
+        let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true)
+        for (name, config) in [
+            ("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent), ("wgmma_pingpong", pingpong),
+        ] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }
@@ -312,6 +316,7 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 4), GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true),
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
+                    GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 6, pingpong: true),
                 ]
                 for dtype in [DType.bf16, .fp16] {
                     let w = try LayerWeights(tools: tools, shape: ragged, dtype: dtype, seed: seed + 5, stream: stream)
@@ -360,6 +365,7 @@ public final class GPUChecks {
                 for config in [
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true), GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
+                    GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
                 ] {
                     let layer = try CUDAMoELayer(
                         library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: MoEPlan(both: config), maxTokens: 90)
@@ -425,6 +431,9 @@ public final class GPUChecks {
             (.wgmma(blockM: 64, blockN: 256, stages: 4, groupSizeM: 5), 1, .none),
             (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true), 1, .none),
             (.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true), 2, .atomic),
+            (.wgmma(blockM: 128, blockN: 128, stages: 5, groupSizeM: 3, pingpong: true), 1, .none),
+            (.wgmma(blockM: 128, blockN: 64, stages: 3, groupSizeM: 3, pingpong: true), 2, .workspace),
+            (.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 5, pingpong: true), 2, .atomic),
             (.wgmma(blockM: 32, blockN: 64, stages: 6, groupSizeM: 5, swapAB: true), 1, .none),
         ]
         for (config, split, mode) in grouped {
@@ -455,6 +464,7 @@ public final class GPUChecks {
         for config in [
             GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 4, groupSizeM: 3),
             .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 3, persistent: true),
+            .wgmma(blockM: 128, blockN: 128, stages: 5, groupSizeM: 3, pingpong: true),
         ] {
             let layer = try CUDAMoELayer(
                 library: library, shape: local, dtype: .bf16, w1: localWeights.w1, w2: localWeights.w2,

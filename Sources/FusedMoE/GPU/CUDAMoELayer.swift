@@ -408,7 +408,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let nBlocks = (n + config.blockN - 1) / config.blockN
         // A persistent kernel walks the tiles with one resident program per SM (per split).
         // Cluster pairs need an even count (a last program without a tile returns at once).
-        let programs = config.kernel == .wgmmaPersistent
+        let programs = config.kernel.isPersistent
             ? min(mBlocks * nBlocks, max(1, library.device.properties.multiprocessorCount / config.splitK))
             : (mBlocks * nBlocks + config.clusterM - 1) / config.clusterM * config.clusterM
         let grid = Dimensions(max(programs, 1), config.splitK)

@@ -30,9 +30,15 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// `moe_gemm_sm90_persistent`: the wgmma kernel with a persistent grid (one program per SM
     /// walking the tiles), so the producer fills the ring for the next tile during the epilogue.
     case wgmmaPersistent = "wgmma_persistent"
+    /// `moe_gemm_sm90_persistent` in ping-pong: each consumer warpgroup computes whole 128-row tiles,
+    /// the two taking turns on the tensor cores, so one's epilogue runs under the other's products.
+    /// BLOCK_M 128, BLOCK_N 64 or 128.
+    case wgmmaPingpong = "wgmma_pingpong"
 
     /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
     public var needsHopper: Bool { self != .mma }
+    /// A persistent grid: one resident program per SM (per split) walks the tiles.
+    public var isPersistent: Bool { self == .wgmmaPersistent || self == .wgmmaPingpong }
 }
 
 /// One grouped-GEMM configuration: tile shape, warps, pipeline depth, swizzle and split-K.
@@ -75,20 +81,20 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// A wgmma config: BLOCK_K is 64 and the warps follow from the tile (the kernel fixes them).
     public static func wgmma(
         blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false,
-        clusterM: Int = 1
+        pingpong: Bool = false, clusterM: Int = 1
     ) -> GemmConfig {
         let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
+        let kernel: GemmKernel = swapAB ? .wgmmaSwap : pingpong ? .wgmmaPingpong : persistent ? .wgmmaPersistent : .wgmma
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
-            groupSizeM: groupSizeM, kernel: swapAB ? .wgmmaSwap : persistent ? .wgmmaPersistent : .wgmma,
-            clusterM: clusterM)
+            groupSizeM: groupSizeM, kernel: kernel, clusterM: clusterM)
     }
 
     public var warps: Int { warpsM * warpsN }
     public var threads: Int {
         switch kernel {
         case .mma: warps * 32
-        case .wgmma, .wgmmaPersistent: 128 * (1 + blockM / 64)
+        case .wgmma, .wgmmaPersistent, .wgmmaPingpong: 128 * (1 + blockM / 64)
         case .wgmmaSwap: 256
         }
     }
@@ -101,7 +107,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
         case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
         // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
-        case .wgmmaPersistent: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
+        case .wgmmaPersistent, .wgmmaPingpong:
+            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
         }
     }
 
@@ -127,7 +134,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
         switch kernel {
         case .mma: try validateTile()
-        case .wgmma, .wgmmaSwap, .wgmmaPersistent: try validateHopperTile()
+        case .wgmma, .wgmmaSwap, .wgmmaPersistent, .wgmmaPingpong: try validateHopperTile()
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
         guard clusterM == 1 || (clusterM == 2 && kernel == .wgmma) else {
@@ -164,6 +171,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         if kernel == .wgmma || kernel == .wgmmaPersistent {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
             guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
+        } else if kernel == .wgmmaPingpong {
+            // A warpgroup's whole tile lives in its registers: 128 x BLOCK_N fp32 over 128 threads.
+            guard blockM == 128 else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 128, got \(blockM)") }
+            guard [64, 128].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64 or 128, got \(blockN)") }
         } else {
             guard [8, 16, 32, 64].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 8, 16, 32 or 64 tokens, got \(blockM)") }
             guard [64, 128].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64 or 128, got \(blockN)") }
@@ -186,9 +197,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
                 + "\(clusterM)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
-        case .wgmmaPersistent:
+        case .wgmmaPersistent, .wgmmaPingpong:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
-                + "\(fusedActivation)>"
+                + "\(fusedActivation), \(kernel == .wgmmaPingpong)>"
         }
     }
 
@@ -196,8 +207,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     var source: KernelSource { kernel == .mma ? .gemm : .gemmSM90 }
 
     /// Whether the epilogue can apply the activation: every kernel unsplit, except the persistent
-    /// one with 64-column tiles (its warp-row stores need at least 64 activated columns).
-    var fusesActivation: Bool { effectiveMode == .none && !(kernel == .wgmmaPersistent && blockN < 128) }
+    /// ones with 64-column tiles (their warp-row stores need at least 64 activated columns).
+    var fusesActivation: Bool { effectiveMode == .none && !(kernel.isPersistent && blockN < 128) }
 
     /// Rows of the TMA box over the weights: BLOCK_N, or half of it when the epilogue applies the
     /// activation (the tile's gate rows and up rows come as two boxes) or a cluster pair splits the

@@ -60,9 +60,10 @@ public final class Tuner {
         if blockM >= 64 {
             for blockN in [128, 256] {
                 for stages in [3, 4, 5, 6] {
-                    for persistent in [false, true] {
+                    for kernel in [GemmKernel.wgmma, .wgmmaPersistent, .wgmmaPingpong] {
                         let config = GemmConfig.wgmma(
-                            blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM, persistent: persistent)
+                            blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM,
+                            persistent: kernel == .wgmmaPersistent, pingpong: kernel == .wgmmaPingpong)
                         if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
                     }
                 }
@@ -106,7 +107,7 @@ public final class Tuner {
     /// (NOTES v12). Empty for other kernels (mma keeps Triton's swizzle; swap-AB blocks are small) and
     /// while an expert gets one block on average (its run is one block: the group cannot matter).
     static func groupAlternatives(_ config: GemmConfig, shape: MoEShape, tokens: Int) -> [Int] {
-        guard config.kernel == .wgmma || config.kernel == .wgmmaPersistent, config.blockM >= 64 else { return [] }
+        guard config.kernel == .wgmma || config.kernel.isPersistent, config.blockM >= 64 else { return [] }
         let rows = tokens * shape.topK / max(shape.experts, 1)
         let blocks = (rows + config.blockM - 1) / config.blockM
         guard blocks >= 2 else { return [] }
@@ -133,9 +134,11 @@ public final class Tuner {
     }
 
     /// One GEMM's configs with one knob moved: stages one less and one more; for the wide wgmma
-    /// kernels the other BLOCK_N (128 or 256) and the persistent kernel toggled (keeping the ring
-    /// when it fits, else the deepest one that does); for the swap-AB kernel the other BLOCK_N (64
-    /// or 128) and SPLIT_K 1 or 2 (workspace). Only configs that validate on this GPU.
+    /// kernels the other BLOCK_N (128 or 256), the persistent kernel toggled, and with BLOCK_M 128
+    /// the ping-pong kernel at 128 columns (keeping the ring when it fits, else the deepest one that
+    /// does); for the ping-pong kernel the persistent one at 128 and 256 columns; for the swap-AB
+    /// kernel the other BLOCK_N (64 or 128) and SPLIT_K 1 or 2 (workspace). Only configs that
+    /// validate on this GPU.
     static func neighbors(of config: GemmConfig, sharedMemoryLimit: Int) -> [GemmConfig] {
         var result: [GemmConfig] = []
         func add(_ candidate: GemmConfig) {
@@ -167,6 +170,18 @@ public final class Tuner {
             toggled.kernel = config.kernel == .wgmma ? .wgmmaPersistent : .wgmma
             toggled.clusterM = 1
             add(fitted(toggled))
+            var pingpong = config
+            pingpong.kernel = .wgmmaPingpong
+            pingpong.blockN = 128
+            pingpong.clusterM = 1
+            add(fitted(pingpong))
+        case .wgmmaPingpong:
+            for blockN in [128, 256] {
+                var cooperative = config
+                cooperative.kernel = .wgmmaPersistent
+                cooperative.blockN = blockN
+                add(fitted(cooperative))
+            }
         case .wgmmaSwap:
             var other = config
             other.blockN = config.blockN == 128 ? 64 : 128
