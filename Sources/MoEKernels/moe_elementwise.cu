@@ -37,6 +37,12 @@
 //     work = numel, VEC = 4 (scalar tail).
 #include "moe_common.cuh"
 
+// Slots moe_combine loads together (FUSED_MOE_KERNEL_DEFINES, for same-binary A/Bs; 1: one slot's
+// id and row at a time, the form before NOTES v16).
+#ifndef MOE_COMBINE_SLOTS
+#define MOE_COMBINE_SLOTS 8
+#endif
+
 namespace moe_elementwise_detail {
 
 struct Silu {
@@ -148,12 +154,29 @@ __global__ void __launch_bounds__(256) moe_combine(const T* __restrict__ in, T* 
             const int64_t t = g2.row;
             const int64_t h = g2.col * 8;
             float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            for (int32_t j = 0; j < k; ++j) {
-                if (topk_ids != nullptr && topk_ids[t * k + j] < 0) continue;  // unrouted slot: no row was computed
-                float x[8];
-                unpack8<T>(*reinterpret_cast<const uint4*>(in + (t * k + j) * H + h), x);
+            // Slots in batches of SLOTS: every id, then every row's 16 bytes, loaded before the first is
+            // used (one round trip each, not one per slot), then summed in slot order.
+            constexpr int SLOTS = MOE_COMBINE_SLOTS;
+            for (int32_t j0 = 0; j0 < k; j0 += SLOTS) {
+                bool use[SLOTS];
+                uint4 v[SLOTS];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) sum[e] += x[e];
+                for (int c = 0; c < SLOTS; ++c) {
+                    const int32_t j = j0 + c;
+                    // An unrouted slot (negative id) has no computed row.
+                    use[c] = j < k && (topk_ids == nullptr || topk_ids[t * k + j] >= 0);
+                }
+#pragma unroll
+                for (int c = 0; c < SLOTS; ++c)
+                    v[c] = use[c] ? *reinterpret_cast<const uint4*>(in + (t * k + j0 + c) * H + h) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int c = 0; c < SLOTS; ++c) {
+                    if (!use[c]) continue;
+                    float x[8];
+                    unpack8<T>(v[c], x);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum[e] += x[e];
+                }
             }
             *reinterpret_cast<uint4*>(out + t * H + h) = pack8<T>(sum);
         }
