@@ -304,10 +304,10 @@ SM90_FATAL_WARNINGS = re.compile(r"C7508|setmaxnreg|wgmma|Potential Performance 
 
 
 # Known and accepted: the persistent kernel's fused exact-gelu epilogue in fp16 at BLOCK_N 256 (128
-# accumulators live while erf runs on packed halves) spills 20-72 bytes. The plan selector never
+# accumulators live while erf runs on packed halves) spills 48-104 bytes. The plan selector never
 # fuses the activation into the persistent kernel (PlanSelector.fusesActivation), so only a plan
 # asked for by hand runs it; it is checked for correctness like every other instantiation.
-KNOWN_SPILLS = re.compile(r"moe_gemm_sm90_persistent<moe_fp16, \d+, 256, \d+, 0, false, 2>")
+KNOWN_SPILLS = re.compile(r"moe_gemm_sm90_persistent<moe_fp16, \d+, 256, \d+, 0, false, 2, false>")
 
 
 def must_not_spill(expr: str) -> bool:

@@ -89,7 +89,7 @@
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90_persistent<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (prefill)
+// moe_gemm_sm90_persistent<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, PINGPONG> (prefill)
 //
 // moe_gemm_sm90's tiles and arguments (the same tensor map, boxDim = {64, BLOCK_N}), computed by
 // persistent programs that keep the operand ring full across tiles.
@@ -117,6 +117,16 @@
 //           __syncwarp only: no barrier between warps, and the ring is not touched.
 //         Both roles decide which tiles exist and which have K work with the same call on the same
 //         inputs, so every full/empty phase is waited for by the side that the other side signals.
+// PINGPONG (BLOCK_M 128, BLOCK_N 64 or 128; default false): the consumer warpgroups take the program's
+//         tiles in turn (the j-th tile of the walk to warpgroup j % 2), each computing all 128 rows as
+//         two wgmma.m64n{BLOCK_N}k16 per k16 step (BLOCK_N fp32 accumulators per thread) and storing
+//         them as two 64-row halves, warp w of a warpgroup rows [16 w, 16 w + 16) of each. Their K loops
+//         alternate through named barriers 2 + w (warpgroup w waits on its own before each tile but the
+//         walk's first; the other arrives right after issuing its last K tile, and each waits once
+//         more at the end when the walk's last tile is the other's), so one warpgroup's epilogue runs
+//         under the other's products. Each keeps the ring position by skipping the other's K tiles;
+//         empty barriers count one warpgroup's four warps. No half tiles, no early schedule (the
+//         schedules of the next two tiles are loaded in the K loop's drain instead).
 // Shared memory (dynamic, no static):
 //         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes

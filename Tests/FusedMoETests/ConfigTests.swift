@@ -99,6 +99,37 @@ import Testing
         #expect(GemmConfig.warpLayout(blockM: 128, blockN: 128, warps: 8)! == (4, 2))
     }
 
+    /// The ping-pong kernel: a warpgroup's whole tile in registers, so BLOCK_M 128 and BLOCK_N 64 or
+    /// 128 only; the persistent kernel's threads, shared memory and grid; its own template argument.
+    @Test func pingpongConfig() throws {
+        let limit = 227 * 1024
+        let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 6, pingpong: true)
+        #expect(pingpong.kernel == .wgmmaPingpong && pingpong.kernel.isPersistent && pingpong.kernel.needsHopper)
+        #expect(throws: Never.self) { try pingpong.validate(sharedMemoryLimit: limit) }
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 6, persistent: true)
+        #expect(pingpong.threads == 384 && pingpong.sharedMemoryBytes == persistent.sharedMemoryBytes)
+        #expect(pingpong.nameExpression(dtype: .bf16, mulRoutedWeight: true)
+            == "moe_gemm_sm90_persistent<moe_bf16, 128, 128, 6, 0, true, 0, true>")
+        #expect(persistent.nameExpression(dtype: .fp16, mulRoutedWeight: false, fusedActivation: 1)
+            == "moe_gemm_sm90_persistent<moe_fp16, 128, 128, 6, 0, false, 1, false>")
+        for (blockM, blockN) in [(64, 128), (128, 256)] {
+            let bad = GemmConfig.wgmma(blockM: blockM, blockN: blockN, stages: 3, pingpong: true)
+            #expect(throws: MoEError.self) { try bad.validate(sharedMemoryLimit: limit) }
+        }
+        var clustered = pingpong
+        clustered.clusterM = 2
+        #expect(throws: MoEError.self) { try clustered.validate(sharedMemoryLimit: limit) }
+        var tooDeep = pingpong
+        tooDeep.stages = 7
+        #expect(throws: MoEError.self) { try tooDeep.validate(sharedMemoryLimit: limit) }
+        // 64 stored columns at least for the fused activation; the plan selector leaves it off.
+        #expect(pingpong.fusesActivation)
+        #expect(!GemmConfig.wgmma(blockM: 128, blockN: 64, stages: 8, pingpong: true).fusesActivation)
+        #expect(!PlanSelector.fusesActivation(gemm1: pingpong))
+        // A table entry names it as KERNEL wgmma_pingpong.
+        #expect(GemmKernel(rawValue: "wgmma_pingpong") == .wgmmaPingpong)
+    }
+
     @Test func hopperHeuristicIsValidEverywhere() throws {
         for preset in ShapePreset.all {
             for tokens in ShapePreset.batchSizes + [0, 3, 65536] {
@@ -313,6 +344,7 @@ import Testing
         #expect(around.contains { $0.kernel == .wgmma && $0.blockN == 256 && $0.stages == 4 })
         #expect(around.contains { $0.kernel == .wgmma && $0.blockN == 128 && $0.stages == 3 })
         #expect(around.contains { $0.kernel == .wgmmaPersistent && $0.blockN == 256 && $0.stages == 3 })
+        #expect(around.contains { $0.kernel == .wgmmaPingpong && $0.blockN == 128 && $0.stages == 3 })
         #expect(!around.contains(wide))
         for candidate in around {
             #expect(throws: Never.self) { try candidate.validate(sharedMemoryLimit: limit) }
@@ -321,6 +353,12 @@ import Testing
         // The deepest 128x256 ring (4) has no deeper neighbour; the persistent toggle takes the deepest that fits.
         let deepest = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         #expect(!Tuner.neighbors(of: deepest, sharedMemoryLimit: limit).contains { $0.kernel == .wgmma && $0.stages == 5 })
+        // Ping-pong: back to the persistent kernel at 128 and 256 columns (the deepest ring that fits).
+        let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 6, groupSizeM: 8, pingpong: true)
+        let pingpongs = Tuner.neighbors(of: pingpong, sharedMemoryLimit: limit)
+        #expect(pingpongs.contains { $0.kernel == .wgmmaPersistent && $0.blockN == 128 && $0.stages == 6 })
+        #expect(pingpongs.contains { $0.kernel == .wgmmaPersistent && $0.blockN == 256 && $0.stages == 4 })
+        #expect(pingpongs.contains { $0.kernel == .wgmmaPingpong && $0.blockN == 128 && $0.stages == 5 })
         let swap = GemmConfig.wgmma(blockM: 8, blockN: 128, stages: 6, swapAB: true)
         let swaps = Tuner.neighbors(of: swap, sharedMemoryLimit: limit)
         #expect(swaps.contains { $0.blockN == 64 && $0.stages == 6 && $0.splitK == 1 })

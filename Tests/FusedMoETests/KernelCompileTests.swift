@@ -33,7 +33,8 @@ struct KernelCompileTests {
         let swap = GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true)
         let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
         let clustered = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 2, clusterM: 2)
-        for config in [wide, swap, persistent, clustered] {
+        let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true)
+        for config in [wide, swap, persistent, clustered, pingpong] {
             // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
             #expect(config.fusesActivation)
             for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)

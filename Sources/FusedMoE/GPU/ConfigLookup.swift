@@ -197,11 +197,10 @@ public enum PlanSelector {
     /// measured on the H200 (bench --fusion-ab, NOTES v7), the epilogue gains a little in the mma
     /// kernel, is even in the swap-AB decode kernel, and costs 3-6% in the unsplit prefill wgmma
     /// kernels (the activation then runs on the consumers' critical path, which a separate
-    /// memory-bound pass does not), so those keep the separate kernel. The ping-pong kernel's
-    /// epilogue runs under the other warpgroup's products, off that path: it applies it.
+    /// memory-bound pass does not), so those keep the separate kernel (the ping-pong kernel too:
+    /// with it fused, its GEMM1 measured no faster than the persistent one's plus the pass, NOTES v16).
     public static func fusesActivation(gemm1: GemmConfig) -> Bool {
         gemm1.effectiveMode != .none || gemm1.kernel == .mma || gemm1.kernel == .wgmmaSwap
-            || gemm1.kernel == .wgmmaPingpong
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` on the H200 over the five presets
