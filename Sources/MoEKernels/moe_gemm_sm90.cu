@@ -117,6 +117,15 @@
 //           __syncwarp only: no barrier between warps, and the ring is not touched.
 //         Both roles decide which tiles exist and which have K work with the same call on the same
 //         inputs, so every full/empty phase is waited for by the side that the other side signals.
+// A resident (BLOCK_M 128, SPLIT_MODE 0, no FUSED_ACT, not PINGPONG; K at most A_SLOTS = 6 K tiles, split_k
+//         1; STAGES with at least 2 B stages left: (STAGES * (128 + BLOCK_N) - 128 * A_SLOTS) / BLOCK_N):
+//         the program walks units u = blockIdx.x, + gridDim.x, ...: unit u is m-block u / C and
+//         n-blocks [(u % C) A_CHUNK, + A_CHUNK) (C = ceil(n-blocks / A_CHUNK), A_CHUNK 4; m-block order,
+//         GROUP_SIZE_M unused), ending at the first unit past the valid m-blocks. The ring's memory
+//         holds the unit's A tile (slot k = K tile k, [128][128 bytes], loaded once per unit by the
+//         producer with the unit's first tile, own full/empty barriers in the second row table) and a
+//         ring of B stages after it (full barriers: thread 0's expect_tx only); the consumers release
+//         the A slots with the unit's last tile. A is read once per unit instead of once per tile.
 // PINGPONG (BLOCK_M 128, BLOCK_N 64 or 128; default false): the consumer warpgroups take the program's
 //         tiles in turn (the j-th tile of the walk to warpgroup j % 2), each computing all 128 rows as
 //         two wgmma.m64n{BLOCK_N}k16 per k16 step (BLOCK_N fp32 accumulators per thread) and storing
@@ -161,6 +170,15 @@
 // bench/NOTES.md v14). 1 is the shipped behaviour.
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
+#endif
+// A resident for short K (MoEGemmSm90PersistentTraits::A_RESIDENT): up to MOE_SM90_A_RESIDENT K tiles
+// held (0: off), units of MOE_SM90_A_RESIDENT_CHUNK n-blocks. 6 (K <= 384; a 128x256 ring of 4 keeps
+// 3 B stages) measured -2..-5% on the layer where it applies; 8 (K <= 512, 2 B stages) +2..+5%.
+#ifndef MOE_SM90_A_RESIDENT
+#define MOE_SM90_A_RESIDENT 6
+#endif
+#ifndef MOE_SM90_A_RESIDENT_CHUNK
+#define MOE_SM90_A_RESIDENT_CHUNK 4
 #endif
 // Half tiles (MoEGemmSm90PersistentTraits::HALF): off by default, since on the layer they measured
 // slower (long-K GEMM1 +7-17%; short-K GEMM2 -3-6%: NOTES v15). 1: on, for tiles with
@@ -391,6 +409,31 @@ MOE_DEVICE MoESm90ASources<T, A_ROWS> moe_sm90_a_sources(const int32_t* a_rows, 
     return out;
 }
 
+/// This producer thread's share of A's K tile kt (16-byte chunk tid % 8 of tile rows tid / 8 + 16 i,
+/// from its sources `a`) copied by cp.async into the swizzled [A_ROWS][128 bytes] tile at a_tile,
+/// zero-filled for padding rows and the K tail.
+template <typename T, int A_ROWS>
+MOE_DEVICE void moe_sm90_copy_a(uint32_t a_tile, const MoESm90ASources<T, A_ROWS>& a, const T* A, int64_t K,
+                                int64_t kt, int tid) {
+    using Src = MoESm90ASources<T, A_ROWS>;
+    constexpr int CHUNKS_PER_ROW = Src::CHUNKS_PER_ROW;
+    constexpr int ROWS_PER_PASS = Src::ROWS_PER_PASS;
+    constexpr int ROW_BYTES = CHUNKS_PER_ROW * 16;
+    const int chunk = tid % CHUNKS_PER_ROW;
+    const int pass_row = tid / CHUNKS_PER_ROW;  // rows pass_row + 16 i all have r % 8 == pass_row % 8
+    const uint32_t a_dst = a_tile + pass_row * ROW_BYTES + ((chunk ^ (pass_row & 7)) << 4);
+    const int64_t k0 = kt * 64;
+    const bool k_ok = k0 + chunk * 8 < K;  // K % 8 == 0: a chunk is all in or all out
+#pragma unroll
+    for (int i = 0; i < Src::PASSES; ++i) {
+        const int r = pass_row + i * ROWS_PER_PASS;
+        if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
+            const bool ok = k_ok && ((a.valid >> i) & 1u) != 0;
+            cp_async_cg_16(a_dst + i * ROWS_PER_PASS * ROW_BYTES, ok ? a.src[i] + k0 : A, ok);
+        }
+    }
+}
+
 /// K tile t of `tile`'s split range (kt = tile.kt_begin + t), loaded by the producer warpgroup (all 128
 /// threads) into ring stage `stage` of round parity `phase`: wait for the stage to be empty (the
 /// consumers released its previous round; a fresh barrier passes parity 1 at once); thread 0 arms
@@ -408,14 +451,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
                                         int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
                                         int stage, uint32_t phase, int tid, int mc_rank = -1) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
-    using Src = MoESm90ASources<T, A_ROWS>;
-    constexpr int CHUNKS_PER_ROW = Src::CHUNKS_PER_ROW;
-    constexpr int ROWS_PER_PASS = Src::ROWS_PER_PASS;
-    constexpr int PASSES = Src::PASSES;
-    static_assert(CHUNKS_PER_ROW * 16 == Sm::ROW_BYTES, "8 chunks of 16 bytes per operand row");
-    const int chunk = tid % CHUNKS_PER_ROW;
-    const int pass_row = tid / CHUNKS_PER_ROW;  // rows pass_row + 16 i all have r % 8 == pass_row % 8
-    const uint32_t a_dst0 = sm.a + pass_row * Sm::ROW_BYTES + ((chunk ^ (pass_row & 7)) << 4);
+    static_assert(MoESm90ASources<T, A_ROWS>::CHUNKS_PER_ROW * 16 == Sm::ROW_BYTES, "8 chunks of 16 bytes per row");
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
@@ -431,17 +467,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
                                   full, 0x3);
         }
     }
-    const int64_t k0 = kt * Sm::BLOCK_K;
-    const bool k_ok = k0 + chunk * 8 < K;  // K % 8 == 0: a chunk is all in or all out
-    const uint32_t a_dst = a_dst0 + stage * Sm::A_STAGE_BYTES;
-#pragma unroll
-    for (int i = 0; i < PASSES; ++i) {
-        const int r = pass_row + i * ROWS_PER_PASS;
-        if (A_ROWS % ROWS_PER_PASS == 0 || r < A_ROWS) {
-            const bool ok = k_ok && ((a.valid >> i) & 1u) != 0;
-            cp_async_cg_16(a_dst + i * ROWS_PER_PASS * Sm::ROW_BYTES, ok ? a.src[i] + k0 : A, ok);
-        }
-    }
+    moe_sm90_copy_a<T, A_ROWS>(sm.a + stage * Sm::A_STAGE_BYTES, a, A, K, kt, tid);
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
 }
 
@@ -1135,6 +1161,20 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED && !PING_PONG;
     static constexpr int HALF_N = BLOCK_N / 2;
 
+    // A resident (MOE_SM90_A_RESIDENT = the K tiles held, 0 off; NOTES v16). For a
+    // short K (at most A_SLOTS K tiles, unsplit), a program takes "units" of A_CHUNK n-blocks of one
+    // m-block: the unit's A tile stays in shared memory (slot k holds K tile k) while the B tiles of its
+    // n-blocks stream through a ring of the remaining RES_B_STAGES stages, so A is read once per unit
+    // instead of once per tile. Same shared memory as the ring of STAGES; the A slots' barriers take
+    // the second row table (the producer needs one table per unit).
+    static constexpr int A_SLOTS = MOE_SM90_A_RESIDENT;
+    static constexpr int A_CHUNK = MOE_SM90_A_RESIDENT_CHUNK;
+    static constexpr int RES_B_STAGES_FIT =
+        A_SLOTS > 0 ? (Smem::RING_BYTES - A_SLOTS * Smem::A_STAGE_BYTES) / Smem::B_STAGE_BYTES : 0;
+    static constexpr int RES_B_STAGES = RES_B_STAGES_FIT < STAGES ? RES_B_STAGES_FIT : STAGES;
+    static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
+                                       RES_B_STAGES >= 2 && 16 * A_SLOTS <= 4 * BLOCK_M;
+
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
     // whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
@@ -1181,6 +1221,161 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     const int64_t first_tile = blockIdx.x;
     const int64_t tile_stride = gridDim.x;
     if (first_tile >= num_tiles) return;  // more programs than tiles
+
+    // A resident (Tr::A_RESIDENT, short K, unsplit): units of A_CHUNK n-blocks of one m-block, walked
+    // u = blockIdx.x, + gridDim.x, ...; unit u is m-block u / chunks, n-blocks from (u % chunks) * A_CHUNK
+    // (GROUP_SIZE_M is not used: m-block order). Ends at the first unit past the valid m-blocks.
+    const int64_t k_tiles = ceil_div(K, Tr::BLOCK_K);
+    const bool resident = Tr::A_RESIDENT && split_k == 1 && k_tiles <= Tr::A_SLOTS;
+    if constexpr (Tr::A_RESIDENT) {
+        if (resident) {
+            const Smem sm(moe_gemm_sm90_smem);
+            const int tid = threadIdx.x;
+            const uint32_t a_full = sm.full + Smem::BARRIER_BYTES + 4 * BLOCK_M;  // the second row table
+            const uint32_t a_empty = a_full + 8 * Tr::A_SLOTS;
+            const uint32_t b_ring = sm.a + Tr::A_SLOTS * Smem::A_STAGE_BYTES;
+            if (tid == 0) {
+                for (int s = 0; s < Tr::RES_B_STAGES; ++s) {
+                    mbarrier_init(sm.full + 8 * s, 1);  // thread 0's arrive.expect_tx: B only
+                    mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
+                }
+                for (int k = 0; k < Tr::A_SLOTS; ++k) {
+                    mbarrier_init(a_full + 8 * k, Tr::PRODUCER_THREADS);  // cp.async noinc arrivals
+                    mbarrier_init(a_empty + 8 * k, Tr::CONSUMER_WARPS);
+                }
+                fence_mbarrier_init();
+                prefetch_tensormap(&b_map);
+            }
+            __syncthreads();
+            const int64_t num_pid_n = ceil_div(N, BLOCK_N);
+            const int64_t chunks = ceil_div(num_pid_n, Tr::A_CHUNK);
+            const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
+            const int64_t valid_blocks =
+                min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
+            // Unit u: false past the valid m-blocks (as is every later unit).
+            const auto unit_at = [&](int64_t u, int64_t& q, int32_t& expert, int64_t& nb_begin,
+                                     int64_t& nb_end) -> bool {
+                q = u / chunks;
+                if (q >= valid_blocks) return false;
+                expert = expert_ids[q];
+                nb_begin = (u - q * chunks) * Tr::A_CHUNK;
+                nb_end = min_i64(nb_begin + Tr::A_CHUNK, num_pid_n);
+                return true;
+            };
+            if (tid < Tr::PRODUCER_THREADS) {
+                if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+                int stage = 0;
+                uint32_t phase = 0, a_phase = 0;
+                int64_t q, nb_begin, nb_end;
+                int32_t expert;
+                for (int64_t u = blockIdx.x; unit_at(u, q, expert, nb_begin, nb_end); u += gridDim.x) {
+                    if (expert < 0) continue;  // not owned: the consumers store zeros
+                    bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();  // every thread read the last table
+                    if (tid < BLOCK_M) {
+                        const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + tid, BLOCK_M, num_valid_tokens);
+                        sm.a_row[tid] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+                    }
+                    bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
+                    const MoESm90ASources<T, BLOCK_M> a = moe_sm90_a_sources<T, BLOCK_M>(sm.a_row, A, stride_am, tid);
+                    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+                        const int32_t b_row = static_cast<int32_t>(expert * N + nb * BLOCK_N);
+                        for (int k = 0; k < k_tiles; ++k) {
+                            if (nb == nb_begin) {  // the unit's A, K tile k, once the last unit's is released
+                                mbarrier_wait_parity(a_empty + 8 * k, a_phase ^ 1);
+                                moe_sm90_copy_a<T, BLOCK_M>(sm.a + k * Smem::A_STAGE_BYTES, a, A, K, k, tid);
+                                cp_async_mbarrier_arrive_noinc(a_full + 8 * k);
+                            }
+                            mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);
+                            if (tid == 0) {
+                                mbarrier_arrive_expect_tx(sm.full + 8 * stage, Smem::B_STAGE_BYTES);
+                                tma_load_2d(b_ring + stage * Smem::B_STAGE_BYTES, &b_map, k * Tr::BLOCK_K, b_row,
+                                            sm.full + 8 * stage);
+                            }
+                            if (++stage == Tr::RES_B_STAGES) {
+                                stage = 0;
+                                phase ^= 1;
+                            }
+                        }
+                    }
+                    a_phase ^= 1;
+                }
+                cp_async_wait_all();
+            } else {
+                if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+                const int ctid = tid - Tr::PRODUCER_THREADS;
+                const int wg = ctid / Tr::WARPGROUP_THREADS;  // rows [64 wg, 64 wg + 64)
+                const int warp = ctid / 32;
+                const int lane = tid % 32;
+                T* out = static_cast<T*>(C);
+                unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
+                const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
+                const uint64_t desc_b0 = wgmma_desc_k_major_sw128(b_ring);
+                int stage = 0;
+                uint32_t phase = 0, a_phase = 0;
+                int64_t q, nb_begin, nb_end;
+                int32_t expert;
+                for (int64_t u = blockIdx.x; unit_at(u, q, expert, nb_begin, nb_end); u += gridDim.x) {
+                    int32_t pair = -1;
+                    float weight = 0.0f;
+                    if (lane < Tr::WARP_ROWS) {
+                        const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + warp * Tr::WARP_ROWS + lane,
+                                                          BLOCK_M, num_valid_tokens);
+                        if (p >= 0 && p < num_valid_tokens) {
+                            pair = p;
+                            if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
+                        }
+                    }
+                    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+                        const bool last = nb + 1 == nb_end;  // the unit's last tile releases its A
+                        float acc[Tr::ACC];
+#pragma unroll
+                        for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+                        if (expert >= 0) {
+                            int prev = stage;
+                            for (int k = 0; k < k_tiles; ++k) {
+                                if (nb == nb_begin) mbarrier_wait_parity(a_full + 8 * k, a_phase);
+                                mbarrier_wait_parity(sm.full + 8 * stage, phase);
+                                fence_proxy_async_shared_cta();
+#pragma unroll
+                                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                                wgmma_fence();
+                                const uint64_t da = desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4);
+                                const uint64_t db = desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
+#pragma unroll
+                                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
+                                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, da + ((kk * Tr::WGMMA_K * 2) >> 4),
+                                                                  db + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
+                                wgmma_commit_group();
+#pragma unroll
+                                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                                wgmma_wait_group<1>();  // K tile k - 1's products are done
+                                if (k > 0 && lane == 0) {
+                                    mbarrier_arrive(sm.empty + 8 * prev);
+                                    if (last) mbarrier_arrive(a_empty + 8 * (k - 1));
+                                }
+                                prev = stage;
+                                if (++stage == Tr::RES_B_STAGES) {
+                                    stage = 0;
+                                    phase ^= 1;
+                                }
+                            }
+                            wgmma_wait_group<0>();
+                            if (lane == 0) {
+                                mbarrier_arrive(sm.empty + 8 * prev);
+                                if (last) mbarrier_arrive(a_empty + 8 * (k_tiles - 1));
+                            }
+#pragma unroll
+                            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                        }
+                        moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
+                            acc, weight, pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+                    }
+                    if (expert >= 0) a_phase ^= 1;
+                }
+            }
+            return;
+        }
+    }
 
     const Smem sm(moe_gemm_sm90_smem);
     const int tid = threadIdx.x;
