@@ -80,7 +80,11 @@ public final class DeviceBuffer: @unchecked Sendable {
         return DevicePointer(address: address + UInt64(offsetBytes))
     }
 
-    /// Copies host bytes into the buffer from its start (`cuMemcpyHtoD`, synchronous).
+    /// Copies host bytes into the buffer from its start, and returns once they are in device memory
+    /// (`cuMemcpyHtoD`, then a synchronization of the legacy default stream it ran on). The wait
+    /// matters: from pageable host memory the copy may return before its DMA lands, and the
+    /// library's streams are non-blocking (they do not wait for the legacy stream), so a kernel
+    /// launched right after could read the old bytes (seen once, NOTES v16).
     public func upload(_ bytes: UnsafeRawBufferPointer, offsetBytes: Int = 0) throws(CUDAError) {
         guard offsetBytes >= 0, bytes.count + offsetBytes <= byteCount else {
             throw .usage("DeviceBuffer.upload", "\(bytes.count) bytes at offset \(offsetBytes) do not fit a \(byteCount)-byte buffer")
@@ -88,6 +92,7 @@ public final class DeviceBuffer: @unchecked Sendable {
         guard bytes.count > 0, let base = bytes.baseAddress else { return }
         try device.makeCurrent()
         try device.driver.check(device.driver.cuMemcpyHtoD(address + UInt64(offsetBytes), base, bytes.count), "cuMemcpyHtoD")
+        try device.driver.check(device.driver.cuStreamSynchronize(nil), "cuStreamSynchronize (legacy stream, after cuMemcpyHtoD)")
     }
 
     /// Copies an array into the buffer from its start.
