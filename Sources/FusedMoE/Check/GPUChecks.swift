@@ -596,6 +596,9 @@ struct LayerInputs {
         try tools.fillUniform(x.pointer, count: tokens * shape.hidden, dtype: dtype, seed: seed, scale: 1, stream: stream)
         try tools.fillRandomIDs(ids.pointer, tokens: tokens, topK: shape.topK, experts: experts ?? shape.experts, seed: seed &+ 1, stream: stream)
         try tools.fillUniform(weights.pointer, count: tokens * shape.topK, dtype: .fp32, seed: seed &+ 2, scale: 1, stream: stream)
+        // Written by kernels on `stream` (non-blocking): finished before anyone downloads them (a
+        // download runs on the legacy stream, which does not wait for `stream`).
+        try stream.synchronize()
     }
 
     /// Poisons `out` with NaN, runs `layer` on these inputs, and reads the output back, counting the
