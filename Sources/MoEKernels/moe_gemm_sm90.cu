@@ -195,6 +195,21 @@
 
 // MARK: - Pieces shared by the kernels
 
+/// One consumer warpgroup's products of one K tile into acc (N / 2 fp32 per thread): fences acc,
+/// wgmma.fence, K_STEPS wgmma.m64nNk16 from shared memory (step kk at descriptor + (32 kk >> 4)), one
+/// commit, fences acc again. desc_a, desc_b: the tile's k = 0 step.
+template <typename T, int N, int K_STEPS>
+MOE_DEVICE void moe_sm90_mma_k_tile(float (&acc)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk) wgmma_m64nNk16_ss<T, N>(acc, desc_a + ((kk * 32) >> 4), desc_b + ((kk * 32) >> 4), 1);
+    wgmma_commit_group();
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[i]);
+}
+
 /// The program's output tile and K range.
 struct MoESm90Tile {
     int64_t row0;      // first row of the sorted order in this tile
@@ -677,20 +692,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // and it skips its products (uniform over the warpgroup), still keeping the ring's protocol.
         // (Two loops, not a branch inside one: ptxas serializes wgmma behind a divergent-path guard.)
         const auto issue = [&](int stage, auto live) {
-            if constexpr (decltype(live)::value) {
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                wgmma_fence();
-                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * Smem::A_STAGE_BYTES) >> 4);
-                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
-#pragma unroll
-                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                                  desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                wgmma_commit_group();
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-            }
+            if constexpr (decltype(live)::value)
+                moe_sm90_mma_k_tile<T, BLOCK_N, Tr::K_STEPS>(
+                    acc, desc_a0 + static_cast<uint64_t>((stage * Smem::A_STAGE_BYTES) >> 4),
+                    desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4));
         };
         const uint32_t peer_empty = shared_b ? mapa_shared_cluster(sm.empty, static_cast<uint32_t>(mc_rank ^ 1)) : 0;
         if (sm.pair[wg * 64] >= 0) {
@@ -1337,18 +1342,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                                 if (nb == nb_begin) mbarrier_wait_parity(a_full + 8 * k, a_phase);
                                 mbarrier_wait_parity(sm.full + 8 * stage, phase);
                                 fence_proxy_async_shared_cta();
-#pragma unroll
-                                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                                wgmma_fence();
-                                const uint64_t da = desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4);
-                                const uint64_t db = desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
-#pragma unroll
-                                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                                    wgmma_m64nNk16_ss<T, BLOCK_N>(acc, da + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                                                  db + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                                wgmma_commit_group();
-#pragma unroll
-                                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                                moe_sm90_mma_k_tile<T, BLOCK_N, Tr::K_STEPS>(
+                                    acc, desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4),
+                                    desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4));
                                 wgmma_wait_group<1>();  // K tile k - 1's products are done
                                 if (k > 0 && lane == 0) {
                                     mbarrier_arrive(sm.empty + 8 * prev);
@@ -1634,20 +1630,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 constexpr int COLS = decltype(columns)::value;
                 constexpr bool HALF_TILE = COLS != BLOCK_N;
                 float(&acc_used)[COLS / 2] = *reinterpret_cast<float(*)[COLS / 2]>(&acc[0]);
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                wgmma_fence();
-                const uint64_t desc_a =
-                    (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                const uint64_t desc_b =
-                    (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
-#pragma unroll
-                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-                    wgmma_m64nNk16_ss<T, COLS>(acc_used, desc_a + ((kk * Tr::WGMMA_K * 2) >> 4),
-                                               desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                wgmma_commit_group();
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                moe_sm90_mma_k_tile<T, COLS, Tr::K_STEPS>(
+                    acc_used,
+                    (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4),
+                    (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4));
             };
             if (Tr::HALF && half) {
                 moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
