@@ -18,6 +18,10 @@ Variants (the rest of each table as shipped; every change applies to GEMM1 and G
   deep          every wgmma entry (BLOCK_SIZE_M >= 64) takes the deepest ring of its tile (NOTES v13:
                 after the producer fix the consumers' remaining waits are load latency; the tables'
                 3-stage 128x256 entries were chosen before it).
+  streamk       every wgmma_persistent entry becomes wgmma_streamk (same tile and ring; a split entry
+                loses its SPLIT_K: stream-K splits K itself). NOTES v17.
+  streamk-all   as streamk, and every unclustered wide wgmma entry (BLOCK_SIZE_M >= 64) too, its ring
+                cut to the deepest that fits the persistent kernel's shared memory.
   patch:FILE    merges FILE (JSON: {table file name: {batch size: {key: value, ..., "GEMM2": {...}}}})
                 into the tables: the given keys replace the shipped ones; a GEMM2 object without
                 one in the entry starts from a copy of the entry's GEMM1 keys.
@@ -34,9 +38,9 @@ variant = sys.argv[2] if len(sys.argv) > 2 else "groups"
 if variant.isdigit():
     variant = f"groups:{variant}"
 kind, _, arg = variant.partition(":")
-if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "deep", "patch"):
+if kind not in ("groups", "cluster", "cluster-all", "cluster-deep", "deep", "streamk", "streamk-all", "patch"):
     sys.exit(f"exp_tables.py: unknown variant {variant!r} "
-             "(groups[:CAP], cluster, cluster-all, cluster-deep, deep, patch:FILE)")
+             "(groups[:CAP], cluster, cluster-all, cluster-deep, deep, streamk, streamk-all, patch:FILE)")
 cap = int(arg) if arg and kind == "groups" else 32
 patch = json.loads(Path(arg).read_text()) if kind == "patch" else {}
 out.mkdir(parents=True, exist_ok=True)
@@ -59,8 +63,25 @@ def deepest_ring(entry):
     return max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
 
 
+def persistent_ring(entry):
+    """The persistent kernel's deepest ring for the tile, at most the entry's: its shared memory adds
+    256 * BLOCK_M bytes of output staging to moe_gemm_sm90's."""
+    bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
+    fits = [s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 256 * bm + 1024 <= 232448]
+    return min(max(fits), entry["num_stages"])
+
+
 def change(entry, tokens, k, experts):
     if kind == "patch":
+        return
+    if kind in ("streamk", "streamk-all"):
+        kernel = entry.get("KERNEL")
+        wide = kernel == "wgmma" and entry["BLOCK_SIZE_M"] >= 64 and entry.get("CLUSTER_M", 1) == 1
+        if kernel == "wgmma_persistent" or (kind == "streamk-all" and wide):
+            entry["KERNEL"] = "wgmma_streamk"
+            entry["SPLIT_K"] = 1
+            entry["SPLIT_MODE"] = "none"
+            entry["num_stages"] = persistent_ring(entry)
         return
     if kind == "deep":
         if entry.get("KERNEL") == "wgmma" and entry["BLOCK_SIZE_M"] >= 64:

@@ -82,6 +82,8 @@ SM90_SWAP_TILES = {
 SM90_PERSISTENT_TILES = ((128, 256, 4), (128, 256, 3), (128, 128, 6), (64, 256, 5), (64, 128, 8))
 # Its ping-pong form (BLOCK_M 128, BLOCK_N 64 or 128): the deepest rings and an odd one.
 SM90_PINGPONG_TILES = ((128, 128, 6), (128, 128, 5), (128, 64, 8))
+# Its stream-K form (KERNEL wgmma_streamk: mode 0 only): the persistent kernel's tiles.
+SM90_STREAM_K_TILES = SM90_PERSISTENT_TILES
 # Registers each thread of a moe_gemm_sm90 with BLOCK_M = 128 (384 threads) must be launched with:
 # the setmaxnreg split (producer 56, consumers 224) redistributes exactly 384 * 168 registers.
 SM90_LAUNCH_REGISTERS = 168
@@ -97,10 +99,11 @@ def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int =
     return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
 
 
-def gemm_sm90_persistent_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, pingpong: bool = False) -> str:
+def gemm_sm90_persistent_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, pingpong: bool = False,
+                              stream_k: bool = False) -> str:
     bm, bn, st = tile
     return (f"moe_gemm_sm90_persistent<{dtype}, {bm}, {bn}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}, "
-            f"{'true' if pingpong else 'false'}>")
+            f"{'true' if pingpong else 'false'}" + (", true>" if stream_k else ">"))
 
 
 def gemm_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
@@ -134,6 +137,11 @@ def name_expressions() -> dict[str, list[list[str]]]:
             sm90_groups.append(
                 [gemm_sm90_persistent_name(dtype, tile, m, mul, pingpong=True) for m in (0, 1, 2) for mul in (False, True)]
                 + [gemm_sm90_persistent_name(dtype, tile, 0, False, act, pingpong=True)
+                   for act in (1, 2) if tile[1] >= 128])
+        for tile in SM90_STREAM_K_TILES:
+            sm90_groups.append(
+                [gemm_sm90_persistent_name(dtype, tile, 0, mul, stream_k=True) for mul in (False, True)]
+                + [gemm_sm90_persistent_name(dtype, tile, 0, False, act, stream_k=True)
                    for act in (1, 2) if tile[1] >= 128])
         for tile in SM90_SWAP_TILES[dtype]:
             sm90_groups.append(
@@ -307,7 +315,7 @@ SM90_FATAL_WARNINGS = re.compile(r"C7508|setmaxnreg|wgmma|Potential Performance 
 # accumulators live while erf runs on packed halves) spills 48-104 bytes. The plan selector never
 # fuses the activation into the persistent kernel (PlanSelector.fusesActivation), so only a plan
 # asked for by hand runs it; it is checked for correctness like every other instantiation.
-KNOWN_SPILLS = re.compile(r"moe_gemm_sm90_persistent<moe_fp16, \d+, 256, \d+, 0, false, 2, false>")
+KNOWN_SPILLS = re.compile(r"moe_gemm_sm90_persistent<moe_fp16, \d+, 256, \d+, 0, false, 2, false(, true)?>")
 
 
 def must_not_spill(expr: str) -> bool:

@@ -95,10 +95,10 @@ public final class DeviceBuffer: @unchecked Sendable {
         try device.driver.check(device.driver.cuStreamSynchronize(nil), "cuStreamSynchronize (legacy stream, after cuMemcpyHtoD)")
     }
 
-    /// Copies an array into the buffer from its start.
-    public func upload<Element: BitwiseCopyable>(_ elements: [Element]) throws(CUDAError) {
+    /// Copies an array into the buffer, from its start or `offsetBytes` in.
+    public func upload<Element: BitwiseCopyable>(_ elements: [Element], offsetBytes: Int = 0) throws(CUDAError) {
         let result: Result<Void, CUDAError> = elements.withUnsafeBytes { bytes in
-            Result { () throws(CUDAError) in try upload(bytes) }
+            Result { () throws(CUDAError) in try upload(bytes, offsetBytes: offsetBytes) }
         }
         try result.get()
     }

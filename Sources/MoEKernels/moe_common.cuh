@@ -363,6 +363,58 @@ template <int COUNT> MOE_DEVICE void bar_arrive_id(int id) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(COUNT) : "memory");
 }
 
+/// st.release.gpu.global.s32: stores `value` after every memory access this thread made before
+/// (and, through a barrier before it, its CTA's), visible GPU-wide to an acquiring load.
+MOE_DEVICE void st_release_gpu(int32_t* address, int32_t value) {
+    asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
+}
+
+/// ld.acquire.gpu.global.s32: a load that later accesses of this thread cannot pass.
+MOE_DEVICE int32_t ld_acquire_gpu(const int32_t* address) {
+    int32_t value;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+/// %globaltimer: nanoseconds, GPU-wide.
+MOE_DEVICE uint64_t global_timer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+
+/// Waits until *flag is nonzero (acquire), then clears it for the next launch; true. A flag that stays
+/// zero for MOE_SPIN_LIMIT_NS (a bug, or programs that can never become resident) ends the wait with
+/// false, the flag untouched, so the caller can poison its result instead of hanging. (__trap here
+/// would cost the persistent kernel's consumers spills.)
+#ifndef MOE_SPIN_LIMIT_NS
+#define MOE_SPIN_LIMIT_NS 20000000000ull
+#endif
+MOE_DEVICE bool wait_flag_and_clear(int32_t* flag) {
+    if (ld_acquire_gpu(flag) == 0) {
+        const uint64_t start = global_timer_ns();
+        while (ld_acquire_gpu(flag) == 0) {
+            __nanosleep(64);
+            if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) return false;
+        }
+    }
+    *flag = 0;
+    return true;
+}
+
+/// bar.red.or.pred on named barrier ID over COUNT threads: bar.sync that also returns, to every
+/// thread, whether any of them passed true.
+template <int ID, int COUNT> MOE_DEVICE bool bar_sync_or(bool value) {
+    static_assert(ID > 0 && ID < 16 && COUNT % 32 == 0, "bar.red: id in 1..15, count a multiple of 32");
+    uint32_t any;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(any)
+        : "r"(static_cast<uint32_t>(value)), "n"(ID), "n"(COUNT)
+        : "memory");
+    return any != 0;
+}
+
 /// fence.proxy.async.shared::cta: orders this thread's view of shared memory between the
 /// generic proxy (ld/st, cp.async) and the async proxy (TMA, wgmma operand reads).
 MOE_DEVICE void fence_proxy_async_shared_cta() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

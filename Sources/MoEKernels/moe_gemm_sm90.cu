@@ -136,6 +136,25 @@
 //         under the other's products. Each keeps the ring position by skipping the other's K tiles;
 //         empty barriers count one warpgroup's four warps. No half tiles, no early schedule (the
 //         schedules of the next two tiles are loaded in the K loop's drain instead).
+// Stream-K (sk_flags != nullptr: KERNEL wgmma_streamk; SPLIT_MODE 0, split_k 1, not PINGPONG; grid x
+//         = G programs, any G >= 1, all of which must be able to be resident at once, e.g. G = SMs):
+//         with T = the valid tiles (valid m-blocks x n-blocks, known on the device) and KT K tiles per
+//         tile, the first D = max(floor(T / G) - 1, 0) rounds of whole tiles go round-robin (program b:
+//         tiles b, b + G, ...), and the remaining T - D G tiles (G to 2G - 1 of them, or T < G) are cut
+//         into G equal ranges of K iterations (tile * KT + k), program b taking [S + b I / G,
+//         S + (b + 1) I / G) (S = D G KT, I = (T - D G) KT): so every program gets the same K work, and
+//         the last wave has no tail. A range walks its tiles in order; only its first piece can start
+//         inside a tile and only its last can end inside one. A piece that starts inside a tile writes
+//         its fp32 accumulators to the program's slot of sk_partials (G slots of BLOCK_M * BLOCK_N
+//         floats: consumer thread c's accumulator i (4-float vectors) at vector i * CONSUMER_THREADS + c),
+//         then sets sk_flags[b] (release, after a fence and a consumer barrier). The piece with the
+//         tile's first K tile waits for the flag of every later program whose range starts inside the
+//         tile (acquire, then clears it for the next launch), adds their slots in program order to its
+//         own accumulators and runs the epilogue (activation, routed weight: any mode-0 epilogue). The
+//         sum order is fixed by G and the shapes: reproducible. Waits only point at later programs'
+//         first pieces, which wait for nothing, so no cycle; a wait past 20 s traps (never a hang).
+//         sk_flags: G int32, zero before the first launch (each launch leaves them zero). No A
+//         resident and no half tiles on split pieces.
 // Shared memory (dynamic, no static):
 //         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
@@ -218,6 +237,8 @@ struct MoESm90Tile {
     int32_t expert;    // -1: not owned
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
     bool half;         // persistent kernel: rows [64, 128) are all padding (set there; false here)
+    int32_t stream;    // stream-K: 0 the whole K range, 1 a piece after the first (partials to the
+                       // program's slot), 2 the first piece of a split tile (adds the later pieces)
 };
 
 /// The group of m-blocks that holds m-block q (q < valid_blocks): the maximal run of m-blocks around q
@@ -314,6 +335,66 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     const int64_t kt_end = min_i64(tile.kt_begin + tiles_per_split, k_tiles);
     tile.num_tiles = (tile.expert < 0 || tile.kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - tile.kt_begin);
     tile.half = false;
+    tile.stream = 0;
+    return true;
+}
+
+/// The stream-K walk of one grid (moe_gemm_sm90_persistent with sk_flags): D round-robin rounds of
+/// whole tiles, then equal ranges of K iterations over the remaining tiles (the kernel's notes).
+/// Iterations (tile * k_tiles + k) are 32-bit: the host keeps every tile bound times K tiles below
+/// 2^31 (few registers: the consumers hold this across their loop).
+struct MoESm90StreamK {
+    int32_t k_tiles;    // K tiles of a whole tile
+    int32_t dp_rounds;  // D: whole tiles per program taken round-robin first
+    int32_t first;      // S: the first stream-K iteration
+    int32_t count;      // I: stream-K iterations in all
+
+    /// The first iteration of program p's range (p = G = gridDim.x: the end of the last range). count
+    /// < 2 G K tiles, and the host keeps 2 G^2 K tiles below 2^32: 32-bit arithmetic.
+    MOE_DEVICE int32_t begin(int64_t p) const {
+        return first + static_cast<int32_t>(static_cast<uint32_t>(p) * static_cast<uint32_t>(count) / gridDim.x);
+    }
+};
+
+MOE_DEVICE MoESm90StreamK moe_sm90_stream_k(int64_t valid_tiles, int64_t k_tiles) {
+    const int64_t programs = gridDim.x;
+    const int64_t rounds = valid_tiles / programs;
+    const int64_t dp_rounds = rounds > 0 ? rounds - 1 : 0;
+    const int64_t first = dp_rounds * programs * k_tiles;
+    MoESm90StreamK sk;
+    sk.k_tiles = static_cast<int32_t>(k_tiles);
+    sk.dp_rounds = static_cast<int32_t>(dp_rounds);
+    sk.first = static_cast<int32_t>(first);
+    sk.count = static_cast<int32_t>(valid_tiles * k_tiles - first);
+    return sk;
+}
+
+/// Piece j of program b's stream-K walk (j = 0, 1, ...): tile moe_sm90_tile_at(t) with its K range
+/// [kt_begin, kt_begin + num_tiles) and role (tile.stream). False: the walk has ended.
+/// Warp-cooperative like moe_sm90_tile_at.
+template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
+MOE_DEVICE bool moe_sm90_stream_piece(MoESm90Tile& tile, const MoESm90StreamK& sk, int64_t j, int64_t b,
+                                      const int32_t* expert_ids, const int32_t* total_padded, int64_t N, int64_t K,
+                                      int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
+    int64_t t, kb, ke;
+    if (j < sk.dp_rounds) {
+        t = b + j * static_cast<int64_t>(gridDim.x);
+        kb = 0;
+        ke = sk.k_tiles;
+    } else {
+        const int64_t begin = sk.begin(b), end = sk.begin(b + 1);  // int32 values
+        const int64_t t0 = begin / sk.k_tiles;
+        t = t0 + (j - sk.dp_rounds);
+        kb = t == t0 ? begin - t0 * sk.k_tiles : 0;
+        if (t * sk.k_tiles + kb >= end) return false;
+        ke = min_i64(sk.k_tiles, end - t * sk.k_tiles);
+    }
+    if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, BLOCK_K>(tile, t, 0, expert_ids, total_padded, N, K, 1, group_size_m,
+                                                     max_padded, num_valid_tokens))
+        return false;
+    tile.kt_begin = kb;
+    tile.num_tiles = tile.expert < 0 ? 0 : static_cast<int>(ke - kb);
+    tile.stream = kb == 0 && ke == sk.k_tiles ? 0 : kb > 0 ? 1 : 2;
     return true;
 }
 
@@ -1155,8 +1236,11 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int PRODUCER_REGISTERS = 56;
     static constexpr int CONSUMER_REGISTERS = 224;
 
-    // Named barrier of the producer warpgroup (the consumers use none).
+    // Named barrier of the producer warpgroup; the consumers' (stream-K partials only).
     static constexpr int PRODUCER_BARRIER = 1;
+    static constexpr int STREAM_BARRIER = 4;
+    // Stream-K: one program's partial tile, in 4-float vectors.
+    static constexpr int SLOT_VECTORS = BLOCK_M * BLOCK_N / 4;
 
     // Half tiles: in a 128-row tile whose rows [64, 128) are all padding (an expert's last m-block
     // holding at most 64 rows), both consumer warpgroups multiply rows [0, 64), warpgroup w the
@@ -1208,14 +1292,15 @@ struct MoEGemmSm90PersistentTraits {
 };
 
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          bool PINGPONG = false>
+          bool PINGPONG = false, bool STREAM_K = false>
 __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     moe_gemm_sm90_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
                              void* __restrict__ C, const float* __restrict__ topk_weights,
                              const int32_t* __restrict__ sorted_token_ids, const int32_t* __restrict__ expert_ids,
                              const int32_t* __restrict__ total_padded, int64_t N, int64_t K,
                              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                             int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
+                             int64_t stride_am, int64_t stride_cm, int64_t max_padded, float* __restrict__ sk_partials,
+                             int32_t* __restrict__ sk_flags) {
     griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
                                            PINGPONG>;
@@ -1226,13 +1311,41 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     const int64_t num_tiles = ceil_div(max_padded, BLOCK_M) * ceil_div(N, BLOCK_N);
     const int64_t first_tile = blockIdx.x;
     const int64_t tile_stride = gridDim.x;
-    if (first_tile >= num_tiles) return;  // more programs than tiles
+    // Stream-K (the notes above): every program may hold K work, however few the tiles.
+    static_assert(!STREAM_K || (!PINGPONG && SPLIT_MODE == 0), "STREAM_K: SPLIT_MODE 0, not PINGPONG");
+    constexpr bool stream = STREAM_K;
+    if (!stream && first_tile >= num_tiles) return;  // more programs than tiles
+    // The stream-K walk, computed by each role after its register split (a value live from here into
+    // the 56-register producer would be spilled, and reloaded by the consumers too).
+    const auto stream_k = [&]() -> MoESm90StreamK {
+        MoESm90StreamK sk{};
+        if constexpr (stream) {
+            const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
+            const int64_t valid_blocks =
+                min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
+            sk = moe_sm90_stream_k(valid_blocks * ceil_div(N, BLOCK_N), ceil_div(K, Tr::BLOCK_K));
+        }
+        return sk;
+    };
+    // Piece j of this program's walk: tile t = first_tile + j * tile_stride (split blockIdx.y), or the
+    // stream-K walk's piece j. The walks pass both j and t (each form uses one: no multiply, no
+    // register for the other). False: the walk has ended.
+    const auto piece_at = [&](int64_t j, int64_t t, MoESm90Tile& tile, const MoESm90StreamK& sk) -> bool {
+        if constexpr (stream)
+            return moe_sm90_stream_piece<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, sk, j, blockIdx.x, expert_ids,
+                                                                        total_padded, N, K, group_size_m, max_padded,
+                                                                        num_valid_tokens);
+        return t < num_tiles && moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids,
+                                                                                total_padded, N, K, split_k,
+                                                                                group_size_m, max_padded,
+                                                                                num_valid_tokens);
+    };
 
     // A resident (Tr::A_RESIDENT, short K, unsplit): units of A_CHUNK n-blocks of one m-block, walked
     // u = blockIdx.x, + gridDim.x, ...; unit u is m-block u / chunks, n-blocks from (u % chunks) * A_CHUNK
     // (GROUP_SIZE_M is not used: m-block order). Ends at the first unit past the valid m-blocks.
     const int64_t k_tiles = ceil_div(K, Tr::BLOCK_K);
-    const bool resident = Tr::A_RESIDENT && split_k == 1 && k_tiles <= Tr::A_SLOTS;
+    const bool resident = Tr::A_RESIDENT && split_k == 1 && k_tiles <= Tr::A_SLOTS && !stream;
     if constexpr (Tr::A_RESIDENT) {
         if (resident) {
             const Smem sm(moe_gemm_sm90_smem);
@@ -1391,15 +1504,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+        const MoESm90StreamK sk = stream_k();
         int stage = 0;
         uint32_t phase = 0;
         int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
-        for (int64_t t = first_tile; t < num_tiles; t += tile_stride) {
+        for (int64_t j = 0, t = first_tile;; ++j, t += tile_stride) {
             MoESm90Tile tile;
-            if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N,
-                                                                  K, split_k, group_size_m, max_padded,
-                                                                  num_valid_tokens))
-                break;  // past the valid m-blocks: so is every later tile
+            if (!piece_at(j, t, tile, sk)) break;  // past the valid m-blocks (or the stream-K range): so is every later one
             if (tile.num_tiles == 0) continue;  // nothing to load: expert not owned, or an empty split range
             // Every producer thread passed the previous tile's barrier after its last read of this table
             // (two tiles back), so it may be rewritten now.
@@ -1545,6 +1656,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     } else {
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+        const MoESm90StreamK sk = stream_k();
         const int ctid = tid - Tr::PRODUCER_THREADS;
         // With half tiles broadcast from lane 0, so the compiler knows it warp-uniform (their wgmma
         // descriptors then stay in uniform registers).
@@ -1570,14 +1682,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // wgmma, so its global loads do not stall the consumers between tiles. (Skipping the products
         // of a warpgroup whose rows are all padding, as moe_gemm_sm90 does, measured 6-9% slower
         // here: NOTES v14.)
-        const auto schedule = [&](int64_t t, MoESm90Tile& tile) -> bool {
-            if (!(t < num_tiles &&
-                  moe_sm90_tile_at<BLOCK_M, BLOCK_N, Tr::BLOCK_K>(tile, t, blockIdx.y, expert_ids, total_padded, N, K,
-                                                                  split_k, group_size_m, max_padded, num_valid_tokens)))
-                return false;
+        const auto schedule = [&](int64_t j, int64_t t, MoESm90Tile& tile) -> bool {
+            if (!piece_at(j, t, tile, sk)) return false;
             if constexpr (Tr::HALF) {
-                // Align pads each expert's run at its end, so row 64 decides.
-                if (tile.num_tiles > 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
+                // Align pads each expert's run at its end, so row 64 decides (whole K ranges only).
+                if (tile.num_tiles > 0 && tile.stream == 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
                     tile.num_tiles <= MOE_SM90_HALF_MAX_K_TILES) {
                     const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + BLOCK_M / 2, BLOCK_M,
                                                       num_valid_tokens);
@@ -1589,18 +1698,18 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         int stage = 0;
         uint32_t phase = 0;
         MoESm90Tile tile;
-        bool have = schedule(first_tile, tile);
-        for (int64_t t = first_tile; have; t += tile_stride) {
+        bool have = schedule(0, first_tile, tile);
+        for (int64_t j = 0, t = first_tile; have; ++j, t += tile_stride) {
             MoESm90Tile next;
             bool have_next = false;
             // Mode 0 computes the next tile's schedule in the K loop's drain; the split modes (whose
             // epilogue needs more registers) after the epilogue.
             constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && SPLIT_MODE == 0;
             const auto prefetch = [&] {
-                if constexpr (EARLY) have_next = schedule(t + tile_stride, next);
+                if constexpr (EARLY) have_next = schedule(j + 1, t + tile_stride, next);
             };
             if (SPLIT_MODE == 1 && tile.num_tiles == 0) {  // adding zeros changes nothing
-                have_next = schedule(t + tile_stride, next);
+                have_next = schedule(j + 1, t + tile_stride, next);
                 tile = next;
                 have = have_next;
                 continue;
@@ -1621,9 +1730,53 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
 
+            // Stream-K, the first K piece of a split tile (this program's last piece): its accumulators
+            // start from the later pieces' partial sums, added program by program (a fixed order).
+            // Those pieces are their programs' first, so they are done or nearly. Thread 0 waits for
+            // all of them before the accumulators are live (a wait loop beside them costs spills).
+            const bool gather = stream && tile.stream == 2;
+            int32_t iter_end = 0;
+            bool lost = false;  // a wait timed out: the tile is stored as NaN (never a hang)
+            if (gather) {
+                iter_end = (sk.begin(blockIdx.x + 1) / sk.k_tiles + 1) * sk.k_tiles;
+                if (ctid == 0) {
+                    for (int64_t p = blockIdx.x + 1; p < gridDim.x && sk.begin(p) < iter_end; ++p)
+                        if (sk.begin(p) < sk.begin(p + 1) && !wait_flag_and_clear(sk_flags + p)) lost = true;
+                }
+                lost = bar_sync_or<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>(lost);
+            }
             float acc[Tr::ACC];
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+            if (gather) {
+                // Through the warp's staging rows (4 KB: 8 vectors per lane), not registers: a batch is
+                // copied in by cp.async, then each lane adds back its own vectors.
+                const uint32_t stage_base = cvta_to_shared_u32(staging) + 16 * lane;
+                __syncwarp();  // the warp's last epilogue is done with its staging rows
+                for (int64_t p = blockIdx.x + 1; p < gridDim.x && sk.begin(p) < iter_end; ++p) {
+                    if (sk.begin(p) == sk.begin(p + 1)) continue;  // an empty range
+                    // After a lost wait, slot G (all bits set: NaN) instead: the tile is stored as NaN.
+                    const float4* slot =
+                        reinterpret_cast<const float4*>(sk_partials) + (lost ? gridDim.x : p) * int64_t{Tr::SLOT_VECTORS};
+#pragma unroll
+                    for (int b = 0; b < Tr::ACC / 32; ++b) {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i)
+                            cp_async_cg_16(stage_base + 512 * i, slot + (8 * b + i) * Tr::CONSUMER_THREADS + ctid, true);
+                        cp_async_commit_group();
+                        cp_async_wait_group<0>();
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            const float4 v = *reinterpret_cast<const float4*>(staging + 512 * i + 16 * lane);
+                            acc[32 * b + 4 * i] += v.x;
+                            acc[32 * b + 4 * i + 1] += v.y;
+                            acc[32 * b + 4 * i + 2] += v.z;
+                            acc[32 * b + 4 * i + 3] += v.w;
+                        }
+                    }
+                }
+                __syncwarp();
+            }
             // One K loop per tile kind, chosen outside the loop: a wgmma whose shape is chosen per K
             // tile inside one loop costs every tile (ptxas closes each branch with a dummy wgmma).
             const auto issue = [&](int s, auto columns) {
@@ -1647,14 +1800,26 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
             // --- Epilogue (the ring is left to the producer, already loading the next tiles) ---
             constexpr int ROW_BYTES = Tr::STAGING_ROW_BYTES;
-            if (Tr::HALF && half) {
-                moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
-                    acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
-            } else {
-                moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
-                    acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+            if (stream && tile.stream == 1) {
+                // A later K piece of a split tile: the partial sums to this program's slot, then its flag.
+                float4* slot = reinterpret_cast<float4*>(sk_partials) + blockIdx.x * int64_t{Tr::SLOT_VECTORS};
+#pragma unroll
+                for (int i = 0; i < Tr::ACC / 4; ++i)
+                    __stcg(slot + i * Tr::CONSUMER_THREADS + ctid,
+                           make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+                __threadfence();
+                bar_sync<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>();
+                if (ctid == 0) st_release_gpu(sk_flags + blockIdx.x, 1);
+            } else {  // a whole tile, or a split tile's first piece with the later ones added
+                if (Tr::HALF && half) {
+                    moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
+                        acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
+                } else {
+                    moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
+                        acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+                }
             }
-            if constexpr (!EARLY) have_next = schedule(t + tile_stride, next);
+            if constexpr (!EARLY) have_next = schedule(j + 1, t + tile_stride, next);
             tile = next;
             have = have_next;
         }

@@ -130,6 +130,36 @@ import Testing
         #expect(GemmKernel(rawValue: "wgmma_pingpong") == .wgmmaPingpong)
     }
 
+    /// The stream-K kernel: the persistent kernel's tiles, threads and shared memory, its own template
+    /// argument (mode 0 always), SPLIT_K 1 only, a table name, and the tuner's neighbours both ways.
+    @Test func streamKConfig() throws {
+        let limit = 227 * 1024
+        let stream = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true)
+        #expect(stream.kernel == .wgmmaStreamK && stream.kernel.isPersistent && stream.kernel.needsHopper)
+        #expect(throws: Never.self) { try stream.validate(sharedMemoryLimit: limit) }
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        #expect(stream.threads == 384 && stream.sharedMemoryBytes == persistent.sharedMemoryBytes)
+        #expect(stream.nameExpression(dtype: .bf16, mulRoutedWeight: true)
+            == "moe_gemm_sm90_persistent<moe_bf16, 128, 256, 4, 0, true, 0, false, true>")
+        #expect(stream.nameExpression(dtype: .fp16, mulRoutedWeight: false, fusedActivation: 1)
+            == "moe_gemm_sm90_persistent<moe_fp16, 128, 256, 4, 0, false, 1, false, true>")
+        var split = stream
+        split.splitK = 2
+        split.splitMode = .workspace
+        #expect(throws: MoEError.self) { try split.validate(sharedMemoryLimit: limit) }
+        var clustered = stream
+        clustered.clusterM = 2
+        #expect(throws: MoEError.self) { try clustered.validate(sharedMemoryLimit: limit) }
+        #expect(throws: MoEError.self) { try GemmConfig.wgmma(blockM: 32, blockN: 256, stages: 4, streamK: true).validate(sharedMemoryLimit: limit) }
+        #expect(stream.fusesActivation && !PlanSelector.fusesActivation(gemm1: stream))
+        #expect(GemmKernel(rawValue: "wgmma_streamk") == .wgmmaStreamK)
+        #expect(Tuner.neighbors(of: persistent, sharedMemoryLimit: limit).contains { $0.kernel == .wgmmaStreamK && $0.blockN == 256 })
+        let around = Tuner.neighbors(of: stream, sharedMemoryLimit: limit)
+        #expect(around.contains { $0.kernel == .wgmmaPersistent && $0.blockN == 256 && $0.stages == 4 })
+        #expect(around.contains { $0.kernel == .wgmmaStreamK && $0.blockN == 128 })
+        #expect(around.allSatisfy { $0.splitK == 1 })
+    }
+
     @Test func hopperHeuristicIsValidEverywhere() throws {
         for preset in ShapePreset.all {
             for tokens in ShapePreset.batchSizes + [0, 3, 65536] {

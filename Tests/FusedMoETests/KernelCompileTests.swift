@@ -34,7 +34,8 @@ struct KernelCompileTests {
         let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
         let clustered = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 2, clusterM: 2)
         let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true)
-        for config in [wide, swap, persistent, clustered, pingpong] {
+        let stream = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true)
+        for config in [wide, swap, persistent, clustered, pingpong, stream] {
             // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
             #expect(config.fusesActivation)
             for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)
@@ -44,7 +45,9 @@ struct KernelCompileTests {
                 let program = try compile(request)
                 #expect(!program.spills, "\(request.expressions): \(program.resourceReport)")
             }
-            for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
+            // (Stream-K splits K itself: SPLIT_K 1 only.)
+            for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)]
+            where split == 1 || config.kernel != .wgmmaStreamK {
                 let plan = MoEPlan(both: config).withSplit(split, mode: mode)
                 #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
                 for request in CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)

@@ -56,6 +56,8 @@ public final class GPUChecks {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }
         }
+        // Stream-K splits K itself (SPLIT_K 1): at M = 1 and 7 every tile is cut over many programs.
+        plans.append(("wgmma_streamk", MoEPlan(both: .wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, streamK: true))))
         return plans
     }
 
@@ -349,6 +351,7 @@ public final class GPUChecks {
             if library.device.properties.architecture == "sm_90a" {
                 try checkExpertGroups(seed: seed + 8)
                 try checkClusterPairs(seed: seed + 9)
+                try checkStreamK(seed: seed + 10)
             }
 
             // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
@@ -366,6 +369,7 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true), GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
+                    GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, streamK: true),
                 ] {
                     let layer = try CUDAMoELayer(
                         library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: MoEPlan(both: config), maxTokens: 90)
@@ -474,6 +478,49 @@ public final class GPUChecks {
             record(
                 "gpu expert groups with an expert map \(config.kernel.rawValue) g\(config.groupSizeM)",
                 a.unwritten == 0 && error < errorBound(.bf16), "rel_err \(formatScientific(error)), unwritten \(a.unwritten)")
+        }
+    }
+
+    /// The stream-K kernel (KERNEL wgmma_streamk) on the few-expert case (about 450 rows per expert:
+    /// several m-blocks each, so the last waves' tiles are cut between programs at K iterations that
+    /// fall mid-tile): tiles of 128x256, 128x128 and 64x256, GROUP_SIZE_M 1 and 3, the fused activation,
+    /// and an expert map owning every other expert. Each against the fp32 reference, and bit for bit
+    /// a second run of the same layer (the sum order is fixed: reproducible; a stale flag or partial
+    /// from the first run would show here). Also a plain 64-row tile with the shared small shape at
+    /// M = 33, where every tile is cut over many programs.
+    func checkStreamK(seed: UInt64) throws {
+        let (shape, tokens, weights, inputs, out, reference) = try fewExpertCase(hidden: 512, intermediate: 256, seed: seed)
+        var cases: [(String, MoEShape, MoEPlan, MoEOptions, LayerWeights, [Double])] = []
+        for config in [
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true),
+            .wgmma(blockM: 128, blockN: 256, stages: 3, groupSizeM: 3, streamK: true),
+            .wgmma(blockM: 128, blockN: 128, stages: 6, streamK: true),
+            .wgmma(blockM: 64, blockN: 256, stages: 5, groupSizeM: 3, streamK: true),
+        ] {
+            for fused in [false, true] where fused == false || config.blockN == 256 {
+                var plan = MoEPlan(both: config)
+                plan.fusedActivation = fused
+                cases.append(("\(config.blockM)x\(config.blockN) s\(config.stages) g\(config.groupSizeM)" + (fused ? " fused" : ""),
+                              shape, plan, MoEOptions(), weights, reference))
+            }
+        }
+        let map: [Int32] = [0, -1, 1, -1]
+        let local = try MoEShape(experts: 2, topK: 2, hidden: 512, intermediate: 256)
+        let localWeights = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: seed + 2, stream: stream)
+        let mapped = try inputs.reference(weights: localWeights, library: library, expertMap: map, stream: stream)
+        cases.append(("128x256 s4 expert map", local, MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true)),
+                      MoEOptions(expertMap: map), localWeights, mapped))
+        for (name, caseShape, plan, options, caseWeights, expected) in cases {
+            let layer = try CUDAMoELayer(
+                library: library, shape: caseShape, dtype: .bf16, w1: caseWeights.w1, w2: caseWeights.w2, options: options,
+                plan: plan, maxTokens: tokens)
+            let a = try runPoisoned(layer, inputs, out)
+            let b = try runPoisoned(layer, inputs, out)
+            let error = relativeError(a.values, expected)
+            let same = a.bits == b.bits
+            record(
+                "gpu stream-K \(name)", a.unwritten == 0 && error < errorBound(.bf16) && same,
+                "rel_err \(formatScientific(error)), unwritten \(a.unwritten)" + (same ? ", reproducible" : ", RUNS DIFFER"))
         }
     }
 

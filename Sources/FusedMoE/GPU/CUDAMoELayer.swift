@@ -37,6 +37,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
     let activated: DeviceBuffer
     let down: DeviceBuffer
     let accumulator: DeviceBuffer
+    /// Stream-K (KERNEL wgmma_streamk): one partial tile per program plus slot G, all bits set (NaN:
+    /// what a program adds after a lost wait); and one flag per program, zero between launches.
+    /// Empty unless a GEMM runs on it.
+    let streamPartials: DeviceBuffer
+    let streamFlags: DeviceBuffer
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
     private var heldTensorMaps: [TensorMapKey: TensorMap] = [:]
@@ -137,6 +142,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
         let accumulatorCount = max(
             accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
+        let programs = device.properties.multiprocessorCount
+        var streamSlotFloats = 0
+        for (config, n, k) in [(plan.gemm1, 2 * shape.intermediate, shape.hidden), (plan.gemm2, shape.hidden, shape.intermediate)]
+        where config.kernel == .wgmmaStreamK {
+            // The kernel counts K iterations (tile * K tiles + k) in 32 bits.
+            let kTiles = (k + config.blockK - 1) / config.blockK
+            let tiles = (maxPadded + config.blockM - 1) / config.blockM * ((n + config.blockN - 1) / config.blockN)
+            guard tiles * kTiles < 1 << 31, 2 * programs * programs * kTiles < 1 << 32 else {
+                throw .invalidArgument(
+                    "KERNEL", "wgmma_streamk counts K iterations in 32 bits: \(tiles) tiles x \(kTiles) K tiles is too many; use wgmma_persistent")
+            }
+            streamSlotFloats = max(streamSlotFloats, config.blockM * config.blockN)
+        }
         do {
             sortedIDs = try DeviceBuffer(device: device, count: maxPadded, of: Int32.self)
             expertIDs = try DeviceBuffer(device: device, count: maxBlocks, of: Int32.self)
@@ -155,6 +173,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
             activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
             down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
             accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
+            let streamPrograms = streamSlotFloats > 0 ? programs : 0
+            streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
+            streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
+            if streamSlotFloats > 0 {
+                try streamFlags.upload([Int32](repeating: 0, count: streamPrograms))
+                try streamPartials.upload(
+                    [UInt32](repeating: .max, count: streamSlotFloats), offsetBytes: streamPrograms * streamSlotFloats * 4)
+            }
             kernels = try CUDAMoELayer.loadKernels(library: library, dtype: dtype, plan: plan, activation: options.activation)
         } catch {
             throw .cuda(error)
@@ -408,8 +434,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let nBlocks = (n + config.blockN - 1) / config.blockN
         // A persistent kernel walks the tiles with one resident program per SM (per split).
         // Cluster pairs need an even count (a last program without a tile returns at once).
-        let programs = config.kernel.isPersistent
-            ? min(mBlocks * nBlocks, max(1, library.device.properties.multiprocessorCount / config.splitK))
+        // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
+        let multiprocessors = library.device.properties.multiprocessorCount
+        let programs = config.kernel == .wgmmaStreamK
+            ? multiprocessors
+            : config.kernel.isPersistent
+            ? min(mBlocks * nBlocks, max(1, multiprocessors / config.splitK))
             : (mBlocks * nBlocks + config.clusterM - 1) / config.clusterM * config.clusterM
         let grid = Dimensions(max(programs, 1), config.splitK)
         if config.kernel == .mma {
@@ -429,14 +459,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
             let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: boxRows)
             let map: TensorMap
             if let held = heldTensorMaps[key] { map = held } else { map = try tensorMap(key) }
+            var arguments: [any KernelArgument] = [
+                map, a, target, topkWeights, routing.sortedIDs, routing.expertIDs, routing.totalPadded, Int64(n),
+                Int64(k), Int64(pairs),
+                Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
+                Int64(maxPadded),
+            ]
+            if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
+                let streamK = config.kernel == .wgmmaStreamK
+                arguments += [streamK ? streamPartials.pointer : .null, streamK ? streamFlags.pointer : .null]
+            }
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
-                arguments: [
-                    map, a, target, topkWeights, routing.sortedIDs, routing.expertIDs, routing.totalPadded, Int64(n),
-                    Int64(k), Int64(pairs),
-                    Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
-                    Int64(maxPadded),
-                ], programmaticDependentLaunch: programmaticDependentLaunch, clusterX: config.clusterM)
+                arguments: arguments, programmaticDependentLaunch: programmaticDependentLaunch, clusterX: config.clusterM)
         }
         guard mode != .none else { return }
         let splits = mode == .workspace ? config.splitK : 1

@@ -34,11 +34,15 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// the two taking turns on the tensor cores, so one's epilogue runs under the other's products.
     /// BLOCK_M 128, BLOCK_N 64 or 128.
     case wgmmaPingpong = "wgmma_pingpong"
+    /// `moe_gemm_sm90_persistent` with stream-K: one program per SM; after whole rounds of tiles the
+    /// last one to two waves' K iterations are cut into equal ranges, one per program, and a tile
+    /// split between programs is summed in a fixed order (reproducible): no tail wave. SPLIT_K 1.
+    case wgmmaStreamK = "wgmma_streamk"
 
     /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
     public var needsHopper: Bool { self != .mma }
     /// A persistent grid: one resident program per SM (per split) walks the tiles.
-    public var isPersistent: Bool { self == .wgmmaPersistent || self == .wgmmaPingpong }
+    public var isPersistent: Bool { self == .wgmmaPersistent || self == .wgmmaPingpong || self == .wgmmaStreamK }
 }
 
 /// One grouped-GEMM configuration: tile shape, warps, pipeline depth, swizzle and split-K.
@@ -81,10 +85,11 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// A wgmma config: BLOCK_K is 64 and the warps follow from the tile (the kernel fixes them).
     public static func wgmma(
         blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false,
-        pingpong: Bool = false, clusterM: Int = 1
+        pingpong: Bool = false, streamK: Bool = false, clusterM: Int = 1
     ) -> GemmConfig {
         let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
-        let kernel: GemmKernel = swapAB ? .wgmmaSwap : pingpong ? .wgmmaPingpong : persistent ? .wgmmaPersistent : .wgmma
+        let kernel: GemmKernel =
+            swapAB ? .wgmmaSwap : pingpong ? .wgmmaPingpong : streamK ? .wgmmaStreamK : persistent ? .wgmmaPersistent : .wgmma
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
             groupSizeM: groupSizeM, kernel: kernel, clusterM: clusterM)
@@ -94,7 +99,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public var threads: Int {
         switch kernel {
         case .mma: warps * 32
-        case .wgmma, .wgmmaPersistent, .wgmmaPingpong: 128 * (1 + blockM / 64)
+        case .wgmma, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK: 128 * (1 + blockM / 64)
         case .wgmmaSwap: 256
         }
     }
@@ -107,7 +112,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
         case .wgmma, .wgmmaSwap: stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 1024
         // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
-        case .wgmmaPersistent, .wgmmaPingpong:
+        case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
         }
     }
@@ -134,7 +139,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
         switch kernel {
         case .mma: try validateTile()
-        case .wgmma, .wgmmaSwap, .wgmmaPersistent, .wgmmaPingpong: try validateHopperTile()
+        case .wgmma, .wgmmaSwap, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK: try validateHopperTile()
+        }
+        guard kernel != .wgmmaStreamK || splitK == 1 else {
+            throw .invalidArgument("SPLIT_K", "KERNEL wgmma_streamk splits K itself: SPLIT_K must be 1, got \(splitK)")
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
         guard clusterM == 1 || (clusterM == 2 && kernel == .wgmma) else {
@@ -168,7 +176,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// The tile limits of the wgmma kernels.
     private func validateHopperTile() throws(MoEError) {
         let name = kernel.rawValue
-        if kernel == .wgmma || kernel == .wgmmaPersistent {
+        if kernel == .wgmma || kernel == .wgmmaPersistent || kernel == .wgmmaStreamK {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
             guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
         } else if kernel == .wgmmaPingpong {
@@ -200,6 +208,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         case .wgmmaPersistent, .wgmmaPingpong:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
                 + "\(fusedActivation), \(kernel == .wgmmaPingpong)>"
+        case .wgmmaStreamK:
+            return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), 0, \(mulRoutedWeight), "
+                + "\(fusedActivation), false, true>"
         }
     }
 

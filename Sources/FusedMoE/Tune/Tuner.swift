@@ -136,7 +136,8 @@ public final class Tuner {
     /// One GEMM's configs with one knob moved: stages one less and one more; for the wide wgmma
     /// kernels the other BLOCK_N (128 or 256), the persistent kernel toggled, and with BLOCK_M 128
     /// the ping-pong kernel at 128 columns (keeping the ring when it fits, else the deepest one that
-    /// does); for the ping-pong kernel the persistent one at 128 and 256 columns; for the swap-AB
+    /// does) and the stream-K kernel on the same tile (unsplit); for the stream-K kernel the other
+    /// BLOCK_N and the persistent kernel; for the ping-pong kernel the persistent one at 128 and 256 columns; for the swap-AB
     /// kernel the other BLOCK_N (64 or 128) and SPLIT_K 1 or 2 (workspace). Only configs that
     /// validate on this GPU.
     static func neighbors(of config: GemmConfig, sharedMemoryLimit: Int) -> [GemmConfig] {
@@ -175,6 +176,19 @@ public final class Tuner {
             pingpong.blockN = 128
             pingpong.clusterM = 1
             add(fitted(pingpong))
+            if config.splitK == 1 {
+                var stream = config
+                stream.kernel = .wgmmaStreamK
+                stream.clusterM = 1
+                add(stream)
+            }
+        case .wgmmaStreamK:
+            var wide = config
+            wide.blockN = config.blockN == 256 ? 128 : 256
+            add(fitted(wide))
+            var whole = config
+            whole.kernel = .wgmmaPersistent
+            add(whole)
         case .wgmmaPingpong:
             for blockN in [128, 256] {
                 var cooperative = config
