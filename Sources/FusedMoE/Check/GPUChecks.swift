@@ -231,7 +231,15 @@ public final class GPUChecks {
                     let identical = second.bits == first.bits
                     passed = passed && identical
                     detail += identical ? ", bitwise identical on a rerun" : ", DIFFERS on a rerun"
-                    // The fused activation must reproduce the separate kernel bit for bit.
+                    // The fused activation must reproduce the separate kernel bit for bit; with stream-K
+                    // the fused GEMM1's tiles pair gate and up columns, so its K cuts fall elsewhere and
+                    // both runs are held to the reference instead (likewise the aligned run below, whose
+                    // tiles differ in number).
+                    let streamK1 = plan.gemm1.kernel == .wgmmaStreamK
+                    let streamK = streamK1 || plan.gemm2.kernel == .wgmmaStreamK
+                    let close = { (other: LayerOutput) in
+                        other.unwritten == 0 && relativeError(other.values, reference) < errorBound(.bf16)
+                    }
                     var unfusedPlan = plan
                     unfusedPlan.fusedActivation = false
                     let unfused = try CUDAMoELayer(
@@ -239,8 +247,14 @@ public final class GPUChecks {
                         plan: unfusedPlan, maxTokens: tokens)
                     let separate = try runPoisoned(unfused, inputs, out)
                     let same = separate.bits == first.bits
-                    passed = passed && same
-                    detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
+                    if streamK1 && !same {
+                        let near = close(separate)
+                        passed = passed && near
+                        detail += near ? ", unfused within bounds (stream-K cuts differ)" : ", unfused OUT OF BOUNDS"
+                    } else {
+                        passed = passed && same
+                        detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
+                    }
                     // One token skips align (identity routing): the same rows as with it, bit for bit.
                     if layer.usesIdentityRouting(tokens: tokens) {
                         var alignedPlan = plan
@@ -251,8 +265,14 @@ public final class GPUChecks {
                                 plan: alignedPlan, maxTokens: tokens),
                             inputs, out)
                         let equal = aligned.bits == first.bits
-                        passed = passed && equal
-                        detail += equal ? ", = with align" : ", DIFFERS from the aligned run"
+                        if streamK && !equal {
+                            let near = close(aligned)
+                            passed = passed && near
+                            detail += near ? ", aligned within bounds (stream-K cuts differ)" : ", aligned run OUT OF BOUNDS"
+                        } else {
+                            passed = passed && equal
+                            detail += equal ? ", = with align" : ", DIFFERS from the aligned run"
+                        }
                     }
                     // Programmatic dependent launch must not change a bit either (a race would).
                     if layer.programmaticDependentLaunch {
