@@ -1730,10 +1730,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
 
-            // Stream-K, the first K piece of a split tile (this program's last piece): its accumulators
-            // start from the later pieces' partial sums, added program by program (a fixed order).
-            // Those pieces are their programs' first, so they are done or nearly. Thread 0 waits for
-            // all of them before the accumulators are live (a wait loop beside them costs spills).
+            // Stream-K, the first K piece of a split tile (this program's last piece): the later pieces'
+            // partial sums are added to its products after the K loop, program by program (a fixed
+            // order). Those pieces are their programs' first, so they are done or nearly. Thread 0 waits
+            // for all of them here, before the accumulators are live (a wait loop beside them costs
+            // spills).
             const bool gather = stream && tile.stream == 2;
             int32_t iter_end = 0;
             bool lost = false;  // a wait timed out: the tile is stored as NaN (never a hang)
@@ -1748,7 +1749,29 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             float acc[Tr::ACC];
 #pragma unroll
             for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+            // One K loop per tile kind, chosen outside the loop: a wgmma whose shape is chosen per K
+            // tile inside one loop costs every tile (ptxas closes each branch with a dummy wgmma).
+            const auto issue = [&](int s, auto columns) {
+                constexpr int COLS = decltype(columns)::value;
+                constexpr bool HALF_TILE = COLS != BLOCK_N;
+                float(&acc_used)[COLS / 2] = *reinterpret_cast<float(*)[COLS / 2]>(&acc[0]);
+                moe_sm90_mma_k_tile<T, COLS, Tr::K_STEPS>(
+                    acc_used,
+                    (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4),
+                    (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4));
+            };
+            if (Tr::HALF && half) {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_int_constant<Tr::HALF_N>()); }, prefetch);
+            } else {
+                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                                              [&](int s) { issue(s, moe_int_constant<BLOCK_N>()); }, prefetch);
+            }
+#pragma unroll
+            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
             if (gather) {
+                // (After the K loop: accumulators defined by other instructions inside the wgmma
+                // pipeline would make ptxas serialize every wgmma.)
                 // Through the warp's staging rows (4 KB: 8 vectors per lane), not registers: a batch is
                 // copied in by cp.async, then each lane adds back its own vectors.
                 const uint32_t stage_base = cvta_to_shared_u32(staging) + 16 * lane;
@@ -1777,26 +1800,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
                 __syncwarp();
             }
-            // One K loop per tile kind, chosen outside the loop: a wgmma whose shape is chosen per K
-            // tile inside one loop costs every tile (ptxas closes each branch with a dummy wgmma).
-            const auto issue = [&](int s, auto columns) {
-                constexpr int COLS = decltype(columns)::value;
-                constexpr bool HALF_TILE = COLS != BLOCK_N;
-                float(&acc_used)[COLS / 2] = *reinterpret_cast<float(*)[COLS / 2]>(&acc[0]);
-                moe_sm90_mma_k_tile<T, COLS, Tr::K_STEPS>(
-                    acc_used,
-                    (HALF_TILE ? desc_a0_half : desc_a0) + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4),
-                    (HALF_TILE ? desc_b0_half : desc_b0) + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4));
-            };
-            if (Tr::HALF && half) {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
-                                              [&](int s) { issue(s, moe_int_constant<Tr::HALF_N>()); }, prefetch);
-            } else {
-                moe_sm90_consume_tile<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
-                                              [&](int s) { issue(s, moe_int_constant<BLOCK_N>()); }, prefetch);
-            }
-#pragma unroll
-            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
 
             // --- Epilogue (the ring is left to the producer, already loading the next tiles) ---
             constexpr int ROW_BYTES = Tr::STAGING_ROW_BYTES;
