@@ -356,10 +356,16 @@ struct MoESm90StreamK {
     }
 };
 
+// Experiment switch (FUSED_MOE_KERNEL_DEFINES): the waves' worth of tiles cut into K ranges, 2 (the
+// last whole wave and the partial one) or 1 (the partial wave alone).
+#ifndef MOE_SM90_STREAM_K_WAVES
+#define MOE_SM90_STREAM_K_WAVES 2
+#endif
+
 MOE_DEVICE MoESm90StreamK moe_sm90_stream_k(int64_t valid_tiles, int64_t k_tiles) {
     const int64_t programs = gridDim.x;
     const int64_t rounds = valid_tiles / programs;
-    const int64_t dp_rounds = rounds > 0 ? rounds - 1 : 0;
+    const int64_t dp_rounds = rounds >= MOE_SM90_STREAM_K_WAVES - 1 ? rounds - (MOE_SM90_STREAM_K_WAVES - 1) : 0;
     const int64_t first = dp_rounds * programs * k_tiles;
     MoESm90StreamK sk;
     sk.k_tiles = static_cast<int32_t>(k_tiles);
