@@ -136,25 +136,25 @@
 //         under the other's products. Each keeps the ring position by skipping the other's K tiles;
 //         empty barriers count one warpgroup's four warps. No half tiles, no early schedule (the
 //         schedules of the next two tiles are loaded in the K loop's drain instead).
-// Stream-K (sk_flags != nullptr: KERNEL wgmma_streamk; SPLIT_MODE 0, split_k 1, not PINGPONG; grid x
-//         = G programs, any G >= 1, all of which must be able to be resident at once, e.g. G = SMs):
-//         with T = the valid tiles (valid m-blocks x n-blocks, known on the device) and KT K tiles per
-//         tile, the first D = max(floor(T / G) - 1, 0) rounds of whole tiles go round-robin (program b:
-//         tiles b, b + G, ...), and the remaining T - D G tiles (G to 2G - 1 of them, or T < G) are cut
-//         into G equal ranges of K iterations (tile * KT + k), program b taking [S + b I / G,
-//         S + (b + 1) I / G) (S = D G KT, I = (T - D G) KT): so every program gets the same K work, and
-//         the last wave has no tail. A range walks its tiles in order; only its first piece can start
-//         inside a tile and only its last can end inside one. A piece that starts inside a tile writes
-//         its fp32 accumulators to the program's slot of sk_partials (G slots of BLOCK_M * BLOCK_N
-//         floats: consumer thread c's accumulator i (4-float vectors) at vector i * CONSUMER_THREADS + c),
-//         then sets sk_flags[b] (release, after a fence and a consumer barrier). The piece with the
-//         tile's first K tile waits for the flag of every later program whose range starts inside the
-//         tile (acquire, then clears it for the next launch), adds their slots in program order to its
-//         own accumulators and runs the epilogue (activation, routed weight: any mode-0 epilogue). The
-//         sum order is fixed by G and the shapes: reproducible. Waits only point at later programs'
-//         first pieces, which wait for nothing, so no cycle; a wait past 20 s traps (never a hang).
-//         sk_flags: G int32, zero before the first launch (each launch leaves them zero). No A
-//         resident and no half tiles on split pieces.
+// STREAM_K (KERNEL wgmma_streamk; SPLIT_MODE 0, split_k 1, not PINGPONG; grid x = G programs, any
+//         G >= 1, all of which must be able to be resident at once, e.g. G = SMs): with T = the valid
+//         tiles (valid m-blocks x n-blocks, known on the device) and KT K tiles per tile, the
+//         floor(T / G) whole rounds go round-robin (program b: tiles b, b + G, ...), and the R = T mod G
+//         tiles of the partial wave are cut into S = min(floor(G / R), KT, MOE_SM90_STREAM_K_MAX_SPLITS
+//         = 4) equal K pieces, split-major over programs 0 .. R S - 1 (program b: piece s = b / R of
+//         tile floor(T / G) G + b % R, K tiles [s KT / S, (s + 1) KT / S)): the partial wave ends after
+//         1 / S of a tile instead of a whole one, and the programs of one piece index run the same K
+//         range side by side (the m-blocks that share a weight tile stay in K step). A piece before a
+//         tile's last writes its fp32 accumulators to the program's slot of sk_partials (G + 1 slots of
+//         BLOCK_M * BLOCK_N floats: consumer thread c's 4-float vector i at i * CONSUMER_THREADS + c),
+//         then sets sk_flags[b] (release, after a fence and a consumer barrier). The tile's last piece
+//         waits for the flags of programs b - R, b - 2R, ... (thread 0, acquire, before its K loop;
+//         each flag is cleared for the next launch), then after its K loop adds their slots in K order
+//         to its own accumulators and runs the epilogue (activation, routed weight: any mode-0
+//         epilogue). The sum order is fixed by G and the shapes: reproducible. Waits point only at
+//         pieces that wait for nothing, so no cycle; a wait past 20 s reads slot G instead (all bits
+//         set: the tile comes out NaN, never a hang). sk_flags: G int32, zero before the first launch.
+//         No A resident and no half tiles in this walk.
 // Shared memory (dynamic, no static):
 //         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
@@ -339,68 +339,64 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     return true;
 }
 
-/// The stream-K walk of one grid (moe_gemm_sm90_persistent with sk_flags): D round-robin rounds of
-/// whole tiles, then equal ranges of K iterations over the remaining tiles (the kernel's notes).
-/// Iterations (tile * k_tiles + k) are 32-bit: the host keeps every tile bound times K tiles below
-/// 2^31 (few registers: the consumers hold this across their loop).
+/// The stream-K walk of one grid (moe_gemm_sm90_persistent with STREAM_K; the kernel's notes): the
+/// whole rounds of tiles round-robin, then the R = T mod G tiles of the partial wave cut into S equal
+/// K pieces, split-major over programs 0 .. R S - 1.
 struct MoESm90StreamK {
-    int32_t k_tiles;    // K tiles of a whole tile
-    int32_t dp_rounds;  // D: whole tiles per program taken round-robin first
-    int32_t first;      // S: the first stream-K iteration
-    int32_t count;      // I: stream-K iterations in all
-
-    /// The first iteration of program p's range (p = G = gridDim.x: the end of the last range). count
-    /// < 2 G K tiles, and the host keeps 2 G^2 K tiles below 2^32: 32-bit arithmetic.
-    MOE_DEVICE int32_t begin(int64_t p) const {
-        return first + static_cast<int32_t>(static_cast<uint32_t>(p) * static_cast<uint32_t>(count) / gridDim.x);
-    }
+    int32_t k_tiles;  // K tiles of a whole tile
+    int32_t rounds;   // whole rounds: floor(T / G)
+    int32_t rem;      // R: the partial wave's tiles
+    int32_t splits;   // S: K pieces per tile of the partial wave (1: none is cut)
 };
 
-// Experiment switch (FUSED_MOE_KERNEL_DEFINES): the waves' worth of tiles cut into K ranges, 2 (the
-// last whole wave and the partial one) or 1 (the partial wave alone).
-#ifndef MOE_SM90_STREAM_K_WAVES
-#define MOE_SM90_STREAM_K_WAVES 2
+// The most K pieces a tile of the partial wave is cut into: its last piece adds the others' partial
+// sums one after another, so more pieces shorten the wave less than they cost.
+#ifndef MOE_SM90_STREAM_K_MAX_SPLITS
+#define MOE_SM90_STREAM_K_MAX_SPLITS 4
 #endif
 
 MOE_DEVICE MoESm90StreamK moe_sm90_stream_k(int64_t valid_tiles, int64_t k_tiles) {
     const int64_t programs = gridDim.x;
-    const int64_t rounds = valid_tiles / programs;
-    const int64_t dp_rounds = rounds >= MOE_SM90_STREAM_K_WAVES - 1 ? rounds - (MOE_SM90_STREAM_K_WAVES - 1) : 0;
-    const int64_t first = dp_rounds * programs * k_tiles;
     MoESm90StreamK sk;
     sk.k_tiles = static_cast<int32_t>(k_tiles);
-    sk.dp_rounds = static_cast<int32_t>(dp_rounds);
-    sk.first = static_cast<int32_t>(first);
-    sk.count = static_cast<int32_t>(valid_tiles * k_tiles - first);
+    sk.rounds = static_cast<int32_t>(valid_tiles / programs);
+    sk.rem = static_cast<int32_t>(valid_tiles % programs);
+    const int64_t fit = sk.rem > 0 ? programs / sk.rem : 1;
+    const int64_t splits = min_i64(min_i64(fit, k_tiles), MOE_SM90_STREAM_K_MAX_SPLITS);
+    sk.splits = static_cast<int32_t>(splits > 1 ? splits : 1);
     return sk;
 }
 
 /// Piece j of program b's stream-K walk (j = 0, 1, ...): tile moe_sm90_tile_at(t) with its K range
-/// [kt_begin, kt_begin + num_tiles) and role (tile.stream). False: the walk has ended.
-/// Warp-cooperative like moe_sm90_tile_at.
+/// [kt_begin, kt_begin + num_tiles) and role (tile.stream). Round j < rounds: tile b + j G, whole.
+/// Round `rounds`: program b < R S takes piece s = b / R of tile rounds G + b % R, K tiles
+/// [s KT / S, (s + 1) KT / S); so the programs of one piece index run the same K range side by side,
+/// and the m-blocks that share a weight tile stay in K step as in the whole rounds (equal K ranges
+/// cut anywhere in the tiles lost that and measured 5-24% slower per GEMM: NOTES v17). False: the
+/// walk has ended. Warp-cooperative like moe_sm90_tile_at.
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
 MOE_DEVICE bool moe_sm90_stream_piece(MoESm90Tile& tile, const MoESm90StreamK& sk, int64_t j, int64_t b,
                                       const int32_t* expert_ids, const int32_t* total_padded, int64_t N, int64_t K,
                                       int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
     int64_t t, kb, ke;
-    if (j < sk.dp_rounds) {
+    int split = 0;
+    if (j < sk.rounds) {
         t = b + j * static_cast<int64_t>(gridDim.x);
         kb = 0;
         ke = sk.k_tiles;
     } else {
-        const int64_t begin = sk.begin(b), end = sk.begin(b + 1);  // int32 values
-        const int64_t t0 = begin / sk.k_tiles;
-        t = t0 + (j - sk.dp_rounds);
-        kb = t == t0 ? begin - t0 * sk.k_tiles : 0;
-        if (t * sk.k_tiles + kb >= end) return false;
-        ke = min_i64(sk.k_tiles, end - t * sk.k_tiles);
+        if (j > sk.rounds || b >= static_cast<int64_t>(sk.rem) * sk.splits) return false;
+        split = static_cast<int>(b / sk.rem);
+        t = static_cast<int64_t>(sk.rounds) * gridDim.x + b % sk.rem;
+        kb = static_cast<int64_t>(split) * sk.k_tiles / sk.splits;
+        ke = static_cast<int64_t>(split + 1) * sk.k_tiles / sk.splits;
     }
     if (!moe_sm90_tile_at<BLOCK_M, BLOCK_N, BLOCK_K>(tile, t, 0, expert_ids, total_padded, N, K, 1, group_size_m,
                                                      max_padded, num_valid_tokens))
         return false;
     tile.kt_begin = kb;
     tile.num_tiles = tile.expert < 0 ? 0 : static_cast<int>(ke - kb);
-    tile.stream = kb == 0 && ke == sk.k_tiles ? 0 : kb > 0 ? 1 : 2;
+    tile.stream = j < sk.rounds || sk.splits == 1 ? 0 : split + 1 < sk.splits ? 1 : 2;
     return true;
 }
 
@@ -1736,19 +1732,17 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 }
             }
 
-            // Stream-K, the first K piece of a split tile (this program's last piece): the later pieces'
-            // partial sums are added to its products after the K loop, program by program (a fixed
-            // order). Those pieces are their programs' first, so they are done or nearly. Thread 0 waits
-            // for all of them here, before the accumulators are live (a wait loop beside them costs
-            // spills).
+            // Stream-K, the last K piece of a split tile: the other pieces' partial sums are added to its
+            // products after the K loop, in K order (a fixed order). They run beside it, the same
+            // length. Thread 0 waits for all of them here, before the accumulators are live (a wait
+            // loop beside them costs spills).
             const bool gather = stream && tile.stream == 2;
-            int32_t iter_end = 0;
             bool lost = false;  // a wait timed out: the tile is stored as NaN (never a hang)
             if (gather) {
-                iter_end = (sk.begin(blockIdx.x + 1) / sk.k_tiles + 1) * sk.k_tiles;
+                // The tile's other pieces: programs b - R, b - 2R, ... (pieces S - 2, S - 3, ...).
                 if (ctid == 0) {
-                    for (int64_t p = blockIdx.x + 1; p < gridDim.x && sk.begin(p) < iter_end; ++p)
-                        if (sk.begin(p) < sk.begin(p + 1) && !wait_flag_and_clear(sk_flags + p)) lost = true;
+                    for (int s = 0; s + 1 < sk.splits; ++s)
+                        if (!wait_flag_and_clear(sk_flags + blockIdx.x - (sk.splits - 1 - s) * sk.rem)) lost = true;
                 }
                 lost = bar_sync_or<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>(lost);
             }
@@ -1782,8 +1776,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 // copied in by cp.async, then each lane adds back its own vectors.
                 const uint32_t stage_base = cvta_to_shared_u32(staging) + 16 * lane;
                 __syncwarp();  // the warp's last epilogue is done with its staging rows
-                for (int64_t p = blockIdx.x + 1; p < gridDim.x && sk.begin(p) < iter_end; ++p) {
-                    if (sk.begin(p) == sk.begin(p + 1)) continue;  // an empty range
+                for (int s = 0; s + 1 < sk.splits; ++s) {  // in K order
+                    const int64_t p = blockIdx.x - (sk.splits - 1 - s) * sk.rem;
                     // After a lost wait, slot G (all bits set: NaN) instead: the tile is stored as NaN.
                     const float4* slot =
                         reinterpret_cast<const float4*>(sk_partials) + (lost ? gridDim.x : p) * int64_t{Tr::SLOT_VECTORS};

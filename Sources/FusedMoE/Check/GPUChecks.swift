@@ -502,8 +502,8 @@ public final class GPUChecks {
     }
 
     /// The stream-K kernel (KERNEL wgmma_streamk) on the few-expert case (about 450 rows per expert:
-    /// several m-blocks each, so the last waves' tiles are cut between programs at K iterations that
-    /// fall mid-tile): tiles of 128x256, 128x128 and 64x256, GROUP_SIZE_M 1 and 3, the fused activation,
+    /// several m-blocks each, and fewer tiles than programs, so every tile is cut into K pieces over
+    /// several programs): tiles of 128x256, 128x128 and 64x256, GROUP_SIZE_M 1 and 3, the fused activation,
     /// and an expert map owning every other expert. Each against the fp32 reference, and bit for bit
     /// a second run of the same layer (the sum order is fixed: reproducible; a stale flag or partial
     /// from the first run would show here). Also a plain 64-row tile with the shared small shape at

@@ -144,15 +144,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
         let programs = device.properties.multiprocessorCount
         var streamSlotFloats = 0
-        for (config, n, k) in [(plan.gemm1, 2 * shape.intermediate, shape.hidden), (plan.gemm2, shape.hidden, shape.intermediate)]
-        where config.kernel == .wgmmaStreamK {
-            // The kernel counts K iterations (tile * K tiles + k) in 32 bits.
-            let kTiles = (k + config.blockK - 1) / config.blockK
-            let tiles = (maxPadded + config.blockM - 1) / config.blockM * ((n + config.blockN - 1) / config.blockN)
-            guard tiles * kTiles < 1 << 31, 2 * programs * programs * kTiles < 1 << 32 else {
-                throw .invalidArgument(
-                    "KERNEL", "wgmma_streamk counts K iterations in 32 bits: \(tiles) tiles x \(kTiles) K tiles is too many; use wgmma_persistent")
-            }
+        for config in [plan.gemm1, plan.gemm2] where config.kernel == .wgmmaStreamK {
             streamSlotFloats = max(streamSlotFloats, config.blockM * config.blockN)
         }
         do {

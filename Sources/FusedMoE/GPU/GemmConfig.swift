@@ -34,9 +34,9 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// the two taking turns on the tensor cores, so one's epilogue runs under the other's products.
     /// BLOCK_M 128, BLOCK_N 64 or 128.
     case wgmmaPingpong = "wgmma_pingpong"
-    /// `moe_gemm_sm90_persistent` with stream-K: one program per SM; after whole rounds of tiles the
-    /// last one to two waves' K iterations are cut into equal ranges, one per program, and a tile
-    /// split between programs is summed in a fixed order (reproducible): no tail wave. SPLIT_K 1.
+    /// `moe_gemm_sm90_persistent` with stream-K: one program per SM; after the whole rounds of tiles
+    /// the partial wave's tiles are cut into up to 4 equal K pieces over the idle programs, and a
+    /// tile's pieces are summed in a fixed order (reproducible): a shorter last wave. SPLIT_K 1.
     case wgmmaStreamK = "wgmma_streamk"
 
     /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
