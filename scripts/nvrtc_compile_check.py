@@ -334,7 +334,11 @@ def register_problem(u: "KernelUsage") -> str | None:
     m = GEMM_SM90_RE.match(u.name)
     if not m:
         return None
-    if u.stack and not KNOWN_SPILLS.match(u.name):
+    # An off-by-default experiment (name with its -D switches) may keep an unused frame: ptxas 13.5
+    # reserves 8 bytes, with no local load or store, for the half tiles in split modes (seen at
+    # 78ed79f already). The shipped instantiations must have none.
+    unused_experiment_frame = " -D" in u.name and not u.spill_stores and not u.spill_loads and u.stack <= 16
+    if u.stack and not KNOWN_SPILLS.match(u.name) and not unused_experiment_frame:
         return f"{u.stack} bytes stack frame"
     main = GEMM_SM90_MAIN_RE.match(u.name)
     if main and int(main.group(1)) == 128 and u.registers != SM90_LAUNCH_REGISTERS:
