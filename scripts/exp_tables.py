@@ -57,18 +57,12 @@ def blocks_per_expert(entry, tokens, k, experts):
     return max((rows + block_m - 1) // block_m, 1)
 
 
-def deepest_ring(entry):
-    """moe_gemm_sm90's deepest ring: STAGES * 128 * (BM + BN) + 16 * STAGES + 8 * BM + 1024 <= 232448."""
+def deepest_ring(entry, persistent=False):
+    """moe_gemm_sm90's deepest ring: STAGES * 128 * (BM + BN) + 16 * STAGES + 8 * BM + 1024 <= 232448; the
+    persistent kernel adds 256 * BM bytes of output staging."""
     bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
-    return max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 1024 <= 232448)
-
-
-def persistent_ring(entry):
-    """The persistent kernel's deepest ring for the tile, at most the entry's: its shared memory adds
-    256 * BLOCK_M bytes of output staging to moe_gemm_sm90's."""
-    bm, bn = entry["BLOCK_SIZE_M"], entry["BLOCK_SIZE_N"]
-    fits = [s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + 256 * bm + 1024 <= 232448]
-    return min(max(fits), entry["num_stages"])
+    staging = 256 * bm if persistent else 0
+    return max(s for s in range(2, 9) if s * 128 * (bm + bn) + 16 * s + 8 * bm + staging + 1024 <= 232448)
 
 
 def change(entry, tokens, k, experts):
@@ -81,7 +75,7 @@ def change(entry, tokens, k, experts):
             entry["KERNEL"] = "wgmma_streamk"
             entry["SPLIT_K"] = 1
             entry["SPLIT_MODE"] = "none"
-            entry["num_stages"] = persistent_ring(entry)
+            entry["num_stages"] = min(deepest_ring(entry, persistent=True), entry["num_stages"])
         return
     if kind == "deep":
         if entry.get("KERNEL") == "wgmma" and entry["BLOCK_SIZE_M"] >= 64:

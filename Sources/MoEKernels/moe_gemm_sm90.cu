@@ -237,8 +237,8 @@ struct MoESm90Tile {
     int32_t expert;    // -1: not owned
     int num_tiles;     // K tiles to multiply (0 when the expert is -1 or the split range is empty)
     bool half;         // persistent kernel: rows [64, 128) are all padding (set there; false here)
-    int32_t stream;    // stream-K: 0 the whole K range, 1 a piece after the first (partials to the
-                       // program's slot), 2 the first piece of a split tile (adds the later pieces)
+    int32_t stream;    // stream-K: 0 the whole K range, 1 a piece before the tile's last (partials to
+                       // the program's slot), 2 the tile's last piece (adds the others)
 };
 
 /// The group of m-blocks that holds m-block q (q < valid_blocks): the maximal run of m-blocks around q

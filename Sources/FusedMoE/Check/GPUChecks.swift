@@ -237,8 +237,17 @@ public final class GPUChecks {
                     // tiles differ in number).
                     let streamK1 = plan.gemm1.kernel == .wgmmaStreamK
                     let streamK = streamK1 || plan.gemm2.kernel == .wgmmaStreamK
-                    let close = { (other: LayerOutput) in
-                        other.unwritten == 0 && relativeError(other.values, reference) < errorBound(.bf16)
+                    // Another run of the same inputs: bit for bit the first, or (cuts may differ) within
+                    // the reference's bound. Appends to detail; false if it fails.
+                    func agrees(_ other: LayerOutput, _ name: String, cutsMayDiffer: Bool, differs: String) -> Bool {
+                        let same = other.bits == first.bits
+                        if cutsMayDiffer && !same {
+                            let near = other.unwritten == 0 && relativeError(other.values, reference) < errorBound(.bf16)
+                            detail += near ? ", \(name) within bounds (stream-K cuts differ)" : ", \(name) OUT OF BOUNDS"
+                            return near
+                        }
+                        detail += same ? ", = \(name)" : ", \(differs)"
+                        return same
                     }
                     var unfusedPlan = plan
                     unfusedPlan.fusedActivation = false
@@ -246,15 +255,9 @@ public final class GPUChecks {
                         library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                         plan: unfusedPlan, maxTokens: tokens)
                     let separate = try runPoisoned(unfused, inputs, out)
-                    let same = separate.bits == first.bits
-                    if streamK1 && !same {
-                        let near = close(separate)
-                        passed = passed && near
-                        detail += near ? ", unfused within bounds (stream-K cuts differ)" : ", unfused OUT OF BOUNDS"
-                    } else {
-                        passed = passed && same
-                        detail += same ? ", = unfused" : ", DIFFERS from unfused (\(zip(separate.bits, first.bits).filter { $0 != $1 }.count) elements)"
-                    }
+                    let differing = zip(separate.bits, first.bits).filter { $0 != $1 }.count
+                    passed = agrees(separate, "unfused", cutsMayDiffer: streamK1, differs: "DIFFERS from unfused (\(differing) elements)")
+                        && passed
                     // One token skips align (identity routing): the same rows as with it, bit for bit.
                     if layer.usesIdentityRouting(tokens: tokens) {
                         var alignedPlan = plan
@@ -264,15 +267,8 @@ public final class GPUChecks {
                                 library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                                 plan: alignedPlan, maxTokens: tokens),
                             inputs, out)
-                        let equal = aligned.bits == first.bits
-                        if streamK && !equal {
-                            let near = close(aligned)
-                            passed = passed && near
-                            detail += near ? ", aligned within bounds (stream-K cuts differ)" : ", aligned run OUT OF BOUNDS"
-                        } else {
-                            passed = passed && equal
-                            detail += equal ? ", = with align" : ", DIFFERS from the aligned run"
-                        }
+                        passed = agrees(aligned, "with align", cutsMayDiffer: streamK, differs: "DIFFERS from the aligned run")
+                            && passed
                     }
                     // Programmatic dependent launch must not change a bit either (a race would).
                     if layer.programmaticDependentLaunch {

@@ -143,10 +143,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let accumulatorCount = max(
             accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
         let programs = device.properties.multiprocessorCount
-        var streamSlotFloats = 0
-        for config in [plan.gemm1, plan.gemm2] where config.kernel == .wgmmaStreamK {
-            streamSlotFloats = max(streamSlotFloats, config.blockM * config.blockN)
-        }
+        let streamSlotFloats =
+            [plan.gemm1, plan.gemm2].filter { $0.kernel == .wgmmaStreamK }.map { $0.blockM * $0.blockN }.max() ?? 0
         do {
             sortedIDs = try DeviceBuffer(device: device, count: maxPadded, of: Int32.self)
             expertIDs = try DeviceBuffer(device: device, count: maxBlocks, of: Int32.self)

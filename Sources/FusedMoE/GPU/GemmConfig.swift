@@ -205,12 +205,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
                 + "\(clusterM)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
-        case .wgmmaPersistent, .wgmmaPingpong:
+        case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
-                + "\(fusedActivation), \(kernel == .wgmmaPingpong)>"
-        case .wgmmaStreamK:
-            return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), 0, \(mulRoutedWeight), "
-                + "\(fusedActivation), false, true>"
+                + "\(fusedActivation), \(kernel == .wgmmaPingpong)" + (kernel == .wgmmaStreamK ? ", true>" : ">")
         }
     }
 
