@@ -10,7 +10,7 @@ kernel experiments switched on (experiment_jobs: the half tiles of the persisten
 registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
 spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128. Every
 moe_gemm_sm90 / _swap / _persistent instantiation must also have no spill and no stack frame, no ptxas warning about
-setmaxnreg or wgmma (C7508: setmaxnreg ignored; wgmma serialized), and with BLOCK_M = 128 exactly
+setmaxnreg or wgmma (C7508: setmaxnreg ignored; wgmma serialized), and with BLOCK_M = 128 (or a swap-AB BLOCK_N_W = 256) exactly
 168 registers at launch (the budget its setmaxnreg split redistributes).
 
 libnvrtc is looked up in $NVRTC_LIBRARY, /usr/local/cuda/lib64, then the pip packages
@@ -75,6 +75,21 @@ SM90_CLUSTER_TILES = tuple(
 SM90_SWAP_TILES = {
     "moe_bf16": tuple((bnw, tok, st) for bnw in (64, 128) for tok in (8, 16, 32, 64) for st in (4, 8)),
     "moe_fp16": tuple((bnw, tok, 4) for bnw in (64, 128) for tok in (8, 16, 32, 64)),
+}
+
+
+def swap_fits(bnw: int, tok: int, st: int) -> bool:
+    """The swap kernel's ring fits in 227 KB and holds its fp32 output staging [TOKENS][BLOCK_N_W + 4]."""
+    ring = st * 128 * (tok + bnw)
+    return ring + 16 * st + 8 * tok + 1024 <= 232448 and tok * (bnw + 4) * 4 <= ring
+
+
+# The wide token tiles of prefill (BLOCK_N_W 256: two consumer warpgroups and setmaxnreg; 128: one):
+# the deepest ring that fits each, every width for bf16, two for fp16.
+SM90_SWAP_WIDE_TILES = {
+    "moe_bf16": tuple((bnw, tok, max(st for st in range(2, 9) if swap_fits(bnw, tok, st)))
+                      for bnw in (128, 256) for tok in (80, 96, 112, 128, 144, 160, 176, 192)),
+    "moe_fp16": tuple((256, tok, max(st for st in range(2, 9) if swap_fits(256, tok, st))) for tok in (96, 160)),
 }
 # moe_gemm_sm90_persistent tiles (BLOCK_M, BLOCK_N, STAGES): the deepest ring of each shipped tile
 # shape (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 268 * BLOCK_M + 64 + 1024 <= 232448) and
@@ -143,7 +158,7 @@ def name_expressions() -> dict[str, list[list[str]]]:
                 [gemm_sm90_persistent_name(dtype, tile, 0, mul, stream_k=True) for mul in (False, True)]
                 + [gemm_sm90_persistent_name(dtype, tile, 0, False, act, stream_k=True)
                    for act in (1, 2) if tile[1] >= 128])
-        for tile in SM90_SWAP_TILES[dtype]:
+        for tile in SM90_SWAP_TILES[dtype] + SM90_SWAP_WIDE_TILES[dtype]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
                 + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)])
@@ -306,6 +321,7 @@ def parse_ptxas(log: str) -> dict[str, KernelUsage]:
 GEMM_RE = re.compile(r"moe_gemm<\w+, (\d+), (\d+), (\d+),")
 GEMM_SM90_RE = re.compile(r"moe_gemm_sm90(?:_swap|_persistent)?<\w+, (\d+), (\d+), (\d+),")
 GEMM_SM90_MAIN_RE = re.compile(r"moe_gemm_sm90(?:_persistent)?<\w+, (\d+), (\d+), (\d+),")
+GEMM_SM90_SWAP_RE = re.compile(r"moe_gemm_sm90_swap<\w+, (\d+), (\d+), (\d+),")
 # ptxas warnings that mean a Hopper kernel lost its design: setmaxnreg ignored (C7508), wgmma
 # serialized (C7510/C7515/..., "Potential Performance Loss").
 SM90_FATAL_WARNINGS = re.compile(r"C7508|setmaxnreg|wgmma|Potential Performance Loss", re.IGNORECASE)
@@ -341,7 +357,9 @@ def register_problem(u: "KernelUsage") -> str | None:
     if u.stack and not KNOWN_SPILLS.match(u.name) and not unused_experiment_frame:
         return f"{u.stack} bytes stack frame"
     main = GEMM_SM90_MAIN_RE.match(u.name)
-    if main and int(main.group(1)) == 128 and u.registers != SM90_LAUNCH_REGISTERS:
+    swap = GEMM_SM90_SWAP_RE.match(u.name)
+    rebalanced = (main and int(main.group(1)) == 128) or (swap and int(swap.group(1)) == 256)
+    if rebalanced and u.registers != SM90_LAUNCH_REGISTERS:
         return f"launched with {u.registers} registers, setmaxnreg needs {SM90_LAUNCH_REGISTERS}"
     return None
 
@@ -361,6 +379,8 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="compile only this .cu file")
     parser.add_argument("-j", "--jobs", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     parser.add_argument("--verbose", action="store_true", help="print the full NVRTC logs")
+    parser.add_argument("--filter", default=None,
+                        help="compile only the groups with a name expression matching this regex")
     args = parser.parse_args()
 
     nvrtc = NVRTC(find_nvrtc())
@@ -381,6 +401,8 @@ def main() -> int:
         for group in groups.get(cu, [[]]):
             jobs.append((cu, group, []))
     jobs += [job for job in experiment_jobs() if not args.only or job[0] == args.only]
+    if args.filter:
+        jobs = [job for job in jobs if any(re.search(args.filter, e) for e in job[1])]
 
     def run(job):
         cu, exprs, extra = job

@@ -71,21 +71,28 @@
 // Tensor map: boxDim = {64, BLOCK_N}, or {64, BLOCK_N / 2} with FUSED_ACT or CLUSTER 2 (below).
 //
 // ---------------------------------------------------------------------------------------------------
-// moe_gemm_sm90_swap<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (decode, small M)
+// moe_gemm_sm90_swap<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT> (decode; wide token tiles)
 //
 // Swap-AB: the weight rows fill wgmma's M side (64 per instruction) and the tokens its N side, so a
 // block of a few tokens per expert does not waste the tensor cores: each program computes
-// C^T tile = B tile [BLOCK_N_W x K] * A tile^T [K x TOKENS]. BLOCK_N_W in {64, 128}; TOKENS in
-// {8, 16, 32, 64} is the align block size (BLOCK_M == TOKENS: expert_ids has one entry per TOKENS rows).
+// C^T tile = B tile [BLOCK_N_W x K] * A tile^T [K x TOKENS]. BLOCK_N_W in {64, 128, 256}; TOKENS is the
+// align block size (BLOCK_M == TOKENS: expert_ids has one entry per TOKENS rows): 8, 16, 32 or 64 for
+// decode, or a wide token tile 80, 96, 112, 128, 144, 160, 176 or 192 for prefill, where wgmma's N side
+// (steps of 8) lets the align block fit the rows per expert more closely than the 64-row steps of
+// moe_gemm_sm90 (e.g. 130-150 rows per expert: one block of 160 instead of two of 128).
 // Grid:   x = ceil(max_padded / TOKENS) * ceil(N / BLOCK_N_W), y = split_k; expert-aligned groups as above
 //         with BLOCK_M = TOKENS, BLOCK_N = BLOCK_N_W.
-// Block:  256 threads (producer warpgroup + one consumer warpgroup); __launch_bounds__(256, 1); no
-//         setmaxnreg. The consumer issues BLOCK_N_W / 64 wgmma.m64n{TOKENS}k16 per k16 step.
+// Block:  a producer warpgroup (as moe_gemm_sm90's) and one consumer warpgroup (BLOCK_N_W 64, 128;
+//         256 threads, no setmaxnreg) or two (BLOCK_N_W 256: 384 threads, setmaxnreg 56 / 224 of 168
+//         at launch); __launch_bounds__(threads, 1). Consumer warpgroup w owns weight rows
+//         [w WG_ROWS, (w + 1) WG_ROWS) (WG_ROWS = min(BLOCK_N_W, 128)) and issues WG_ROWS / 64
+//         wgmma.m64n{TOKENS}k16 per k16 step (TOKENS fp32 accumulators per thread at WG_ROWS 128).
 // Shared memory: SMEM_BYTES = STAGES*128*(TOKENS + BLOCK_N_W) + 16*STAGES + 8*TOKENS
 //         (MoEGemmSm90SwapTraits::SMEM_BYTES), plus 1024 bytes of alignment slack from the host. Layout
 //         as above with the A ring holding TOKENS rows and the B ring BLOCK_N_W rows. The output tile
-//         is staged transposed, fp32 [TOKENS][BLOCK_N_W + 4], and the routed weight applied (and the
-//         value rounded once to T in mode 0) on the way out.
+//         is staged transposed, fp32 [TOKENS][BLOCK_N_W + 4], in the ring (which must hold it: the
+//         host checks TOKENS * (BLOCK_N_W + 4) * 4 <= STAGES*128*(TOKENS + BLOCK_N_W)), and the routed
+//         weight applied (and the value rounded once to T in mode 0) on the way out.
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
@@ -886,12 +893,24 @@ struct MoEGemmSm90SwapTraits {
     static constexpr int BLOCK_K = Smem::BLOCK_K;
     static constexpr int WGMMA_K = 16;
     static constexpr int K_STEPS = BLOCK_K / WGMMA_K;
-    static constexpr int THREADS = 256;  // producer warpgroup + one consumer warpgroup
-    static constexpr int PRODUCER_THREADS = 128;
-    static constexpr int M_BLOCKS = BLOCK_N_W / 64;  // wgmma m64 blocks of weight rows
-    static constexpr int ACC = TOKENS / 2;          // fp32 accumulators per thread per m64 block
+    static constexpr int WARPGROUP_THREADS = 128;
+    // One consumer warpgroup up to 128 weight rows; two (128 rows each) for BLOCK_N_W 256.
+    static constexpr int CONSUMER_WARPGROUPS = BLOCK_N_W == 256 ? 2 : 1;
+    static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
+    static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
+    static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int WG_ROWS = BLOCK_N_W / CONSUMER_WARPGROUPS;  // weight rows per consumer warpgroup
+    static constexpr int M_BLOCKS = WG_ROWS / 64;  // wgmma m64 blocks of weight rows per warpgroup
+    static constexpr int ACC = TOKENS / 2;         // fp32 accumulators per thread per m64 block
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = Smem::DYNAMIC_SMEM_BYTES;
+
+    // Register split (setmaxnreg) for two consumer warpgroups: 384 threads launched at 168 registers,
+    // as moe_gemm_sm90 (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
+    static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
+    static constexpr int LAUNCH_REGISTERS = 168;
+    static constexpr int PRODUCER_REGISTERS = 56;
+    static constexpr int CONSUMER_REGISTERS = 224;
 
     // Output staging, transposed back to token rows: fp32 [TOKENS][BLOCK_N_W + 4]. The pitch makes
     // the fragment writes (8 weight rows x 4 token pairs per warp) hit 32 distinct banks and keeps
@@ -905,17 +924,26 @@ struct MoEGemmSm90SwapTraits {
     static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
-    static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128, "BLOCK_N_W in {64, 128}");
-    static_assert(TOKENS == 8 || TOKENS == 16 || TOKENS == 32 || TOKENS == 64, "TOKENS in {8, 16, 32, 64}");
+    static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128 || BLOCK_N_W == 256, "BLOCK_N_W in {64, 128, 256}");
+    // Decode widths, and the wide token tiles of prefill (an align block that fits the rows per expert
+    // more closely than 64-row steps: wgmma's N side steps by 8; these have a wgmma wrapper).
+    static_assert(TOKENS == 8 || TOKENS == 16 || TOKENS == 32 || TOKENS == 64 || TOKENS == 80 || TOKENS == 96 ||
+                      TOKENS == 112 || TOKENS == 128 || TOKENS == 144 || TOKENS == 160 || TOKENS == 176 ||
+                      TOKENS == 192,
+                  "TOKENS in {8, 16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(TOKENS * STAGE_PITCH * 4 <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
+    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
+                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
+                                              THREADS * LAUNCH_REGISTERS,
+                  "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     moe_gemm_sm90_swap(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
@@ -934,13 +962,13 @@ __global__ void __launch_bounds__(256, 1)
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
     const Smem sm(moe_gemm_sm90_smem);
-    moe_sm90_setup<TOKENS, BLOCK_N_W, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, 4>(sm, tile, &b_map,
-                                                                                   sorted_token_ids,
-                                                                                   num_valid_tokens, top_k);
+    moe_sm90_setup<TOKENS, BLOCK_N_W, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
+        sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k);
 
     const int tid = threadIdx.x;
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
+        if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
         if (tile.num_tiles > 0) {
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
@@ -948,8 +976,11 @@ __global__ void __launch_bounds__(256, 1)
                                                                       b_row_up, tid);
         }
     } else {
-        // ===== Consumer warpgroup =====
-        const int wg_tid = tid - Tr::PRODUCER_THREADS;
+        // ===== Consumer warpgroups =====
+        if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+        const int ctid = tid - Tr::PRODUCER_THREADS;
+        const int wg = ctid / Tr::WARPGROUP_THREADS;  // owns weight rows [WG_ROWS wg, WG_ROWS (wg + 1))
+        const int wg_tid = ctid % Tr::WARPGROUP_THREADS;
         const int lane = tid % 32;
 
         float acc[Tr::M_BLOCKS][Tr::ACC];
@@ -959,7 +990,7 @@ __global__ void __launch_bounds__(256, 1)
             for (int i = 0; i < Tr::ACC; ++i) acc[m][i] = 0.0f;
 
         // wgmma A operand: 64 weight rows (B ring); wgmma B operand: the TOKENS token rows (A ring).
-        const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b);
+        const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
         const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
         moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
 #pragma unroll
@@ -993,11 +1024,11 @@ __global__ void __launch_bounds__(256, 1)
         constexpr int SPITCH = Tr::STAGE_PITCH;
         constexpr int VEC = Tr::OUT_VEC;
         constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
-        const int frag_w = (wg_tid / 32) * 16 + lane / 4;
+        const int frag_w = wg * Tr::WG_ROWS + (wg_tid / 32) * 16 + lane / 4;
         const int frag_t = (lane % 4) * 2;
 
         fence_proxy_async_shared_cta();
-        bar_sync<1, 128>();  // the whole warpgroup is done with the ring before it is overwritten
+        bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
         float* staged = reinterpret_cast<float*>(sm.base);
 #pragma unroll
         for (int m = 0; m < Tr::M_BLOCKS; ++m)
@@ -1008,7 +1039,7 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
                     for (int c = 0; c < 2; ++c)
                         staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] = acc[m][4 * j + 2 * h + c];
-        bar_sync<1, 128>();
+        bar_sync<1, Tr::CONSUMER_THREADS>();
 
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
@@ -1016,7 +1047,7 @@ __global__ void __launch_bounds__(256, 1)
         const bool vec_ok = stride_cm % VEC == 0;
         const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
         const int64_t out_n = Tr::FUSED ? N / 2 : N;
-        for (int idx = wg_tid; idx < TOKENS * OCPR; idx += 128) {
+        for (int idx = ctid; idx < TOKENS * OCPR; idx += Tr::CONSUMER_THREADS) {
             const int r = idx / OCPR;
             const int c = idx % OCPR;
             const int32_t p = sm.pair[r];

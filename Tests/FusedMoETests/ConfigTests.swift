@@ -304,6 +304,29 @@ import Testing
         #expect(Tuner.groupAlternatives(mma, shape: mixtral, tokens: 2048).isEmpty)
     }
 
+    /// The swap-AB kernel's wide token tiles: 80..192 tokens, 256 weight rows on two consumer
+    /// warpgroups (384 threads), refused with the key named when the width has no kernel or the ring
+    /// cannot hold the staged output tile.
+    @Test func swapWideTokenTiles() throws {
+        let wide = GemmConfig.wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)
+        #expect(throws: Never.self) { try wide.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(wide.threads == 384 && wide.warps == 12)
+        #expect(wide.nameExpression(dtype: .bf16, mulRoutedWeight: true) == "moe_gemm_sm90_swap<moe_bf16, 256, 160, 4, 0, true, 0>")
+        #expect(GemmConfig.wgmma(blockM: 80, blockN: 128, stages: 7, swapAB: true).threads == 256)
+        // 160 x 260 fp32 staged (166 KB) does not fit a 3-stage ring (156 KB).
+        #expect(throws: MoEError.invalidArgument("num_stages", "wgmma_swap 160x256x64 s3 g1 split1/none stages its 166400-byte output tile in its 159744-byte ring: needs more stages")) {
+            try GemmConfig.wgmma(blockM: 160, blockN: 256, stages: 3, swapAB: true).validate(sharedMemoryLimit: 227 * 1024)
+        }
+        #expect(throws: MoEError.self) { try GemmConfig.wgmma(blockM: 200, blockN: 256, stages: 4, swapAB: true).validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(throws: MoEError.self) { try GemmConfig.wgmma(blockM: 72, blockN: 128, stages: 4, swapAB: true).validate(sharedMemoryLimit: 227 * 1024) }
+        // Too deep for 227 KB: the shared-memory check names num_stages.
+        #expect(throws: MoEError.self) { try GemmConfig.wgmma(blockM: 192, blockN: 256, stages: 5, swapAB: true).validate(sharedMemoryLimit: 227 * 1024) }
+        // Read from a table: the same config.
+        let table = ConfigTable(source: "t", entries: [(512, MoEPlan(both: wide))])
+        let parsed = try ConfigTable.parse(table.json.serialized(indent: 1), source: "t")
+        #expect(parsed.nearest(to: 512).gemm1 == wide)
+    }
+
     /// CLUSTER_M: read and written by the tables, part of the kernel's name, half-height TMA boxes,
     /// and refused (naming the key) on kernels other than wgmma.
     @Test func clusterPairsConfig() throws {

@@ -35,7 +35,9 @@ struct KernelCompileTests {
         let clustered = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 2, clusterM: 2)
         let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true)
         let stream = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true)
-        for config in [wide, swap, persistent, clustered, pingpong, stream] {
+        // A wide token tile: two consumer warpgroups with setmaxnreg, 144 accumulators each.
+        let swapWide = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        for config in [wide, swap, persistent, clustered, pingpong, stream, swapWide] {
             // Unsplit, GEMM1 takes the activation in its epilogue (FUSED_ACT), checked here with gelu too.
             #expect(config.fusesActivation)
             for request in CUDAMoELayer.requests(dtype: .bf16, plan: MoEPlan(both: config), activation: .gelu)

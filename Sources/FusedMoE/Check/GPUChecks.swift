@@ -36,8 +36,8 @@ public final class GPUChecks {
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
     /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
-    /// (BLOCK_M from the rows per expert), its swap-AB decode variant, the persistent kernel and its
-    /// ping-pong form (an odd ring: 5 stages), unsplit and split.
+    /// (BLOCK_M from the rows per expert), its swap-AB decode variant and two wide token tiles, the
+    /// persistent kernel and its ping-pong form (an odd ring: 5 stages), unsplit and split.
     func casePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         var plans = [("shipped", try shippedPlan(shape, tokens))]
         plans += GPUChecks.splitSettings.map { split, mode in
@@ -49,8 +49,12 @@ public final class GPUChecks {
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
         let persistent = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, persistent: true)
         let pingpong = GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true)
+        // Wide token tiles: two consumer warpgroups (BLOCK_N 256), and one with two m64 blocks (128).
+        let swapWide = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        let swapWide128 = GemmConfig.wgmma(blockM: 80, blockN: 128, stages: 7, swapAB: true)
         for (name, config) in [
             ("wgmma", wide), ("wgmma_swap", swap), ("wgmma_persistent", persistent), ("wgmma_pingpong", pingpong),
+            ("wgmma_swap 144x256", swapWide), ("wgmma_swap 80x128", swapWide128),
         ] {
             for (split, mode) in [(1, SplitMode.none), (4, .workspace), (2, .atomic)] {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
@@ -333,6 +337,7 @@ public final class GPUChecks {
                 let configs = [
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 4), GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true),
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
+                    GemmConfig.wgmma(blockM: 96, blockN: 256, stages: 5, swapAB: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 6, pingpong: true),
                 ]
@@ -383,6 +388,7 @@ public final class GPUChecks {
                 let o = try DeviceBuffer(device: library.device, byteCount: 90 * shape.hidden * 2)
                 for config in [
                     GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true), GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
+                    GemmConfig.wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true),
                     GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, streamK: true),

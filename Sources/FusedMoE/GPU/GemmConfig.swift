@@ -25,7 +25,9 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// two consumer warpgroups; Hopper (sm_90a) only. BLOCK_M 64 or 128, BLOCK_K 64.
     case wgmma
     /// `moe_gemm_sm90_swap`: wgmma with the weight rows on wgmma's M side and the tokens on its N
-    /// side (swap-AB), for decode; BLOCK_M (tokens) 8..64, BLOCK_N (weight rows) 64 or 128.
+    /// side (swap-AB). For decode, BLOCK_M (tokens) 8..64; for prefill, a wide token tile of 80..192
+    /// rows in steps of 16 (an align block that fits the rows per expert more closely than 64-row
+    /// steps). BLOCK_N (weight rows) 64 or 128 (one consumer warpgroup) or 256 (two).
     case wgmmaSwap = "wgmma_swap"
     /// `moe_gemm_sm90_persistent`: the wgmma kernel with a persistent grid (one program per SM
     /// walking the tiles), so the producer fills the ring for the next tile during the epilogue.
@@ -87,7 +89,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         blockM: Int, blockN: Int, stages: Int, groupSizeM: Int = 1, swapAB: Bool = false, persistent: Bool = false,
         pingpong: Bool = false, streamK: Bool = false, clusterM: Int = 1
     ) -> GemmConfig {
-        let warps = swapAB ? 8 : 4 * (1 + blockM / 64)
+        let warps = swapAB ? (blockN == 256 ? 12 : 8) : 4 * (1 + blockM / 64)
         let kernel: GemmKernel =
             swapAB ? .wgmmaSwap : pingpong ? .wgmmaPingpong : streamK ? .wgmmaStreamK : persistent ? .wgmmaPersistent : .wgmma
         return GemmConfig(
@@ -100,7 +102,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         switch kernel {
         case .mma: warps * 32
         case .wgmma, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK: 128 * (1 + blockM / 64)
-        case .wgmmaSwap: 256
+        case .wgmmaSwap: blockN == 256 ? 384 : 256
         }
     }
 
@@ -173,6 +175,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The token widths (BLOCK_M) of the swap-AB kernel: decode's 8..64, and the wide tiles of prefill.
+    public static let swapTokenWidths = [8, 16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192]
+
     /// The tile limits of the wgmma kernels.
     private func validateHopperTile() throws(MoEError) {
         let name = kernel.rawValue
@@ -184,8 +189,18 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             guard blockM == 128 else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 128, got \(blockM)") }
             guard [64, 128].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64 or 128, got \(blockN)") }
         } else {
-            guard [8, 16, 32, 64].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 8, 16, 32 or 64 tokens, got \(blockM)") }
-            guard [64, 128].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64 or 128, got \(blockN)") }
+            guard Self.swapTokenWidths.contains(blockM) else {
+                throw .invalidArgument(
+                    "BLOCK_SIZE_M", "\(name) takes \(Self.swapTokenWidths.map(String.init).joined(separator: ", ")) tokens, got \(blockM)")
+            }
+            guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
+            // The output tile is staged transposed in fp32 in the operand ring.
+            let staging = blockM * (blockN + 4) * 4
+            let ring = stages * 128 * (blockM + blockN)
+            guard staging <= ring else {
+                throw .invalidArgument(
+                    "num_stages", "\(description) stages its \(staging)-byte output tile in its \(ring)-byte ring: needs more stages")
+            }
         }
         guard blockK == 64 else { throw .invalidArgument("BLOCK_SIZE_K", "\(name) takes 64, got \(blockK)") }
         guard (2...8).contains(stages) else { throw .invalidArgument("num_stages", "\(name) takes 2...8, got \(stages)") }
