@@ -55,14 +55,14 @@ import Testing
         let swap = try MoEPlan(
             gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true), gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
         let table = ConfigTable(source: "t", entries: [
-            (8, MoEPlan(both: first)), (512, try MoEPlan(gemm1: first, gemm2: second)), (1, swap), (8192, persistent),
+            (8, MoEPlan(both: first)), (512, MoEPlan(gemm1: first, gemm2: second)), (1, swap), (8192, persistent),
         ])
         let parsed = try ConfigTable.parse(table.json.serialized(indent: 1), source: "t")
         #expect(parsed.entries.map(\.batch) == [1, 8, 512, 8192])
         #expect(parsed.nearest(to: 1) == swap)
         #expect(parsed.nearest(to: 9000) == persistent)
         #expect(parsed.nearest(to: 8) == MoEPlan(both: first))
-        #expect(parsed.nearest(to: 600) == (try MoEPlan(gemm1: first, gemm2: second)))
+        #expect(parsed.nearest(to: 600) == MoEPlan(gemm1: first, gemm2: second))
     }
 
     /// FUSED_MOE_KERNEL_DEFINES: NAME=VALUE words become -D options; anything else is refused by name.
@@ -418,7 +418,7 @@ import Testing
         #expect(swaps.contains { $0.blockN == 128 && $0.splitK == 2 && $0.splitMode == .workspace })
         #expect(swaps.allSatisfy { $0.kernel == .wgmmaSwap && $0.blockM == 8 })
 
-        let plan = try MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 8, blockN: 64, stages: 8, swapAB: true))
+        let plan = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 8, blockN: 64, stages: 8, swapAB: true))
         let plans = Tuner.neighborPlans(of: plan, sharedMemoryLimit: limit)
         #expect(plans.first == plan)
         #expect(Set(plans).count == plans.count)
@@ -441,8 +441,8 @@ import Testing
                 #expect(throws: Never.self) { try plan.gemm2.validate(sharedMemoryLimit: 227 * 1024) }
             }
         }
-        #expect(throws: MoEError.self) {
-            try MoEPlan(gemm1: decode.gemm1, gemm2: prefill.gemm2)
-        }
+        // GEMMs of different BLOCK_M: two aligns, GEMM1's block first.
+        #expect(MoEPlan(gemm1: decode.gemm1, gemm2: prefill.gemm2).alignBlockMs == [16, 128])
+        #expect(MoEPlan(both: prefill.gemm2).alignBlockMs == [128])
     }
 }

@@ -60,6 +60,12 @@ public final class GPUChecks {
                 plans.append(("\(name) split=\(split) \(mode.rawValue)", MoEPlan(both: config).withSplit(split, mode: mode)))
             }
         }
+        // GEMMs of different BLOCK_M (two aligns): a wide token tile for GEMM1, the persistent 128-row
+        // kernel for GEMM2, unsplit and split.
+        for (split, mode) in [(1, SplitMode.none), (4, .workspace)] {
+            let mixed = MoEPlan(gemm1: swapWide, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+            plans.append(("wgmma_swap 144x256 + wgmma_persistent 128x256 split=\(split) \(mode.rawValue)", mixed.withSplit(split, mode: mode)))
+        }
         // Stream-K splits K itself (SPLIT_K 1): at M = 1 and 7 every tile is cut over many programs.
         plans.append(("wgmma_streamk", MoEPlan(both: .wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, streamK: true))))
         return plans

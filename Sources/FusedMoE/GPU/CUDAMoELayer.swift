@@ -27,10 +27,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// E as the router sees it: the expert map's length under expert parallelism.
     public var routedExperts: Int { options.routedExperts(local: shape.experts) }
 
-    let sortedIDs: DeviceBuffer
-    let expertIDs: DeviceBuffer
-    let totalPadded: DeviceBuffer
-    let chunkCounts: DeviceBuffer
+    /// Align's outputs, one per distinct BLOCK_M of the plan: GEMM1's, then GEMM2's when it differs
+    /// (two aligns of the same ids, each padding the experts' runs to its GEMM's block).
+    let alignOutputs: [AlignOutput]
     let expertMap: DeviceBuffer?
     /// The `[M*k, 2I]` gate/up intermediate: only for unfused plans (zero bytes otherwise).
     let gateUp: DeviceBuffer
@@ -130,8 +129,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
         let chunk = max(min(maxTokens, chunkTokens), 1)
         let pairs = chunk * shape.topK
-        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.blockM)
-        let maxBlocks = (maxPadded + plan.blockM - 1) / plan.blockM
         let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
         func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
             switch config.effectiveMode {
@@ -146,10 +143,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let streamSlotFloats =
             [plan.gemm1, plan.gemm2].filter { $0.kernel == .wgmmaStreamK }.map { $0.blockM * $0.blockN }.max() ?? 0
         do {
-            sortedIDs = try DeviceBuffer(device: device, count: maxPadded, of: Int32.self)
-            expertIDs = try DeviceBuffer(device: device, count: maxBlocks, of: Int32.self)
-            totalPadded = try DeviceBuffer(device: device, count: 1, of: Int32.self)
-            chunkCounts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
+            alignOutputs = try plan.alignBlockMs.map { (blockM: Int) throws(CUDAError) in
+                let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+                return AlignOutput(
+                    blockM: blockM,
+                    sortedIDs: try DeviceBuffer(device: device, count: maxPadded, of: Int32.self),
+                    expertIDs: try DeviceBuffer(device: device, count: (maxPadded + blockM - 1) / blockM, of: Int32.self),
+                    totalPadded: try DeviceBuffer(device: device, count: 1, of: Int32.self),
+                    chunkCounts: try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self))
+            }
             if let map = options.expertMap {
                 let buffer = try DeviceBuffer(device: device, count: map.count, of: Int32.self)
                 try buffer.upload(map)
@@ -299,14 +301,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
-        let routing: Routing
+        let routing1: Routing
+        let routing2: Routing
         if usesIdentityRouting(tokens: tokens) {
             // One token: its k slots name distinct experts, so each pair is its own block and the GEMMs
             // read the ids directly; no align runs.
-            routing = Routing(
-                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.blockM)
+            routing1 = Routing(
+                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm1.blockM)
+            routing2 = Routing(
+                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm2.blockM)
         } else {
-            routing = try align(topkIDs: topkIDs, pairs: pairs, stream: stream)
+            let routings = try alignOutputs.map { (output: AlignOutput) throws(CUDAError) in
+                try align(topkIDs: topkIDs, pairs: pairs, into: output, stream: stream)
+            }
+            routing1 = routings[0]
+            routing2 = routings[routings.count - 1]
             try marker?("align")
         }
         let (h, i) = (shape.hidden, shape.intermediate)
@@ -316,13 +325,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
-                routing: routing, stream: stream)
+                routing: routing1, stream: stream)
             try marker?("gemm1")
         } else {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: gateUp.pointer, outputColumns: 2 * i, finish: .cast,
-                routing: routing, stream: stream)
+                routing: routing1, stream: stream)
             try marker?("gemm1")
             try kernels.activation.launch(
                 grid: elementwiseGrid(work: pairs * i, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
@@ -331,7 +340,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
-            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing,
+            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
             stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
@@ -361,10 +370,24 @@ public final class CUDAMoELayer: @unchecked Sendable {
             && plan.gemm2.kernel.needsHopper
     }
 
-    /// Enqueues align for `pairs` pairs and returns where the GEMMs find its result.
-    private func align(topkIDs: DevicePointer, pairs: Int, stream: Stream) throws(CUDAError) -> Routing {
+    /// Where one align writes: the expert-sorted pair order padded to `blockM` rows per expert, the
+    /// expert of each block, the padded count, and the three-kernel sequence's per-chunk counts.
+    struct AlignOutput {
+        var blockM: Int
+        var sortedIDs: DeviceBuffer
+        var expertIDs: DeviceBuffer
+        var totalPadded: DeviceBuffer
+        var chunkCounts: DeviceBuffer
+    }
+
+    /// Enqueues align for `pairs` pairs into `output` and returns where a GEMM finds its result.
+    private func align(topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, stream: Stream) throws(CUDAError)
+        -> Routing
+    {
         let routed = routedExperts
-        let blockM = plan.blockM
+        let blockM = output.blockM
+        let (sortedIDs, expertIDs, totalPadded, chunkCounts) =
+            (output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts)
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
         let map = expertMap?.pointer ?? .null
         if pairs <= CUDAMoELayer.singleAlignLimit {
@@ -508,7 +531,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     /// The device bytes this layer allocated for scratch (weights not counted).
     public var scratchBytes: Int {
-        [sortedIDs, expertIDs, totalPadded, chunkCounts, gateUp, activated, down, accumulator].map(\.byteCount)
+        (alignOutputs.flatMap { [$0.sortedIDs, $0.expertIDs, $0.totalPadded, $0.chunkCounts] }
+            + [gateUp, activated, down, accumulator]).map(\.byteCount)
             .reduce(0, +) + (expertMap?.byteCount ?? 0)
     }
 }

@@ -40,11 +40,7 @@ public struct ConfigTable: Sendable {
             if let second = value["GEMM2"] {
                 gemm2 = try config(from: second, source: source, key: key + ".GEMM2")
             }
-            do {
-                entries.append((batch, try MoEPlan(gemm1: gemm1, gemm2: gemm2)))
-            } catch {
-                throw .malformedFile(source, "entry '\(key)': GEMM2 must share BLOCK_SIZE_M with the entry")
-            }
+            entries.append((batch, MoEPlan(gemm1: gemm1, gemm2: gemm2)))
         }
         guard !entries.isEmpty else { throw .malformedFile(source, "no batch sizes in the file") }
         return ConfigTable(source: source, entries: entries.sorted { $0.0 < $1.0 })
@@ -211,7 +207,7 @@ public enum PlanSelector {
     public static func hopperHeuristic(shape: MoEShape, tokens: Int) -> MoEPlan {
         let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
         if rows < 12 {
-            return try! MoEPlan(
+            return MoEPlan(
                 gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true),
                 gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
         }
@@ -272,7 +268,7 @@ public enum PlanSelector {
             return result
         }
         // The heuristic keeps one config for both GEMMs except for the split, which depends on each K.
-        return try! MoEPlan(
+        return MoEPlan(
             gemm1: split(base, n: 2 * shape.intermediate, k: shape.hidden),
             gemm2: split(base, n: shape.hidden, k: shape.intermediate))
     }

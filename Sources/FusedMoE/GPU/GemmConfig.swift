@@ -244,7 +244,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     var effectiveMode: SplitMode { splitK == 1 ? .none : splitMode }
 }
 
-/// The configs of both GEMMs of a layer. They share BLOCK_M, since one align serves both.
+/// The configs of both GEMMs of a layer. Each GEMM reads align's output padded to its own BLOCK_M:
+/// one align serves both when they share it, a second align runs when they do not.
 public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     public var gemm1: GemmConfig
     public var gemm2: GemmConfig
@@ -257,10 +258,7 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     /// off only to measure the difference.
     public var identityRouting = true
 
-    public init(gemm1: GemmConfig, gemm2: GemmConfig) throws(MoEError) {
-        guard gemm1.blockM == gemm2.blockM else {
-            throw .invalidArgument("BLOCK_SIZE_M", "both GEMMs must share BLOCK_M (one align serves both): \(gemm1.blockM) vs \(gemm2.blockM)")
-        }
+    public init(gemm1: GemmConfig, gemm2: GemmConfig) {
         self.gemm1 = gemm1
         self.gemm2 = gemm2
     }
@@ -270,7 +268,10 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
         gemm2 = config
     }
 
+    /// GEMM1's BLOCK_M (the align block of a plan whose GEMMs share it).
     public var blockM: Int { gemm1.blockM }
+    /// The align block sizes the layer runs align for: GEMM1's, then GEMM2's when it differs.
+    public var alignBlockMs: [Int] { gemm1.blockM == gemm2.blockM ? [gemm1.blockM] : [gemm1.blockM, gemm2.blockM] }
 
     /// Whether the activation happens inside GEMM1 (its epilogue or split-K reduction), so no
     /// gate/up intermediate is written: the plan asks for it and GEMM1 can do it.

@@ -215,12 +215,12 @@ public final class Tuner {
     static func neighborPlans(of plan: MoEPlan, sharedMemoryLimit: Int) -> [MoEPlan] {
         var result = [plan]
         for candidate in neighbors(of: plan.gemm1, sharedMemoryLimit: sharedMemoryLimit) {
-            guard var moved = try? MoEPlan(gemm1: candidate, gemm2: plan.gemm2) else { continue }
+            var moved = MoEPlan(gemm1: candidate, gemm2: plan.gemm2)
             moved.fusedActivation = PlanSelector.fusesActivation(gemm1: candidate)
             result.append(moved)
         }
         for candidate in neighbors(of: plan.gemm2, sharedMemoryLimit: sharedMemoryLimit) {
-            guard var moved = try? MoEPlan(gemm1: plan.gemm1, gemm2: candidate) else { continue }
+            var moved = MoEPlan(gemm1: plan.gemm1, gemm2: candidate)
             moved.fusedActivation = plan.fusedActivation
             result.append(moved)
         }
@@ -346,7 +346,7 @@ public final class Tuner {
                     var gemm2 = second.0.gemm2
                     if groups1.contains(group) { gemm1.groupSizeM = group }
                     if groups2.contains(group) { gemm2.groupSizeM = group }
-                    var plan = try MoEPlan(gemm1: gemm1, gemm2: gemm2)
+                    var plan = MoEPlan(gemm1: gemm1, gemm2: gemm2)
                     plan.fusedActivation = first.0.fusedActivation
                     progress("M=\(tokens) refining GROUP_SIZE_M: \(plan)")
                     try measure(plan)
@@ -356,21 +356,26 @@ public final class Tuner {
                 let cluster1 = Tuner.clusterAlternative(refined1.0.gemm1, shape: shape, tokens: tokens)
                 let cluster2 = Tuner.clusterAlternative(refined2.0.gemm2, shape: shape, tokens: tokens)
                 if cluster1 != nil || cluster2 != nil {
-                    var plan = try MoEPlan(gemm1: cluster1 ?? refined1.0.gemm1, gemm2: cluster2 ?? refined2.0.gemm2)
+                    var plan = MoEPlan(gemm1: cluster1 ?? refined1.0.gemm1, gemm2: cluster2 ?? refined2.0.gemm2)
                     plan.fusedActivation = refined1.0.fusedActivation
                     progress("M=\(tokens) refining CLUSTER_M: \(plan)")
                     try measure(plan)
                 }
             }
+            // The best GEMM1 and the best GEMM2 of any BLOCK_M: GEMMs of different BLOCK_M each read
+            // their own align, so such a pair is charged both aligns.
             var bestPlan: MoEPlan? = nil
             var bestTime = Double.infinity
-            for (blockM, first) in best1 {
-                guard let second = best2[blockM], let other = rest[blockM] else { continue }
-                var plan = try MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
-                plan.fusedActivation = first.0.fusedActivation
-                if first.1 + second.1 + other < bestTime {
-                    bestTime = first.1 + second.1 + other
-                    bestPlan = plan
+            for (blockM1, first) in best1 {
+                for (blockM2, second) in best2 {
+                    guard let align1 = rest[blockM1], let align2 = rest[blockM2] else { continue }
+                    var plan = MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
+                    plan.fusedActivation = first.0.fusedActivation
+                    let time = first.1 + second.1 + align1 + (blockM1 == blockM2 ? 0 : align2)
+                    if time < bestTime {
+                        bestTime = time
+                        bestPlan = plan
+                    }
                 }
             }
             guard let plan = bestPlan else { throw MoEError.unsupported("no candidate ran for M=\(tokens)") }
