@@ -166,13 +166,35 @@ import Testing
                 let plan = PlanSelector.hopperHeuristic(shape: preset.shape, tokens: tokens)
                 #expect(throws: Never.self) { try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024) }
                 #expect(throws: Never.self) { try plan.gemm2.validate(sharedMemoryLimit: 227 * 1024) }
-                #expect(plan.gemm1.kernel.needsHopper && plan.gemm1.blockM == plan.gemm2.blockM)
+                #expect(plan.gemm1.kernel.needsHopper && plan.gemm2.kernel.needsHopper)
             }
         }
+        // Wide token tiles where the rows per expert fit them (NOTES v18): both GEMMs with Mixtral's
+        // long GEMM2 K, GEMM1 only on the 128-expert shapes (GEMM2 on its own 128-row align).
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 512) == MoEPlan(both: .wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)))
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 256).gemm2.blockM == 80)
+        let seed2048 = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 2048)
+        #expect(seed2048.gemm1.kernel == .wgmmaSwap && seed2048.gemm1.blockM == 160)
+        #expect(seed2048.gemm2.kernel == .wgmmaPersistent && seed2048.alignBlockMs == [160, 128])
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.kernel == .wgmma)
         let decode = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1)
         #expect(decode.gemm1.kernel == .wgmmaSwap)
         let prefill = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192)
         #expect(prefill.gemm1.kernel == .wgmma && prefill.blockM == 128)
+    }
+
+    /// The wide token tile's width: the mean plus two standard deviations of an expert's rows in the
+    /// fewest blocks of at most 192, the narrowest kernel width that holds one; none outside 64...320.
+    @Test func swapTokenWidthFitsTheRows() {
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 64) == 80)    // 80 rows in one block
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 128) == 160)  // 150.6 rows in one block
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 256) == 144)  // 288 rows in two blocks
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 32) == nil)
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512) == nil)
+        #expect(GemmConfig.deepestSwapRing(tokens: 80, blockN: 256) == 5)
+        #expect(GemmConfig.deepestSwapRing(tokens: 160, blockN: 256) == 4)
+        #expect(GemmConfig.deepestSwapRing(tokens: 8, blockN: 64) == 8)
     }
 
     /// GROUP_SIZE_M: for mma (Triton's swizzle) one expert's average m-blocks, 1...8; for the
@@ -214,8 +236,11 @@ import Testing
         }
         let decode = try plan(8)
         #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused)
-        let prefill = try plan(4096)
-        #expect(prefill.gemm1.kernel != .wgmmaSwap && !prefill.activationIsFused)
+        let prefill = try plan(1024)
+        #expect(prefill.gemm1.kernel == .wgmmaPersistent && !prefill.activationIsFused)
+        // A wide token tile (the shipped 4096 entry's GEMM1) fuses it like the decode tiles.
+        let wide = try plan(4096)
+        #expect(wide.gemm1.kernel == .wgmmaSwap && wide.gemm1.blockM == 144 && wide.activationIsFused)
         #expect(PlanSelector.fusesActivation(gemm1: GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)) == false)
         var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         split.splitK = 2
@@ -278,6 +303,17 @@ import Testing
         var mixed = swap
         mixed.gemm2 = GemmConfig(blockM: 16, blockN: 128, blockK: 64, warpsM: 1, warpsN: 4, stages: 3)
         #expect(!CUDAMoELayer.usesIdentityRouting(plan: mixed, tokens: 1, expertMap: false))
+    }
+
+    /// The tuner's wide token tiles: the fitting width and its neighbours, each valid.
+    @Test func tunerWideSwapTiles() {
+        let tiles = Tuner.wideSwapTiles(around: 144, sharedMemoryLimit: 227 * 1024)
+        #expect(Set(tiles.map(\.blockM)) == [128, 144, 160])
+        #expect(tiles.allSatisfy { $0.kernel == .wgmmaSwap && (try? $0.validate(sharedMemoryLimit: 227 * 1024)) != nil })
+        #expect(tiles.contains { $0.blockM == 144 && $0.blockN == 256 && $0.stages == 4 })
+        #expect(tiles.contains { $0.blockM == 144 && $0.blockN == 128 })
+        #expect(Tuner.wideSwapTiles(around: 80, sharedMemoryLimit: 227 * 1024).map(\.blockM).min() == 80)
+        #expect(Tuner.wideSwapTiles(around: 64, sharedMemoryLimit: 227 * 1024).isEmpty)
     }
 
     /// The tuner tries split-K where tiles are few (all kernels) and for the swap-AB decode kernel.

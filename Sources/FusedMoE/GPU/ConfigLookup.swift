@@ -200,10 +200,15 @@ public enum PlanSelector {
         gemm1.effectiveMode != .none || gemm1.kernel == .mma || gemm1.kernel == .wgmmaSwap
     }
 
-    /// The default on Hopper, distilled from `fused-moe tune` on the H200 over the five presets
-    /// (bench/NOTES.md): swap-AB wgmma while an expert gets fewer than 32 rows (decode), the wide
-    /// wgmma kernel above, 128x256 tiles from 64 rows per expert. No split-K: the tuner never
-    /// found it worth its partial-sum traffic with these kernels.
+    /// The default on Hopper, distilled from `fused-moe tune` and the A/Bs on the H200 over the five
+    /// presets (bench/NOTES.md): swap-AB wgmma while an expert gets fewer than 32 rows (decode), the
+    /// wide wgmma kernel above, 128x256 tiles from 64 rows per expert; and from 64 to 320 rows per
+    /// expert a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
+    /// blocks do: for both GEMMs when GEMM2's K (the intermediate size) is long (Mixtral: -5..-15%,
+    /// NOTES v18), for GEMM1 only from 100 rows when it is short (there GEMM2 keeps the persistent
+    /// 128-row kernel, on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert presets;
+    /// the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2). No split-K: the tuner
+    /// never found it worth its partial-sum traffic with these kernels.
     public static func hopperHeuristic(shape: MoEShape, tokens: Int) -> MoEPlan {
         let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
         if rows < 12 {
@@ -213,8 +218,29 @@ public enum PlanSelector {
         }
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
         if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
+        if let width = swapTokenWidth(rowsPerExpert: rows) {
+            let swap = GemmConfig.wgmma(
+                blockM: width, blockN: 256, stages: GemmConfig.deepestSwapRing(tokens: width, blockN: 256), swapAB: true)
+            if shape.intermediate >= 2048 { return MoEPlan(both: swap) }
+            if rows >= 100 {
+                return MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+            }
+        }
         let group = groupSizeM(shape: shape, tokens: tokens, blockM: 128, kernel: .wgmma)
         return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: group))
+    }
+
+    /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
+    /// average: the run of an expert with the mean plus two standard deviations of rows (uniform
+    /// routing) is cut into the fewest blocks of at most 192, and the narrowest width the kernel has
+    /// holds one such block, so most experts pad by less than a block. Nil outside 64...320 rows:
+    /// below, decode's widths; above, 128-row blocks already pad little of the run (and a wide tile
+    /// measured slower on Mixtral at 512 rows).
+    public static func swapTokenWidth(rowsPerExpert rows: Double) -> Int? {
+        guard rows >= 64 && rows <= 320 else { return nil }
+        let cover = rows + 2 * rows.squareRoot()
+        let blocks = (cover / 192).rounded(.up)
+        return GemmConfig.swapTokenWidths.first { Double($0) * blocks >= cover }
     }
 
     /// GROUP_SIZE_M for a tile of `blockM` rows on `kernel`, so the programs that read one weight

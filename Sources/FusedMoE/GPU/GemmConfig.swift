@@ -178,6 +178,15 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// The token widths (BLOCK_M) of the swap-AB kernel: decode's 8..64, and the wide tiles of prefill.
     public static let swapTokenWidths = [8, 16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192]
 
+    /// The deepest ring (at most 8 stages) of a swap-AB tile of `tokens` x `blockN` that fits in
+    /// `sharedMemoryLimit` bytes and holds its staged fp32 output tile; 2 if none does.
+    public static func deepestSwapRing(tokens: Int, blockN: Int, sharedMemoryLimit: Int = 227 * 1024) -> Int {
+        (2...8).last { stages in
+            let config = GemmConfig.wgmma(blockM: tokens, blockN: blockN, stages: stages, swapAB: true)
+            return (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil
+        } ?? 2
+    }
+
     /// The tile limits of the wgmma kernels.
     private func validateHopperTile() throws(MoEError) {
         let name = kernel.rawValue

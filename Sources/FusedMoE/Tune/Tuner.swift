@@ -54,7 +54,7 @@ public final class Tuner {
     }
 
     /// The wgmma tiles worth trying for a BLOCK_M (Hopper only): the wide kernel for BLOCK_M 64
-    /// and 128, the swap-AB kernel for 8 to 64 tokens per block.
+    /// and 128, the swap-AB kernel for 8 to 64 tokens per block (its wide token tiles: `wideSwapTiles`).
     static func hopperTiles(blockM: Int, sharedMemoryLimit: Int, groupSizeM: Int) -> [GemmConfig] {
         var result: [GemmConfig] = []
         if blockM >= 64 {
@@ -76,6 +76,24 @@ public final class Tuner {
                         blockM: blockM, blockN: blockN, stages: stages, groupSizeM: groupSizeM, swapAB: true)
                     if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
                 }
+            }
+        }
+        return result
+    }
+
+    /// The swap-AB kernel's wide token tiles worth trying around `width` (a `PlanSelector.swapTokenWidth`):
+    /// that width and the kernel widths next to it, 256 weight rows on the deepest ring and one stage
+    /// less, and 128 rows on the deepest ring.
+    static func wideSwapTiles(around width: Int, sharedMemoryLimit: Int) -> [GemmConfig] {
+        let widths = GemmConfig.swapTokenWidths.filter { $0 >= 80 }
+        guard let index = widths.firstIndex(of: width) else { return [] }
+        var result: [GemmConfig] = []
+        for tokens in widths[max(index - 1, 0)...min(index + 1, widths.count - 1)] {
+            let deep256 = GemmConfig.deepestSwapRing(tokens: tokens, blockN: 256, sharedMemoryLimit: sharedMemoryLimit)
+            let deep128 = GemmConfig.deepestSwapRing(tokens: tokens, blockN: 128, sharedMemoryLimit: sharedMemoryLimit)
+            for (blockN, stages) in [(256, deep256), (256, deep256 - 1), (128, deep128)] {
+                let config = GemmConfig.wgmma(blockM: tokens, blockN: blockN, stages: stages, swapAB: true)
+                if (try? config.validate(sharedMemoryLimit: sharedMemoryLimit)) != nil { result.append(config) }
             }
         }
         return result
@@ -266,6 +284,16 @@ public final class Tuner {
                     for split in splits {
                         for mode in [SplitMode.workspace, .atomic] { plans.append(MoEPlan(both: tile).withSplit(split, mode: mode)) }
                     }
+                }
+            }
+            // Wide token tiles around the width that fits the rows per expert (64 to 320 of them). Their
+            // GEMM1 and GEMM2 also pair with the other BLOCK_Ms' best (each GEMM on its own align).
+            let rows = Double(tokens * shape.topK) / Double(shape.experts)
+            if hopper, let width = PlanSelector.swapTokenWidth(rowsPerExpert: rows) {
+                for tile in Tuner.wideSwapTiles(around: width, sharedMemoryLimit: limit) {
+                    var plan = MoEPlan(both: tile)
+                    plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)
+                    plans.append(plan)
                 }
             }
             work.append((tokens, plans, PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)))
