@@ -318,7 +318,7 @@ public final class Tuner {
         for (tokens, plans, baseline) in work {
             let inputs = try LayerInputs(tools: bench.tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(tokens), stream: bench.stream)
             let out = try DeviceBuffer(device: device, byteCount: tokens * shape.hidden * dtype.byteCount)
-            // Best GEMM1 and GEMM2 per BLOCK_M, and the other stages' time.
+            // Best GEMM1 and GEMM2 per BLOCK_M (each GEMM's own), and align's time per BLOCK_M.
             var best1: [Int: (MoEPlan, Double)] = [:]
             var best2: [Int: (MoEPlan, Double)] = [:]
             var rest: [Int: Double] = [:]
@@ -329,18 +329,22 @@ public final class Tuner {
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
                 else { return }
                 let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
-                let blockM = plan.blockM
+                let (blockM1, blockM2) = (plan.gemm1.blockM, plan.gemm2.blockM)
                 // GEMM1 is charged with the activation its epilogue may absorb (so fused and separate
                 // candidates compare fairly), GEMM2 with the combine that follows it.
                 if let gemm = stages["gemm1"] {
                     let time = gemm + (stages["activation"] ?? 0)
-                    if time < best1[blockM]?.1 ?? .infinity { best1[blockM] = (plan, time) }
+                    if time < best1[blockM1]?.1 ?? .infinity { best1[blockM1] = (plan, time) }
                 }
                 if let gemm = stages["gemm2"] {
                     let time = gemm + (stages["combine"] ?? 0)
-                    if time < best2[blockM]?.1 ?? .infinity { best2[blockM] = (plan, time) }
+                    if time < best2[blockM2]?.1 ?? .infinity { best2[blockM2] = (plan, time) }
                 }
-                rest[blockM] = min(rest[blockM] ?? .infinity, stages["align"] ?? 0)
+                // The align stage ran once per distinct BLOCK_M: each gets its share.
+                let blocks = plan.alignBlockMs
+                for blockM in blocks {
+                    rest[blockM] = min(rest[blockM] ?? .infinity, (stages["align"] ?? 0) / Double(blocks.count))
+                }
             }
             for plan in plans {
                 done += 1
@@ -356,7 +360,7 @@ public final class Tuner {
                 let bound2 = Tuner.lowerBoundMilliseconds(
                     plan.gemm2, n: shape.hidden, k: shape.intermediate, shape: shape, tokens: tokens,
                     expertsTouched: touched, dtype: dtype, bandwidth: copyBandwidth)
-                if bound1 > best1[plan.blockM]?.1 ?? .infinity && bound2 > best2[plan.blockM]?.1 ?? .infinity {
+                if bound1 > best1[plan.gemm1.blockM]?.1 ?? .infinity && bound2 > best2[plan.gemm2.blockM]?.1 ?? .infinity {
                     pruned += 1
                     continue
                 }
@@ -365,8 +369,12 @@ public final class Tuner {
             // Refinement: the winners of every BLOCK_M with other GROUP_SIZE_M values (the search above
             // tried each tile with the heuristic's group only). Both GEMMs of a refinement run take the
             // same group; each keeps it only if its own stage got faster.
+            // A GEMM1 pairs with the best GEMM2 of its BLOCK_M, else with the GEMM2 it ran with.
+            func partner(of first: (MoEPlan, Double), blockM: Int) -> (MoEPlan, Double)? {
+                best2[blockM] ?? best2[first.0.gemm2.blockM]
+            }
             for blockM in best1.keys.sorted() {
-                guard let first = best1[blockM], let second = best2[blockM] else { continue }
+                guard let first = best1[blockM], let second = partner(of: first, blockM: blockM) else { continue }
                 let groups1 = Tuner.groupAlternatives(first.0.gemm1, shape: shape, tokens: tokens)
                 let groups2 = Tuner.groupAlternatives(second.0.gemm2, shape: shape, tokens: tokens)
                 for group in Set(groups1 + groups2).sorted() {
@@ -380,7 +388,7 @@ public final class Tuner {
                     try measure(plan)
                 }
                 // Then the refined winners in clusters of two, where that can share weight tiles.
-                guard let refined1 = best1[blockM], let refined2 = best2[blockM] else { continue }
+                guard let refined1 = best1[blockM], let refined2 = partner(of: refined1, blockM: blockM) else { continue }
                 let cluster1 = Tuner.clusterAlternative(refined1.0.gemm1, shape: shape, tokens: tokens)
                 let cluster2 = Tuner.clusterAlternative(refined2.0.gemm2, shape: shape, tokens: tokens)
                 if cluster1 != nil || cluster2 != nil {
