@@ -62,7 +62,7 @@ struct Check: ParsableCommand {
                 print(result.line)
                 results.append(result)
             }
-        } catch let error as CUDAError {
+        } catch {
             let result = CheckResult(name: "gpu probe kernel", passed: false, detail: error.description)
             print(result.line)
             results.append(result)

@@ -21,13 +21,13 @@ struct Info: ParsableCommand {
                 print("      shared memory: \(properties.sharedMemoryPerBlock / 1024) KiB/block, \(properties.sharedMemoryPerBlockOptIn / 1024) KiB/block opt-in, \(properties.sharedMemoryPerMultiprocessor / 1024) KiB/SM")
                 print("      L2 \(properties.l2CacheBytes / (1 << 20)) MiB, memory \(properties.totalMemoryBytes / (1 << 30)) GiB, bus \(properties.memoryBusWidthBits) bits at \(properties.memoryClockKHz / 1000) MHz (theoretical \(format(properties.theoreticalBandwidth / 1e12, 2)) TB/s)")
             }
-        } catch let error as CUDAError {
+        } catch {
             print("driver: not available: \(error)")
         }
         do {
             let compiler = try NVRTC.shared()
             print("NVRTC: \(compiler.versionString) (\(compiler.libraryPath))")
-        } catch let error as CUDAError {
+        } catch {
             print("NVRTC: not available: \(error)")
         }
         let cache = KernelCache()
