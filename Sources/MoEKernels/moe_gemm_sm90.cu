@@ -175,7 +175,9 @@
 //         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
 // PDL (all three kernels): griddepcontrol.wait, then griddepcontrol.launch_dependents, first thing:
 //         the next kernel's programs may become resident as this grid's programs finish; they still
-//         wait for this whole grid before touching memory.
+//         wait for this whole grid before touching memory. Except the swap-AB kernel given
+//         routing_ready = 1 (GEMM2, whose routing align wrote before the previous kernel started): it
+//         reads its schedule and row tables and issues its first STAGES weight tiles first, then waits.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
@@ -217,6 +219,12 @@
 #endif
 #ifndef MOE_SM90_HALF_MAX_K_TILES
 #define MOE_SM90_HALF_MAX_K_TILES 1000000
+#endif
+
+// The swap-AB kernel's GEMM2 (routing_ready) loads its first weight tiles before griddepcontrol.wait
+// (bench/NOTES.md v18); 0 waits first, as every other kernel does.
+#ifndef MOE_SM90_EARLY_WEIGHTS
+#define MOE_SM90_EARLY_WEIGHTS 1
 #endif
 
 // MARK: - Pieces shared by the kernels
@@ -554,13 +562,13 @@ template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm,
                                         const MoESm90ASources<T, A_ROWS>& a, const CUtensorMap* b_map, const T* A,
                                         int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
-                                        int stage, uint32_t phase, int tid, int mc_rank = -1) {
+                                        int stage, uint32_t phase, int tid, int mc_rank = -1, bool issue_b = true) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     static_assert(MoESm90ASources<T, A_ROWS>::CHUNKS_PER_ROW * 16 == Sm::ROW_BYTES, "8 chunks of 16 bytes per row");
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
-    if (tid == 0) {
+    if (tid == 0 && issue_b) {
         mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
         const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
         const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
@@ -576,7 +584,8 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
 }
 
-/// The producer warpgroup's loop over one tile's K tiles (all 128 threads), ring from stage 0.
+/// The producer warpgroup's loop over one tile's K tiles (all 128 threads), ring from stage 0; the B
+/// tiles of the first b_preloaded K tiles (at most STAGES) were issued already (moe_sm90_preload_b).
 /// mc_rank >= 0 (sharing B tiles with the cluster peer): then waits until both CTAs' consumers have
 /// released the last STAGES stages (they release every stage then), so this CTA stays resident until
 /// every copy it multicast has landed in the peer and every arrival of the peer's consumers on its
@@ -584,13 +593,13 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
 template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                  const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
-                                 int32_t b_row_up, int tid, int mc_rank = -1) {
+                                 int32_t b_row_up, int tid, int mc_rank = -1, int b_preloaded = 0) {
     int stage = 0;
     uint32_t phase = 0;
     const MoESm90ASources<T, A_ROWS> a = moe_sm90_a_sources<T, A_ROWS>(sm.a_row, A, stride_am, tid);
     for (int t = 0; t < tile.num_tiles; ++t) {
         moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, a, b_map, A, K, b_row, b_row_up, tile, t,
-                                                                    stage, phase, tid, mc_rank);
+                                                                    stage, phase, tid, mc_rank, t >= b_preloaded);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -606,6 +615,25 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
                 phase ^= 1;
             }
         }
+    }
+}
+
+/// Thread 0 only: arms full[t] of the ring's first round with the B tile's bytes and issues the TMA
+/// copies of the B tiles of `tile`'s first `count` K tiles (count <= STAGES) into stages 0 .. count - 1,
+/// as moe_sm90_produce_k_tile does (SPLIT_B: two boxes); moe_sm90_produce then skips their B part
+/// (b_preloaded = count). The weights are never written by the forward, so this may run before
+/// griddepcontrol.wait, while the previous kernel drains.
+template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
+MOE_DEVICE void moe_sm90_preload_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
+                                   const CUtensorMap* b_map, int32_t b_row, int32_t b_row_up, int count) {
+    using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
+    for (int t = 0; t < count; ++t) {
+        const uint32_t full = sm.full + 8 * t;
+        const uint32_t b_dst = sm.b + t * Sm::B_STAGE_BYTES;
+        const int32_t kx = static_cast<int32_t>((tile.kt_begin + t) * Sm::BLOCK_K);
+        mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
+        tma_load_2d(b_dst, b_map, kx, b_row, full);
+        if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
     }
 }
 
@@ -948,8 +976,14 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                       int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
-    griddepcontrol_wait_then_launch_dependents();
+                       int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready) {
+    // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
+    // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
+    // follows), so the schedule, the row tables and the first STAGES weight tiles (never written) are
+    // read before griddepcontrol.wait, under the previous kernel's tail; only A (its output) and every
+    // store wait. Otherwise (GEMM1: align is the previous kernel) everything waits.
+    const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && routing_ready != 0;
+    if (!early) griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
@@ -966,6 +1000,15 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k);
 
     const int tid = threadIdx.x;
+    const int b_preloaded = early && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;
+    if (early) {
+        if (tid == 0 && b_preloaded > 0) {
+            int32_t b_row, b_row_up;
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+            moe_sm90_preload_b<TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, b_row, b_row_up, b_preloaded);
+        }
+        griddepcontrol_wait_then_launch_dependents();
+    }
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
@@ -973,7 +1016,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
-                                                                      b_row_up, tid);
+                                                                      b_row_up, tid, -1, b_preloaded);
         }
     } else {
         // ===== Consumer warpgroups =====

@@ -341,7 +341,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
-            stream: stream)
+            routingReady: true, stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
@@ -429,7 +429,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func gemm(
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
-        routing: Routing, stream: Stream
+        routing: Routing, routingReady: Bool = false, stream: Stream
     ) throws(CUDAError) {
         let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
@@ -478,6 +478,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                 Int64(maxPadded),
             ]
+            if config.kernel == .wgmmaSwap {
+                // GEMM2: align wrote the routing before the previous kernel started, so the swap-AB
+                // kernel may read it and its first weight tiles before griddepcontrol.wait.
+                arguments.append(Int32(routingReady ? 1 : 0))
+            }
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK
                 arguments += [streamK ? streamPartials.pointer : .null, streamK ? streamFlags.pointer : .null]
