@@ -52,7 +52,7 @@ import Testing
         second.splitMode = .atomic
         let first = GemmConfig(blockM: 64, blockN: 128, blockK: 32, warpsM: 4, warpsN: 1, stages: 5, groupSizeM: 1)
         let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: 8, persistent: true))
-        let swap = try MoEPlan(
+        let swap = MoEPlan(
             gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true), gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
         let table = ConfigTable(source: "t", entries: [
             (8, MoEPlan(both: first)), (512, MoEPlan(gemm1: first, gemm2: second)), (1, swap), (8192, persistent),
