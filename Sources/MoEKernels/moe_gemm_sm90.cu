@@ -547,6 +547,27 @@ MOE_DEVICE void moe_sm90_copy_a(uint32_t a_tile, const MoESm90ASources<T, A_ROWS
     }
 }
 
+/// Thread 0's part of loading a K tile: arms full[stage] with the B tile's bytes and issues the TMA
+/// copy of K tile kt's B box (box {kt*64, b_row}); SPLIT_B: two boxes of B_ROWS / 2 rows, from b_row
+/// into the stage's first half and from b_row_up into its second; mc_rank 0 or 1: only half mc_rank,
+/// multicast into the same stage of both CTAs of the cluster pair.
+template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
+MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const CUtensorMap* b_map, int stage,
+                                 int64_t kt, int32_t b_row, int32_t b_row_up, int mc_rank) {
+    using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
+    const uint32_t full = sm.full + 8 * stage;
+    mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
+    const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
+    const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
+    if (!SPLIT_B || mc_rank < 0) {
+        tma_load_2d(b_dst, b_map, kx, b_row, full);
+        if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
+    } else {
+        tma_load_2d_multicast(b_dst + mc_rank * (Sm::B_STAGE_BYTES / 2), b_map, kx, mc_rank ? b_row_up : b_row, full,
+                              0x3);
+    }
+}
+
 /// K tile t of `tile`'s split range (kt = tile.kt_begin + t), loaded by the producer warpgroup (all 128
 /// threads) into ring stage `stage` of round parity `phase`: wait for the stage to be empty (the
 /// consumers released its previous round; a fresh barrier passes parity 1 at once); thread 0 arms
@@ -568,18 +589,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
-    if (tid == 0 && issue_b) {
-        mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
-        const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
-        const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
-        if (!SPLIT_B || mc_rank < 0) {
-            tma_load_2d(b_dst, b_map, kx, b_row, full);
-            if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
-        } else {
-            tma_load_2d_multicast(b_dst + mc_rank * (Sm::B_STAGE_BYTES / 2), b_map, kx, mc_rank ? b_row_up : b_row,
-                                  full, 0x3);
-        }
-    }
+    if (tid == 0 && issue_b) moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
     moe_sm90_copy_a<T, A_ROWS>(sm.a + stage * Sm::A_STAGE_BYTES, a, A, K, kt, tid);
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
 }
@@ -626,15 +636,8 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
 template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_preload_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                    const CUtensorMap* b_map, int32_t b_row, int32_t b_row_up, int count) {
-    using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
-    for (int t = 0; t < count; ++t) {
-        const uint32_t full = sm.full + 8 * t;
-        const uint32_t b_dst = sm.b + t * Sm::B_STAGE_BYTES;
-        const int32_t kx = static_cast<int32_t>((tile.kt_begin + t) * Sm::BLOCK_K);
-        mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
-        tma_load_2d(b_dst, b_map, kx, b_row, full);
-        if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
-    }
+    for (int t = 0; t < count; ++t)
+        moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, t, tile.kt_begin + t, b_row, b_row_up, -1);
 }
 
 /// The weight rows of `tile`'s B box in the [E*N, K] view: unfused, rows e*N + n0 on; with FUSED
