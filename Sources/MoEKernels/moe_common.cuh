@@ -580,283 +580,198 @@ MOE_DEVICE void wgmma_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memo
 template <typename T, int N>
 MOE_DEVICE void wgmma_m64nNk16_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate);
 
-// Every wgmma.m64nNk16 shape both kernels use, for one element type: T the storage type, PTXT its
+// The operand lists of the wgmma.m64nNk16 wrappers: MOE_WGMMA_D8(i) is accumulators d[i .. i + 7] as
+// "+f" operands, MOE_WGMMA_R8_i their placeholders "%i, ..., %(i + 7)" (asm operands are numbered in
+// order, the accumulators first).
+#define MOE_WGMMA_D8(i) \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MOE_WGMMA_R8_0 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define MOE_WGMMA_R8_8 "%8, %9, %10, %11, %12, %13, %14, %15"
+#define MOE_WGMMA_R8_16 "%16, %17, %18, %19, %20, %21, %22, %23"
+#define MOE_WGMMA_R8_24 "%24, %25, %26, %27, %28, %29, %30, %31"
+#define MOE_WGMMA_R8_32 "%32, %33, %34, %35, %36, %37, %38, %39"
+#define MOE_WGMMA_R8_40 "%40, %41, %42, %43, %44, %45, %46, %47"
+#define MOE_WGMMA_R8_48 "%48, %49, %50, %51, %52, %53, %54, %55"
+#define MOE_WGMMA_R8_56 "%56, %57, %58, %59, %60, %61, %62, %63"
+#define MOE_WGMMA_R8_64 "%64, %65, %66, %67, %68, %69, %70, %71"
+#define MOE_WGMMA_R8_72 "%72, %73, %74, %75, %76, %77, %78, %79"
+#define MOE_WGMMA_R8_80 "%80, %81, %82, %83, %84, %85, %86, %87"
+#define MOE_WGMMA_R8_88 "%88, %89, %90, %91, %92, %93, %94, %95"
+#define MOE_WGMMA_R8_96 "%96, %97, %98, %99, %100, %101, %102, %103"
+#define MOE_WGMMA_R8_104 "%104, %105, %106, %107, %108, %109, %110, %111"
+#define MOE_WGMMA_R8_112 "%112, %113, %114, %115, %116, %117, %118, %119"
+#define MOE_WGMMA_R8_120 "%120, %121, %122, %123, %124, %125, %126, %127"
+
+// Every wgmma.m64nNk16 shape the kernels use, for one element type: T the storage type, PTXT its
 // PTX type name. Expanded for bf16 and fp16 below.
 #define MOE_WGMMA_M64NNK16_SS(T, PTXT) \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 8>(float (&d)[4], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3" \
-        "}, %4, %5, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 8>(float (&d)[4], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32." PTXT "." PTXT " {" \
+                 "%0, %1, %2, %3" \
+                 "}, %4, %5, p, 1, 1, 0, 0;\n}\n" \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 16>(float (&d)[8], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7" \
-        "}, %8, %9, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 16>(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 \
+                 "}, %8, %9, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 32>(float (&d)[16], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
-        "}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 32>(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 \
+                 "}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 80>(float (&d)[40], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n80k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 \
+                 "}, %40, %41, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 80>(float (&d)[40], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n80k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39" \
-        "}, %40, %41, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n96k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 \
+                 "}, %48, %49, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n96k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47" \
-        "}, %48, %49, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 112>(float (&d)[56], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %58, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n112k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 \
+                 "}, %56, %57, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 112>(float (&d)[56], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %58, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n112k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55" \
-        "}, %56, %57, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 144>(float (&d)[72], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %74, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n144k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71" \
-        "}, %72, %73, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 144>(float (&d)[72], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %74, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n144k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 ", " MOE_WGMMA_R8_64 \
+                 "}, %72, %73, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56), MOE_WGMMA_D8(64) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 160>(float (&d)[80], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %82, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n160k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79" \
-        "}, %80, %81, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 160>(float (&d)[80], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %82, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n160k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 ", " MOE_WGMMA_R8_64 ", " MOE_WGMMA_R8_72 \
+                 "}, %80, %81, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56), MOE_WGMMA_D8(64), MOE_WGMMA_D8(72) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 176>(float (&d)[88], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n176k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-        "%80, %81, %82, %83, %84, %85, %86, %87" \
-        "}, %88, %89, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 176>(float (&d)[88], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n176k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 ", " MOE_WGMMA_R8_64 ", " MOE_WGMMA_R8_72 ", " MOE_WGMMA_R8_80 \
+                 "}, %88, %89, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56), MOE_WGMMA_D8(64), MOE_WGMMA_D8(72), \
+                   MOE_WGMMA_D8(80) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 192>(float (&d)[96], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n192k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
-        "}, %96, %97, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 192>(float (&d)[96], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 ", " MOE_WGMMA_R8_64 ", " MOE_WGMMA_R8_72 ", " MOE_WGMMA_R8_80 ", " MOE_WGMMA_R8_88 \
+                 "}, %96, %97, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56), MOE_WGMMA_D8(64), MOE_WGMMA_D8(72), \
+                   MOE_WGMMA_D8(80), MOE_WGMMA_D8(88) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 } \
- \
 template <> \
-MOE_DEVICE void wgmma_m64nNk16_ss<T, 256>(float (&d)[128], uint64_t desc_a, uint64_t desc_b, \
-                                                 int accumulate) { \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTXT "." PTXT " {" \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-        "}, %128, %129, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
+MOE_DEVICE void wgmma_m64nNk16_ss<T, 256>(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTXT "." PTXT " {" \
+                 MOE_WGMMA_R8_0 ", " MOE_WGMMA_R8_8 ", " MOE_WGMMA_R8_16 ", " MOE_WGMMA_R8_24 \
+                 ", " MOE_WGMMA_R8_32 ", " MOE_WGMMA_R8_40 ", " MOE_WGMMA_R8_48 ", " MOE_WGMMA_R8_56 \
+                 ", " MOE_WGMMA_R8_64 ", " MOE_WGMMA_R8_72 ", " MOE_WGMMA_R8_80 ", " MOE_WGMMA_R8_88 \
+                 ", " MOE_WGMMA_R8_96 ", " MOE_WGMMA_R8_104 ", " MOE_WGMMA_R8_112 \
+                 ", " MOE_WGMMA_R8_120 \
+                 "}, %128, %129, p, 1, 1, 0, 0;\n}\n" \
+                 : MOE_WGMMA_D8(0), MOE_WGMMA_D8(8), MOE_WGMMA_D8(16), MOE_WGMMA_D8(24), MOE_WGMMA_D8(32), \
+                   MOE_WGMMA_D8(40), MOE_WGMMA_D8(48), MOE_WGMMA_D8(56), MOE_WGMMA_D8(64), MOE_WGMMA_D8(72), \
+                   MOE_WGMMA_D8(80), MOE_WGMMA_D8(88), MOE_WGMMA_D8(96), MOE_WGMMA_D8(104), MOE_WGMMA_D8(112), \
+                   MOE_WGMMA_D8(120) \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
 }
 
 MOE_WGMMA_M64NNK16_SS(moe_bf16, "bf16")
 MOE_WGMMA_M64NNK16_SS(moe_fp16, "f16")
 #undef MOE_WGMMA_M64NNK16_SS
+#undef MOE_WGMMA_D8
+#undef MOE_WGMMA_R8_0
+#undef MOE_WGMMA_R8_8
+#undef MOE_WGMMA_R8_16
+#undef MOE_WGMMA_R8_24
+#undef MOE_WGMMA_R8_32
+#undef MOE_WGMMA_R8_40
+#undef MOE_WGMMA_R8_48
+#undef MOE_WGMMA_R8_56
+#undef MOE_WGMMA_R8_64
+#undef MOE_WGMMA_R8_72
+#undef MOE_WGMMA_R8_80
+#undef MOE_WGMMA_R8_88
+#undef MOE_WGMMA_R8_96
+#undef MOE_WGMMA_R8_104
+#undef MOE_WGMMA_R8_112
+#undef MOE_WGMMA_R8_120
 
 // griddepcontrol.wait (sm_90): under programmatic dependent launch, blocks until every grid this
 // one depends on has completed and its memory is visible. Every kernel of the forward calls it
