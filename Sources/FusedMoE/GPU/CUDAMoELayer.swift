@@ -311,6 +311,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             routing2 = Routing(
                 sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm2.blockM)
         } else {
+            // One align per distinct BLOCK_M (GEMM1's, then GEMM2's when it differs): one "align" stage.
             let routings = try alignOutputs.map { (output: AlignOutput) throws(CUDAError) in
                 try align(topkIDs: topkIDs, pairs: pairs, into: output, stream: stream)
             }
