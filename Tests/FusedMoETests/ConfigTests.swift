@@ -316,6 +316,26 @@ import Testing
         #expect(Tuner.wideSwapTiles(around: 64, sharedMemoryLimit: 227 * 1024).isEmpty)
     }
 
+    /// The tuner's final plan: the best GEMM1 and GEMM2 of any BLOCK_M, a pair of different BLOCK_M
+    /// charged both aligns, none without its aligns measured.
+    @Test func tunerPairsTheBestGemmsOfAnyBlockM() throws {
+        let wide = MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true))
+        let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+        let best1 = [144: (wide, 0.8), 128: (persistent, 1.0)]
+        let best2 = [144: (wide, 0.9), 128: (persistent, 0.5)]
+        let mixed = try #require(Tuner.bestPairing(best1: best1, best2: best2, align: [128: 0.01, 144: 0.01]))
+        #expect(mixed.0.gemm1 == wide.gemm1 && mixed.0.gemm2 == persistent.gemm2)
+        #expect(abs(mixed.1 - (0.8 + 0.5 + 0.02)) < 1e-12)
+        #expect(mixed.0.fusedActivation == wide.fusedActivation)
+        // A second align that costs more than the pair saves: one BLOCK_M.
+        let single = try #require(Tuner.bestPairing(best1: best1, best2: best2, align: [128: 0.01, 144: 0.3]))
+        #expect(single.0 == persistent && abs(single.1 - 1.51) < 1e-12)
+        // No align measured for 128: only the 144 pair remains.
+        let only = try #require(Tuner.bestPairing(best1: best1, best2: best2, align: [144: 0.01]))
+        #expect(only.0 == wide)
+        #expect(Tuner.bestPairing(best1: best1, best2: [:], align: [144: 0.01]) == nil)
+    }
+
     /// The tuner tries split-K where tiles are few (all kernels) and for the swap-AB decode kernel.
     @Test func tunerSplitCandidates() {
         let swap = GemmConfig.wgmma(blockM: 8, blockN: 128, stages: 8, swapAB: true)

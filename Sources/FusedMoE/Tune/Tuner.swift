@@ -81,6 +81,28 @@ public final class Tuner {
         return result
     }
 
+    /// The plan of the best GEMM1 and the best GEMM2 of any BLOCK_M, from each GEMM's best (plan and
+    /// stage time, keyed by that GEMM's BLOCK_M) and align's time per BLOCK_M: GEMMs of different
+    /// BLOCK_M each read their own align, so such a pair is charged both. GEMM1's plan decides the
+    /// activation's fusion. Nil when no pair has its aligns measured. Ties go to the smaller BLOCK_Ms.
+    static func bestPairing(best1: [Int: (MoEPlan, Double)], best2: [Int: (MoEPlan, Double)], align: [Int: Double])
+        -> (MoEPlan, Double)?
+    {
+        var best: (MoEPlan, Double)? = nil
+        for blockM1 in best1.keys.sorted() {
+            for blockM2 in best2.keys.sorted() {
+                guard let first = best1[blockM1], let second = best2[blockM2], let align1 = align[blockM1],
+                    let align2 = align[blockM2]
+                else { continue }
+                var plan = MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
+                plan.fusedActivation = first.0.fusedActivation
+                let time = first.1 + second.1 + align1 + (blockM1 == blockM2 ? 0 : align2)
+                if time < best?.1 ?? .infinity { best = (plan, time) }
+            }
+        }
+        return best
+    }
+
     /// The swap-AB kernel's wide token tiles worth trying around `width` (a `PlanSelector.swapTokenWidth`):
     /// that width and the kernel widths next to it, 256 weight rows on the deepest ring and one stage
     /// less, and 128 rows on the deepest ring.
@@ -398,23 +420,9 @@ public final class Tuner {
                     try measure(plan)
                 }
             }
-            // The best GEMM1 and the best GEMM2 of any BLOCK_M: GEMMs of different BLOCK_M each read
-            // their own align, so such a pair is charged both aligns.
-            var bestPlan: MoEPlan? = nil
-            var bestTime = Double.infinity
-            for (blockM1, first) in best1 {
-                for (blockM2, second) in best2 {
-                    guard let align1 = rest[blockM1], let align2 = rest[blockM2] else { continue }
-                    var plan = MoEPlan(gemm1: first.0.gemm1, gemm2: second.0.gemm2)
-                    plan.fusedActivation = first.0.fusedActivation
-                    let time = first.1 + second.1 + align1 + (blockM1 == blockM2 ? 0 : align2)
-                    if time < bestTime {
-                        bestTime = time
-                        bestPlan = plan
-                    }
-                }
+            guard let (plan, _) = Tuner.bestPairing(best1: best1, best2: best2, align: rest) else {
+                throw MoEError.unsupported("no candidate ran for M=\(tokens)")
             }
-            guard let plan = bestPlan else { throw MoEError.unsupported("no candidate ran for M=\(tokens)") }
             // The winner and the baseline (the heuristic, or the plan in use), timed the way bench times
             // them, and the winner checked.
             let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
