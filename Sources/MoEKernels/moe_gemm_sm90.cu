@@ -244,6 +244,30 @@ MOE_DEVICE void moe_sm90_mma_k_tile(float (&acc)[N / 2], uint64_t desc_a, uint64
     for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[i]);
 }
 
+/// The same for BLOCKS m64 blocks of A rows (block b at A row 64 b, into acc[b]) against one B, from
+/// ring stage `stage` (A at desc_a0 + stage * A_STAGE_BYTES, B likewise): K_STEPS x BLOCKS wgmma in one
+/// group (the swap-AB kernel's weight-row blocks, the ping-pong warpgroup's halves).
+template <typename T, int N, int K_STEPS, int BLOCKS, int A_STAGE_BYTES, int B_STAGE_BYTES>
+MOE_DEVICE void moe_sm90_mma_k_tile_blocks(float (&acc)[BLOCKS][N / 2], uint64_t desc_a0, uint64_t desc_b0, int stage) {
+#pragma unroll
+    for (int b = 0; b < BLOCKS; ++b)
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[b][i]);
+    wgmma_fence();
+    const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((stage * A_STAGE_BYTES) >> 4);
+    const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((stage * B_STAGE_BYTES) >> 4);
+#pragma unroll
+    for (int kk = 0; kk < K_STEPS; ++kk)
+#pragma unroll
+        for (int b = 0; b < BLOCKS; ++b)
+            wgmma_m64nNk16_ss<T, N>(acc[b], desc_a + (((b * 64 * 128) + kk * 16 * 2) >> 4), desc_b + ((kk * 16 * 2) >> 4), 1);
+    wgmma_commit_group();
+#pragma unroll
+    for (int b = 0; b < BLOCKS; ++b)
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[b][i]);
+}
+
 /// The program's output tile and K range.
 struct MoESm90Tile {
     int64_t row0;      // first row of the sorted order in this tile
@@ -1039,25 +1063,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
         const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
         moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
-#pragma unroll
-            for (int m = 0; m < Tr::M_BLOCKS; ++m)
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[m][i]);
-            wgmma_fence();
-            const uint64_t desc_w = desc_w0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4);
-            const uint64_t desc_x = desc_x0 + static_cast<uint64_t>((stage * Smem::A_STAGE_BYTES) >> 4);
-#pragma unroll
-            for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-#pragma unroll
-                for (int m = 0; m < Tr::M_BLOCKS; ++m)
-                    wgmma_m64nNk16_ss<T, TOKENS>(
-                        acc[m], desc_w + (((m * 64 * Smem::ROW_BYTES) + kk * Tr::WGMMA_K * 2) >> 4),
-                        desc_x + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-            wgmma_commit_group();
-#pragma unroll
-            for (int m = 0; m < Tr::M_BLOCKS; ++m)
-#pragma unroll
-                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[m][i]);
+            moe_sm90_mma_k_tile_blocks<T, TOKENS, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES>(
+                acc, desc_w0, desc_x0, stage);
         });
 #pragma unroll
         for (int m = 0; m < Tr::M_BLOCKS; ++m)
@@ -1691,19 +1698,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[h][i]);
             };
             const auto issue = [&](int s) {
-                fence_acc();
-                wgmma_fence();
-                const uint64_t desc_a = desc_a0 + static_cast<uint64_t>((s * Smem::A_STAGE_BYTES) >> 4);
-                const uint64_t desc_b = desc_b0 + static_cast<uint64_t>((s * Smem::B_STAGE_BYTES) >> 4);
-#pragma unroll
-                for (int kk = 0; kk < Tr::K_STEPS; ++kk)
-#pragma unroll
-                    for (int h = 0; h < Tr::HALVES; ++h)
-                        wgmma_m64nNk16_ss<T, BLOCK_N>(
-                            acc[h], desc_a + (((h * 64 * Smem::ROW_BYTES) + kk * Tr::WGMMA_K * 2) >> 4),
-                            desc_b + ((kk * Tr::WGMMA_K * 2) >> 4), 1);
-                wgmma_commit_group();
-                fence_acc();
+                moe_sm90_mma_k_tile_blocks<T, BLOCK_N, Tr::K_STEPS, Tr::HALVES, Smem::A_STAGE_BYTES, Smem::B_STAGE_BYTES>(
+                    acc, desc_a0, desc_b0, s);
             };
             if (wait_turn) bar_sync_id<2 * Tr::WARPGROUP_THREADS>(Tr::ORDER_BARRIER + wg);
             wait_turn = true;

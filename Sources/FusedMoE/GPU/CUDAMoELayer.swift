@@ -312,11 +312,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm2.blockM)
         } else {
             // One align per distinct BLOCK_M (GEMM1's, then GEMM2's when it differs): one "align" stage.
-            let routings = try alignOutputs.map { (output: AlignOutput) throws(CUDAError) in
-                try align(topkIDs: topkIDs, pairs: pairs, into: output, stream: stream)
-            }
-            routing1 = routings[0]
-            routing2 = routings[routings.count - 1]
+            routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], stream: stream)
+            routing2 = alignOutputs.count > 1
+                ? try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[1], stream: stream) : routing1
             try marker?("align")
         }
         let (h, i) = (shape.hidden, shape.intermediate)
