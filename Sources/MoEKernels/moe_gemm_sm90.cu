@@ -227,6 +227,12 @@
 #define MOE_SM90_EARLY_WEIGHTS 1
 #endif
 
+// The wide swap-AB tiles (TOKENS >= 80) multiply only as many token rows as the block holds, in steps of
+// 16 down to TOKENS / 2 (bench/NOTES.md v19); 0 always multiplies all TOKENS.
+#ifndef MOE_SM90_FIT_WIDTH
+#define MOE_SM90_FIT_WIDTH 1
+#endif
+
 // MARK: - Pieces shared by the kernels
 
 /// One consumer warpgroup's products of one K tile into acc (N / 2 fp32 per thread): fences acc,
@@ -942,6 +948,39 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
 // MARK: - moe_gemm_sm90_swap
 
+/// A compile-time int as a value (the fitted width handed to a generic lambda).
+template <int V>
+struct moe_int {
+    static constexpr int value = V;
+};
+
+/// One past the last of the first ROWS tile rows that holds a pair (pair[r] >= 0); 0 when none.
+/// Warp-cooperative: every lane of the warp calls it, converged, after the row table is synchronized.
+template <int ROWS>
+MOE_DEVICE int moe_sm90_rows_used(const int32_t* pair, int lane) {
+    int used = 0;
+#pragma unroll
+    for (int base = 0; base < ROWS; base += 32) {
+        const bool holds = base + lane < ROWS && pair[base + lane] >= 0;
+        const unsigned mask = __ballot_sync(MOE_FULL_MASK, holds);
+        if (mask != 0) used = base + 32 - __clz(static_cast<int>(mask));
+    }
+    return used;
+}
+
+/// body(moe_int<W>{}) for the narrowest W in {MAX, MAX - 16, ..., >= MIN} with W >= used (MIN when used
+/// is smaller): one instantiation of body per width, chosen at run time.
+template <int MAX, int MIN, typename Body>
+MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
+    if constexpr (MAX - 16 >= MIN) {
+        if (used <= MAX - 16) {
+            moe_sm90_fit_width<MAX - 16, MIN>(used, body);
+            return;
+        }
+    }
+    body(moe_int<MAX>{});
+}
+
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90SwapTraits {
     using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
@@ -959,6 +998,11 @@ struct MoEGemmSm90SwapTraits {
     static constexpr int ACC = TOKENS / 2;         // fp32 accumulators per thread per m64 block
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = Smem::DYNAMIC_SMEM_BYTES;
+    // Fitted widths (MOE_SM90_FIT_WIDTH, wide tiles): the consumers multiply the first W = TOKENS - 16 i
+    // token rows, the narrowest such W >= FIT_MIN that holds every row with a pair. FIT_MIN: TOKENS / 2
+    // rounded up to a width with a wgmma wrapper (64, or 80 and up in steps of 16).
+    static constexpr bool FIT = MOE_SM90_FIT_WIDTH != 0 && TOKENS >= 80;
+    static constexpr int FIT_MIN = TOKENS / 2 <= 64 ? 64 : (TOKENS / 2 + 15) / 16 * 16;
 
     // Register split (setmaxnreg) for two consumer warpgroups: 384 threads launched at 168 registers,
     // as moe_gemm_sm90 (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
@@ -1053,98 +1097,111 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         const int wg_tid = ctid % Tr::WARPGROUP_THREADS;
         const int lane = tid % 32;
 
-        float acc[Tr::M_BLOCKS][Tr::ACC];
+        // The K loop and the epilogue for the first W token rows of the tile (W <= TOKENS; the rows from W
+        // on hold no pair, so they are neither multiplied nor stored).
+        auto consume_and_store = [&](auto width) {
+            constexpr int W = decltype(width)::value;
+            constexpr int ACC = W / 2;  // fp32 accumulators per thread per m64 block
+            float acc[Tr::M_BLOCKS][ACC];
 #pragma unroll
-        for (int m = 0; m < Tr::M_BLOCKS; ++m)
+            for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
-            for (int i = 0; i < Tr::ACC; ++i) acc[m][i] = 0.0f;
+                for (int i = 0; i < ACC; ++i) acc[m][i] = 0.0f;
 
-        // wgmma A operand: 64 weight rows (B ring); wgmma B operand: the TOKENS token rows (A ring).
-        const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
-        const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
-        moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
-            moe_sm90_mma_k_tile_blocks<T, TOKENS, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES>(
-                acc, desc_w0, desc_x0, stage);
-        });
+            // wgmma A operand: 64 weight rows (B ring); wgmma B operand: the first W token rows (A ring).
+            const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
+            const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
+            moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
+                moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES>(
+                    acc, desc_w0, desc_x0, stage);
+            });
 #pragma unroll
-        for (int m = 0; m < Tr::M_BLOCKS; ++m)
+            for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
-            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[m][i]);
+                for (int i = 0; i < ACC; ++i) wgmma_fence_operand(acc[m][i]);
 
-        // --- Epilogue ---
-        // acc[m][4 j + 2 h + c] is weight row (output column) 64 m + frag_w + 8 h and token (tile row)
-        // 8 j + frag_t + c. Staged transposed: staged[token][weight row], fp32.
-        constexpr int SPITCH = Tr::STAGE_PITCH;
-        constexpr int VEC = Tr::OUT_VEC;
-        constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
-        const int frag_w = wg * Tr::WG_ROWS + (wg_tid / 32) * 16 + lane / 4;
-        const int frag_t = (lane % 4) * 2;
+            // --- Epilogue ---
+            // acc[m][4 j + 2 h + c] is weight row (output column) 64 m + frag_w + 8 h and token (tile row)
+            // 8 j + frag_t + c. Staged transposed: staged[token][weight row], fp32.
+            constexpr int SPITCH = Tr::STAGE_PITCH;
+            constexpr int VEC = Tr::OUT_VEC;
+            constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
+            const int frag_w = wg * Tr::WG_ROWS + (wg_tid / 32) * 16 + lane / 4;
+            const int frag_t = (lane % 4) * 2;
 
-        fence_proxy_async_shared_cta();
-        bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
-        float* staged = reinterpret_cast<float*>(sm.base);
+            fence_proxy_async_shared_cta();
+            bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
+            float* staged = reinterpret_cast<float*>(sm.base);
 #pragma unroll
-        for (int m = 0; m < Tr::M_BLOCKS; ++m)
+            for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
-            for (int j = 0; j < TOKENS / 8; ++j)
+                for (int j = 0; j < W / 8; ++j)
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
+                    for (int h = 0; h < 2; ++h)
 #pragma unroll
-                    for (int c = 0; c < 2; ++c)
-                        staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] = acc[m][4 * j + 2 * h + c];
-        bar_sync<1, Tr::CONSUMER_THREADS>();
+                        for (int c = 0; c < 2; ++c)
+                            staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] = acc[m][4 * j + 2 * h + c];
+            bar_sync<1, Tr::CONSUMER_THREADS>();
 
-        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
-        OutT* out = static_cast<OutT*>(C);
-        if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-        const bool vec_ok = stride_cm % VEC == 0;
-        const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
-        const int64_t out_n = Tr::FUSED ? N / 2 : N;
-        for (int idx = ctid; idx < TOKENS * OCPR; idx += Tr::CONSUMER_THREADS) {
-            const int r = idx / OCPR;
-            const int c = idx % OCPR;
-            const int32_t p = sm.pair[r];
-            const int64_t n = out_n0 + c * VEC;
-            if (p < 0 || n >= out_n) continue;
-            const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
-            float v[VEC];
+            using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+            OutT* out = static_cast<OutT*>(C);
+            if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
+            const bool vec_ok = stride_cm % VEC == 0;
+            const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
+            const int64_t out_n = Tr::FUSED ? N / 2 : N;
+            for (int idx = ctid; idx < W * OCPR; idx += Tr::CONSUMER_THREADS) {
+                const int r = idx / OCPR;
+                const int c = idx % OCPR;
+                const int32_t p = sm.pair[r];
+                const int64_t n = out_n0 + c * VEC;
+                if (p < 0 || n >= out_n) continue;
+                const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
+                float v[VEC];
 #pragma unroll
-            for (int q = 0; q < VEC; q += 4) {
-                const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
-                if constexpr (Tr::FUSED) {
-                    const float4 u = *reinterpret_cast<const float4*>(staged + r * SPITCH + BLOCK_N_W / 2 + c * VEC + q);
-                    v[q] = moe_act_and_mul<T, FUSED_ACT>(f.x, u.x);
-                    v[q + 1] = moe_act_and_mul<T, FUSED_ACT>(f.y, u.y);
-                    v[q + 2] = moe_act_and_mul<T, FUSED_ACT>(f.z, u.z);
-                    v[q + 3] = moe_act_and_mul<T, FUSED_ACT>(f.w, u.w);
-                } else {
-                    v[q] = f.x * w;
-                    v[q + 1] = f.y * w;
-                    v[q + 2] = f.z * w;
-                    v[q + 3] = f.w * w;
+                for (int q = 0; q < VEC; q += 4) {
+                    const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
+                    if constexpr (Tr::FUSED) {
+                        const float4 u =
+                            *reinterpret_cast<const float4*>(staged + r * SPITCH + BLOCK_N_W / 2 + c * VEC + q);
+                        v[q] = moe_act_and_mul<T, FUSED_ACT>(f.x, u.x);
+                        v[q + 1] = moe_act_and_mul<T, FUSED_ACT>(f.y, u.y);
+                        v[q + 2] = moe_act_and_mul<T, FUSED_ACT>(f.z, u.z);
+                        v[q + 3] = moe_act_and_mul<T, FUSED_ACT>(f.w, u.w);
+                    } else {
+                        v[q] = f.x * w;
+                        v[q + 1] = f.y * w;
+                        v[q + 2] = f.z * w;
+                        v[q + 3] = f.w * w;
+                    }
                 }
-            }
-            OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-            if (vec_ok && n + VEC <= out_n) {
-                if constexpr (SPLIT_MODE == 0) {
-                    *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
-                } else if constexpr (SPLIT_MODE == 1) {
-                    red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
+                OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+                if (vec_ok && n + VEC <= out_n) {
+                    if constexpr (SPLIT_MODE == 0) {
+                        *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
+                    } else if constexpr (SPLIT_MODE == 1) {
+                        red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
+                    } else {
+                        *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+                    }
                 } else {
-                    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
-                }
-            } else {
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                    if (n + e < out_n) {
-                        if constexpr (SPLIT_MODE == 1) {
-                            red_global_add_f32(dst + e, v[e]);
-                        } else {
-                            dst[e] = from_float<OutT>(v[e]);
+                    for (int e = 0; e < VEC; ++e) {
+                        if (n + e < out_n) {
+                            if constexpr (SPLIT_MODE == 1) {
+                                red_global_add_f32(dst + e, v[e]);
+                            } else {
+                                dst[e] = from_float<OutT>(v[e]);
+                            }
                         }
                     }
                 }
             }
+        };
+        if constexpr (Tr::FIT) {
+            // The narrowest fitted width that holds every row with a pair (the same in every warp).
+            moe_sm90_fit_width<TOKENS, Tr::FIT_MIN>(moe_sm90_rows_used<TOKENS>(sm.pair, lane), consume_and_store);
+        } else {
+            consume_and_store(moe_int<TOKENS>{});
         }
     }
 }
