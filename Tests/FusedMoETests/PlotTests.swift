@@ -19,14 +19,14 @@ import Testing
                         BenchRow(
                             shape: shapeName, moeShape: shape, tokens: tokens, variant: variant, splitK: split,
                             splitMode: mode, milliseconds: floor * slowdown * (1 + 0.1 * Double(index)),
-                            floorMilliseconds: floor, relativeError: 1e-3, expertsTouched: shape.experts))
+                            floorMilliseconds: floor, relativeError: 1e-3, expertsTouched: Double(shape.experts)))
                 }
                 if tokens == 8 {
                     rows.append(
                         BenchRow(
                             shape: shapeName, moeShape: shape, tokens: tokens, variant: "wgmma_swap", splitK: 1,
                             splitMode: "plan:none1/none1", milliseconds: floor * 1.05, floorMilliseconds: floor,
-                            relativeError: 2e-3, expertsTouched: shape.experts))
+                            relativeError: 2e-3, expertsTouched: Double(shape.experts)))
                 }
             }
         }

@@ -9,13 +9,14 @@ public struct BenchRow: Sendable {
     public var milliseconds: Double
     public var floorMilliseconds: Double
     public var relativeError: Double
-    public var expertsTouched: Int
+    /// Experts with at least one pair, over the timed input sets (their mean: each set routes anew).
+    public var expertsTouched: Double
     /// Per-stage milliseconds of one un-graphed forward, when asked for (`bench --stages`).
     public var stages: [(String, Double)] = []
 
     public init(
         shape: String, moeShape: MoEShape, tokens: Int, variant: String, splitK: Int, splitMode: String,
-        milliseconds: Double, floorMilliseconds: Double, relativeError: Double, expertsTouched: Int
+        milliseconds: Double, floorMilliseconds: Double, relativeError: Double, expertsTouched: Double
     ) {
         self.shape = shape
         self.moeShape = moeShape
@@ -92,7 +93,7 @@ public struct BenchReport: Sendable {
                     ("ms", .number(row.milliseconds)),
                     ("floor_ms", .number(row.floorMilliseconds)),
                     ("rel_err", .number(row.relativeError)),
-                    ("experts_touched", .number(Double(row.expertsTouched))),
+                    ("experts_touched", .number(row.expertsTouched)),
                 ] + (row.stages.isEmpty ? [] : [("stages_ms", .object(row.stages.map { ($0.0, .number($0.1)) }))]))
             })),
         ])

@@ -86,7 +86,7 @@ public enum CPUBench {
                 splitMode: "none", milliseconds: 1000 * HostClock.median(samples),
                 floorMilliseconds: ceilings.floorMilliseconds(
                     shape: preset.shape, tokens: tokens, expertsTouched: touched, dtype: T.dtype),
-                relativeError: error, expertsTouched: touched))
+                relativeError: error, expertsTouched: Double(touched)))
         }
         return rows
     }

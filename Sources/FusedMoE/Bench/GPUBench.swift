@@ -118,9 +118,15 @@ public final class GPUBench {
                     stream: stream)
             }
             let reference = try inputs[0].reference(weights: weights, library: library, stream: stream)
-            let touchedIDs = try inputs[0].ids.download(count: tokens * shape.topK, as: Int32.self)
-            let touched = Set(touchedIDs).count
-            let floor = ceilings.floorMilliseconds(shape: shape, tokens: tokens, expertsTouched: touched, dtype: dtype)
+            // The timed graph runs every input set once, each with its own routing: the floor is the mean
+            // of their floors, and the experts touched the mean of their counts.
+            let touchedCounts = try inputs.map { input in
+                Set(try input.ids.download(count: tokens * shape.topK, as: Int32.self)).count
+            }
+            let touched = Double(touchedCounts.reduce(0, +)) / Double(touchedCounts.count)
+            let floor = touchedCounts.map {
+                ceilings.floorMilliseconds(shape: shape, tokens: tokens, expertsTouched: $0, dtype: dtype)
+            }.reduce(0, +) / Double(touchedCounts.count)
             let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * dtype.byteCount)
             for setting in settings {
                 let layerPlan = try plan(setting, tokens)
