@@ -1958,3 +1958,244 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         }
     }
 }
+
+// MARK: - moe_gemm_sm90_swap_persistent
+
+// The wide swap-AB tile (256 weight rows on two consumer warpgroups, TOKENS token rows on wgmma's N side)
+// with a persistent grid: one program per SM walks the tiles (moe_sm90_tile_at), the producer filling the
+// ring for the next tile while the consumers store this one. For GEMM2 (unsplit, no fused activation),
+// whose short K makes the one-tile-per-program swap kernel pay each tile's ring fill and epilogue in full
+// (bench/NOTES.md v18-v19). The epilogue cannot stage the whole tile in the ring (the producer keeps it
+// loading), but its transpose stays inside a warp: consumer warp wq of warpgroup wg holds output columns
+// wg * 128 + 64 m + 16 wq + 0..15 (m = 0, 1) for every token, so each warp stages its own 32 columns of
+// PASS_TOKENS token rows in fp32 (__syncwarp only) and stores two 32-byte pieces per token row.
+template <typename T, int TOKENS, int STAGES, bool MUL_ROUTED_WEIGHT>
+struct MoEGemmSm90SwapPersistentTraits {
+    static constexpr int BLOCK_N_W = 256;
+    using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
+    static constexpr int BLOCK_K = Smem::BLOCK_K;
+    static constexpr int WGMMA_K = 16;
+    static constexpr int K_STEPS = BLOCK_K / WGMMA_K;
+    static constexpr int WARPGROUP_THREADS = 128;
+    static constexpr int CONSUMER_WARPGROUPS = 2;
+    static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
+    static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
+    static constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
+    static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int WG_ROWS = BLOCK_N_W / CONSUMER_WARPGROUPS;  // weight rows per consumer warpgroup
+    static constexpr int M_BLOCKS = WG_ROWS / 64;
+
+    static constexpr int LAUNCH_REGISTERS = 168;
+    static constexpr int PRODUCER_REGISTERS = 56;
+    static constexpr int CONSUMER_REGISTERS = 224;
+    // Named barriers: the producer warpgroup's (its double-buffered A-row tables), the consumers' (theirs).
+    static constexpr int PRODUCER_BARRIER = 1;
+    static constexpr int CONSUMER_BARRIER = 2;
+
+    // Per consumer warp: PASS_TOKENS token rows of its 32 output columns, fp32, 36 floats apart (the
+    // fragment writes hit 32 distinct banks; rows stay 16-byte aligned).
+    static constexpr int WARP_COLS = 32;
+    static constexpr int PASS_TOKENS = 32;
+    static constexpr int STAGE_PITCH = WARP_COLS + 4;
+    static constexpr int WARP_STAGING_BYTES = PASS_TOKENS * STAGE_PITCH * 4;
+    static constexpr int STAGING_BYTES = CONSUMER_WARPS * WARP_STAGING_BYTES;
+    // The consumers' row tables, two buffers of [TOKENS] pair (-1: padding) and [TOKENS] routed weight.
+    static constexpr int CTABLE_BYTES = 2 * 2 * 4 * TOKENS;
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES + CTABLE_BYTES;
+    static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
+    // Fitted widths, as moe_gemm_sm90_swap's.
+    static constexpr bool FIT = MOE_SM90_FIT_WIDTH != 0;
+    static constexpr int FIT_MIN = TOKENS / 2 <= 64 ? 64 : (TOKENS / 2 + 15) / 16 * 16;
+
+    static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
+    static_assert(TOKENS >= 80 && TOKENS <= 192 && TOKENS % 16 == 0, "TOKENS in {80, 96, ..., 192}");
+    static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
+    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
+    static_assert(PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <=
+                      THREADS * LAUNCH_REGISTERS,
+                  "setmaxnreg budget exceeds the registers allocated at launch");
+};
+
+/// Unsplit (SPLIT_MODE 0), no fused activation; the arguments are moe_gemm_sm90_swap's (split_k must be
+/// 1; routing_ready is not used: every load waits).
+template <typename T, int TOKENS, int STAGES, bool MUL_ROUTED_WEIGHT>
+__global__ void __launch_bounds__(384, 1)
+    moe_gemm_sm90_swap_persistent(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A,
+                                  void* __restrict__ C, const float* __restrict__ topk_weights,
+                                  const int32_t* __restrict__ sorted_token_ids,
+                                  const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded,
+                                  int64_t N, int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k,
+                                  int32_t group_size_m, int64_t stride_am, int64_t stride_cm, int64_t max_padded,
+                                  int32_t routing_ready) {
+    griddepcontrol_wait_then_launch_dependents();
+    using Tr = MoEGemmSm90SwapPersistentTraits<T, TOKENS, STAGES, MUL_ROUTED_WEIGHT>;
+    using Smem = typename Tr::Smem;
+    constexpr int BLOCK_N_W = Tr::BLOCK_N_W;
+
+    extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
+
+    const int64_t num_tiles = ceil_div(max_padded, TOKENS) * ceil_div(N, BLOCK_N_W);
+    if (blockIdx.x >= num_tiles) return;  // more programs than tiles
+    const Smem sm(moe_gemm_sm90_smem);
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
+            mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
+        }
+        fence_mbarrier_init();
+        prefetch_tensormap(&b_map);
+    }
+    __syncthreads();
+    // Both roles walk the same tiles (warp-cooperative) and agree on which have K work.
+    const auto tile_at = [&](int64_t t, MoESm90Tile& tile) -> bool {
+        return t < num_tiles && moe_sm90_tile_at<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, t, 0, expert_ids, total_padded,
+                                                                                 N, K, 1, group_size_m, max_padded,
+                                                                                 num_valid_tokens);
+    };
+
+    if (tid < Tr::PRODUCER_THREADS) {
+        // ===== Producer warpgroup =====
+        setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+        int stage = 0;
+        uint32_t phase = 0;
+        int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
+        for (int64_t t = blockIdx.x;; t += gridDim.x) {
+            MoESm90Tile tile;
+            if (!tile_at(t, tile)) break;  // past the valid m-blocks: so is every later tile
+            if (tile.num_tiles == 0) continue;  // not owned: the consumers store zeros
+            // Every producer thread passed the previous tile's barrier after its last read of this table
+            // (two tiles back), so it may be rewritten now.
+            int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
+            table ^= 1;
+            for (int r = tid; r < TOKENS; r += Tr::PRODUCER_THREADS) {
+                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, TOKENS, num_valid_tokens);
+                a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+            }
+            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
+            int32_t b_row, b_row_up;
+            moe_sm90_b_rows<false>(tile, N, b_row, b_row_up);
+            const MoESm90ASources<T, TOKENS> a = moe_sm90_a_sources<T, TOKENS>(a_rows, A, stride_am, tid);
+            for (int k = 0; k < tile.num_tiles; ++k) {
+                moe_sm90_produce_k_tile<T, TOKENS, BLOCK_N_W, STAGES, false>(sm, a, &b_map, A, K, b_row, b_row_up, tile,
+                                                                           k, stage, phase, tid);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        cp_async_wait_all();
+    } else {
+        // ===== Consumer warpgroups =====
+        setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
+        const int ctid = tid - Tr::PRODUCER_THREADS;
+        const int wg = ctid / Tr::WARPGROUP_THREADS;  // owns weight rows [WG_ROWS wg, WG_ROWS (wg + 1))
+        const int warp = ctid / 32;
+        const int wq = warp % 4;  // its 16-row runs inside each m64 block
+        const int lane = tid % 32;
+        T* out = static_cast<T*>(C);
+        const bool vec_ok = stride_cm % 8 == 0;
+        float* staged = reinterpret_cast<float*>(sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES);
+        int32_t* ctables = reinterpret_cast<int32_t*>(sm.base + Smem::SMEM_BYTES + Tr::STAGING_BYTES);
+        const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
+        const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
+        int stage = 0;
+        uint32_t phase = 0;
+        int table = 0;
+        for (int64_t t = blockIdx.x;; t += gridDim.x) {
+            MoESm90Tile tile;
+            if (!tile_at(t, tile)) break;
+            // The tile's pairs and routed weights. Buffer `table` was last read two tiles back, and every
+            // consumer passed the previous tile's barrier after that.
+            int32_t* cpair = ctables + table * 2 * TOKENS;
+            float* cweight = reinterpret_cast<float*>(cpair + TOKENS);
+            table ^= 1;
+            for (int r = ctid; r < TOKENS; r += Tr::CONSUMER_THREADS) {
+                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, TOKENS, num_valid_tokens);
+                const bool valid = p >= 0 && p < num_valid_tokens;
+                cpair[r] = valid ? p : -1;
+                cweight[r] = valid && MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
+            }
+            bar_sync<Tr::CONSUMER_BARRIER, Tr::CONSUMER_THREADS>();
+
+            // The K loop and the stores for the first W token rows (the rows from W on hold no pair).
+            auto consume_and_store = [&](auto width) {
+                constexpr int W = decltype(width)::value;
+                constexpr int ACC = W / 2;
+                float acc[Tr::M_BLOCKS][ACC];
+#pragma unroll
+                for (int m = 0; m < Tr::M_BLOCKS; ++m)
+#pragma unroll
+                    for (int i = 0; i < ACC; ++i) acc[m][i] = 0.0f;
+                moe_sm90_consume_tile<STAGES>(
+                    sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                    [&](int s) {
+                        moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES,
+                                                   Smem::A_STAGE_BYTES>(acc, desc_w0, desc_x0, s);
+                    },
+                    [] {});
+#pragma unroll
+                for (int m = 0; m < Tr::M_BLOCKS; ++m)
+#pragma unroll
+                    for (int i = 0; i < ACC; ++i) wgmma_fence_operand(acc[m][i]);
+
+                // acc[m][4 j + 2 h + c]: warp column 16 m + lane / 4 + 8 h (output column n0 + 128 wg + 64 m
+                // + 16 wq + lane / 4 + 8 h), token 8 j + 2 (lane % 4) + c. Passes of PASS_TOKENS tokens.
+                constexpr int PT = Tr::PASS_TOKENS;
+                constexpr int SP = Tr::STAGE_PITCH;
+#pragma unroll
+                for (int q = 0; q < (W + PT - 1) / PT; ++q) {
+                    const int pass_tokens = W - q * PT < PT ? W - q * PT : PT;
+                    __syncwarp();  // every lane has read the previous pass back
+#pragma unroll
+                    for (int jj = 0; jj < PT / 8; ++jj) {
+                        const int j = q * (PT / 8) + jj;
+                        if (j < W / 8) {
+#pragma unroll
+                            for (int m = 0; m < Tr::M_BLOCKS; ++m)
+#pragma unroll
+                                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                                    for (int c = 0; c < 2; ++c)
+                                        staged[(8 * jj + 2 * (lane % 4) + c) * SP + 16 * m + lane / 4 + 8 * h] =
+                                            acc[m][4 * j + 2 * h + c];
+                        }
+                    }
+                    __syncwarp();
+                    // Token row tl of the pass: 4 chunks of 8 columns (16 bytes of T each), chunk c4 from
+                    // warp columns 8 c4 .. 8 c4 + 7.
+#pragma unroll
+                    for (int i = 0; i < PT * 4 / 32; ++i) {
+                        const int idx = i * 32 + lane;
+                        const int tl = idx / 4;
+                        const int c4 = idx % 4;
+                        if (tl >= pass_tokens) continue;
+                        const int r = q * PT + tl;
+                        const int32_t p = cpair[r];
+                        const int64_t n = tile.n0 + wg * Tr::WG_ROWS + 64 * (c4 / 2) + 16 * wq + 8 * (c4 % 2);
+                        if (p < 0 || n >= N) continue;
+                        const float w = cweight[r];
+                        const float4 f0 = *reinterpret_cast<const float4*>(staged + tl * SP + 8 * c4);
+                        const float4 f1 = *reinterpret_cast<const float4*>(staged + tl * SP + 8 * c4 + 4);
+                        float v[8] = {f0.x * w, f0.y * w, f0.z * w, f0.w * w, f1.x * w, f1.y * w, f1.z * w, f1.w * w};
+                        T* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+                        if (vec_ok && n + 8 <= N) {
+                            *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 8; ++e)
+                                if (n + e < N) dst[e] = from_float<T>(v[e]);
+                        }
+                    }
+                }
+            };
+            if constexpr (Tr::FIT) {
+                moe_sm90_fit_width<TOKENS, Tr::FIT_MIN>(moe_sm90_rows_used<TOKENS>(cpair, lane), consume_and_store);
+            } else {
+                consume_and_store(moe_int<TOKENS>{});
+            }
+        }
+    }
+}
