@@ -95,14 +95,14 @@ SM90_SWAP_WIDE_TILES = {
 
 def swap_persistent_fits(tok: int, st: int) -> bool:
     """The persistent swap kernel's ring, row tables, warp staging (8 x 32 x 36 floats) and consumer
-    tables fit in 227 KB."""
-    return st * 128 * (tok + 256) + 16 * st + 8 * tok + 36864 + 16 * tok + 1024 <= 232448
+    tile tables with their mbarriers fit in 227 KB."""
+    return st * 128 * (tok + 256) + 16 * st + 8 * tok + 36864 + 2 * (16 + 8 * tok) + 32 + 1024 <= 232448
 
 
 # moe_gemm_sm90_swap_persistent (TOKENS, STAGES): every wide width at its deepest ring for bf16, two for fp16.
 SM90_SWAP_PERSISTENT_TILES = {
     "moe_bf16": tuple((tok, max(st for st in range(2, 9) if swap_persistent_fits(tok, st)))
-                      for tok in (80, 96, 112, 128, 144, 160, 176, 192)),
+                      for tok in (80, 96, 112, 128, 144, 160, 176)),
     "moe_fp16": tuple((tok, max(st for st in range(2, 9) if swap_persistent_fits(tok, st))) for tok in (96, 144)),
 }
 # moe_gemm_sm90_persistent tiles (BLOCK_M, BLOCK_N, STAGES): the deepest ring of each shipped tile

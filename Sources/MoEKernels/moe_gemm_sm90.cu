@@ -1969,6 +1969,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 // loading), but its transpose stays inside a warp: consumer warp wq of warpgroup wg holds output columns
 // wg * 128 + 64 m + 16 wq + 0..15 (m = 0, 1) for every token, so each warp stages its own 32 columns of
 // PASS_TOKENS token rows in fp32 (__syncwarp only) and stores two 32-byte pieces per token row.
+// The producer walks the schedule and publishes each tile to the consumers through one of two tables
+// (tile header, pair and routed weight per token row) guarded by mbarriers, so the consumers never wait
+// on a global load between tiles; their K loop is short (K = 384-768: 6-12 K tiles).
 template <typename T, int TOKENS, int STAGES, bool MUL_ROUTED_WEIGHT>
 struct MoEGemmSm90SwapPersistentTraits {
     static constexpr int BLOCK_N_W = 256;
@@ -1988,9 +1991,8 @@ struct MoEGemmSm90SwapPersistentTraits {
     static constexpr int LAUNCH_REGISTERS = 168;
     static constexpr int PRODUCER_REGISTERS = 56;
     static constexpr int CONSUMER_REGISTERS = 224;
-    // Named barriers: the producer warpgroup's (its double-buffered A-row tables), the consumers' (theirs).
+    // Named barrier of the producer warpgroup (its tables are written before it publishes them).
     static constexpr int PRODUCER_BARRIER = 1;
-    static constexpr int CONSUMER_BARRIER = 2;
 
     // Per consumer warp: PASS_TOKENS token rows of its 32 output columns, fp32, 36 floats apart (the
     // fragment writes hit 32 distinct banks; rows stay 16-byte aligned).
@@ -1999,8 +2001,10 @@ struct MoEGemmSm90SwapPersistentTraits {
     static constexpr int STAGE_PITCH = WARP_COLS + 4;
     static constexpr int WARP_STAGING_BYTES = PASS_TOKENS * STAGE_PITCH * 4;
     static constexpr int STAGING_BYTES = CONSUMER_WARPS * WARP_STAGING_BYTES;
-    // The consumers' row tables, two buffers of [TOKENS] pair (-1: padding) and [TOKENS] routed weight.
-    static constexpr int CTABLE_BYTES = 2 * 2 * 4 * TOKENS;
+    // The consumers' tables, two: a 16-byte header (n0, K tiles, whether there is a tile) then the pair
+    // (-1: padding) and the routed weight of each token row; then their full and empty mbarriers.
+    static constexpr int CTABLE_STRIDE = 16 + 8 * TOKENS;
+    static constexpr int CTABLE_BYTES = 2 * CTABLE_STRIDE + 4 * 8;
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES + CTABLE_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
     // Fitted widths, as moe_gemm_sm90_swap's.
@@ -2008,13 +2012,21 @@ struct MoEGemmSm90SwapPersistentTraits {
     static constexpr int FIT_MIN = TOKENS / 2 <= 64 ? 64 : (TOKENS / 2 + 15) / 16 * 16;
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
-    static_assert(TOKENS >= 80 && TOKENS <= 192 && TOKENS % 16 == 0, "TOKENS in {80, 96, ..., 192}");
+    // 192 tokens spill a few bytes in the consumers (2 x 96 accumulators beside the tile's state).
+    static_assert(TOKENS >= 80 && TOKENS <= 176 && TOKENS % 16 == 0, "TOKENS in {80, 96, ..., 176}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
-    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(Smem::SMEM_BYTES % 16 == 0 && CTABLE_STRIDE % 16 == 0, "the regions stay 16-byte aligned");
     static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
     static_assert(PRODUCER_THREADS * PRODUCER_REGISTERS + CONSUMER_THREADS * CONSUMER_REGISTERS <=
                       THREADS * LAUNCH_REGISTERS,
                   "setmaxnreg budget exceeds the registers allocated at launch");
+};
+
+/// One tile as the producer publishes it to the consumers.
+struct MoESm90SwapTileHeader {
+    int64_t n0;     // first output column
+    int32_t k_tiles;  // K tiles to multiply (0: expert not owned, store zeros)
+    int32_t valid;    // 0: the walk has ended
 };
 
 /// Unsplit (SPLIT_MODE 0), no fused activation; the arguments are moe_gemm_sm90_swap's (split_k must be
@@ -2038,42 +2050,62 @@ __global__ void __launch_bounds__(384, 1)
     const int64_t num_tiles = ceil_div(max_padded, TOKENS) * ceil_div(N, BLOCK_N_W);
     if (blockIdx.x >= num_tiles) return;  // more programs than tiles
     const Smem sm(moe_gemm_sm90_smem);
+    unsigned char* ctables = sm.base + Smem::SMEM_BYTES + Tr::STAGING_BYTES;
+    const uint32_t table_full = cvta_to_shared_u32(ctables + 2 * Tr::CTABLE_STRIDE);  // [2], then table_empty [2]
+    const uint32_t table_empty = table_full + 16;
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(sm.full + 8 * s, Tr::PRODUCER_THREADS + 1);
             mbarrier_init(sm.empty + 8 * s, Tr::CONSUMER_WARPS);
         }
+        for (int b = 0; b < 2; ++b) {
+            mbarrier_init(table_full + 8 * b, 1);                   // producer thread 0, after its warpgroup wrote it
+            mbarrier_init(table_empty + 8 * b, Tr::CONSUMER_WARPS);  // every consumer warp, after its stores
+        }
         fence_mbarrier_init();
         prefetch_tensormap(&b_map);
     }
     __syncthreads();
-    // Both roles walk the same tiles (warp-cooperative) and agree on which have K work.
-    const auto tile_at = [&](int64_t t, MoESm90Tile& tile) -> bool {
-        return t < num_tiles && moe_sm90_tile_at<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, t, 0, expert_ids, total_padded,
-                                                                                 N, K, 1, group_size_m, max_padded,
-                                                                                 num_valid_tokens);
-    };
 
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
         int stage = 0;
         uint32_t phase = 0;
-        int table = 0;  // the smem row tables are a double-buffered A-row table here (a_row, then pair)
-        for (int64_t t = blockIdx.x;; t += gridDim.x) {
+        for (int j = 0;; ++j) {
+            const int64_t t = blockIdx.x + static_cast<int64_t>(j) * gridDim.x;
+            const int b = j & 1;  // table and A-row buffer of this tile
             MoESm90Tile tile;
-            if (!tile_at(t, tile)) break;  // past the valid m-blocks: so is every later tile
-            if (tile.num_tiles == 0) continue;  // not owned: the consumers store zeros
-            // Every producer thread passed the previous tile's barrier after its last read of this table
-            // (two tiles back), so it may be rewritten now.
-            int32_t* a_rows = table == 0 ? sm.a_row : sm.pair;
-            table ^= 1;
-            for (int r = tid; r < TOKENS; r += Tr::PRODUCER_THREADS) {
-                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, TOKENS, num_valid_tokens);
-                a_rows[r] = p >= 0 && p < num_valid_tokens ? p / top_k : -1;
+            const bool have = t < num_tiles && moe_sm90_tile_at<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(
+                                                   tile, t, 0, expert_ids, total_padded, N, K, 1, group_size_m,
+                                                   max_padded, num_valid_tokens);
+            // Table b is free once the consumers stored tile j - 2 (a fresh barrier passes parity 1 at
+            // once); A-row buffer b was last read two tiles back, before this warpgroup's previous barrier.
+            mbarrier_wait_parity(table_empty + 8 * b, ((j >> 1) & 1) ^ 1);
+            unsigned char* table = ctables + b * Tr::CTABLE_STRIDE;
+            int32_t* cpair = reinterpret_cast<int32_t*>(table + 16);
+            float* cweight = reinterpret_cast<float*>(cpair + TOKENS);
+            int32_t* a_rows = b == 0 ? sm.a_row : sm.pair;
+            if (have) {
+                for (int r = tid; r < TOKENS; r += Tr::PRODUCER_THREADS) {
+                    const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, TOKENS, num_valid_tokens);
+                    const bool valid = p >= 0 && p < num_valid_tokens;
+                    a_rows[r] = valid ? p / top_k : -1;
+                    cpair[r] = valid ? p : -1;
+                    cweight[r] = valid && MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
+                }
             }
-            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
+            if (tid == 0) {
+                MoESm90SwapTileHeader* header = reinterpret_cast<MoESm90SwapTileHeader*>(table);
+                header->n0 = have ? tile.n0 : 0;
+                header->k_tiles = have ? tile.num_tiles : 0;
+                header->valid = have ? 1 : 0;
+            }
+            bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();  // the tables are written
+            if (tid == 0) mbarrier_arrive(table_full + 8 * b);
+            if (!have) break;  // past the valid m-blocks: so is every later tile (the consumers were told)
+            if (tile.num_tiles == 0) continue;  // not owned: the consumers store zeros
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<false>(tile, N, b_row, b_row_up);
             const MoESm90ASources<T, TOKENS> a = moe_sm90_a_sources<T, TOKENS>(a_rows, A, stride_am, tid);
@@ -2098,27 +2130,20 @@ __global__ void __launch_bounds__(384, 1)
         T* out = static_cast<T*>(C);
         const bool vec_ok = stride_cm % 8 == 0;
         float* staged = reinterpret_cast<float*>(sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES);
-        int32_t* ctables = reinterpret_cast<int32_t*>(sm.base + Smem::SMEM_BYTES + Tr::STAGING_BYTES);
         const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
         const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
         int stage = 0;
         uint32_t phase = 0;
-        int table = 0;
-        for (int64_t t = blockIdx.x;; t += gridDim.x) {
-            MoESm90Tile tile;
-            if (!tile_at(t, tile)) break;
-            // The tile's pairs and routed weights. Buffer `table` was last read two tiles back, and every
-            // consumer passed the previous tile's barrier after that.
-            int32_t* cpair = ctables + table * 2 * TOKENS;
-            float* cweight = reinterpret_cast<float*>(cpair + TOKENS);
-            table ^= 1;
-            for (int r = ctid; r < TOKENS; r += Tr::CONSUMER_THREADS) {
-                const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, TOKENS, num_valid_tokens);
-                const bool valid = p >= 0 && p < num_valid_tokens;
-                cpair[r] = valid ? p : -1;
-                cweight[r] = valid && MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
-            }
-            bar_sync<Tr::CONSUMER_BARRIER, Tr::CONSUMER_THREADS>();
+        for (int j = 0;; ++j) {
+            const int b = j & 1;
+            mbarrier_wait_parity(table_full + 8 * b, (j >> 1) & 1);
+            const unsigned char* table = ctables + b * Tr::CTABLE_STRIDE;
+            const MoESm90SwapTileHeader header = *reinterpret_cast<const MoESm90SwapTileHeader*>(table);
+            if (header.valid == 0) break;
+            const int32_t* cpair = reinterpret_cast<const int32_t*>(table + 16);
+            const float* cweight = reinterpret_cast<const float*>(cpair + TOKENS);
+            const int64_t n0 = header.n0;
+            const int k_tiles = header.k_tiles;
 
             // The K loop and the stores for the first W token rows (the rows from W on hold no pair).
             auto consume_and_store = [&](auto width) {
@@ -2130,7 +2155,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                     for (int i = 0; i < ACC; ++i) acc[m][i] = 0.0f;
                 moe_sm90_consume_tile<STAGES>(
-                    sm.full, sm.empty, tile.num_tiles, lane, stage, phase,
+                    sm.full, sm.empty, k_tiles, lane, stage, phase,
                     [&](int s) {
                         moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES,
                                                    Smem::A_STAGE_BYTES>(acc, desc_w0, desc_x0, s);
@@ -2151,8 +2176,8 @@ __global__ void __launch_bounds__(384, 1)
                     __syncwarp();  // every lane has read the previous pass back
 #pragma unroll
                     for (int jj = 0; jj < PT / 8; ++jj) {
-                        const int j = q * (PT / 8) + jj;
-                        if (j < W / 8) {
+                        const int jt = q * (PT / 8) + jj;
+                        if (jt < W / 8) {
 #pragma unroll
                             for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
@@ -2160,7 +2185,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                                     for (int c = 0; c < 2; ++c)
                                         staged[(8 * jj + 2 * (lane % 4) + c) * SP + 16 * m + lane / 4 + 8 * h] =
-                                            acc[m][4 * j + 2 * h + c];
+                                            acc[m][4 * jt + 2 * h + c];
                         }
                     }
                     __syncwarp();
@@ -2174,7 +2199,7 @@ __global__ void __launch_bounds__(384, 1)
                         if (tl >= pass_tokens) continue;
                         const int r = q * PT + tl;
                         const int32_t p = cpair[r];
-                        const int64_t n = tile.n0 + wg * Tr::WG_ROWS + 64 * (c4 / 2) + 16 * wq + 8 * (c4 % 2);
+                        const int64_t n = n0 + wg * Tr::WG_ROWS + 64 * (c4 / 2) + 16 * wq + 8 * (c4 % 2);
                         if (p < 0 || n >= N) continue;
                         const float w = cweight[r];
                         const float4 f0 = *reinterpret_cast<const float4*>(staged + tl * SP + 8 * c4);
@@ -2196,6 +2221,8 @@ __global__ void __launch_bounds__(384, 1)
             } else {
                 consume_and_store(moe_int<TOKENS>{});
             }
+            __syncwarp();  // every lane of this warp is done with table b
+            if (lane == 0) mbarrier_arrive(table_empty + 8 * b);
         }
     }
 }

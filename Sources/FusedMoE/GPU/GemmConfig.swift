@@ -40,7 +40,7 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// the partial wave's tiles are cut into up to 4 equal K pieces over the idle programs, and a
     /// tile's pieces are summed in a fixed order (reproducible): a shorter last wave. SPLIT_K 1.
     case wgmmaStreamK = "wgmma_streamk"
-    /// `moe_gemm_sm90_swap_persistent`: the wide swap-AB tile (80..192 tokens in steps of 16, 256 weight
+    /// `moe_gemm_sm90_swap_persistent`: the wide swap-AB tile (80..176 tokens in steps of 16, 256 weight
     /// rows) with a persistent grid, so the producer fills the ring for the next tile while the consumers
     /// store this one (each warp transposes its own 32 output columns). For GEMM2: unsplit, no fused
     /// activation.
@@ -126,9 +126,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
         case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
-        // Plus each consumer warp's staging (8 x 32 tokens x 36 floats) and two consumer row tables.
+        // Plus each consumer warp's staging (8 x 32 tokens x 36 floats) and the consumers' two tile
+        // tables (16-byte header, pair and routed weight per token row) with their four mbarriers.
         case .wgmmaSwapPersistent:
-            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 36864 + 16 * blockM + 1024
+            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 36864 + 2 * (16 + 8 * blockM) + 32 + 1024
         }
     }
 
@@ -211,8 +212,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
             guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
         } else if kernel == .wgmmaSwapPersistent {
-            guard blockM >= 80 && blockM <= 192 && blockM % 16 == 0 else {
-                throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 80, 96, ..., 192 tokens, got \(blockM)")
+            guard blockM >= 80 && blockM <= 176 && blockM % 16 == 0 else {
+                throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 80, 96, ..., 176 tokens, got \(blockM)")
             }
             guard blockN == 256 else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 256, got \(blockN)") }
         } else if kernel == .wgmmaPingpong {

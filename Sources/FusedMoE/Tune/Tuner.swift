@@ -245,7 +245,7 @@ public final class Tuner {
             split.splitK = config.splitK == 1 ? 2 : 1
             split.splitMode = split.splitK == 1 ? .none : .workspace
             add(split)
-            if config.blockM >= 80 && config.blockN == 256 && config.splitK == 1 {
+            if config.blockM >= 80 && config.blockM <= 176 && config.blockN == 256 && config.splitK == 1 {
                 var persistent = config
                 persistent.kernel = .wgmmaSwapPersistent
                 add(fitted(persistent))
