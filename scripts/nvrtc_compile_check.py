@@ -91,20 +91,6 @@ SM90_SWAP_WIDE_TILES = {
                       for bnw in (128, 256) for tok in (80, 96, 112, 128, 144, 160, 176, 192)),
     "moe_fp16": tuple((256, tok, max(st for st in range(2, 9) if swap_fits(256, tok, st))) for tok in (96, 160)),
 }
-
-
-def swap_persistent_fits(tok: int, st: int) -> bool:
-    """The persistent swap kernel's ring, row tables, warp staging (8 x 32 x 36 floats) and consumer
-    tile tables with their mbarriers fit in 227 KB."""
-    return st * 128 * (tok + 256) + 16 * st + 8 * tok + 36864 + 2 * (16 + 8 * tok) + 32 + 1024 <= 232448
-
-
-# moe_gemm_sm90_swap_persistent (TOKENS, STAGES): every wide width at its deepest ring for bf16, two for fp16.
-SM90_SWAP_PERSISTENT_TILES = {
-    "moe_bf16": tuple((tok, max(st for st in range(2, 9) if swap_persistent_fits(tok, st)))
-                      for tok in (80, 96, 112, 128, 144, 160, 176)),
-    "moe_fp16": tuple((tok, max(st for st in range(2, 9) if swap_persistent_fits(tok, st))) for tok in (96, 144)),
-}
 # moe_gemm_sm90_persistent tiles (BLOCK_M, BLOCK_N, STAGES): the deepest ring of each shipped tile
 # shape (STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 268 * BLOCK_M + 64 + 1024 <= 232448) and
 # a shallow one; the fused activation needs BLOCK_N >= 128.
@@ -126,11 +112,6 @@ def gemm_sm90_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, c
 def gemm_sm90_swap_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0) -> str:
     bnw, tok, st = tile
     return f"moe_gemm_sm90_swap<{dtype}, {bnw}, {tok}, {st}, {mode}, {'true' if mul else 'false'}, {fused_act}>"
-
-
-def gemm_sm90_swap_persistent_name(dtype: str, tile, mul: bool) -> str:
-    tok, st = tile
-    return f"moe_gemm_sm90_swap_persistent<{dtype}, {tok}, {st}, {'true' if mul else 'false'}>"
 
 
 def gemm_sm90_persistent_name(dtype: str, tile, mode: int, mul: bool, fused_act: int = 0, pingpong: bool = False,
@@ -181,8 +162,6 @@ def name_expressions() -> dict[str, list[list[str]]]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
                 + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)])
-        sm90_groups.append([gemm_sm90_swap_persistent_name(dtype, tile, mul)
-                            for tile in SM90_SWAP_PERSISTENT_TILES[dtype] for mul in (False, True)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):
@@ -340,7 +319,7 @@ def parse_ptxas(log: str) -> dict[str, KernelUsage]:
 
 
 GEMM_RE = re.compile(r"moe_gemm<\w+, (\d+), (\d+), (\d+),")
-GEMM_SM90_RE = re.compile(r"moe_gemm_sm90(?:_swap|_persistent|_swap_persistent)?<\w+, (\d+), (\d+),")
+GEMM_SM90_RE = re.compile(r"moe_gemm_sm90(?:_swap|_persistent)?<\w+, (\d+), (\d+), (\d+),")
 GEMM_SM90_MAIN_RE = re.compile(r"moe_gemm_sm90(?:_persistent)?<\w+, (\d+), (\d+), (\d+),")
 GEMM_SM90_SWAP_RE = re.compile(r"moe_gemm_sm90_swap<\w+, (\d+), (\d+), (\d+),")
 # ptxas warnings that mean a Hopper kernel lost its design: setmaxnreg ignored (C7508), wgmma
@@ -379,9 +358,7 @@ def register_problem(u: "KernelUsage") -> str | None:
         return f"{u.stack} bytes stack frame"
     main = GEMM_SM90_MAIN_RE.match(u.name)
     swap = GEMM_SM90_SWAP_RE.match(u.name)
-    # The persistent swap kernel always runs two consumer warpgroups (BLOCK_N_W 256).
-    rebalanced = ((main and int(main.group(1)) == 128) or (swap and int(swap.group(1)) == 256)
-                  or u.name.startswith("moe_gemm_sm90_swap_persistent<"))
+    rebalanced = (main and int(main.group(1)) == 128) or (swap and int(swap.group(1)) == 256)
     if rebalanced and u.registers != SM90_LAUNCH_REGISTERS:
         return f"launched with {u.registers} registers, setmaxnreg needs {SM90_LAUNCH_REGISTERS}"
     return None

@@ -37,8 +37,7 @@ public final class GPUChecks {
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
     /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
     /// (BLOCK_M from the rows per expert), its swap-AB decode variant and two wide token tiles, the
-    /// persistent kernel and its ping-pong form (an odd ring: 5 stages), unsplit and split, and the
-    /// persistent swap-AB tile (unsplit).
+    /// persistent kernel and its ping-pong form (an odd ring: 5 stages), unsplit and split.
     func casePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         var plans = [("shipped", try shippedPlan(shape, tokens))]
         plans += GPUChecks.splitSettings.map { split, mode in
@@ -67,14 +66,6 @@ public final class GPUChecks {
             let mixed = MoEPlan(gemm1: swapWide, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
             plans.append(("wgmma_swap 144x256 + wgmma_persistent 128x256 split=\(split) \(mode.rawValue)", mixed.withSplit(split, mode: mode)))
         }
-        // The persistent swap-AB tile (unsplit, no fused activation) for GEMM2 beside the one-tile GEMM1
-        // on the same align, and on both GEMMs (GEMM1 then leaves the activation to its own pass): two
-        // widths, a ring of 3 and of 2.
-        let swapPersistent = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 3, swapAB: true, persistent: true)
-        plans.append(("wgmma_swap 144x256 + wgmma_swap_persistent 144x256", MoEPlan(gemm1: swapWide, gemm2: swapPersistent)))
-        var bothPersistent = MoEPlan(both: .wgmma(blockM: 96, blockN: 256, stages: 2, swapAB: true, persistent: true))
-        bothPersistent.fusedActivation = false
-        plans.append(("wgmma_swap_persistent 96x256 s2", bothPersistent))
         // Stream-K splits K itself (SPLIT_K 1): at M = 1 and 7 every tile is cut over many programs.
         plans.append(("wgmma_streamk", MoEPlan(both: .wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, streamK: true))))
         return plans

@@ -477,12 +477,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                 Int64(maxPadded),
             ]
-            if config.kernel.isSwapAB {
+            if config.kernel == .wgmmaSwap {
                 // GEMM2: align wrote the routing before the previous kernel started, so the swap-AB
                 // kernel may read it and its first weight tiles before griddepcontrol.wait.
                 arguments.append(Int32(routingReady ? 1 : 0))
             }
-            if config.kernel.isPersistent && !config.kernel.isSwapAB {  // the stream-K workspace (null for the other walks)
+            if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK
                 arguments += [streamK ? streamPartials.pointer : .null, streamK ? streamFlags.pointer : .null]
             }

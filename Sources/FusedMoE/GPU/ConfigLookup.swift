@@ -84,8 +84,8 @@ public struct ConfigTable: Sendable {
         }
         if kernel != .mma {
             var config = GemmConfig.wgmma(
-                blockM: blockM, blockN: blockN, stages: stages, groupSizeM: group, swapAB: kernel.isSwapAB,
-                persistent: kernel == .wgmmaPersistent || kernel == .wgmmaSwapPersistent, pingpong: kernel == .wgmmaPingpong,
+                blockM: blockM, blockN: blockN, stages: stages, groupSizeM: group, swapAB: kernel == .wgmmaSwap,
+                persistent: kernel == .wgmmaPersistent, pingpong: kernel == .wgmmaPingpong,
                 streamK: kernel == .wgmmaStreamK)
             config.splitK = splitK
             config.splitMode = splitK > 1 ? mode : .none

@@ -40,20 +40,11 @@ public enum GemmKernel: String, CaseIterable, Sendable, Hashable {
     /// the partial wave's tiles are cut into up to 4 equal K pieces over the idle programs, and a
     /// tile's pieces are summed in a fixed order (reproducible): a shorter last wave. SPLIT_K 1.
     case wgmmaStreamK = "wgmma_streamk"
-    /// `moe_gemm_sm90_swap_persistent`: the wide swap-AB tile (80..176 tokens in steps of 16, 256 weight
-    /// rows) with a persistent grid, so the producer fills the ring for the next tile while the consumers
-    /// store this one (each warp transposes its own 32 output columns). For GEMM2: unsplit, no fused
-    /// activation.
-    case wgmmaSwapPersistent = "wgmma_swap_persistent"
 
     /// The kernel needs the Hopper-specific target (wgmma, setmaxnreg, TMA).
     public var needsHopper: Bool { self != .mma }
     /// A persistent grid: one resident program per SM (per split) walks the tiles.
-    public var isPersistent: Bool {
-        self == .wgmmaPersistent || self == .wgmmaPingpong || self == .wgmmaStreamK || self == .wgmmaSwapPersistent
-    }
-    /// The swap-AB kernels: the weight rows on wgmma's M side, BLOCK_M tokens on its N side.
-    public var isSwapAB: Bool { self == .wgmmaSwap || self == .wgmmaSwapPersistent }
+    public var isPersistent: Bool { self == .wgmmaPersistent || self == .wgmmaPingpong || self == .wgmmaStreamK }
 }
 
 /// One grouped-GEMM configuration: tile shape, warps, pipeline depth, swizzle and split-K.
@@ -100,7 +91,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     ) -> GemmConfig {
         let warps = swapAB ? (blockN == 256 ? 12 : 8) : 4 * (1 + blockM / 64)
         let kernel: GemmKernel =
-            swapAB ? (persistent ? .wgmmaSwapPersistent : .wgmmaSwap) : pingpong ? .wgmmaPingpong : streamK ? .wgmmaStreamK : persistent ? .wgmmaPersistent : .wgmma
+            swapAB ? .wgmmaSwap : pingpong ? .wgmmaPingpong : streamK ? .wgmmaStreamK : persistent ? .wgmmaPersistent : .wgmma
         return GemmConfig(
             blockM: blockM, blockN: blockN, blockK: 64, warpsM: 1, warpsN: warps, stages: stages,
             groupSizeM: groupSizeM, kernel: kernel, clusterM: clusterM)
@@ -112,7 +103,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         case .mma: warps * 32
         case .wgmma, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK: 128 * (1 + blockM / 64)
         case .wgmmaSwap: blockN == 256 ? 384 : 256
-        case .wgmmaSwapPersistent: 384
         }
     }
 
@@ -126,10 +116,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         // Plus 256 bytes of output staging per tile row, apart from the ring the producer keeps filling.
         case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 256 * blockM + 1024
-        // Plus each consumer warp's staging (8 x 32 tokens x 36 floats) and the consumers' two tile
-        // tables (16-byte header, pair and routed weight per token row) with their four mbarriers.
-        case .wgmmaSwapPersistent:
-            stages * 128 * (blockM + blockN) + 16 * stages + 8 * blockM + 36864 + 2 * (16 + 8 * blockM) + 32 + 1024
         }
     }
 
@@ -155,14 +141,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public func validate(sharedMemoryLimit: Int) throws(MoEError) {
         switch kernel {
         case .mma: try validateTile()
-        case .wgmma, .wgmmaSwap, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK, .wgmmaSwapPersistent:
-            try validateHopperTile()
+        case .wgmma, .wgmmaSwap, .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK: try validateHopperTile()
         }
         guard kernel != .wgmmaStreamK || splitK == 1 else {
             throw .invalidArgument("SPLIT_K", "KERNEL wgmma_streamk splits K itself: SPLIT_K must be 1, got \(splitK)")
-        }
-        guard kernel != .wgmmaSwapPersistent || splitK == 1 else {
-            throw .invalidArgument("SPLIT_K", "KERNEL wgmma_swap_persistent runs unsplit: SPLIT_K must be 1, got \(splitK)")
         }
         guard groupSizeM >= 1 else { throw .invalidArgument("GROUP_SIZE_M", "must be >= 1, got \(groupSizeM)") }
         guard clusterM == 1 || (clusterM == 2 && kernel == .wgmma) else {
@@ -211,11 +193,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         if kernel == .wgmma || kernel == .wgmmaPersistent || kernel == .wgmmaStreamK {
             guard [64, 128].contains(blockM) else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 64 or 128, got \(blockM)") }
             guard [64, 128, 256].contains(blockN) else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 64, 128 or 256, got \(blockN)") }
-        } else if kernel == .wgmmaSwapPersistent {
-            guard blockM >= 80 && blockM <= 176 && blockM % 16 == 0 else {
-                throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 80, 96, ..., 176 tokens, got \(blockM)")
-            }
-            guard blockN == 256 else { throw .invalidArgument("BLOCK_SIZE_N", "\(name) takes 256, got \(blockN)") }
         } else if kernel == .wgmmaPingpong {
             // A warpgroup's whole tile lives in its registers: 128 x BLOCK_N fp32 over 128 threads.
             guard blockM == 128 else { throw .invalidArgument("BLOCK_SIZE_M", "\(name) takes 128, got \(blockM)") }
@@ -252,8 +229,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
                 + "\(clusterM)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
-        case .wgmmaSwapPersistent:  // unsplit, no fused activation (fusesActivation is false)
-            return "moe_gemm_sm90_swap_persistent<\(type), \(blockM), \(stages), \(mulRoutedWeight)>"
         case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
                 + "\(fusedActivation), \(kernel == .wgmmaPingpong)" + (kernel == .wgmmaStreamK ? ", true>" : ">")
@@ -264,11 +239,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     var source: KernelSource { kernel == .mma ? .gemm : .gemmSM90 }
 
     /// Whether the epilogue can apply the activation: every kernel unsplit, except the persistent
-    /// ones with 64-column tiles (their warp-row stores need at least 64 activated columns) and the
-    /// persistent swap-AB kernel (a warp holds gate or up columns, not both).
-    var fusesActivation: Bool {
-        effectiveMode == .none && !(kernel.isPersistent && blockN < 128) && kernel != .wgmmaSwapPersistent
-    }
+    /// ones with 64-column tiles (their warp-row stores need at least 64 activated columns).
+    var fusesActivation: Bool { effectiveMode == .none && !(kernel.isPersistent && blockN < 128) }
 
     /// Rows of the TMA box over the weights: BLOCK_N, or half of it when the epilogue applies the
     /// activation (the tile's gate rows and up rows come as two boxes) or a cluster pair splits the

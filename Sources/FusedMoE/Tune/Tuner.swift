@@ -178,8 +178,7 @@ public final class Tuner {
     /// the ping-pong kernel at 128 columns (keeping the ring when it fits, else the deepest one that
     /// does) and the stream-K kernel on the same tile (unsplit); for the stream-K kernel the other
     /// BLOCK_N and the persistent kernel; for the ping-pong kernel the persistent one at 128 and 256 columns; for the swap-AB
-    /// kernel the other BLOCK_N (64 or 128), SPLIT_K 1 or 2 (workspace) and, for a wide unsplit
-    /// 256-row tile, its persistent form (and back, at the deepest ring). Only configs that
+    /// kernel the other BLOCK_N (64 or 128) and SPLIT_K 1 or 2 (workspace). Only configs that
     /// validate on this GPU.
     static func neighbors(of config: GemmConfig, sharedMemoryLimit: Int) -> [GemmConfig] {
         var result: [GemmConfig] = []
@@ -245,16 +244,6 @@ public final class Tuner {
             split.splitK = config.splitK == 1 ? 2 : 1
             split.splitMode = split.splitK == 1 ? .none : .workspace
             add(split)
-            if config.blockM >= 80 && config.blockM <= 176 && config.blockN == 256 && config.splitK == 1 {
-                var persistent = config
-                persistent.kernel = .wgmmaSwapPersistent
-                add(fitted(persistent))
-            }
-        case .wgmmaSwapPersistent:
-            var oneTile = config
-            oneTile.kernel = .wgmmaSwap
-            oneTile.stages = GemmConfig.deepestSwapRing(tokens: config.blockM, blockN: config.blockN, sharedMemoryLimit: sharedMemoryLimit)
-            add(oneTile)
         case .mma:
             break
         }
