@@ -90,6 +90,10 @@ let smallShape = try! MoEShape(experts: 6, topK: 2, hidden: 80, intermediate: 48
         let row = BenchRow(shape: "seed4096", moeShape: shape, tokens: 1, variant: "cpu", splitK: 1, splitMode: "none",
                            milliseconds: 2 * floor, floorMilliseconds: floor, relativeError: 1e-3, expertsTouched: 8)
         #expect(abs(row.percentOfFloor - 50) < 1e-9)
+        // Input sets touching 7 and 8 experts (memory-bound at one token): the floor of 7.5 experts.
+        let mixed = ceilings.meanFloorMilliseconds(shape: shape, tokens: 1, expertsTouched: [7, 8], dtype: .bf16)
+        #expect(abs(mixed - 1000 * (7.5 * 3 * 384 * 4096 * 2 + 4 * 4096) / 4e12) < 1e-9)
+        #expect(ceilings.meanFloorMilliseconds(shape: shape, tokens: 1, expertsTouched: [8], dtype: .bf16) == floor)
         let json = BenchReport(device: "d", driver: "x", commit: "c", date: "t", ceilings: ceilings, rows: [row]).json
         for key in ["device", "driver", "commit", "date", "ceilings", "rows"] { #expect(json[key] != nil, "\(key)") }
         guard case .array(let rows) = json["rows"]! else { Issue.record("rows"); return }

@@ -49,6 +49,14 @@ public struct Ceilings: Sendable {
         let bytes = shape.minimumBytes(tokens: tokens, expertsTouched: expertsTouched, dtype: dtype)
         return 1000 * max(bytes / copyBytesPerSecond, shape.flops(tokens: tokens) / matrixFlopsPerSecond)
     }
+
+    /// The floor per forward of a timed run that goes through several input sets once each, set i
+    /// touching `expertsTouched[i]` experts (each set routes its tokens anew): the mean of their floors.
+    public func meanFloorMilliseconds(shape: MoEShape, tokens: Int, expertsTouched: [Int], dtype: DType) -> Double {
+        guard !expertsTouched.isEmpty else { return 0 }
+        return expertsTouched.map { floorMilliseconds(shape: shape, tokens: tokens, expertsTouched: $0, dtype: dtype) }
+            .reduce(0, +) / Double(expertsTouched.count)
+    }
 }
 
 /// A whole bench run, written as DESIGN.md's results file.

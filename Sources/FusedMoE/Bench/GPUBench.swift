@@ -124,9 +124,8 @@ public final class GPUBench {
                 Set(try input.ids.download(count: tokens * shape.topK, as: Int32.self)).count
             }
             let touched = Double(touchedCounts.reduce(0, +)) / Double(touchedCounts.count)
-            let floor = touchedCounts.map {
-                ceilings.floorMilliseconds(shape: shape, tokens: tokens, expertsTouched: $0, dtype: dtype)
-            }.reduce(0, +) / Double(touchedCounts.count)
+            let floor = ceilings.meanFloorMilliseconds(
+                shape: shape, tokens: tokens, expertsTouched: touchedCounts, dtype: dtype)
             let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * dtype.byteCount)
             for setting in settings {
                 let layerPlan = try plan(setting, tokens)
