@@ -6,12 +6,13 @@ streams its weights. The matrix is `tiles * R` rows of K = 4096 (Mixtral's w1 of
 when tiles = 784, R = 128). Variants: the block width BK (128, 256, 512 contiguous bytes per row and
 load) and R, printed as TB/s of bytes read (median of 20 CUDA-event timed runs after 3 warm-ups).
 """
-import statistics
 import sys
 
 import torch
 import triton
 import triton.language as tl
+
+from ceilings import median_ms  # scripts/ceilings.py: median of CUDA-event timed runs
 
 
 @triton.jit
@@ -23,20 +24,6 @@ def read_tiles(ptr, out, K, R: tl.constexpr, BK: tl.constexpr):
         cols = k + tl.arange(0, BK)
         acc += tl.load(ptr + rows[:, None] * K + cols[None, :]).to(tl.float32)
     tl.store(out + tile, tl.sum(acc))
-
-
-def median_ms(fn, repeats=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
 
 
 def main():
