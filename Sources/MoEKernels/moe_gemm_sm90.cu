@@ -948,12 +948,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 
 // MARK: - moe_gemm_sm90_swap
 
-/// A compile-time int as a value (the fitted width handed to a generic lambda).
-template <int V>
-struct moe_int {
-    static constexpr int value = V;
-};
-
 /// One past the last of the first ROWS tile rows that holds a pair (pair[r] >= 0); 0 when none.
 /// Warp-cooperative: every lane of the warp calls it, converged, after the row table is synchronized.
 template <int ROWS>
@@ -968,7 +962,7 @@ MOE_DEVICE int moe_sm90_rows_used(const int32_t* pair, int lane) {
     return used;
 }
 
-/// body(moe_int<W>{}) for the narrowest W in {MAX, MAX - 16, ..., >= MIN} with W >= used (MIN when used
+/// body(moe_int_constant<W>{}) for the narrowest W in {MAX, MAX - 16, ..., >= MIN} with W >= used (MIN when used
 /// is smaller): one instantiation of body per width, chosen at run time.
 template <int MAX, int MIN, typename Body>
 MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
@@ -978,7 +972,7 @@ MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
             return;
         }
     }
-    body(moe_int<MAX>{});
+    body(moe_int_constant<MAX>{});
 }
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
@@ -1201,7 +1195,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             // The narrowest fitted width that holds every row with a pair (the same in every warp).
             moe_sm90_fit_width<TOKENS, Tr::FIT_MIN>(moe_sm90_rows_used<TOKENS>(sm.pair, lane), consume_and_store);
         } else {
-            consume_and_store(moe_int<TOKENS>{});
+            consume_and_store(moe_int_constant<TOKENS>{});
         }
     }
 }
