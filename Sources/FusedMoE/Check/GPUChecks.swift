@@ -676,10 +676,11 @@ struct LayerInputs {
         try stream.synchronize()
     }
 
-    /// Poisons `out` with NaN, runs `layer` on these inputs, and reads the output back, counting the
-    /// NaNs left (elements the forward did not write).
+    /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
+    /// and reads the output back, counting the NaNs left (elements the forward did not write).
     func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream) throws -> LayerOutput {
         try out.fill(byte: 0xFF, on: stream)
+        try layer.poisonScratch(on: stream)
         try layer.forward(
             x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
             stream: stream)

@@ -292,6 +292,20 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
     }
 
+    /// For checks: sets every bit of the scratch a forward writes before it reads (align's outputs, the
+    /// GEMM intermediates, the split-K accumulator), on `stream`. A kernel that read scratch this forward
+    /// had not written (a missing wait, a stale row) then reads NaN or -1 instead of an earlier forward's
+    /// plausible values: on a rerun of the same inputs those are the right values, which would hide it.
+    /// The stream-K partials and flags are left alone: they carry state from launch to launch.
+    func poisonScratch(on stream: Stream) throws(CUDAError) {
+        for output in alignOutputs {
+            for buffer in [output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts] {
+                try buffer.fill(byte: 0xFF, on: stream)
+            }
+        }
+        for buffer in [gateUp, activated, down, accumulator] { try buffer.fill(byte: 0xFF, on: stream) }
+    }
+
     /// Called after each stage is enqueued with the stage's name, so profiling can record an event.
     public typealias StageMarker = (String) throws(CUDAError) -> Void
 
