@@ -676,11 +676,17 @@ struct LayerInputs {
         try stream.synchronize()
     }
 
+    /// The scratch `runPoisoned` poisons: FUSED_MOE_CHECK_POISON (comma-separated parts of
+    /// `CUDAMoELayer.poisonScratch`, "none" for none; a diagnostic), else all of it.
+    static let poisonParts: Set<String>? = getenv("FUSED_MOE_CHECK_POISON").map { String(cString: $0) }.map {
+        Set($0.split(separator: ",").map(String.init))
+    }
+
     /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
     /// and reads the output back, counting the NaNs left (elements the forward did not write).
     func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream) throws -> LayerOutput {
         try out.fill(byte: 0xFF, on: stream)
-        try layer.poisonScratch(on: stream)
+        try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts)
         try layer.forward(
             x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
             stream: stream)

@@ -297,13 +297,18 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// had not written (a missing wait, a stale row) then reads NaN or -1 instead of an earlier forward's
     /// plausible values: on a rerun of the same inputs those are the right values, which would hide it.
     /// The stream-K partials and flags are left alone: they carry state from launch to launch.
-    func poisonScratch(on stream: Stream) throws(CUDAError) {
-        for output in alignOutputs {
-            for buffer in [output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts] {
-                try buffer.fill(byte: 0xFF, on: stream)
+    /// `parts` names which (diagnostics): "align", "gateUp", "activated", "down", "accumulator"; nil: all.
+    func poisonScratch(on stream: Stream, parts: Set<String>? = nil) throws(CUDAError) {
+        func wanted(_ name: String) -> Bool { parts?.contains(name) ?? true }
+        if wanted("align") {
+            for output in alignOutputs {
+                for buffer in [output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts] {
+                    try buffer.fill(byte: 0xFF, on: stream)
+                }
             }
         }
-        for buffer in [gateUp, activated, down, accumulator] { try buffer.fill(byte: 0xFF, on: stream) }
+        let scratch = [("gateUp", gateUp), ("activated", activated), ("down", down), ("accumulator", accumulator)]
+        for (name, buffer) in scratch where wanted(name) { try buffer.fill(byte: 0xFF, on: stream) }
     }
 
     /// Called after each stage is enqueued with the stage's name, so profiling can record an event.
