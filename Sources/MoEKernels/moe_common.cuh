@@ -176,14 +176,31 @@ template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, floa
 // is topk_ids itself, and num_valid_tokens * BLOCK_M rows are in use. No align runs then.
 
 /// The pair of sorted row `row` (>= num_valid_tokens: padding).
+// Experiment switch (FUSED_MOE_KERNEL_DEFINES): 1 reads the routing (align's outputs) with
+// ld.global.cg, from L2, never from a possibly stale L1 line. 0 (shipped): plain loads.
+#ifndef MOE_ROUTING_LOAD_CG
+#define MOE_ROUTING_LOAD_CG 0
+#endif
+
+/// One int32 of align's output.
+MOE_DEVICE int32_t moe_load_routing(const int32_t* p) {
+#if MOE_ROUTING_LOAD_CG
+    int32_t v;
+    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#else
+    return *p;
+#endif
+}
+
 MOE_DEVICE int32_t moe_sorted_pair(const int32_t* sorted_token_ids, int64_t row, int block_m, int64_t num_valid_tokens) {
-    if (sorted_token_ids != nullptr) return sorted_token_ids[row];
+    if (sorted_token_ids != nullptr) return moe_load_routing(sorted_token_ids + row);
     return row % block_m == 0 ? static_cast<int32_t>(row / block_m) : static_cast<int32_t>(num_valid_tokens);
 }
 
 /// The rows in use of the sorted order.
 MOE_DEVICE int64_t moe_total_padded(const int32_t* total_padded, int64_t num_valid_tokens, int block_m) {
-    return total_padded != nullptr ? static_cast<int64_t>(*total_padded) : num_valid_tokens * block_m;
+    return total_padded != nullptr ? static_cast<int64_t>(moe_load_routing(total_padded)) : num_valid_tokens * block_m;
 }
 
 // MARK: - Warp helpers

@@ -295,16 +295,16 @@ MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int6
                                       int64_t group_m, int32_t& e, int64_t& first, int64_t& count) {
     const int lane = static_cast<int>(threadIdx.x & 31);
     if (group_m <= 1) {  // single-block groups: no run to find
-        e = expert_ids[q];
+        e = moe_load_routing(expert_ids + q);
         first = q;
         count = 1;
         return;
     }
     int64_t below = q - 1 - lane;
     int64_t above = q + 1 + lane;
-    e = expert_ids[q];
-    int32_t id_below = below >= 0 ? expert_ids[below] : 0;
-    int32_t id_above = above < num_blocks ? expert_ids[above] : 0;
+    e = moe_load_routing(expert_ids + q);
+    int32_t id_below = below >= 0 ? moe_load_routing(expert_ids + below) : 0;
+    int32_t id_above = above < num_blocks ? moe_load_routing(expert_ids + above) : 0;
     int64_t begin = q;  // the run is [begin, end)
     for (;;) {
         const uint32_t stop = __ballot_sync(MOE_FULL_MASK, below < 0 || id_below != e);
@@ -314,7 +314,7 @@ MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int6
         }
         begin -= 32;
         below -= 32;
-        id_below = below >= 0 ? expert_ids[below] : 0;
+        id_below = below >= 0 ? moe_load_routing(expert_ids + below) : 0;
     }
     int64_t end = q + 1;
     for (;;) {
@@ -325,7 +325,7 @@ MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int6
         }
         end += 32;
         above += 32;
-        id_above = above < num_blocks ? expert_ids[above] : 0;
+        id_above = above < num_blocks ? moe_load_routing(expert_ids + above) : 0;
     }
     first = begin + (q - begin) / group_m * group_m;
     count = min_i64(group_m, end - first);

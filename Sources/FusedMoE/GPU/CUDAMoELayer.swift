@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CUDA
 
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
@@ -60,6 +63,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var splitReduceActivation: Kernel
     }
 
+    /// Whether layers made without an explicit choice use programmatic dependent launch: yes, unless the
+    /// environment sets FUSED_MOE_PDL=0 (a diagnostic: every kernel then starts after its predecessor).
+    public static let programmaticDependentLaunchByDefault: Bool =
+        getenv("FUSED_MOE_PDL").map { String(cString: $0) } != "0"
+
     /// Pairs up to which align runs as one launch (the kernel's recommendation).
     static let singleAlignLimit = 8192
     /// Pairs per program of the three-launch align.
@@ -74,7 +82,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///   - maxTokens: the largest batch `forward` will be given; scratch is sized from it.
     ///   - chunkTokens: tokens per chunk (default 65536).
     ///   - programmaticDependentLaunch: overlap each launch with its predecessor's drain (default: on
-    ///     where the GPU and driver support it, compute capability 9.0+).
+    ///     where the GPU and driver support it, compute capability 9.0+, unless FUSED_MOE_PDL=0).
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
@@ -124,7 +132,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         self.w1 = w1
         self.w2 = w2
         self.programmaticDependentLaunch =
-            (programmaticDependentLaunch ?? true) && device.properties.computeCapabilityMajor >= 9
+            (programmaticDependentLaunch ?? CUDAMoELayer.programmaticDependentLaunchByDefault)
+            && device.properties.computeCapabilityMajor >= 9
             && device.driver.cuLaunchKernelExAvailable
 
         let chunk = max(min(maxTokens, chunkTokens), 1)
