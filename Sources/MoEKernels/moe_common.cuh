@@ -176,21 +176,17 @@ template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, floa
 // is topk_ids itself, and num_valid_tokens * BLOCK_M rows are in use. No align runs then.
 
 /// The pair of sorted row `row` (>= num_valid_tokens: padding).
-// Experiment switch (FUSED_MOE_KERNEL_DEFINES): 1 reads the routing (align's outputs) with
-// ld.global.cg, from L2, never from a possibly stale L1 line. 0 (shipped): plain loads.
-#ifndef MOE_ROUTING_LOAD_CG
-#define MOE_ROUTING_LOAD_CG 0
-#endif
-
-/// One int32 of align's output.
+/// One int32 of align's output (sorted ids, expert ids, the padded count), read after
+/// griddepcontrol.wait, or before it by the swap-AB GEMM2, whose routing was complete before the
+/// previous kernel started. Not a plain load: `const int32_t* __restrict__` becomes ld.global.nc,
+/// which ptxas may schedule above griddepcontrol.wait (it treats the memory as constant for the whole
+/// kernel), so a kernel read the previous forward's routing (bench/NOTES.md v20). A volatile
+/// ld.global.cg stays where it is written and reads L2, never a stale L1 line.
+/// scripts/pdl_order_check.py checks the SASS of every kernel for reads above the wait.
 MOE_DEVICE int32_t moe_load_routing(const int32_t* p) {
-#if MOE_ROUTING_LOAD_CG
     int32_t v;
     asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
-#else
-    return *p;
-#endif
 }
 
 MOE_DEVICE int32_t moe_sorted_pair(const int32_t* sorted_token_ids, int64_t row, int block_m, int64_t num_valid_tokens) {
