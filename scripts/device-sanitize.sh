@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: `fused-moe check --small` (every kernel and plan kind on a small shape) under
-# compute-sanitizer tools: TOOLS (default "memcheck racecheck synccheck"; initcheck also works), each
+# compute-sanitizer tools: TOOLS (default "memcheck racecheck synccheck"), each
 # under SANITIZER_TIMEOUT seconds (default 280). Outputs under $OUT: check-small.txt, TOOL.txt.
 source "$(dirname "$0")/device-env.sh"
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

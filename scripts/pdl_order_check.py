@@ -34,6 +34,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nvrtc_compile_check as ncc  # noqa: E402
 
+# Global memory accesses (reads, and the atomics that read as they write).
 GLOBAL_READ = re.compile(r"\b(LDG|LDGSTS|UTMALDG|UBLKCP|LD|ATOMG|ATOM|RED)\b[.\s]")
 FUNCTION = re.compile(r"^\s*\.text\.(\S+):\s*$")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -84,7 +85,7 @@ def violations(instructions: list[tuple[int, str]]) -> list[str] | None:
         if address >= first:
             continue
         opcode = re.sub(r"^@!?U?P\w+\s+", "", text)  # drop a predicate
-        if GLOBAL_READ.match(opcode + " ") and not opcode.startswith(("LDC", "LDS", "LDSM", "LDL")):
+        if GLOBAL_READ.match(opcode + " "):  # LD matches LD.E, not LDC, LDS, LDSM or LDL
             bad.append(f"/*{address:04x}*/ {text}")
     return bad
 

@@ -89,7 +89,8 @@ struct LibraryLoader {
 
 // MARK: - Small POSIX helpers shared by the layer
 
-func environment(_ name: String) -> String? {
+/// The value of environment variable `name`, or nil when it is not set.
+public func environment(_ name: String) -> String? {
     guard let value = getenv(name) else { return nil }
     return String(cString: value)
 }

@@ -175,7 +175,6 @@ template <typename T, int ACT> MOE_DEVICE float moe_act_and_mul(float gate, floa
 // null, block b holds pair b alone (row b * BLOCK_M; the block's other rows are padding), expert_ids
 // is topk_ids itself, and num_valid_tokens * BLOCK_M rows are in use. No align runs then.
 
-/// The pair of sorted row `row` (>= num_valid_tokens: padding).
 /// One int32 of align's output (sorted ids, expert ids, the padded count), read after
 /// griddepcontrol.wait, or before it by the swap-AB GEMM2, whose routing was complete before the
 /// previous kernel started. Not a plain load: `const int32_t* __restrict__` becomes ld.global.nc,
@@ -189,6 +188,7 @@ MOE_DEVICE int32_t moe_load_routing(const int32_t* p) {
     return v;
 }
 
+/// The pair of sorted row `row` (>= num_valid_tokens: padding).
 MOE_DEVICE int32_t moe_sorted_pair(const int32_t* sorted_token_ids, int64_t row, int block_m, int64_t num_valid_tokens) {
     if (sorted_token_ids != nullptr) return moe_load_routing(sorted_token_ids + row);
     return row % block_m == 0 ? static_cast<int32_t>(row / block_m) : static_cast<int32_t>(num_valid_tokens);

@@ -678,7 +678,7 @@ struct LayerInputs {
 
     /// The scratch `runPoisoned` poisons: FUSED_MOE_CHECK_POISON (comma-separated parts of
     /// `CUDAMoELayer.poisonScratch`, "none" for none; a diagnostic), else all of it.
-    static let poisonParts: Set<String>? = getenv("FUSED_MOE_CHECK_POISON").map { String(cString: $0) }.map {
+    static let poisonParts: Set<String>? = environment("FUSED_MOE_CHECK_POISON").map {
         Set($0.split(separator: ",").map(String.init))
     }
 

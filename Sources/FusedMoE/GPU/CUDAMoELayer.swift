@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CUDA
 
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
@@ -66,7 +63,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// Whether layers made without an explicit choice use programmatic dependent launch: yes, unless the
     /// environment sets FUSED_MOE_PDL=0 (a diagnostic: every kernel then starts after its predecessor).
     public static let programmaticDependentLaunchByDefault: Bool =
-        getenv("FUSED_MOE_PDL").map { String(cString: $0) } != "0"
+        environment("FUSED_MOE_PDL") != "0"
 
     /// Pairs up to which align runs as one launch (the kernel's recommendation).
     static let singleAlignLimit = 8192
