@@ -7,6 +7,8 @@
 #                cluster, cluster-all, cluster-deep, deep, patch:FILE: see exp_tables.py)
 #   X+define:D   setting X with the kernels compiled under FUSED_MOE_KERNEL_DEFINES="D" (D: NAME=VALUE
 #                words joined by commas, e.g. shipped+define:MOE_SM90_EARLY_SCHEDULE=0)
+#   X+env:V      setting X with the environment variables V (NAME=VALUE words joined by commas, e.g.
+#                shipped+env:FUSED_MOE_SELF_ROUTE=0); +define: and +env: combine in either order
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 # For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
 # (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]
@@ -22,8 +24,10 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then
 fi
 settings=${SETTINGS:-shipped cluster cluster-all}
 table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }
-tables_of() { echo "${1%%+define:*}"; }
-defines_of() { [[ $1 == *+define:* ]] && echo "${1##*+define:}" | tr , ' '; }
+tables_of() { echo "${1%%+*}"; }
+# The part of a setting after +KEY: (up to the next +), commas as spaces.
+part_of() { [[ $1 == *+$2:* ]] && { local rest=${1##*+$2:}; echo "${rest%%+*}" | tr , ' '; }; }
+defines_of() { part_of "$1" define; }
 for setting in $settings; do
   tables=$(tables_of "$setting")
   [[ $tables == old || $tables == shipped ]] || python3 scripts/exp_tables.py "$(table_dir "$tables")" "$tables" > /dev/null || status=1
@@ -34,7 +38,8 @@ for round in $(seq 1 ${ROUNDS:-1}); do
   for row in "${rows[@]}"; do
     shape=${row%%:*}; ms=${row##*:}
     for setting in $settings; do
-      bin=dist/fused-moe; env=(FUSED_MOE_KERNEL_DEFINES="$(defines_of "$setting")"); tables=$(tables_of "$setting")
+      bin=dist/fused-moe; env=(FUSED_MOE_KERNEL_DEFINES="$(defines_of "$setting")" $(part_of "$setting" env))
+      tables=$(tables_of "$setting")
       [[ $tables == old ]] && bin=dist-ab/fused-moe-old
       [[ $tables == old || $tables == shipped ]] || env+=(FUSED_MOE_CONFIG_DIR=$(table_dir "$tables"))
       env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \

@@ -139,6 +139,10 @@ public final class GPUChecks {
                 record("gpu \(preset.name)", false, "\(error)")
             }
         }
+        for preset in presets {
+            caseSeed &+= 1
+            do { try checkServing(preset, seed: caseSeed) } catch { record("gpu \(preset.name) serving", false, "\(error)") }
+        }
         if !quick {
             checkVariants(seed: caseSeed &+ 1000)
             checkLargeOffsets(seed: caseSeed &+ 2000)
@@ -268,10 +272,12 @@ public final class GPUChecks {
                     let differing = zip(separate.bits, first.bits).filter { $0 != $1 }.count
                     passed = agrees(separate, "unfused", cutsMayDiffer: streamK1, differs: "DIFFERS from unfused (\(differing) elements)")
                         && passed
-                    // One token skips align (identity routing): the same rows as with it, bit for bit.
-                    if layer.usesIdentityRouting(tokens: tokens) {
+                    // One token (identity routing) and small batches on the swap-AB kernels (self
+                    // routing) skip align: the same rows as with it, bit for bit.
+                    if layer.usesIdentityRouting(tokens: tokens) || layer.usesSelfRouting(tokens: tokens) {
                         var alignedPlan = plan
                         alignedPlan.identityRouting = false
+                        alignedPlan.selfRouting = false
                         let aligned = try runPoisoned(
                             try CUDAMoELayer(
                                 library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
@@ -300,6 +306,54 @@ public final class GPUChecks {
 
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
         try inputs.runPoisoned(layer, out: out, stream: stream)
+    }
+
+    /// The batches of `checkServing`, in order: sizes that change the padded counts, the grids and the
+    /// routing from one forward to the next (a one-token batch among them).
+    static let servingBatches = [7, 33, 1, 128, 2, 64, 5]
+
+    /// One layer as a server uses it: consecutive forwards of different batches and routings, each
+    /// against its own reference, the layer's scratch never poisoned, so a kernel that read routing or
+    /// intermediates the forward had not written yet would read the previous batch's; then the first
+    /// batch again, bit for bit its first result. For the plans of M = 7 and 128 (the layer keeps one).
+    func checkServing(_ preset: ShapePreset, seed: UInt64) throws {
+        let shape = preset.shape
+        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+        let batches = GPUChecks.servingBatches
+        let maxTokens = batches.max()!
+        let inputs = try batches.enumerated().map { index, tokens in
+            try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: tokens, seed: seed &+ 1 &+ UInt64(index), stream: stream)
+        }
+        let references = try inputs.map { try $0.reference(weights: weights, library: library, stream: stream) }
+        let out = try DeviceBuffer(device: library.device, byteCount: maxTokens * shape.hidden * 2)
+        for planTokens in [7, 128] {
+            let plan = try shippedPlan(shape, planTokens)
+            let label = "gpu \(preset.name) serving M=\(batches.map(String.init).joined(separator: ",")) (plan of M=\(planTokens))"
+            let layer = try CUDAMoELayer(
+                library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2, plan: plan,
+                maxTokens: maxTokens)
+            var passed = true
+            var worst = 0.0
+            var failures: [String] = []
+            var first: LayerOutput? = nil
+            for (index, batch) in inputs.enumerated() {
+                let result = try batch.runPoisoned(layer, out: out, stream: stream, scratch: false)
+                let error = relativeError(result.values, references[index])
+                worst = max(worst, error)
+                if result.unwritten != 0 || !(error < errorBound(.bf16)) {
+                    passed = false
+                    failures.append("M=\(batch.tokens): rel_err \(formatScientific(error)), unwritten \(result.unwritten)")
+                }
+                if index == 0 { first = result }
+            }
+            let again = try inputs[0].runPoisoned(layer, out: out, stream: stream, scratch: false)
+            let same = again.bits == first?.bits
+            passed = passed && same
+            record(
+                label, passed,
+                (failures.isEmpty ? "worst rel_err \(formatScientific(worst))" : failures.joined(separator: "; "))
+                    + (same ? ", first batch again bit for bit" : ", first batch again DIFFERS") + ", plan \(plan)")
+        }
     }
 
     // MARK: - Variants: fp16, gelu, chunking, expert parallelism
@@ -684,9 +738,10 @@ struct LayerInputs {
 
     /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
     /// and reads the output back, counting the NaNs left (elements the forward did not write).
-    func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream) throws -> LayerOutput {
+    /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
+    func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream, scratch: Bool = true) throws -> LayerOutput {
         try out.fill(byte: 0xFF, on: stream)
-        try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts)
+        if scratch { try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts) }
         try layer.forward(
             x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
             stream: stream)
