@@ -33,13 +33,14 @@
 //   3. moe_align_scatter<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
 //        sorted_ids)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
-//        8 owns the 512 pairs [4096c + 512w, +512); per-warp counts and
-//        __match_any_sync ranks give each pair its place (18 KB static).
+//        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
+//        full chunk: 512 each); per-warp counts and __match_any_sync ranks give each pair its
+//        place (18 KB static). moe_align_single scatters its tiles of 8192 pairs the same way.
 #include "moe_common.cuh"
 
 namespace moe_align_detail {
 constexpr int MAX_EXPERTS = 512;
-constexpr int ITEMS_PER_LANE = 16;  // pairs per lane per tile (each warp owns 32 * 16 = 512)
+constexpr int ITEMS_PER_LANE = 16;  // most pairs per lane per tile (a warp owns at most 32 * 16 = 512)
 constexpr int CHUNK_WARPS = 8;
 constexpr int CHUNK_THREADS = CHUNK_WARPS * 32;
 constexpr int CHUNK = CHUNK_WARPS * 32 * ITEMS_PER_LANE;  // 4096 pairs per program of kernels 1 and 3
@@ -105,10 +106,11 @@ MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* wa
 
     if (tid == 0) *total_padded = total;
 
-    // Padding inside each run: positions offsets[e] + counts[e] .. offsets[e] + padded_e - 1.
-    for (int64_t q = tid; q < static_cast<int64_t>(num_experts) * block_m; q += blockDim.x) {
-        const int32_t e = static_cast<int32_t>(q / block_m);
-        const int32_t j = static_cast<int32_t>(q - static_cast<int64_t>(e) * block_m);
+    // Padding inside each run: positions offsets[e] + counts[e] .. offsets[e] + padded_e - 1 (32-bit
+    // arithmetic: E * block_m < 2^31; a 64-bit division per position cost microseconds, NOTES v21).
+    for (int32_t q = tid; q < num_experts * block_m; q += blockDim.x) {
+        const int32_t e = q / block_m;
+        const int32_t j = q - e * block_m;
         const int32_t count = counts[e];
         const int32_t run = (count + block_m - 1) / block_m * block_m;
         if (count + j < run) sorted_ids[offsets[e] + count + j] = pad_value;
@@ -144,7 +146,11 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
                              int32_t* warp_counts, int32_t* cursor, int32_t* sorted_ids) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int64_t warp_begin = tile_begin + static_cast<int64_t>(warp) * 32 * ITEMS_PER_LANE;
+    // Each warp owns a contiguous run of `items` ids per lane (items * 32 pairs), as few as cover the
+    // tile's pairs: a short tile costs its pairs, not a full tile's (NOTES v21).
+    const int64_t tile_pairs = min_i64(numel - tile_begin, static_cast<int64_t>(WARPS) * 32 * ITEMS_PER_LANE);
+    const int items = static_cast<int>((tile_pairs + WARPS * 32 - 1) / (WARPS * 32));
+    const int64_t warp_begin = tile_begin + static_cast<int64_t>(warp) * 32 * items;
     int32_t* my_counts = warp_counts + warp * num_experts;
     const uint32_t below = lanemask_lt();
 
@@ -154,16 +160,19 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
     // the passes, the 16 ids made ptxas spill).
     int32_t ids[ITEMS_PER_LANE];
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
+    for (int it = 0; it < ITEMS_PER_LANE; ++it)
+        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
     __syncthreads();
 
     // Pass 1: per-warp counts (one leader per expert per step; the warp steps in order).
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        const int32_t e = ids[it];
-        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
-        if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
-        __syncwarp();
+        if (it < items) {  // the same in every lane
+            const int32_t e = ids[it];
+            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+            if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
+            __syncwarp();
+        }
     }
     __syncthreads();
 
@@ -182,9 +191,11 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
     // Pass 2: each pair goes to its warp's position for the expert plus its rank among the
     // lanes below with the same expert.
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts);
+    for (int it = 0; it < ITEMS_PER_LANE; ++it)
+        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        if (it >= items) break;
         const int64_t i = warp_begin + it * 32 + lane;
         const int32_t e = ids[it];
         const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
@@ -201,7 +212,7 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
 }
 }  // namespace moe_align_detail
 
-extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS)
+extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1)
     moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
                      const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
                      int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
