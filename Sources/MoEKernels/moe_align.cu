@@ -15,10 +15,12 @@
 // numel <= 8192, the three-kernel sequence above that). Both write every entry of
 // sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
 //
-// A. One launch:
+// A. One launch, numel <= 8192 (more traps):
 //   moe_align_single<<<1, 512, 0>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
-//   Static shared memory 36 KB. Counts, scans, then scatters the pairs in tiles of 8192.
+//   Static shared memory 36 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
+//   counts; per expert its total and each warp's start; a scan over the experts; then a warp per
+//   expert writes its padding and block ids while the pairs scatter (5 block barriers; NOTES v21).
 //
 // B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
@@ -47,6 +49,7 @@ constexpr int CHUNK = CHUNK_WARPS * 32 * ITEMS_PER_LANE;  // 4096 pairs per prog
 constexpr int SCAN_THREADS = 1024;
 constexpr int SINGLE_WARPS = 16;
 constexpr int SINGLE_THREADS = SINGLE_WARPS * 32;
+constexpr int SINGLE_LIMIT = SINGLE_THREADS * ITEMS_PER_LANE;  // 8192: the most pairs moe_align_single takes
 
 MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, int32_t num_experts) {
     const int32_t e = i < numel ? topk_ids[i] : -1;
@@ -218,20 +221,102 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
                      int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
+    constexpr int WARPS = SINGLE_WARPS;
+    constexpr int THREADS = SINGLE_THREADS;
     __shared__ int32_t counts[MAX_EXPERTS];
-    __shared__ int32_t cursor[MAX_EXPERTS];
+    __shared__ int32_t offsets[MAX_EXPERTS];
     __shared__ int32_t warp_totals[32];
-    __shared__ int32_t warp_counts[SINGLE_WARPS * MAX_EXPERTS];
+    __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
+    if (numel > SINGLE_LIMIT) __trap();  // the host's contract: one tile
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const uint32_t below = lanemask_lt();
+    const int32_t pad_value = static_cast<int32_t>(numel);
 
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+    // Warp w owns the pairs [32 w items, 32 (w + 1) items), `items` per lane, item `it` of lane l being
+    // pair 32 (w items + it) + l: ascending pair order is warp, then item, then lane.
+    const int items = static_cast<int>((numel + THREADS - 1) / THREADS);
+    const int64_t warp_begin = static_cast<int64_t>(warp) * 32 * items;
+    int32_t* my_counts = warp_counts + warp * num_experts;
+    for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
+    int32_t ids[ITEMS_PER_LANE];
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it)
+        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
     __syncthreads();
-    count_pairs(topk_ids, 0, numel, numel, num_experts, counts);
+
+    // Pass 1: per-warp counts (one leader per expert per item; the warp steps in order).
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        if (it < items) {  // the same in every lane
+            const int32_t e = ids[it];
+            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+            if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
+            __syncwarp();
+        }
+    }
     __syncthreads();
-    layout_runs(counts, cursor, warp_totals, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids,
-                total_padded, max_padded);
-    constexpr int TILE = SINGLE_WARPS * 32 * ITEMS_PER_LANE;
-    for (int64_t tile = 0; tile < numel; tile += TILE)
-        scatter_tile<SINGLE_WARPS>(topk_ids, tile, numel, num_experts, warp_counts, cursor, sorted_ids);
+
+    // Thread e: expert e's count, each warp's count replaced by the warp's start within the run; then
+    // the exclusive scan of the padded counts over the experts (one per thread) gives the runs.
+    int32_t count = 0;
+    if (tid < num_experts) {
+        for (int w = 0; w < WARPS; ++w) {
+            const int32_t c = warp_counts[w * num_experts + tid];
+            warp_counts[w * num_experts + tid] = count;
+            count += c;
+        }
+        counts[tid] = count;
+    }
+    const int32_t padded = tid < num_experts ? (count + block_m - 1) / block_m * block_m : 0;
+    int32_t inclusive = warp_inclusive_scan(padded, lane);
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t w = lane < WARPS ? warp_totals[lane] : 0;
+        w = warp_inclusive_scan(w, lane);
+        warp_totals[lane] = w;
+    }
+    __syncthreads();
+    if (warp > 0) inclusive += warp_totals[warp - 1];
+    const int32_t total = warp_totals[31];  // lanes >= WARPS repeat the last total
+    if (tid < num_experts) offsets[tid] = inclusive - padded;
+    __syncthreads();
+    if (tid == 0) *total_padded = total;
+
+    // A warp per expert: its run's padding entries and its blocks' expert id.
+    for (int e = warp; e < num_experts; e += WARPS) {
+        const int32_t c = counts[e];
+        const int32_t run = (c + block_m - 1) / block_m * block_m;
+        const int32_t start = offsets[e];
+        for (int32_t j = c + lane; j < run; j += 32) sorted_ids[start + j] = pad_value;
+        const int32_t id = expert_map != nullptr ? expert_map[e] : e;
+        for (int32_t b = start / block_m + lane; b < (start + run) / block_m; b += 32) expert_ids[b] = id;
+    }
+    // The tails: sorted_ids past the runs, the blocks past them.
+    for (int64_t q = static_cast<int64_t>(total) + tid; q < max_padded; q += THREADS) sorted_ids[q] = pad_value;
+    const int64_t max_blocks = ceil_div(max_padded, block_m);
+    for (int64_t b = total / block_m + tid; b < max_blocks; b += THREADS) expert_ids[b] = -1;
+
+    // Pass 2: each pair goes to its expert's run start + its warp's start + its rank among the warp's
+    // earlier items and lower lanes with the same expert.
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        if (it < items) {
+            const int64_t i = warp_begin + it * 32 + lane;
+            const int32_t e = ids[it];
+            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+            int32_t base = 0;
+            if (e >= 0) {
+                base = my_counts[e];
+                sorted_ids[offsets[e] + base + __popc(same & below)] = static_cast<int32_t>(i);
+            }
+            __syncwarp();
+            if (e >= 0 && (same & below) == 0) my_counts[e] = base + __popc(same);
+            __syncwarp();
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)

@@ -175,15 +175,9 @@
 //         STAGES 4 for 128x256, 6 for 128x128, 8 for 128x64, 5 for 64x256, 8 for 64x128 and 64x64.
 // PDL (all three kernels): griddepcontrol.wait, then griddepcontrol.launch_dependents, first thing:
 //         the next kernel's programs may become resident as this grid's programs finish; they still
-//         wait for this whole grid before touching memory. Except the swap-AB kernel given routing
-//         bit 0 (GEMM2, whose routing align wrote before the previous kernel started): it reads its
-//         schedule and row tables and issues its first STAGES weight tiles first, then waits.
-// Self routing (swap-AB kernel, routing bit 1; extra argument num_experts): no align ran.
-//         sorted_token_ids and total_padded are null and expert_ids is topk_ids [num_valid_tokens];
-//         every program counts the pairs per expert in shared memory (in the ring, before any copy),
-//         lays out the padded runs as align with block TOKENS would, and builds its own tile and row
-//         tables from them (moe_sm90_self_route): bit for bit the aligned result. The host allows it
-//         when 4 * (num_valid_tokens + 2 * num_experts + 64) bytes fit in the ring.
+//         wait for this whole grid before touching memory. Except the swap-AB kernel given
+//         routing_ready = 1 (GEMM2, whose routing align wrote before the previous kernel started): it
+//         reads its schedule and row tables and issues its first STAGES weight tiles first, then waits.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
@@ -227,7 +221,7 @@
 #define MOE_SM90_HALF_MAX_K_TILES 1000000
 #endif
 
-// The swap-AB kernel's GEMM2 (routing bit 0) loads its first weight tiles before griddepcontrol.wait
+// The swap-AB kernel's GEMM2 (routing_ready) loads its first weight tiles before griddepcontrol.wait
 // (bench/NOTES.md v18); 0 waits first, as every other kernel does.
 #ifndef MOE_SM90_EARLY_WEIGHTS
 #define MOE_SM90_EARLY_WEIGHTS 1
@@ -337,14 +331,25 @@ MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int6
     count = min_i64(group_m, end - first);
 }
 
-/// The tile of linear tile index `pid` and split `split` whose m-block q = pid / num_pid_n lies in group
-/// [first, first + count) of expert e (moe_sm90_tile_at's order; the group's linear indices are
-/// [first * num_pid_n, (first + count) * num_pid_n)).
+/// The tile of linear tile index `pid` and split `split`, for programs that walk several tiles as for one
+/// program per tile (pid = blockIdx.x). Expert-aligned grouped ordering: the m-blocks below
+/// *total_padded / BLOCK_M form groups (moe_sm90_expert_group: an expert's run cut into groups of
+/// group_size_m), group [first, first + count) owns the linear indices [first * num_pid_n,
+/// (first + count) * num_pid_n), and inside a group pid_m varies fastest, then pid_n: the programs that
+/// read one weight tile run together, and a group never mixes experts. False: no tile (pid at or past
+/// the valid m-blocks' tiles, as is every later pid). Warp-cooperative (every lane calls it, converged).
 template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
-MOE_DEVICE void moe_sm90_tile_in_group(MoESm90Tile& tile, int64_t pid, int64_t split, int32_t e, int64_t first,
-                                       int64_t count, int64_t N, int64_t K, int32_t split_k) {
+MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
+                                 const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
+                                 int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    tile.expert = e;
+    const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
+    const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
+    const int64_t q = pid / num_pid_n;  // an m-block of pid's group
+    if (q >= valid_blocks) return false;
+    int64_t first, count;
+    moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_size_m > 0 ? group_size_m : 1, tile.expert,
+                          first, count);
     // Inside the group, n-blocks go in pairs (2c, 2c + 1): first the even part of its m-blocks
     // (count - count % 2) down column 2c then column 2c + 1, then an odd count's last m-block at 2c
     // and 2c + 1 (a lone last column takes its m-blocks in order). For even counts this is pid_m
@@ -376,29 +381,6 @@ MOE_DEVICE void moe_sm90_tile_in_group(MoESm90Tile& tile, int64_t pid, int64_t s
     tile.num_tiles = (tile.expert < 0 || tile.kt_begin >= kt_end) ? 0 : static_cast<int>(kt_end - tile.kt_begin);
     tile.half = false;
     tile.stream = 0;
-}
-
-/// The tile of linear tile index `pid` and split `split`, for programs that walk several tiles as for one
-/// program per tile (pid = blockIdx.x). Expert-aligned grouped ordering: the m-blocks below
-/// *total_padded / BLOCK_M form groups (moe_sm90_expert_group: an expert's run cut into groups of
-/// group_size_m), group [first, first + count) owns the linear indices [first * num_pid_n,
-/// (first + count) * num_pid_n), and inside a group pid_m varies fastest, then pid_n: the programs that
-/// read one weight tile run together, and a group never mixes experts. False: no tile (pid at or past
-/// the valid m-blocks' tiles, as is every later pid). Warp-cooperative (every lane calls it, converged).
-template <int BLOCK_M, int BLOCK_N, int BLOCK_K>
-MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, const int32_t* expert_ids,
-                                 const int32_t* total_padded, int64_t N, int64_t K, int32_t split_k,
-                                 int32_t group_size_m, int64_t max_padded, int64_t num_valid_tokens) {
-    const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
-    const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
-    const int64_t q = pid / num_pid_n;  // an m-block of pid's group
-    if (q >= valid_blocks) return false;
-    int32_t e;
-    int64_t first, count;
-    moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_size_m > 0 ? group_size_m : 1, e, first,
-                          count);
-    moe_sm90_tile_in_group<BLOCK_M, BLOCK_N, BLOCK_K>(tile, pid, split, e, first, count, N, K, split_k);
     return true;
 }
 
@@ -472,130 +454,6 @@ MOE_DEVICE bool moe_sm90_schedule(MoESm90Tile& tile, const int32_t* expert_ids, 
                                                        split_k, group_size_m, max_padded, num_valid_tokens);
 }
 
-/// Self routing (the swap-AB kernel's routing bit 2; bench/NOTES.md v21): no align ran, so the program
-/// works out from topk_ids (here `ids`, numel = num_valid_tokens entries; ids outside [0, E) are ignored)
-/// what align would have written, as far as it needs it: the padded runs of every expert (counts, an
-/// exclusive scan of counts rounded up to BLOCK_M), its tile (moe_sm90_tile_at's order over those runs)
-/// and its tile's row tables (pair and A row per tile row, -1 for padding: the (row0 + r - offset_e)-th
-/// pair of expert e in ascending pair order). Bit for bit what the same program computes after align.
-/// Every thread of the block calls it (THREADS of them; it has __syncthreads), converged; it returns the
-/// same value in every thread. scratch: shared memory of at least moe_sm90_self_route_ints(numel, E)
-/// int32 (the kernel gives it the ring, before any copy lands there); after the call the scratch is
-/// free again, every generic-proxy access to it fenced for the async proxy (TMA may overwrite it once a
-/// barrier follows). The reads of ids are volatile ld.global.cg (moe_load_routing): under PDL the
-/// kernel that writes topk_ids may be the one before this grid.
-MOE_DEVICE int64_t moe_sm90_self_route_ints(int64_t numel, int64_t num_experts) {
-    return numel + 2 * num_experts + 64;
-}
-
-template <int BLOCK_M, int BLOCK_N, int BLOCK_K, int THREADS>
-MOE_DEVICE bool moe_sm90_self_route(MoESm90Tile& tile, int32_t* scratch, const int32_t* ids, int64_t numel,
-                                    int32_t num_experts, int64_t N, int64_t K, int32_t split_k, int32_t group_size_m,
-                                    int64_t max_padded, int32_t top_k, int32_t* pair_table, int32_t* a_row_table) {
-    constexpr int WARPS = THREADS / 32;
-    static_assert(THREADS % 32 == 0 && WARPS <= 32, "whole warps, at most 32");
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
-    const int n = static_cast<int>(numel);
-    int32_t* sid = scratch;                  // [numel] expert of each pair, -1 if ignored
-    int32_t* counts = sid + n;               // [E]
-    int32_t* offsets = counts + num_experts;  // [E] first sorted row of each expert's run
-    int32_t* warp_matches = offsets + num_experts;  // [WARPS]
-    int32_t* total_slot = warp_matches + 32;        // [1]
-
-    for (int e = tid; e < num_experts; e += THREADS) counts[e] = 0;
-    __syncthreads();
-    // Counts: whole warps step together (so __match_any_sync sees every lane), UNROLL ids loaded per lane
-    // before any is used (one round trip per batch).
-    constexpr int UNROLL = 8;
-    for (int base = warp * 32; base < n; base += THREADS * UNROLL) {
-        int32_t e[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int i = base + u * THREADS + lane;
-            e[u] = i < n ? moe_load_routing(ids + i) : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int i = base + u * THREADS + lane;
-            const int32_t x = (e[u] >= 0 && e[u] < num_experts) ? e[u] : -1;
-            if (i < n) sid[i] = x;
-            const uint32_t same = __match_any_sync(MOE_FULL_MASK, x);
-            if (x >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counts[x], __popc(same));
-        }
-    }
-    __syncthreads();
-    // The runs: warp 0 scans the padded counts, 32 experts per step.
-    if (warp == 0) {
-        int32_t carry = 0;
-        for (int e0 = 0; e0 < num_experts; e0 += 32) {
-            const int e = e0 + lane;
-            const int32_t padded = e < num_experts ? (counts[e] + BLOCK_M - 1) / BLOCK_M * BLOCK_M : 0;
-            const int32_t inclusive = warp_inclusive_scan(padded, lane) + carry;
-            if (e < num_experts) offsets[e] = inclusive - padded;
-            carry = __shfl_sync(MOE_FULL_MASK, inclusive, 31);
-        }
-        if (lane == 0) *total_slot = carry;
-    }
-    for (int r = tid; r < BLOCK_M; r += THREADS) {
-        pair_table[r] = -1;
-        a_row_table[r] = -1;
-    }
-    __syncthreads();
-
-    const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-    const int64_t valid_blocks = min_i64(*total_slot / BLOCK_M, ceil_div(max_padded, BLOCK_M));
-    const int64_t q = static_cast<int64_t>(blockIdx.x) / num_pid_n;
-    const bool has_tile = q < valid_blocks;
-    int32_t e = 0;
-    if (has_tile) {
-        // The expert of m-block q: the first whose run ends past the block's start (runs of empty experts
-        // are empty, so the search lands on the non-empty one that holds it).
-        const int64_t start = q * BLOCK_M;
-        int lo = 0, hi = num_experts - 1;
-        while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            const int64_t run_end = offsets[mid] + (counts[mid] + BLOCK_M - 1) / BLOCK_M * BLOCK_M;
-            if (run_end > start) hi = mid; else lo = mid + 1;
-        }
-        e = lo;
-        const int64_t begin = offsets[e] / BLOCK_M;
-        const int64_t end = begin + (counts[e] + BLOCK_M - 1) / BLOCK_M;
-        const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
-        const int64_t first = begin + (q - begin) / group_m * group_m;
-        moe_sm90_tile_in_group<BLOCK_M, BLOCK_N, BLOCK_K>(tile, blockIdx.x, blockIdx.y, e, first,
-                                                          min_i64(group_m, end - first), N, K, split_k);
-        // The tile's rows: ranks [rank0, rank0 + BLOCK_M) among expert e's pairs. Each warp takes a
-        // contiguous segment of pairs, counts its matches, then places them after the warps before it.
-        const int rank0 = static_cast<int>(tile.row0 - offsets[e]);
-        const int segment = (n + WARPS * 32 - 1) / (WARPS * 32) * 32;
-        const int seg_begin = warp * segment;
-        const int seg_end = min(seg_begin + segment, n);
-        int matches = 0;
-        for (int i0 = seg_begin; i0 < seg_end; i0 += 32)
-            matches += __popc(__ballot_sync(MOE_FULL_MASK, i0 + lane < seg_end && sid[i0 + lane] == e));
-        if (lane == 0) warp_matches[warp] = matches;
-        __syncthreads();
-        int rank = 0;
-        for (int w = 0; w < warp; ++w) rank += warp_matches[w];
-        for (int i0 = seg_begin; i0 < seg_end && rank < rank0 + BLOCK_M; i0 += 32) {
-            const int i = i0 + lane;
-            const bool match = i < seg_end && sid[i] == e;
-            const uint32_t mask = __ballot_sync(MOE_FULL_MASK, match);
-            const int r = rank + __popc(mask & lanemask_lt()) - rank0;
-            if (match && r >= 0 && r < BLOCK_M) {
-                pair_table[r] = i;
-                a_row_table[r] = i / top_k;
-            }
-            rank += __popc(mask);
-        }
-    }
-    fence_proxy_async_shared_cta();
-    __syncthreads();
-    return has_tile;
-}
-
 /// Shared memory of one program: a STAGES-deep ring of A tiles [A_ROWS][64] and B tiles [B_ROWS][64]
 /// (128-byte rows, 128-byte swizzle), the full/empty mbarriers, and the per-row tables.
 template <int A_ROWS, int B_ROWS, int STAGES>
@@ -634,15 +492,14 @@ struct MoESm90Smem {
     }
 };
 
-/// Barrier init and the row tables (fill_rows false: the caller wrote them, as self routing does), then
-/// __syncthreads. full[s] expects one cp.async noinc arrival
+/// Barrier init and the row tables, then __syncthreads. full[s] expects one cp.async noinc arrival
 /// per producer thread plus thread 0's arrive.expect_tx (with the B tile's bytes); empty[s] expects
 /// lane 0 of every consumer warp of `consumer_ctas` CTAs (2: a cluster pair sharing the B tiles, whose
 /// consumers release the stage in both CTAs).
 template <int A_ROWS, int B_ROWS, int STAGES, int THREADS, int PRODUCER_THREADS, int CONSUMER_WARPS>
 MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                const CUtensorMap* b_map, const int32_t* sorted_token_ids, int64_t num_valid_tokens,
-                               int32_t top_k, int consumer_ctas = 1, bool fill_rows = true) {
+                               int32_t top_k, int consumer_ctas = 1) {
     const int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -652,7 +509,7 @@ MOE_DEVICE void moe_sm90_setup(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, co
         fence_mbarrier_init();
         if (tile.num_tiles > 0) prefetch_tensormap(b_map);
     }
-    for (int r = tid; fill_rows && r < A_ROWS; r += THREADS) {
+    for (int r = tid; r < A_ROWS; r += THREADS) {
         const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + r, A_ROWS, num_valid_tokens);
         const bool valid = p >= 0 && p < num_valid_tokens;
         sm.pair[r] = valid ? p : -1;
@@ -1184,42 +1041,28 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                       int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing,
-                       int32_t num_experts) {
-    // routing bit 0, ready (GEMM2): the routing (align's output, or topk_ids under self routing) was
-    // complete before the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait
-    // this grid's launch follows), so the schedule, the row tables and the first STAGES weight tiles
-    // (never written) are read before griddepcontrol.wait, under the previous kernel's tail; only A (its
-    // output) and every store wait. Otherwise (GEMM1: align, or the kernel that wrote topk_ids, is the
-    // previous kernel) everything waits.
-    // routing bit 1, self routing: no align ran; expert_ids is topk_ids ([num_valid_tokens] expert per
-    // pair, num_experts of them), sorted_token_ids and total_padded are null, and the program computes
-    // its tile and rows itself (moe_sm90_self_route), as align with block TOKENS would have laid them out.
-    const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && (routing & 1) != 0;
-    const bool self_route = (routing & 2) != 0;
+                       int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready) {
+    // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
+    // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
+    // follows), so the schedule, the row tables and the first STAGES weight tiles (never written) are
+    // read before griddepcontrol.wait, under the previous kernel's tail; only A (its output) and every
+    // store wait. Otherwise (GEMM1: align is the previous kernel) everything waits.
+    const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && routing_ready != 0;
     if (!early) griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
-    const Smem sm(moe_gemm_sm90_smem);
 
     MoESm90Tile tile;
-    if (self_route) {
-        // The host checks that the scratch fits in the ring; a launch that breaks it stops here, loudly.
-        if (moe_sm90_self_route_ints(num_valid_tokens, num_experts) * 4 > Smem::RING_BYTES) __trap();
-        if (!moe_sm90_self_route<TOKENS, BLOCK_N_W, Tr::BLOCK_K, Tr::THREADS>(
-                tile, reinterpret_cast<int32_t*>(sm.base), expert_ids, num_valid_tokens, num_experts, N, K, split_k,
-                group_size_m, max_padded, top_k, sm.pair, sm.a_row))
-            return;
-    } else if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
-                                                                  group_size_m, max_padded, num_valid_tokens)) {
+    if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
+                                                           group_size_m, max_padded, num_valid_tokens))
         return;
-    }
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
+    const Smem sm(moe_gemm_sm90_smem);
     moe_sm90_setup<TOKENS, BLOCK_N_W, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
-        sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k, 1, !self_route);
+        sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k);
 
     const int tid = threadIdx.x;
     const int b_preloaded = early && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;

@@ -305,32 +305,6 @@ import Testing
         #expect(!CUDAMoELayer.usesIdentityRouting(plan: mixed, tokens: 1, expertMap: false))
     }
 
-    /// Self routing: batches past one token (or one token without identity routing) of at most
-    /// selfRoutingMaxPairs pairs, both GEMMs swap-AB, no expert map, the scratch within each ring.
-    @Test func selfRoutingOnlyForSmallBatchesOnSwapAB() {
-        let swap = MoEPlan(both: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true))
-        func uses(_ plan: MoEPlan, _ tokens: Int, k: Int = 8, experts: Int = 128, map: Bool = false) -> Bool {
-            CUDAMoELayer.usesSelfRouting(plan: plan, tokens: tokens, topK: k, experts: experts, expertMap: map)
-        }
-        #expect(uses(swap, 8) && uses(swap, 512))
-        #expect(!uses(swap, 1))  // identity routing
-        #expect(!uses(swap, 513))  // 4104 pairs
-        #expect(!uses(swap, 8, map: true))
-        var identityOff = swap
-        identityOff.identityRouting = false
-        #expect(uses(identityOff, 1))
-        var off = swap
-        off.selfRouting = false
-        #expect(!uses(off, 8))
-        var mixed = swap
-        mixed.gemm2 = .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true)
-        #expect(!uses(mixed, 8))
-        // A two-stage 8x64 ring (18432 bytes) holds 4096 ids with 128 experts, not with 512.
-        let shallow = MoEPlan(both: .wgmma(blockM: 8, blockN: 64, stages: 2, swapAB: true))
-        #expect(shallow.gemm1.ringBytes == 18432)
-        #expect(uses(shallow, 512) && !uses(shallow, 512, experts: 512))
-    }
-
     /// The tuner's wide token tiles: the fitting width and its neighbours, each valid.
     @Test func tunerWideSwapTiles() {
         let tiles = Tuner.wideSwapTiles(around: 144, sharedMemoryLimit: 227 * 1024)

@@ -272,12 +272,10 @@ public final class GPUChecks {
                     let differing = zip(separate.bits, first.bits).filter { $0 != $1 }.count
                     passed = agrees(separate, "unfused", cutsMayDiffer: streamK1, differs: "DIFFERS from unfused (\(differing) elements)")
                         && passed
-                    // One token (identity routing) and small batches on the swap-AB kernels (self
-                    // routing) skip align: the same rows as with it, bit for bit.
-                    if layer.usesIdentityRouting(tokens: tokens) || layer.usesSelfRouting(tokens: tokens) {
+                    // One token skips align (identity routing): the same rows as with it, bit for bit.
+                    if layer.usesIdentityRouting(tokens: tokens) {
                         var alignedPlan = plan
                         alignedPlan.identityRouting = false
-                        alignedPlan.selfRouting = false
                         let aligned = try runPoisoned(
                             try CUDAMoELayer(
                                 library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,

@@ -2,8 +2,7 @@ import CUDA
 
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
 /// The activation runs in GEMM1's epilogue or split-K reduction when the plan asks for it, and a
-/// one-token batch on the wgmma kernels skips align (identity routing), and so does a small batch on
-/// the swap-AB kernels, whose programs route themselves (self routing).
+/// one-token batch on the wgmma kernels skips align (identity routing).
 ///
 /// A layer holds its weights (device buffers), its plan, the compiled kernels and every scratch
 /// buffer, all made in `init`. `forward` then only enqueues kernels and memsets on the stream: no
@@ -336,18 +335,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm1.blockM)
             routing2 = Routing(
                 sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm2.blockM)
-        } else if usesSelfRouting(tokens: tokens) {
-            // A small batch on the swap-AB kernels: every program lays out the runs from the ids itself;
-            // no align runs. The grids cover what align's padding could need.
-            let experts = routedExperts
-            routing1 = Routing(
-                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null,
-                maxPadded: Align.maximumPaddedCount(pairs: pairs, experts: experts, blockM: plan.gemm1.blockM),
-                selfRouted: true)
-            routing2 = Routing(
-                sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null,
-                maxPadded: Align.maximumPaddedCount(pairs: pairs, experts: experts, blockM: plan.gemm2.blockM),
-                selfRouted: true)
         } else {
             // One align per distinct BLOCK_M (GEMM1's, then GEMM2's when it differs): one "align" stage.
             routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], stream: stream)
@@ -393,8 +380,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var totalPadded: DevicePointer
         /// The padded row bound the GEMM grids cover.
         var maxPadded: Int
-        /// No align ran: `expertIDs` is topk_ids and each swap-AB program routes itself.
-        var selfRouted = false
     }
 
     /// Whether a chunk of `tokens` skips align: one token, no expert map (its ids are router ids, not
@@ -408,30 +393,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         tokens == 1 && plan.identityRouting && !expertMap && plan.gemm1.kernel.needsHopper
             && plan.gemm2.kernel.needsHopper
     }
-
-    /// The most pairs (tokens * k) a self-routed batch may hold: every program of both GEMMs reads all
-    /// the ids and counts them, so the work grows with the batch while align's chain does not.
-    static let selfRoutingMaxPairs = 4096
-
-    /// Whether a chunk of `tokens` skips align by self routing: not identity-routed, no expert map, both
-    /// GEMMs on the swap-AB kernel, at most `selfRoutingMaxPairs` pairs whose scratch (ids, counts and
-    /// offsets: 4 * (pairs + 2 E + 64) bytes) fits in each GEMM's ring, and the plan allows it.
-    /// `FUSED_MOE_SELF_ROUTE=0` turns it off (a diagnostic, for same-binary A/Bs).
-    func usesSelfRouting(tokens: Int) -> Bool {
-        CUDAMoELayer.usesSelfRouting(
-            plan: plan, tokens: tokens, topK: shape.topK, experts: routedExperts, expertMap: expertMap != nil)
-    }
-
-    static func usesSelfRouting(plan: MoEPlan, tokens: Int, topK: Int, experts: Int, expertMap: Bool) -> Bool {
-        let pairs = tokens * topK
-        let scratchBytes = 4 * (pairs + 2 * experts + 64)
-        return plan.selfRouting && selfRoutingEnabled && !expertMap && tokens >= 1 && pairs <= selfRoutingMaxPairs
-            && !usesIdentityRouting(plan: plan, tokens: tokens, expertMap: expertMap)
-            && [plan.gemm1, plan.gemm2].allSatisfy { $0.kernel == .wgmmaSwap && scratchBytes <= $0.ringBytes }
-    }
-
-    /// `FUSED_MOE_SELF_ROUTE=0` in the environment: no batch self-routes (diagnostic).
-    static let selfRoutingEnabled = environment("FUSED_MOE_SELF_ROUTE") != "0"
 
     /// Where one align writes: the expert-sorted pair order padded to `blockM` rows per expert, the
     /// expert of each block, the padded count, and the three-kernel sequence's per-chunk counts.
@@ -542,11 +503,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 Int64(maxPadded),
             ]
             if config.kernel == .wgmmaSwap {
-                // Bit 0 (GEMM2): the routing was complete before the previous kernel started, so the
-                // swap-AB kernel may read it and its first weight tiles before griddepcontrol.wait.
-                // Bit 1: self routing, from topk_ids (`routing.expertIDs`) of `routedExperts` experts.
-                arguments.append(Int32((routingReady ? 1 : 0) | (routing.selfRouted ? 2 : 0)))
-                arguments.append(Int32(routedExperts))
+                // GEMM2: align wrote the routing before the previous kernel started, so the swap-AB
+                // kernel may read it and its first weight tiles before griddepcontrol.wait.
+                arguments.append(Int32(routingReady ? 1 : 0))
             }
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK

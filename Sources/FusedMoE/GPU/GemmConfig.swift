@@ -109,10 +109,6 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// Dynamic shared memory of the kernel: for `moe_gemm` STAGES * (BLOCK_M + BLOCK_N) * (BLOCK_K + 8)
     /// * 2 bytes; for the wgmma kernels STAGES * 128 * (BLOCK_M + BLOCK_N) + 16 * STAGES + 8 * BLOCK_M
     /// plus 1024 bytes the kernel uses to align its base.
-    /// Bytes of the wgmma kernels' operand ring, STAGES * 128 * (BLOCK_M + BLOCK_N) (0 for `mma`): the
-    /// scratch a self-routing swap-AB program works in before its first copy lands there.
-    public var ringBytes: Int { kernel == .mma ? 0 : stages * 128 * (blockM + blockN) }
-
     public var sharedMemoryBytes: Int {
         switch kernel {
         case .mma: stages * (blockM + blockN) * (blockK + 8) * 2
@@ -270,10 +266,6 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     /// its own block and the GEMMs read the expert ids directly (identity routing). On by default;
     /// off only to measure the difference.
     public var identityRouting = true
-    /// Skip align for batches of 2 to `CUDAMoELayer.selfRoutingMaxPairs` pairs when both GEMMs are
-    /// swap-AB kernels: each of their programs works out its own tile and rows from the ids (self
-    /// routing, bench/NOTES.md v21). On by default; off only to measure the difference.
-    public var selfRouting = true
 
     public init(gemm1: GemmConfig, gemm2: GemmConfig) {
         self.gemm1 = gemm1
@@ -297,7 +289,7 @@ public struct MoEPlan: Hashable, Sendable, CustomStringConvertible {
     }
     public var description: String {
         (gemm1 == gemm2 ? "\(gemm1)" : "gemm1 \(gemm1); gemm2 \(gemm2)") + (fusedActivation ? "" : " unfused")
-            + (identityRouting ? "" : " aligned") + (selfRouting ? "" : " not-self-routed")
+            + (identityRouting ? "" : " aligned")
     }
 
     /// The same plan with split-K set on both GEMMs.
