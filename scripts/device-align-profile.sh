@@ -18,7 +18,7 @@ for pair in "${pairs[@]}"; do
   if [[ ${SASS:-0} == 1 ]]; then
     csv="$OUT/ncu-align-sass-$shape-$m.csv"
     timeout 200 ncu --clock-control none --kernel-name regex:moe_align --launch-skip ${NCU_SKIP:-2} --launch-count 1 \
-      --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+      --section SourceCounters --section WarpStateStats --warp-sampling-interval 0 --page source --print-source sass --csv \
       dist/fused-moe bench --plan-only --shape "$shape" --batch-sizes "$m" > "$csv" 2>/dev/null || status=1
     python3 - "$csv" <<'PY'
 import csv, sys

@@ -19,8 +19,9 @@
 //   moe_align_single<<<1, 512, 0>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
 //   Static shared memory 36 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
-//   counts; per expert its total and each warp's start; a scan over the experts; then a warp per
-//   expert writes its padding and block ids while the pairs scatter (5 block barriers; NOTES v21).
+//   counts and each pair's rank in its warp (__match_any_sync, shared atomics); per expert its total
+//   and each warp's start; a scan over the experts; then a warp per expert writes its padding and
+//   block ids while the pairs scatter (5 block barriers; NOTES v21).
 //
 // B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
@@ -240,20 +241,38 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int64_t warp_begin = static_cast<int64_t>(warp) * 32 * items;
     int32_t* my_counts = warp_counts + warp * num_experts;
     for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
+    // Every load is issued before any is used (clamped in range, not branched around: NOTES v21).
     int32_t ids[ITEMS_PER_LANE];
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it)
-        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        const int64_t i = warp_begin + it * 32 + lane;
+        ids[it] = topk_ids[i < numel ? i : numel - 1];
+    }
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        const int64_t i = warp_begin + it * 32 + lane;
+        const bool ok = it < items && i < numel && ids[it] >= 0 && ids[it] < num_experts;
+        ids[it] = ok ? ids[it] : -1;
+    }
+    // The lanes of each item with the same expert (independent of one another, so in flight together).
+    uint32_t same[ITEMS_PER_LANE];
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) same[it] = it < items ? __match_any_sync(MOE_FULL_MASK, ids[it]) : 0u;
     __syncthreads();
 
-    // Pass 1: per-warp counts (one leader per expert per item; the warp steps in order).
+    // Pass 1: per-warp counts. Each item's leader per expert adds its lanes with a shared atomic and
+    // hands the count before them to those lanes: rank[it] is the pair's place among the warp's pairs
+    // of its expert. __syncwarp orders the items' atomics (their leaders may be different lanes).
+    int32_t rank[ITEMS_PER_LANE];
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items) {  // the same in every lane
             const int32_t e = ids[it];
-            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
-            if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
+            const int leader = __ffs(same[it]) - 1;
+            int32_t before = 0;
+            if (e >= 0 && leader == lane) before = atomicAdd(&my_counts[e], __popc(same[it]));
             __syncwarp();
+            rank[it] = __shfl_sync(MOE_FULL_MASK, before, leader) + __popc(same[it] & below);
         }
     }
     __syncthreads();
@@ -299,22 +318,12 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int64_t max_blocks = ceil_div(max_padded, block_m);
     for (int64_t b = total / block_m + tid; b < max_blocks; b += THREADS) expert_ids[b] = -1;
 
-    // Pass 2: each pair goes to its expert's run start + its warp's start + its rank among the warp's
-    // earlier items and lower lanes with the same expert.
+    // Pass 2: each pair goes to its expert's run start + its warp's start + its rank in the warp.
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        if (it < items) {
-            const int64_t i = warp_begin + it * 32 + lane;
+        if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
-            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
-            int32_t base = 0;
-            if (e >= 0) {
-                base = my_counts[e];
-                sorted_ids[offsets[e] + base + __popc(same & below)] = static_cast<int32_t>(i);
-            }
-            __syncwarp();
-            if (e >= 0 && (same & below) == 0) my_counts[e] = base + __popc(same);
-            __syncwarp();
+            sorted_ids[offsets[e] + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
         }
     }
 }
