@@ -4,7 +4,7 @@
 # Outputs under $OUT: ceilings.json, check.txt, bench-presets.json, bench-presets.txt.
 source "$(dirname "$0")/device-env.sh"
 device_ceilings
-device_check "${CHECK_TIMEOUT:-150}"
+device_check "${CHECK_TIMEOUT:-300}"
 timeout ${BENCH_TIMEOUT:-200} dist/fused-moe bench --plan-only --shape seed4096 --shape seed8192 --shape mixtral_tp2 \
   --shape qwen235_tp2 --shape dsv3_tp4 --ceilings "$OUT/ceilings.json" --json "$OUT/bench-presets.json" \
   2>/dev/null > "$OUT/bench-presets.txt" || status=1

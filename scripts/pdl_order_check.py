@@ -93,7 +93,8 @@ def violations(instructions: list[tuple[int, str]]) -> list[str] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sm_90a")
-    parser.add_argument("--filter", default=None, help="only the groups with a name expression matching this regex")
+    parser.add_argument("--filter", default=None,
+                        help="only the .cu files or groups with a name expression matching this regex")
     parser.add_argument("-j", "--jobs", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     args = parser.parse_args()
 
@@ -105,7 +106,7 @@ def main() -> int:
     groups = ncc.name_expressions()
     jobs = [(cu, group) for cu in sorted(p.name for p in ncc.kernel_dir.glob("*.cu")) for group in groups.get(cu, [[]])]
     if args.filter:
-        jobs = [job for job in jobs if any(re.search(args.filter, e) for e in job[1])]
+        jobs = [job for job in jobs if re.search(args.filter, job[0]) or any(re.search(args.filter, e) for e in job[1])]
 
     def run(job):
         cu, exprs = job
