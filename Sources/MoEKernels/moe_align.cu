@@ -80,21 +80,14 @@ MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end,
     }
 }
 
-/// Lays out the padded runs from counts[E] (shared). All threads of the block must call it;
-/// blockDim.x >= num_experts. Writes offsets[e] (shared) = first position of expert e, the
-/// padding entries of sorted_ids, expert_ids, total_padded; returns nothing.
-MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* warp_totals, int64_t numel,
-                            int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* sorted_ids,
-                            int32_t* expert_ids, int32_t* total_padded, int64_t max_padded) {
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int warp = tid >> 5;
+/// Exclusive prefix sum of `value` over the block's threads in thread order; `total` receives the sum.
+/// Every thread calls it, converged (at most 32 warps); warp_totals: 32 ints of shared memory. Two
+/// barriers, the last before warp_totals is read back (so a barrier before its next use suffices).
+MOE_DEVICE int32_t block_exclusive_scan(int32_t value, int32_t* warp_totals, int32_t& total) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
-    const int32_t pad_value = static_cast<int32_t>(numel);
-
-    // Exclusive scan of the padded counts over experts (one expert per thread).
-    const int32_t padded = tid < num_experts ? (counts[tid] + block_m - 1) / block_m * block_m : 0;
-    int32_t inclusive = warp_inclusive_scan(padded, lane);
+    int32_t inclusive = warp_inclusive_scan(value, lane);
     if (lane == 31) warp_totals[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
@@ -104,8 +97,24 @@ MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* wa
     }
     __syncthreads();
     if (warp > 0) inclusive += warp_totals[warp - 1];
-    const int32_t total = warp_totals[31];  // lanes >= warps repeat the last total
-    if (tid < num_experts) offsets[tid] = inclusive - padded;
+    total = warp_totals[31];  // lanes >= warps repeat the last total
+    return inclusive - value;
+}
+
+/// Lays out the padded runs from counts[E] (shared). All threads of the block must call it;
+/// blockDim.x >= num_experts. Writes offsets[e] (shared) = first position of expert e, the
+/// padding entries of sorted_ids, expert_ids, total_padded; returns nothing.
+MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* warp_totals, int64_t numel,
+                            int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* sorted_ids,
+                            int32_t* expert_ids, int32_t* total_padded, int64_t max_padded) {
+    const int tid = threadIdx.x;
+    const int32_t pad_value = static_cast<int32_t>(numel);
+
+    // Exclusive scan of the padded counts over experts (one expert per thread).
+    const int32_t padded = tid < num_experts ? (counts[tid] + block_m - 1) / block_m * block_m : 0;
+    int32_t total;
+    const int32_t start = block_exclusive_scan(padded, warp_totals, total);
+    if (tid < num_experts) offsets[tid] = start;
     __syncthreads();
 
     if (tid == 0) *total_padded = total;
@@ -289,18 +298,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
         counts[tid] = count;
     }
     const int32_t padded = tid < num_experts ? (count + block_m - 1) / block_m * block_m : 0;
-    int32_t inclusive = warp_inclusive_scan(padded, lane);
-    if (lane == 31) warp_totals[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-        int32_t w = lane < WARPS ? warp_totals[lane] : 0;
-        w = warp_inclusive_scan(w, lane);
-        warp_totals[lane] = w;
-    }
-    __syncthreads();
-    if (warp > 0) inclusive += warp_totals[warp - 1];
-    const int32_t total = warp_totals[31];  // lanes >= WARPS repeat the last total
-    if (tid < num_experts) offsets[tid] = inclusive - padded;
+    int32_t total;
+    const int32_t run_start = block_exclusive_scan(padded, warp_totals, total);
+    if (tid < num_experts) offsets[tid] = run_start;
     __syncthreads();
     if (tid == 0) *total_padded = total;
 
