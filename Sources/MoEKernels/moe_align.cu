@@ -15,7 +15,7 @@
 // numel <= 8192, the three-kernel sequence above that). Both write every entry of
 // sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
 //
-// A. One launch, numel <= 8192 (more traps):
+// A. One launch, numel <= 8192 (a larger numel breaks the host's contract and traps):
 //   moe_align_single<<<1, 512, 0>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
 //   Static shared memory 36 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
@@ -38,7 +38,7 @@
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
 //        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
 //        full chunk: 512 each); per-warp counts and __match_any_sync ranks give each pair its
-//        place (18 KB static). moe_align_single scatters its tiles of 8192 pairs the same way.
+//        place (18 KB static).
 #include "moe_common.cuh"
 
 namespace moe_align_detail {
@@ -253,9 +253,13 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     // Every load is issued before any is used (clamped in range, not branched around: NOTES v21).
     int32_t ids[ITEMS_PER_LANE];
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        const int64_t i = warp_begin + it * 32 + lane;
-        ids[it] = topk_ids[i < numel ? i : numel - 1];
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = -1;
+    if (numel > 0) {
+#pragma unroll
+        for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+            const int64_t i = warp_begin + it * 32 + lane;
+            ids[it] = topk_ids[i < numel ? i : numel - 1];
+        }
     }
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
