@@ -23,11 +23,6 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then
   if [[ $status != 0 ]]; then echo "check failed: no A/B"; exit 1; fi
 fi
 settings=${SETTINGS:-shipped cluster cluster-all}
-table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }
-tables_of() { echo "${1%%+*}"; }
-# The part of a setting after +KEY: (up to the next +), commas as spaces.
-part_of() { [[ $1 == *+$2:* ]] && { local rest=${1##*+$2:}; echo "${rest%%+*}" | tr , ' '; }; }
-defines_of() { part_of "$1" define; }
 for setting in $settings; do
   tables=$(tables_of "$setting")
   [[ $tables == old || $tables == shipped ]] || python3 scripts/exp_tables.py "$(table_dir "$tables")" "$tables" > /dev/null || status=1
@@ -38,7 +33,7 @@ for round in $(seq 1 ${ROUNDS:-1}); do
   for row in "${rows[@]}"; do
     shape=${row%%:*}; ms=${row##*:}
     for setting in $settings; do
-      bin=dist/fused-moe; env=(FUSED_MOE_KERNEL_DEFINES="$(defines_of "$setting")" $(part_of "$setting" env))
+      bin=dist/fused-moe; env=(FUSED_MOE_KERNEL_DEFINES="$(defines_of "$setting")" $(env_of "$setting"))
       tables=$(tables_of "$setting")
       [[ $tables == old ]] && bin=dist-ab/fused-moe-old
       [[ $tables == old || $tables == shipped ]] || env+=(FUSED_MOE_CONFIG_DIR=$(table_dir "$tables"))

@@ -6,6 +6,8 @@
 # device_ceilings: copy bandwidth and bf16 matrix rate into $OUT/ceilings.json.
 # device_check SECONDS [GREP]: the full check into $OUT/check.txt under a timeout; prints its summary
 #   and the lines matching FAIL (or GREP).
+# Settings of the A/B scripts, TABLES[+define:D][+env:V] (device-ab.sh's header): tables_of, defines_of
+#   and env_of split one; table_dir names a scratch folder for a table variant or an output.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused-moe-out}
 export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
@@ -20,3 +22,10 @@ device_check() {
   timeout "$1" dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "${2:-FAIL}" "$OUT/check.txt" | cut -c1-300 | head -20
 }
+
+table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }
+tables_of() { echo "${1%%+*}"; }
+# The part of a setting after +KEY: (up to the next +), commas as spaces.
+part_of() { [[ $1 == *+$2:* ]] && { local rest=${1##*+$2:}; echo "${rest%%+*}" | tr , ' '; }; }
+defines_of() { part_of "$1" define; }
+env_of() { part_of "$1" env; }

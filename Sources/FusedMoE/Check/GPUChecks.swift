@@ -89,7 +89,7 @@ public final class GPUChecks {
         checkAlign(seed: seed, small: scope == .small)
         let smallShape = ShapePreset(name: "small", shape: try! MoEShape(experts: 16, topK: 4, hidden: 512, intermediate: 256))
         // FUSED_MOE_CHECK_PRESET narrows the full check to one preset (for debugging).
-        let only = getenv("FUSED_MOE_CHECK_PRESET").map { String(cString: $0) }
+        let only = environment("FUSED_MOE_CHECK_PRESET")
         let presets = switch scope {
         case .full: ShapePreset.all.filter { $0.name != "tiny" && (only == nil || only == $0.name) }
         case .quick: [try! ShapePreset.named("seed4096")]
@@ -135,13 +135,11 @@ public final class GPUChecks {
                         preset.name, weights, tokens: GPUChecks.largeBatch, seed: caseSeed, cpuCrossCheck: false,
                         plans: try largeCasePlans(preset.shape))
                 }
+                caseSeed &+= 1
+                try checkServing(preset.name, weights, seed: caseSeed)
             } catch {
                 record("gpu \(preset.name)", false, "\(error)")
             }
-        }
-        for preset in presets {
-            caseSeed &+= 1
-            do { try checkServing(preset, seed: caseSeed) } catch { record("gpu \(preset.name) serving", false, "\(error)") }
         }
         if !quick {
             checkVariants(seed: caseSeed &+ 1000)
@@ -314,9 +312,8 @@ public final class GPUChecks {
     /// against its own reference, the layer's scratch never poisoned, so a kernel that read routing or
     /// intermediates the forward had not written yet would read the previous batch's; then the first
     /// batch again, bit for bit its first result. For the plans of M = 7 and 128 (the layer keeps one).
-    func checkServing(_ preset: ShapePreset, seed: UInt64) throws {
-        let shape = preset.shape
-        let weights = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: seed, stream: stream)
+    func checkServing(_ name: String, _ weights: LayerWeights, seed: UInt64) throws {
+        let shape = weights.shape
         let batches = GPUChecks.servingBatches
         let maxTokens = batches.max()!
         let inputs = try batches.enumerated().map { index, tokens in
@@ -326,7 +323,7 @@ public final class GPUChecks {
         let out = try DeviceBuffer(device: library.device, byteCount: maxTokens * shape.hidden * 2)
         for planTokens in [7, 128] {
             let plan = try shippedPlan(shape, planTokens)
-            let label = "gpu \(preset.name) serving M=\(batches.map(String.init).joined(separator: ",")) (plan of M=\(planTokens))"
+            let label = "gpu \(name) serving M=\(batches.map(String.init).joined(separator: ",")) (plan of M=\(planTokens))"
             let layer = try CUDAMoELayer(
                 library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2, plan: plan,
                 maxTokens: maxTokens)
