@@ -57,6 +57,48 @@ MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, 
     return (e >= 0 && e < num_experts) ? e : -1;
 }
 
+/// Bits of an expert index: the bit length of num_experts - 1 (0 for one expert, 9 for 512).
+MOE_DEVICE int expert_bits(int32_t num_experts) { return num_experts > 1 ? 32 - __clz(num_experts - 1) : 0; }
+
+#ifndef MOE_ALIGN_MATCH_ANY
+#define MOE_ALIGN_MATCH_ANY 0  // 1: peers by __match_any_sync (before NOTES v22), for A/Bs
+#endif
+/// peers[it] = the lanes of the warp whose expert equals this lane's in item it < items, for experts in
+/// [0, 2^bits); unspecified for e < 0 (callers skip those lanes) and for it >= items. All lanes call it,
+/// converged, with the same items and bits. One ballot per bit of the index (bits <= 9), the bits
+/// outermost so that the items' ballots are independent: __match_any_sync costs more per distinct value
+/// in the warp (NOTES v22).
+template <int N>
+MOE_DEVICE void warp_peers(const int32_t (&e)[N], uint32_t (&peers)[N], int items, int bits) {
+#if MOE_ALIGN_MATCH_ANY
+    (void)bits;
+#pragma unroll
+    for (int it = 0; it < N; ++it) peers[it] = it < items ? __match_any_sync(MOE_FULL_MASK, e[it]) : 0u;
+#else
+#pragma unroll
+    for (int it = 0; it < N; ++it) peers[it] = __ballot_sync(MOE_FULL_MASK, e[it] >= 0);
+#pragma unroll
+    for (int b = 0; b < 9; ++b) {
+        if (b >= bits) break;  // the same in every lane
+#pragma unroll
+        for (int it = 0; it < N; ++it) {
+            if (it < items) {  // the same in every lane
+                const uint32_t ones = __ballot_sync(MOE_FULL_MASK, (e[it] >> b) & 1);
+                peers[it] &= ((e[it] >> b) & 1) ? ones : ~ones;
+            }
+        }
+    }
+#endif
+}
+
+/// The same for one item.
+MOE_DEVICE uint32_t warp_peers(int32_t e, int bits) {
+    const int32_t one[1] = {e};
+    uint32_t peers[1];
+    warp_peers(one, peers, 1, bits);
+    return peers[0];
+}
+
 /// Adds the per-expert counts of pairs [begin, end) into counts (shared), all threads of the block.
 /// Each thread loads COUNT_UNROLL ids before using any (one memory round trip per batch, not per id).
 constexpr int COUNT_UNROLL = 8;
@@ -64,6 +106,7 @@ MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end,
                             int32_t* counts) {
     const int lane = threadIdx.x & 31;
     const int64_t stride = blockDim.x;
+    const int bits = expert_bits(num_experts);
     // Whole warps iterate together so that __match_any_sync sees every lane.
     for (int64_t base = begin + (threadIdx.x & ~31); base < end; base += stride * COUNT_UNROLL) {
         int32_t e[COUNT_UNROLL];
@@ -72,11 +115,11 @@ MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end,
             const int64_t i = base + u * stride + lane;
             e[u] = expert_of(topk_ids, i, i < end ? numel : 0, num_experts);
         }
+        uint32_t same[COUNT_UNROLL];
+        warp_peers(e, same, COUNT_UNROLL, bits);
 #pragma unroll
-        for (int u = 0; u < COUNT_UNROLL; ++u) {
-            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e[u]);
-            if (e[u] >= 0 && (same & lanemask_lt()) == 0) atomicAdd(&counts[e[u]], __popc(same));
-        }
+        for (int u = 0; u < COUNT_UNROLL; ++u)
+            if (e[u] >= 0 && (same[u] & lanemask_lt()) == 0) atomicAdd(&counts[e[u]], __popc(same[u]));
     }
 }
 
@@ -166,6 +209,7 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
     const int64_t warp_begin = tile_begin + static_cast<int64_t>(warp) * 32 * items;
     int32_t* my_counts = warp_counts + warp * num_experts;
     const uint32_t below = lanemask_lt();
+    const int bits = expert_bits(num_experts);
 
     for (int e = threadIdx.x; e < WARPS * num_experts; e += WARPS * 32) warp_counts[e] = 0;
 
@@ -182,7 +226,7 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items) {  // the same in every lane
             const int32_t e = ids[it];
-            const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+            const uint32_t same = warp_peers(e, bits);
             if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
             __syncwarp();
         }
@@ -211,7 +255,7 @@ MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_
         if (it >= items) break;
         const int64_t i = warp_begin + it * 32 + lane;
         const int32_t e = ids[it];
-        const uint32_t same = __match_any_sync(MOE_FULL_MASK, e);
+        const uint32_t same = warp_peers(e, bits);
         int32_t base = 0;
         if (e >= 0) {
             base = my_counts[e];
@@ -234,7 +278,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     constexpr int WARPS = SINGLE_WARPS;
     constexpr int THREADS = SINGLE_THREADS;
     __shared__ int32_t counts[MAX_EXPERTS];
-    __shared__ int32_t offsets[MAX_EXPERTS];
+    __shared__ int32_t first_block[MAX_EXPERTS + 1];  // expert e's run: blocks [first_block[e], first_block[e + 1])
     __shared__ int32_t warp_totals[32];
     __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
     if (numel > SINGLE_LIMIT) __trap();  // the host's contract: one tile
@@ -268,9 +312,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
         ids[it] = ok ? ids[it] : -1;
     }
     // The lanes of each item with the same expert (independent of one another, so in flight together).
+    const int bits = expert_bits(num_experts);
     uint32_t same[ITEMS_PER_LANE];
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) same[it] = it < items ? __match_any_sync(MOE_FULL_MASK, ids[it]) : 0u;
+    warp_peers(ids, same, items, bits);
     __syncthreads();
 
     // Pass 1: per-warp counts. Each item's leader per expert adds its lanes with a shared atomic and
@@ -290,44 +334,50 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     }
     __syncthreads();
 
-    // Thread e: expert e's count, each warp's count replaced by the warp's start within the run; then
-    // the exclusive scan of the padded counts over the experts (one per thread) gives the runs.
+    // Thread e: expert e's count, each warp's count replaced by the warp's start within the run (the
+    // warps' counts loaded together); then the exclusive scan of the experts' block counts (one per
+    // thread) gives each run's first block, so nothing below divides by block_m.
     int32_t count = 0;
     if (tid < num_experts) {
+        int32_t c[WARPS];
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) c[w] = warp_counts[w * num_experts + tid];
+#pragma unroll
         for (int w = 0; w < WARPS; ++w) {
-            const int32_t c = warp_counts[w * num_experts + tid];
             warp_counts[w * num_experts + tid] = count;
-            count += c;
+            count += c[w];
         }
         counts[tid] = count;
     }
-    const int32_t padded = tid < num_experts ? (count + block_m - 1) / block_m * block_m : 0;
-    int32_t total;
-    const int32_t run_start = block_exclusive_scan(padded, warp_totals, total);
-    if (tid < num_experts) offsets[tid] = run_start;
+    const int32_t blocks = tid < num_experts ? (count + block_m - 1) / block_m : 0;
+    int32_t total_blocks;
+    const int32_t first = block_exclusive_scan(blocks, warp_totals, total_blocks);
+    if (tid < num_experts) first_block[tid] = first;
+    if (tid == 0) first_block[num_experts] = total_blocks;
     __syncthreads();
+    const int32_t total = total_blocks * block_m;
     if (tid == 0) *total_padded = total;
 
     // A warp per expert: its run's padding entries and its blocks' expert id.
     for (int e = warp; e < num_experts; e += WARPS) {
         const int32_t c = counts[e];
-        const int32_t run = (c + block_m - 1) / block_m * block_m;
-        const int32_t start = offsets[e];
-        for (int32_t j = c + lane; j < run; j += 32) sorted_ids[start + j] = pad_value;
+        const int32_t b0 = first_block[e];
+        const int32_t b1 = first_block[e + 1];
         const int32_t id = expert_map != nullptr ? expert_map[e] : e;
-        for (int32_t b = start / block_m + lane; b < (start + run) / block_m; b += 32) expert_ids[b] = id;
+        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) sorted_ids[q] = pad_value;
+        for (int32_t b = b0 + lane; b < b1; b += 32) expert_ids[b] = id;
     }
     // The tails: sorted_ids past the runs, the blocks past them.
     for (int64_t q = static_cast<int64_t>(total) + tid; q < max_padded; q += THREADS) sorted_ids[q] = pad_value;
     const int64_t max_blocks = ceil_div(max_padded, block_m);
-    for (int64_t b = total / block_m + tid; b < max_blocks; b += THREADS) expert_ids[b] = -1;
+    for (int64_t b = total_blocks + tid; b < max_blocks; b += THREADS) expert_ids[b] = -1;
 
     // Pass 2: each pair goes to its expert's run start + its warp's start + its rank in the warp.
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
-            sorted_ids[offsets[e] + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            sorted_ids[first_block[e] * block_m + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
         }
     }
 }
