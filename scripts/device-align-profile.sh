@@ -3,23 +3,25 @@
 # stall reasons, and with SASS=1 the instructions with the most stall samples), to see what align
 # costs on the layer's critical path (bench/NOTES.md v21). Arguments: pairs SHAPE:M (default below).
 # Self routing skips align: run with FUSED_MOE_SELF_ROUTE=0 where it would apply. One text report per
-# pair under $OUT (and ncu-align-sass-SHAPE-M.csv with SASS=1); prints the summary.
+# pair under $OUT (and ncu-align-sass-SHAPE-M.csv with SASS=1); prints the summary. BIN: the binary
+# (default dist/fused-moe); FUSED_MOE_KERNEL_DEFINES passes through.
 source "$(dirname "$0")/device-env.sh"
 pairs=("$@")
+bin=${BIN:-dist/fused-moe}
 [[ ${#pairs[@]} -gt 0 ]] || pairs=(mixtral_tp2:8 seed4096:128 dsv3_tp4:512)
 for pair in "${pairs[@]}"; do
   shape=${pair%%:*}; m=${pair##*:}
   timeout 200 ncu --clock-control none --kernel-name regex:moe_align --launch-skip ${NCU_SKIP:-2} --launch-count ${NCU_COUNT:-1} \
     --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section LaunchStats \
     --section SourceCounters \
-    dist/fused-moe bench --plan-only --shape "$shape" --batch-sizes "$m" > "$OUT/ncu-align-$shape-$m.txt" 2>&1 || status=1
+    "$bin" bench --plan-only --shape "$shape" --batch-sizes "$m" > "$OUT/ncu-align-$shape-$m.txt" 2>&1 || status=1
   echo "== $pair"
   grep -E "moe_align|Duration|Elapsed Cycles|Stall|Warp Cycles Per Issued|Issued Ipc|Executed Instructions  " "$OUT/ncu-align-$shape-$m.txt" | cut -c1-160 | head -30
   if [[ ${SASS:-0} == 1 ]]; then
     csv="$OUT/ncu-align-sass-$shape-$m.csv"
     timeout 200 ncu --clock-control none --kernel-name regex:moe_align --launch-skip ${NCU_SKIP:-2} --launch-count 1 \
       --section SourceCounters --section WarpStateStats --warp-sampling-interval 0 --page source --print-source sass --csv \
-      dist/fused-moe bench --plan-only --shape "$shape" --batch-sizes "$m" > "$csv" 2>/dev/null || status=1
+      "$bin" bench --plan-only --shape "$shape" --batch-sizes "$m" > "$csv" 2>/dev/null || status=1
     python3 - "$csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(l for l in open(sys.argv[1]) if l.count(",") > 3))
