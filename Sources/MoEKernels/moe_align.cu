@@ -16,12 +16,15 @@
 // sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
 //
 // A. One launch, numel <= 8192 (a larger numel breaks the host's contract and traps):
-//   moe_align_single<<<1, 512, 0>>>(topk_ids, numel, num_experts, block_m, expert_map,
+//   moe_align_single<<<1, 512, stage_bytes>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
-//   Static shared memory 36 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
-//   counts and each pair's rank in its warp (__match_any_sync, shared atomics); per expert its total
-//   and each warp's start; a scan over the experts; then a warp per expert writes its padding and
-//   block ids while the pairs scatter (5 block barriers; NOTES v21).
+//   Static shared memory 38 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
+//   counts and each pair's rank in its warp (warp_peers: a ballot per bit of the expert index; shared
+//   atomics); per expert its total and each warp's start; a scan of the experts' block counts; then a
+//   warp per expert writes its padding and block ids while the pairs scatter (5 block barriers).
+//   The runs (sorted_ids[0, total_padded)) are built in the dynamic shared memory when total_padded
+//   * 4 <= stage_bytes and copied out coalesced; otherwise stored straight to sorted_ids (any
+//   stage_bytes, 0 included, gives the same result). NOTES v21, v22.
 //
 // B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
@@ -75,16 +78,23 @@ MOE_DEVICE void warp_peers(const int32_t (&e)[N], uint32_t (&peers)[N], int item
 #pragma unroll
     for (int it = 0; it < N; ++it) peers[it] = it < items ? __match_any_sync(MOE_FULL_MASK, e[it]) : 0u;
 #else
+    // Items in groups of 4 behind a branch: predicated-off ballots of absent items still issue (16 items x
+    // 9 bits cost a one-item batch a microsecond).
+    constexpr int GROUP = 4;
 #pragma unroll
-    for (int it = 0; it < N; ++it) peers[it] = __ballot_sync(MOE_FULL_MASK, e[it] >= 0);
+    for (int g = 0; g < N; g += GROUP) {
+        if (g >= items) break;  // the same in every lane
 #pragma unroll
-    for (int b = 0; b < 9; ++b) {
-        if (b >= bits) break;  // the same in every lane
+        for (int it = g; it < g + GROUP && it < N; ++it) peers[it] = __ballot_sync(MOE_FULL_MASK, e[it] >= 0);
 #pragma unroll
-        for (int it = 0; it < N; ++it) {
-            if (it < items) {  // the same in every lane
-                const uint32_t ones = __ballot_sync(MOE_FULL_MASK, (e[it] >> b) & 1);
-                peers[it] &= ((e[it] >> b) & 1) ? ones : ~ones;
+        for (int b = 0; b < 9; ++b) {
+            if (b >= bits) break;  // the same in every lane
+#pragma unroll
+            for (int it = g; it < g + GROUP && it < N; ++it) {
+                if (it < items) {  // the same in every lane
+                    const uint32_t ones = __ballot_sync(MOE_FULL_MASK, (e[it] >> b) & 1);
+                    peers[it] &= ((e[it] >> b) & 1) ? ones : ~ones;
+                }
             }
         }
     }
@@ -142,6 +152,26 @@ MOE_DEVICE int32_t block_exclusive_scan(int32_t value, int32_t* warp_totals, int
     if (warp > 0) inclusive += warp_totals[warp - 1];
     total = warp_totals[31];  // lanes >= warps repeat the last total
     return inclusive - value;
+}
+
+/// The bytes of dynamic shared memory this launch was given.
+MOE_DEVICE uint32_t dynamic_smem_bytes() {
+    uint32_t bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+
+/// dst[0, n) = src[0, n) (src 16-byte aligned shared memory), all threads of the block, coalesced: 16-byte
+/// stores when dst is 16-byte aligned.
+MOE_DEVICE void copy_out(const int32_t* src, int32_t* dst, int32_t n) {
+    int32_t q = threadIdx.x;
+    if ((reinterpret_cast<unsigned long long>(dst) & 15) == 0) {
+        const int4* src4 = reinterpret_cast<const int4*>(src);
+        int4* dst4 = reinterpret_cast<int4*>(dst);
+        for (int32_t v = threadIdx.x; v < n / 4; v += blockDim.x) dst4[v] = src4[v];
+        q = n / 4 * 4 + threadIdx.x;
+    }
+    for (; q < n; q += blockDim.x) dst[q] = src[q];
 }
 
 /// Lays out the padded runs from counts[E] (shared). All threads of the block must call it;
@@ -281,6 +311,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     __shared__ int32_t first_block[MAX_EXPERTS + 1];  // expert e's run: blocks [first_block[e], first_block[e + 1])
     __shared__ int32_t warp_totals[32];
     __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
+    extern __shared__ int4 stage_words[];  // the launch's dynamic shared memory: the runs, when they fit
+    int32_t* stage = reinterpret_cast<int32_t*>(stage_words);
+    const int32_t stage_capacity = static_cast<int32_t>(dynamic_smem_bytes() / sizeof(int32_t));
     if (numel > SINGLE_LIMIT) __trap();  // the host's contract: one tile
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -358,13 +391,18 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int32_t total = total_blocks * block_m;
     if (tid == 0) *total_padded = total;
 
+    // The runs go to the dynamic shared memory when they fit (then out leave coalesced), else straight to
+    // sorted_ids (each pair's store a different run: one sector per pair from one multiprocessor).
+    const bool staged = total <= stage_capacity;  // the same in every thread
+    int32_t* runs = staged ? stage : sorted_ids;
+
     // A warp per expert: its run's padding entries and its blocks' expert id.
     for (int e = warp; e < num_experts; e += WARPS) {
         const int32_t c = counts[e];
         const int32_t b0 = first_block[e];
         const int32_t b1 = first_block[e + 1];
         const int32_t id = expert_map != nullptr ? expert_map[e] : e;
-        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) sorted_ids[q] = pad_value;
+        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) runs[q] = pad_value;
         for (int32_t b = b0 + lane; b < b1; b += 32) expert_ids[b] = id;
     }
     // The tails: sorted_ids past the runs, the blocks past them.
@@ -377,8 +415,12 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
-            sorted_ids[first_block[e] * block_m + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            runs[first_block[e] * block_m + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
         }
+    }
+    if (staged) {
+        __syncthreads();
+        copy_out(stage, sorted_ids, total);
     }
 }
 

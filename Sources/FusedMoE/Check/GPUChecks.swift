@@ -198,12 +198,19 @@ public final class GPUChecks {
                     library: library, shape: shape, dtype: .bf16, w1: weights.w1, w2: weights.w2,
                     options: MoEOptions(expertMap: map), plan: caseplan(shape, 1, 1, .none), maxTokens: 1)
                 let ids = (0..<pairs).map { _ in Int32.random(in: 0..<Int32(experts), using: &generator) }
-                let gpu = try layer.debugAlign(ids: ids, blockM: blockM, stream: stream)
                 let cpu = try Align.align(ids: ids, experts: experts, blockM: blockM, expertMap: map)
-                let passed = gpu == cpu
-                record(
-                    "gpu align E=\(experts) pairs=\(pairs) blockM=\(blockM)\(mapped ? " expert-map" : "")", passed,
-                    passed ? "exact (\(pairs <= CUDAMoELayer.singleAlignLimit ? "one launch" : "three launches"))" : "differs from the CPU align (padded \(gpu.paddedCount) vs \(cpu.paddedCount))")
+                // The one-launch kernel both ways: its runs staged in shared memory (the forward's choice
+                // where they fit) and stored directly.
+                let single = pairs <= CUDAMoELayer.singleAlignLimit
+                for staged in single ? [true, false] : [true] {
+                    let gpu = try layer.debugAlign(ids: ids, blockM: blockM, staged: staged, stream: stream)
+                    let passed = gpu == cpu
+                    let path = single ? (staged ? "one launch, staged" : "one launch, direct") : "three launches"
+                    record(
+                        "gpu align E=\(experts) pairs=\(pairs) blockM=\(blockM)\(mapped ? " expert-map" : "")\(single && !staged ? " direct" : "")",
+                        passed,
+                        passed ? "exact (\(path))" : "differs from the CPU align (\(path); padded \(gpu.paddedCount) vs \(cpu.paddedCount))")
+                }
             }
         } catch {
             record("gpu align", false, "\(error)")

@@ -69,6 +69,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
     static let singleAlignLimit = 8192
     /// Pairs per program of the three-launch align.
     static let alignChunk = 4096
+    /// The one-launch align stages its padded runs in dynamic shared memory when they fit, so that its
+    /// stores of sorted_ids leave coalesced (NOTES v22): at most this much, less the kernel's 37 KB of
+    /// static shared memory and a margin where the device offers less.
+    static let alignStageLimit = 160 * 1024
+
+    /// Dynamic shared memory for a one-launch align of `maxPadded` rows on a device that offers
+    /// `optIn` bytes per block (0: the runs go straight to global memory).
+    static func alignStageBytes(maxPadded: Int, optIn: Int) -> Int {
+        let room = min(alignStageLimit, max(0, optIn - 40 * 1024)) / 16 * 16
+        return min((maxPadded * MemoryLayout<Int32>.size + 15) / 16 * 16, room)
+    }
 
     /// Makes a layer: validates, compiles (or loads) its kernels, and allocates its scratch.
     ///
@@ -238,8 +249,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let gemm2 = try gemmKernel(plan.gemm2, index: 1)
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
+        let alignSingle = try library.kernel("moe_align_single", in: align)
+        let stage = alignStageBytes(maxPadded: .max / 8, optIn: library.device.properties.sharedMemoryPerBlockOptIn)
+        if stage > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stage) }
         return Kernels(
-            alignSingle: try library.kernel("moe_align_single", in: align),
+            alignSingle: alignSingle,
             alignCount: try library.kernel("moe_align_count", in: align),
             alignScan: try library.kernel("moe_align_scan", in: align),
             alignScatter: try library.kernel("moe_align_scatter", in: align),
@@ -416,7 +430,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let map = expertMap?.pointer ?? .null
         if pairs <= CUDAMoELayer.singleAlignLimit {
             try kernels.alignSingle.launch(
-                grid: Dimensions(1), block: Dimensions(512), on: stream,
+                grid: Dimensions(1), block: Dimensions(512),
+                sharedMemoryBytes: CUDAMoELayer.alignStageBytes(
+                    maxPadded: maxPadded, optIn: library.device.properties.sharedMemoryPerBlockOptIn),
+                on: stream,
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
                     Int64(maxPadded),
@@ -569,7 +586,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
 extension CUDAMoELayer {
     /// Runs only the align stage on host ids and reads the result back: for checks, not for the
     /// forward path (it allocates and synchronizes). `blockM` may differ from the plan's.
-    public func debugAlign(ids: [Int32], blockM: Int, stream: Stream) throws(CUDAError) -> AlignedRouting {
+    /// `staged: false` gives the one-launch kernel no shared memory for its runs (its direct stores).
+    public func debugAlign(ids: [Int32], blockM: Int, staged: Bool = true, stream: Stream) throws(CUDAError)
+        -> AlignedRouting
+    {
         let device = library.device
         let routed = routedExperts
         let pairs = ids.count
@@ -585,8 +605,10 @@ extension CUDAMoELayer {
         for buffer in [sorted, experts, total] { try buffer.fill(byte: 0xEE, on: stream) }
         let map = expertMap?.pointer ?? .null
         if pairs <= CUDAMoELayer.singleAlignLimit {
+            let stage = staged
+                ? CUDAMoELayer.alignStageBytes(maxPadded: maxPadded, optIn: device.properties.sharedMemoryPerBlockOptIn) : 0
             try kernels.alignSingle.launch(
-                grid: Dimensions(1), block: Dimensions(512), on: stream,
+                grid: Dimensions(1), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
                 arguments: [idBuffer, Int64(pairs), Int32(routed), Int32(blockM), map, sorted, experts, total, Int64(maxPadded)])
         } else {
             try kernels.alignCount.launch(
