@@ -40,7 +40,7 @@
 //        sorted_ids)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
 //        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
-//        full chunk: 512 each); per-warp counts and __match_any_sync ranks give each pair its
+//        full chunk: 512 each); per-warp counts and warp_peers ranks give each pair its
 //        place (18 KB static).
 #include "moe_common.cuh"
 
@@ -174,54 +174,49 @@ MOE_DEVICE void copy_out(const int32_t* src, int32_t* dst, int32_t n) {
     for (; q < n; q += blockDim.x) dst[q] = src[q];
 }
 
-/// Lays out the padded runs from counts[E] (shared). All threads of the block must call it;
-/// blockDim.x >= num_experts. Writes offsets[e] (shared) = first position of expert e, the
-/// padding entries of sorted_ids, expert_ids, total_padded; returns nothing.
-MOE_DEVICE void layout_runs(const int32_t* counts, int32_t* offsets, int32_t* warp_totals, int64_t numel,
-                            int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* sorted_ids,
-                            int32_t* expert_ids, int32_t* total_padded, int64_t max_padded) {
+/// Lays out the padded runs: this thread's expert count (thread e has expert e's; blockDim.x >=
+/// num_experts, 0 past them) -> first_block[0, E] (shared; expert e's run is blocks [first_block[e],
+/// first_block[e + 1])) by a block scan of the experts' block counts, and *total_padded. Returns the
+/// blocks in use. All threads call it; it ends with a barrier.
+MOE_DEVICE int32_t lay_out_runs(int32_t count, int32_t* first_block, int32_t* warp_totals, int32_t num_experts,
+                                int32_t block_m, int32_t* total_padded) {
     const int tid = threadIdx.x;
-    const int32_t pad_value = static_cast<int32_t>(numel);
-
-    // Exclusive scan of the padded counts over experts (one expert per thread).
-    const int32_t padded = tid < num_experts ? (counts[tid] + block_m - 1) / block_m * block_m : 0;
-    int32_t total;
-    const int32_t start = block_exclusive_scan(padded, warp_totals, total);
-    if (tid < num_experts) offsets[tid] = start;
+    const int32_t blocks = tid < num_experts ? (count + block_m - 1) / block_m : 0;
+    int32_t total_blocks;
+    const int32_t first = block_exclusive_scan(blocks, warp_totals, total_blocks);
+    if (tid < num_experts) first_block[tid] = first;
+    if (tid == 0) {
+        first_block[num_experts] = total_blocks;
+        *total_padded = total_blocks * block_m;
+    }
     __syncthreads();
+    return total_blocks;
+}
 
-    if (tid == 0) *total_padded = total;
-
-    // Padding inside each run: positions offsets[e] + counts[e] .. offsets[e] + padded_e - 1 (32-bit
-    // arithmetic: E * block_m < 2^31; a 64-bit division per position cost microseconds, NOTES v21).
-    for (int32_t q = tid; q < num_experts * block_m; q += blockDim.x) {
-        const int32_t e = q / block_m;
-        const int32_t j = q - e * block_m;
-        const int32_t count = counts[e];
-        const int32_t run = (count + block_m - 1) / block_m * block_m;
-        if (count + j < run) sorted_ids[offsets[e] + count + j] = pad_value;
+/// A warp per expert writes its run's padding entries (runs[q] = numel; runs: sorted_ids, or a staging
+/// copy of its first total_blocks * block_m entries) and its blocks' expert id (mapped); then the tails
+/// past the runs: sorted_ids up to max_padded, expert_ids up to ceil(max_padded / block_m). counts
+/// (shared) and first_block as lay_out_runs left them. All threads call it; no barrier. 32-bit positions
+/// inside the runs (below 2^31) and no division by block_m: a 64-bit one per position cost
+/// microseconds (NOTES v21).
+MOE_DEVICE void write_padding(const int32_t* counts, const int32_t* first_block, int32_t total_blocks, int64_t numel,
+                              int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* runs,
+                              int32_t* sorted_ids, int32_t* expert_ids, int64_t max_padded) {
+    const int lane = threadIdx.x & 31;
+    const int warps = blockDim.x >> 5;
+    const int32_t pad_value = static_cast<int32_t>(numel);
+    for (int e = threadIdx.x >> 5; e < num_experts; e += warps) {
+        const int32_t c = counts[e];
+        const int32_t b0 = first_block[e];
+        const int32_t b1 = first_block[e + 1];
+        const int32_t id = expert_map != nullptr ? expert_map[e] : e;
+        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) runs[q] = pad_value;
+        for (int32_t blk = b0 + lane; blk < b1; blk += 32) expert_ids[blk] = id;
     }
-    // Tail of sorted_ids.
-    for (int64_t q = static_cast<int64_t>(total) + tid; q < max_padded; q += blockDim.x) sorted_ids[q] = pad_value;
-
-    // Expert of each block: the first expert whose run ends past the block's start.
-    const int64_t used_blocks = total / block_m;
+    const int64_t total = static_cast<int64_t>(total_blocks) * block_m;
+    for (int64_t q = total + threadIdx.x; q < max_padded; q += blockDim.x) sorted_ids[q] = pad_value;
     const int64_t max_blocks = ceil_div(max_padded, block_m);
-    for (int64_t b = tid; b < max_blocks; b += blockDim.x) {
-        int32_t id = -1;
-        if (b < used_blocks) {
-            const int64_t start = b * block_m;
-            int lo = 0, hi = num_experts - 1;  // find the first e with offsets[e] + run_e > start
-            while (lo < hi) {
-                const int mid = (lo + hi) >> 1;
-                const int32_t run_end =
-                    offsets[mid] + (counts[mid] + block_m - 1) / block_m * block_m;
-                if (run_end > start) hi = mid; else lo = mid + 1;
-            }
-            id = expert_map != nullptr ? expert_map[lo] : lo;
-        }
-        expert_ids[b] = id;
-    }
+    for (int64_t blk = total_blocks + threadIdx.x; blk < max_blocks; blk += blockDim.x) expert_ids[blk] = -1;
 }
 
 /// Scatters the pairs of one tile [tile_begin, tile_begin + WARPS * 512) to sorted_ids, stably.
@@ -319,7 +314,6 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int lane = tid & 31;
     const int warp = tid >> 5;
     const uint32_t below = lanemask_lt();
-    const int32_t pad_value = static_cast<int32_t>(numel);
 
     // Warp w owns the pairs [32 w items, 32 (w + 1) items), `items` per lane, item `it` of lane l being
     // pair 32 (w items + it) + l: ascending pair order is warp, then item, then lane.
@@ -382,33 +376,14 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
         }
         counts[tid] = count;
     }
-    const int32_t blocks = tid < num_experts ? (count + block_m - 1) / block_m : 0;
-    int32_t total_blocks;
-    const int32_t first = block_exclusive_scan(blocks, warp_totals, total_blocks);
-    if (tid < num_experts) first_block[tid] = first;
-    if (tid == 0) first_block[num_experts] = total_blocks;
-    __syncthreads();
-    const int32_t total = total_blocks * block_m;
-    if (tid == 0) *total_padded = total;
+    const int32_t total_blocks = lay_out_runs(count, first_block, warp_totals, num_experts, block_m, total_padded);
 
     // The runs go to the dynamic shared memory when they fit (then out leave coalesced), else straight to
     // sorted_ids (each pair's store a different run: one sector per pair from one multiprocessor).
-    const bool staged = total <= stage_capacity;  // the same in every thread
+    const bool staged = static_cast<int64_t>(total_blocks) * block_m <= stage_capacity;  // the same in every thread
     int32_t* runs = staged ? stage : sorted_ids;
-
-    // A warp per expert: its run's padding entries and its blocks' expert id.
-    for (int e = warp; e < num_experts; e += WARPS) {
-        const int32_t c = counts[e];
-        const int32_t b0 = first_block[e];
-        const int32_t b1 = first_block[e + 1];
-        const int32_t id = expert_map != nullptr ? expert_map[e] : e;
-        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) runs[q] = pad_value;
-        for (int32_t b = b0 + lane; b < b1; b += 32) expert_ids[b] = id;
-    }
-    // The tails: sorted_ids past the runs, the blocks past them.
-    for (int64_t q = static_cast<int64_t>(total) + tid; q < max_padded; q += THREADS) sorted_ids[q] = pad_value;
-    const int64_t max_blocks = ceil_div(max_padded, block_m);
-    for (int64_t b = total_blocks + tid; b < max_blocks; b += THREADS) expert_ids[b] = -1;
+    write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, runs, sorted_ids,
+                  expert_ids, max_padded);
 
     // Pass 2: each pair goes to its expert's run start + its warp's start + its rank in the warp.
 #pragma unroll
@@ -420,7 +395,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     }
     if (staged) {
         __syncthreads();
-        copy_out(stage, sorted_ids, total);
+        copy_out(stage, sorted_ids, total_blocks * block_m);
     }
 }
 
@@ -447,23 +422,24 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t counts[MAX_EXPERTS];
-    __shared__ int32_t offsets[MAX_EXPERTS];
+    __shared__ int32_t first_block[MAX_EXPERTS + 1];
     __shared__ int32_t warp_totals[32];
 
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-        int32_t sum = 0;
+    int32_t count = 0;
+    if (threadIdx.x < num_experts) {
+        const int e = threadIdx.x;
 #pragma unroll 4
-        for (int32_t c = 0; c < num_chunks; ++c) sum += chunk_counts[static_cast<int64_t>(c) * num_experts + e];
-        counts[e] = sum;
+        for (int32_t c = 0; c < num_chunks; ++c) count += chunk_counts[static_cast<int64_t>(c) * num_experts + e];
+        counts[e] = count;
     }
-    __syncthreads();
-    layout_runs(counts, offsets, warp_totals, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids,
-                total_padded, max_padded);
+    const int32_t total_blocks = lay_out_runs(count, first_block, warp_totals, num_experts, block_m, total_padded);
+    write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, sorted_ids, sorted_ids,
+                  expert_ids, max_padded);
     // Counts are loaded in batches before the batch's positions are stored (the compiler cannot
     // move a load above a store to the same array: one round trip per chunk otherwise).
     constexpr int BATCH = 8;
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-        int32_t position = offsets[e];
+        int32_t position = first_block[e] * block_m;
         for (int32_t c0 = 0; c0 < num_chunks; c0 += BATCH) {
             int32_t count[BATCH];
 #pragma unroll
