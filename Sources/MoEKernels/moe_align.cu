@@ -40,8 +40,8 @@
 //        sorted_ids)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
 //        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
-//        full chunk: 512 each); per-warp counts and warp_peers ranks give each pair its
-//        place (18 KB static).
+//        full chunk: 512 each), ranked as in A; the chunk's pairs are put in sorted order in shared
+//        memory and stored from there, an expert's segment at a time (44 KB static).
 #include "moe_common.cuh"
 
 namespace moe_align_detail {
@@ -63,6 +63,9 @@ MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, 
 /// Bits of an expert index: the bit length of num_experts - 1 (0 for one expert, 9 for 512).
 MOE_DEVICE int expert_bits(int32_t num_experts) { return num_experts > 1 ? 32 - __clz(num_experts - 1) : 0; }
 
+#ifndef MOE_ALIGN_SCATTER_STAGE
+#define MOE_ALIGN_SCATTER_STAGE 1  // 0: the three-launch scatter stores each pair directly (before NOTES v22)
+#endif
 #ifndef MOE_ALIGN_MATCH_ANY
 #define MOE_ALIGN_MATCH_ANY 0  // 1: peers by __match_any_sync (before NOTES v22), for A/Bs
 #endif
@@ -219,79 +222,66 @@ MOE_DEVICE void write_padding(const int32_t* counts, const int32_t* first_block,
     for (int64_t blk = total_blocks + threadIdx.x; blk < max_blocks; blk += blockDim.x) expert_ids[blk] = -1;
 }
 
-/// Scatters the pairs of one tile [tile_begin, tile_begin + WARPS * 512) to sorted_ids, stably.
-/// cursor[e] (shared) holds the next free position of expert e and is advanced past the
-/// tile's pairs. warp_counts (shared) has WARPS * num_experts entries. All threads call it.
-template <int WARPS>
-MOE_DEVICE void scatter_tile(const int32_t* topk_ids, int64_t tile_begin, int64_t numel, int32_t num_experts,
-                             int32_t* warp_counts, int32_t* cursor, int32_t* sorted_ids) {
+/// Loads the ids of this warp's pairs, `items` per lane (item it of lane l: pair warp_begin + 32 it + l,
+/// those at or past `end` absent), into ids (-1: absent or not an expert) and ranks them stably:
+/// rank[it] = the pair's place among the warp's pairs of its expert, in pair order; my_counts[e]
+/// (shared, this warp's, zeroed by the block before the call) ends as the warp's count of expert e.
+/// Every load is issued before any is used (clamped in range, not branched around), the items' peers
+/// are independent, and each item's leader per expert adds its lanes with a shared atomic whose return
+/// is the count before them (__syncwarp orders the items). All threads of the block call it, converged;
+/// its one barrier (after the loads, before the atomics) orders the caller's zeroing. NOTES v21, v22.
+template <int N>
+MOE_DEVICE void rank_warp_pairs(const int32_t* topk_ids, int64_t warp_begin, int64_t end, int items,
+                                int32_t num_experts, int32_t* my_counts, int32_t (&ids)[N], int32_t (&rank)[N]) {
     const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    // Each warp owns a contiguous run of `items` ids per lane (items * 32 pairs), as few as cover the
-    // tile's pairs: a short tile costs its pairs, not a full tile's (NOTES v21).
-    const int64_t tile_pairs = min_i64(numel - tile_begin, static_cast<int64_t>(WARPS) * 32 * ITEMS_PER_LANE);
-    const int items = static_cast<int>((tile_pairs + WARPS * 32 - 1) / (WARPS * 32));
-    const int64_t warp_begin = tile_begin + static_cast<int64_t>(warp) * 32 * items;
-    int32_t* my_counts = warp_counts + warp * num_experts;
     const uint32_t below = lanemask_lt();
-    const int bits = expert_bits(num_experts);
-
-    for (int e = threadIdx.x; e < WARPS * num_experts; e += WARPS * 32) warp_counts[e] = 0;
-
-    // Each pass loads the warp's ids before using any (one memory round trip per pass; kept across
-    // the passes, the 16 ids made ptxas spill).
-    int32_t ids[ITEMS_PER_LANE];
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it)
-        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
+    for (int it = 0; it < N; ++it) ids[it] = -1;
+    if (end > 0) {
+#pragma unroll
+        for (int it = 0; it < N; ++it) {
+            const int64_t i = warp_begin + it * 32 + lane;
+            ids[it] = topk_ids[i < end ? i : end - 1];
+        }
+    }
+#pragma unroll
+    for (int it = 0; it < N; ++it) {
+        const int64_t i = warp_begin + it * 32 + lane;
+        const bool ok = it < items && i < end && ids[it] >= 0 && ids[it] < num_experts;
+        ids[it] = ok ? ids[it] : -1;
+    }
+    uint32_t same[N];
+    warp_peers(ids, same, items, expert_bits(num_experts));
     __syncthreads();
-
-    // Pass 1: per-warp counts (one leader per expert per step; the warp steps in order).
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+    for (int it = 0; it < N; ++it) {
         if (it < items) {  // the same in every lane
             const int32_t e = ids[it];
-            const uint32_t same = warp_peers(e, bits);
-            if (e >= 0 && (same & below) == 0) my_counts[e] += __popc(same);
+            const int leader = __ffs(same[it]) - 1;
+            int32_t before = 0;
+            if (e >= 0 && leader == lane) before = atomicAdd(&my_counts[e], __popc(same[it]));
             __syncwarp();
+            rank[it] = __shfl_sync(MOE_FULL_MASK, before, leader) + __popc(same[it] & below);
         }
     }
-    __syncthreads();
-
-    // Exclusive scan over warps, per expert, starting at the cursor.
-    for (int e = threadIdx.x; e < num_experts; e += WARPS * 32) {
-        int32_t position = cursor[e];
-        for (int w = 0; w < WARPS; ++w) {
-            const int32_t c = warp_counts[w * num_experts + e];
-            warp_counts[w * num_experts + e] = position;
-            position += c;
-        }
-        cursor[e] = position;
-    }
-    __syncthreads();
-
-    // Pass 2: each pair goes to its warp's position for the expert plus its rank among the
-    // lanes below with the same expert.
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it)
-        ids[it] = it < items ? expert_of(topk_ids, warp_begin + it * 32 + lane, numel, num_experts) : -1;
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        if (it >= items) break;
-        const int64_t i = warp_begin + it * 32 + lane;
-        const int32_t e = ids[it];
-        const uint32_t same = warp_peers(e, bits);
-        int32_t base = 0;
-        if (e >= 0) {
-            base = my_counts[e];
-            sorted_ids[base + __popc(same & below)] = static_cast<int32_t>(i);
-        }
-        __syncwarp();
-        if (e >= 0 && (same & below) == 0) my_counts[e] = base + __popc(same);
-        __syncwarp();
-    }
-    __syncthreads();
 }
+
+/// Thread e (e < num_experts): the WARPS warps' counts of expert e (loaded together) replaced by their
+/// exclusive prefix from `base`; returns base + expert e's count (base for threads past the experts).
+template <int WARPS>
+MOE_DEVICE int32_t warp_starts(int32_t* warp_counts, int32_t num_experts, int e, int32_t base) {
+    if (e >= num_experts) return base;
+    int32_t c[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) c[w] = warp_counts[w * num_experts + e];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        warp_counts[w * num_experts + e] = base;
+        base += c[w];
+    }
+    return base;
+}
+
 }  // namespace moe_align_detail
 
 extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1)
@@ -313,7 +303,6 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    const uint32_t below = lanemask_lt();
 
     // Warp w owns the pairs [32 w items, 32 (w + 1) items), `items` per lane, item `it` of lane l being
     // pair 32 (w items + it) + l: ascending pair order is warp, then item, then lane.
@@ -321,61 +310,14 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int64_t warp_begin = static_cast<int64_t>(warp) * 32 * items;
     int32_t* my_counts = warp_counts + warp * num_experts;
     for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
-    // Every load is issued before any is used (clamped in range, not branched around: NOTES v21).
-    int32_t ids[ITEMS_PER_LANE];
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) ids[it] = -1;
-    if (numel > 0) {
-#pragma unroll
-        for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-            const int64_t i = warp_begin + it * 32 + lane;
-            ids[it] = topk_ids[i < numel ? i : numel - 1];
-        }
-    }
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        const int64_t i = warp_begin + it * 32 + lane;
-        const bool ok = it < items && i < numel && ids[it] >= 0 && ids[it] < num_experts;
-        ids[it] = ok ? ids[it] : -1;
-    }
-    // The lanes of each item with the same expert (independent of one another, so in flight together).
-    const int bits = expert_bits(num_experts);
-    uint32_t same[ITEMS_PER_LANE];
-    warp_peers(ids, same, items, bits);
+    int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
+    rank_warp_pairs(topk_ids, warp_begin, numel, items, num_experts, my_counts, ids, rank);
     __syncthreads();
 
-    // Pass 1: per-warp counts. Each item's leader per expert adds its lanes with a shared atomic and
-    // hands the count before them to those lanes: rank[it] is the pair's place among the warp's pairs
-    // of its expert. __syncwarp orders the items' atomics (their leaders may be different lanes).
-    int32_t rank[ITEMS_PER_LANE];
-#pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        if (it < items) {  // the same in every lane
-            const int32_t e = ids[it];
-            const int leader = __ffs(same[it]) - 1;
-            int32_t before = 0;
-            if (e >= 0 && leader == lane) before = atomicAdd(&my_counts[e], __popc(same[it]));
-            __syncwarp();
-            rank[it] = __shfl_sync(MOE_FULL_MASK, before, leader) + __popc(same[it] & below);
-        }
-    }
-    __syncthreads();
-
-    // Thread e: expert e's count, each warp's count replaced by the warp's start within the run (the
-    // warps' counts loaded together); then the exclusive scan of the experts' block counts (one per
-    // thread) gives each run's first block, so nothing below divides by block_m.
-    int32_t count = 0;
-    if (tid < num_experts) {
-        int32_t c[WARPS];
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) c[w] = warp_counts[w * num_experts + tid];
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            warp_counts[w * num_experts + tid] = count;
-            count += c[w];
-        }
-        counts[tid] = count;
-    }
+    // Thread e: expert e's count, each warp's count replaced by the warp's start within the run; then
+    // the exclusive scan of the experts' block counts (one per thread) gives each run's first block.
+    const int32_t count = warp_starts<WARPS>(warp_counts, num_experts, tid, 0);
+    if (tid < num_experts) counts[tid] = count;
     const int32_t total_blocks = lay_out_runs(count, first_block, warp_totals, num_experts, block_m, total_padded);
 
     // The runs go to the dynamic shared memory when they fit (then out leave coalesced), else straight to
@@ -459,11 +401,67 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
                       const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ sorted_ids) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
-    __shared__ int32_t cursor[MAX_EXPERTS];
-    __shared__ int32_t warp_counts[CHUNK_WARPS * MAX_EXPERTS];
+    constexpr int WARPS = CHUNK_WARPS;
+    constexpr int THREADS = CHUNK_THREADS;
+    __shared__ int32_t first[MAX_EXPERTS];  // expert e: the position in sorted_ids of this chunk's first pair
+    __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    // Warp w owns `items` pairs per lane from chunk_begin + 32 w items, as few as cover the chunk's pairs.
+    const int64_t chunk_begin = static_cast<int64_t>(blockIdx.x) * CHUNK;
+    const int64_t chunk_end = min_i64(chunk_begin + CHUNK, numel);
+    const int items = static_cast<int>((chunk_end - chunk_begin + THREADS - 1) / THREADS);
+    const int64_t warp_begin = chunk_begin + static_cast<int64_t>(warp) * 32 * items;
     const int32_t* mine = chunk_offsets + static_cast<int64_t>(blockIdx.x) * num_experts;
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) cursor[e] = mine[e];
+    for (int e = tid; e < num_experts; e += THREADS) first[e] = mine[e];
+    for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
+    int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
+    int32_t* my_counts = warp_counts + warp * num_experts;
+    rank_warp_pairs(topk_ids, warp_begin, chunk_end, items, num_experts, my_counts, ids, rank);
     __syncthreads();
-    scatter_tile<CHUNK_WARPS>(topk_ids, static_cast<int64_t>(blockIdx.x) * CHUNK, numel, num_experts, warp_counts,
-                              cursor, sorted_ids);
+    // Experts tid and tid + THREADS (E <= 512): the warps' starts within the chunk's pairs of each.
+    const int32_t c0 = warp_starts<WARPS>(warp_counts, num_experts, tid, 0);
+    const int32_t c1 = warp_starts<WARPS>(warp_counts, num_experts, tid + THREADS, 0);
+#if MOE_ALIGN_SCATTER_STAGE
+    // The chunk's pairs are first put in their sorted order in shared memory (expert e's at
+    // local_first[e]), then stored in that order: consecutive threads write consecutive positions of
+    // an expert's segment, not one sector per pair.
+    __shared__ int32_t local_first[MAX_EXPERTS];
+    __shared__ int32_t warp_totals[32];
+    __shared__ int32_t stage_pair[CHUNK];
+    __shared__ int16_t stage_expert[CHUNK];
+    int32_t total0, total1;
+    const int32_t s0 = block_exclusive_scan(c0, warp_totals, total0);
+    if (tid < num_experts) local_first[tid] = s0;
+    __syncthreads();  // warp_totals is read back before the second scan writes it
+    const int32_t s1 = block_exclusive_scan(c1, warp_totals, total1);
+    if (tid + THREADS < num_experts) local_first[tid + THREADS] = total0 + s1;
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        if (it < items && ids[it] >= 0) {
+            const int32_t e = ids[it];
+            const int32_t p = local_first[e] + my_counts[e] + rank[it];
+            stage_pair[p] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            stage_expert[p] = static_cast<int16_t>(e);
+        }
+    }
+    __syncthreads();
+    for (int32_t p = tid; p < total0 + total1; p += THREADS) {
+        const int32_t e = stage_expert[p];
+        sorted_ids[first[e] + (p - local_first[e])] = stage_pair[p];
+    }
+#else
+    (void)c0;
+    (void)c1;
+    __syncthreads();
+#pragma unroll
+    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+        if (it < items && ids[it] >= 0) {
+            const int32_t e = ids[it];
+            sorted_ids[first[e] + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+        }
+    }
+#endif
 }
