@@ -61,6 +61,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")
     var stages = false
 
+    @Option(help: "GPU: a peer-timing JSON (e.g. ../shared/anchors/h200-sglang.json): every input set of a (shape, M) row it has is drawn to touch the experts_touched that row records, so a memory-bound row streams the weights the peer's run streamed. Other rows draw as usual.")
+    var touchedLike: String?
+
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1, got \(repeats)") }
         guard tp >= 1, ep >= 1 else { throw ValidationError("--tp and --ep must be >= 1") }
@@ -73,6 +76,7 @@ struct Bench: ParsableCommand {
             try runGPU()
             return
         }
+        guard touchedLike == nil else { throw ValidationError("--touched-like needs the GPU backend") }
         let presets = try selectedPresets(default: ["tiny"])
         let batches = batchSizes?.values ?? [1, 8, 32, 128]
         note("measuring the CPU's ceilings...")
@@ -131,16 +135,23 @@ extension Bench {
             note("no --ceilings file: the bf16 matrix rate is taken as 715 TFLOP/s (the anchor's), not measured")
         }
         note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, bf16 \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s")
+        var touched: [String: [Int: Int]] = [:]
+        if let touchedLike {
+            guard let text = readTextFile(touchedLike) else { throw ValidationError("--touched-like: cannot read '\(touchedLike)'") }
+            touched = try PeerTimings.expertsTouched(json: text, source: touchedLike)
+        }
         var rows: [BenchRow] = []
         for preset in presets {
             rows += try bench.run(
                 preset: preset, batchSizes: batches, settings: (planOnly ? [.auto] : GPUBench.tableSettings) + (withoutPdl ? [.autoSequential] : [])
                     + (fusionAb ? GPUBench.Setting.fusionComparison : []), dtype: dtype,
-                ceilings: measured, rotations: rotations, seed: seed, stages: stages, progress: note)
+                ceilings: measured, rotations: rotations, seed: seed, stages: stages, touched: touched[preset.name] ?? [:],
+                progress: note)
         }
         let report = BenchReport(
             device: device.properties.name, driver: "CUDA \(device.driver.versionString)", commit: currentCommit(),
-            date: HostClock.isoDate(), ceilings: measured, rows: rows)
+            date: HostClock.isoDate(), ceilings: measured, rows: rows,
+            routing: touchedLike.map { "each input set drawn to touch the experts_touched of \($0)'s row" })
         print(report.table())
         if let json {
             try writeText(report.json.serialized(indent: 1) + "\n", to: json)

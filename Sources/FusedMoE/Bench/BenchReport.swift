@@ -67,14 +67,20 @@ public struct BenchReport: Sendable {
     public var date: String
     public var ceilings: Ceilings
     public var rows: [BenchRow]
+    /// How the routing was drawn when not as usual (`bench --touched-like`); written as "routing".
+    public var routing: String?
 
-    public init(device: String, driver: String, commit: String, date: String, ceilings: Ceilings, rows: [BenchRow]) {
+    public init(
+        device: String, driver: String, commit: String, date: String, ceilings: Ceilings, rows: [BenchRow],
+        routing: String? = nil
+    ) {
         self.device = device
         self.driver = driver
         self.commit = commit
         self.date = date
         self.ceilings = ceilings
         self.rows = rows
+        self.routing = routing
     }
 
     public var json: JSON {
@@ -83,6 +89,7 @@ public struct BenchReport: Sendable {
             ("driver", .string(driver)),
             ("commit", .string(commit)),
             ("date", .string(date)),
+        ] + (routing.map { [("routing", JSON.string($0))] } ?? []) + [
             ("ceilings", .object([
                 ("copy_bytes_per_s", .number(ceilings.copyBytesPerSecond)),
                 ("bf16_flops_per_s", .number(ceilings.matrixFlopsPerSecond)),

@@ -80,7 +80,7 @@ public final class GPUBench {
     /// Times every setting at every batch size for one shape.
     public func run(
         preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
-        seed: UInt64, stages: Bool = false, progress: (String) -> Void
+        seed: UInt64, stages: Bool = false, touched: [Int: Int] = [:], progress: (String) -> Void
     ) throws -> [BenchRow] {
         let shape = preset.shape
         let multiprocessors = library.device.properties.multiprocessorCount
@@ -113,9 +113,13 @@ public final class GPUBench {
         var rows: [BenchRow] = []
         for (index, tokens) in batchSizes.enumerated() {
             let inputs = try (0..<rotations).map { rotation in
-                try LayerInputs(
-                    tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: seed &+ UInt64(1000 * tokens + rotation),
-                    stream: stream)
+                let setSeed = seed &+ UInt64(1000 * tokens + rotation)
+                let input = try LayerInputs(tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: setSeed, stream: stream)
+                if let target = touched[tokens] {
+                    let draws = try redrawRouting(input, touching: target, seed: setSeed)
+                    if rotation == 0 { progress("\(preset.name) M=\(tokens): routing drawn to touch \(target) experts (\(draws) draws for the first set)") }
+                }
+                return input
             }
             let reference = try inputs[0].reference(weights: weights, library: library, stream: stream)
             // The timed graph runs every input set once, each with its own routing: the floor is the mean
@@ -152,6 +156,33 @@ public final class GPUBench {
             }
         }
         return rows
+    }
+
+    /// The most routings `redrawRouting` draws before it gives up.
+    static let routingDraws = 10_000
+
+    /// Redraws `input`'s routing (seeds derived from `seed`; the activations and weights kept) until it
+    /// touches exactly `target` experts: a memory-bound row then streams the weights a peer's run of
+    /// that many experts streamed (`bench --touched-like`). Returns the draws it took (1: the first).
+    func redrawRouting(_ input: LayerInputs, touching target: Int, seed: UInt64) throws -> Int {
+        let (shape, tokens) = (input.shape, input.tokens)
+        let reachable = min(shape.experts, tokens * shape.topK)
+        guard tokens > 0, (shape.topK...reachable).contains(target) else {
+            throw MoEError.invalidArgument(
+                "--touched-like",
+                "\(tokens) tokens with top-\(shape.topK) of \(shape.experts) experts touch \(shape.topK)...\(reachable) experts, not \(target)")
+        }
+        for draw in 0..<GPUBench.routingDraws {
+            if draw > 0 {
+                try tools.fillRandomIDs(
+                    input.ids.pointer, tokens: tokens, topK: shape.topK, experts: shape.experts,
+                    seed: seed &+ 1 &+ UInt64(draw) &* 0x9E37_79B9_7F4A_7C15, stream: stream)
+                try stream.synchronize()
+            }
+            if Set(try input.ids.download(count: tokens * shape.topK, as: Int32.self)).count == target { return draw + 1 }
+        }
+        throw MoEError.invalidArgument(
+            "--touched-like", "no routing of \(tokens) tokens touched exactly \(target) of \(shape.experts) experts in \(GPUBench.routingDraws) draws")
     }
 
     /// "wgmma", or "wgmma_swap+mma" when the GEMMs use different kernels.
