@@ -2,10 +2,23 @@
 # On the GPU machine, when little device time is left: ceilings, the full check, then the shipped
 # plans on every preset (bench --plan-only, all batch sizes), each step under its own timeout.
 # Outputs under $OUT: ceilings.json, check.txt, bench-presets.json, bench-presets.txt.
+# CHECK_TIMEOUT=0 skips the check. TOUCHED_LIKE=FILE (a peer-timing JSON) adds the batch sizes
+# TOUCHED_BATCHES (default 8,32) with each input set's routing drawn to touch that file's
+# experts_touched (bench-touched.json/.txt). SANITIZE="racecheck memcheck" adds those
+# compute-sanitizer tools on `check --small` (device-sanitize.sh; SANITIZER_TIMEOUT each).
 source "$(dirname "$0")/device-env.sh"
+presets=(--shape seed4096 --shape seed8192 --shape mixtral_tp2 --shape qwen235_tp2 --shape dsv3_tp4)
 device_ceilings
-device_check "${CHECK_TIMEOUT:-300}"
-timeout ${BENCH_TIMEOUT:-200} dist/fused-moe bench --plan-only --shape seed4096 --shape seed8192 --shape mixtral_tp2 \
-  --shape qwen235_tp2 --shape dsv3_tp4 --ceilings "$OUT/ceilings.json" --json "$OUT/bench-presets.json" \
-  2>/dev/null > "$OUT/bench-presets.txt" || status=1
+[[ ${CHECK_TIMEOUT:-300} == 0 ]] || device_check "${CHECK_TIMEOUT:-300}"
+timeout ${BENCH_TIMEOUT:-200} dist/fused-moe bench --plan-only "${presets[@]}" --ceilings "$OUT/ceilings.json" \
+  --json "$OUT/bench-presets.json" 2>/dev/null > "$OUT/bench-presets.txt" || status=1
+if [[ -n ${TOUCHED_LIKE:-} ]]; then
+  timeout ${TOUCHED_TIMEOUT:-120} dist/fused-moe bench --plan-only "${presets[@]}" --batch-sizes "${TOUCHED_BATCHES:-8,32}" \
+    --touched-like "$TOUCHED_LIKE" --ceilings "$OUT/ceilings.json" --json "$OUT/bench-touched.json" \
+    2> "$OUT/bench-touched.log" > "$OUT/bench-touched.txt" || status=1
+  grep "routing drawn" "$OUT/bench-touched.log"
+fi
+if [[ -n ${SANITIZE:-} ]]; then
+  TOOLS="$SANITIZE" bash "$(dirname "$0")/device-sanitize.sh" || status=1
+fi
 exit $status
