@@ -4,7 +4,9 @@
 # costs on the layer's critical path (bench/NOTES.md v21). Arguments: pairs SHAPE:M (default below).
 # Self routing skips align: run with FUSED_MOE_SELF_ROUTE=0 where it would apply. One text report per
 # pair under $OUT (and ncu-align-sass-SHAPE-M.csv with SASS=1); prints the summary. BIN: the binary
-# (default dist/fused-moe); FUSED_MOE_KERNEL_DEFINES passes through.
+# (default dist/fused-moe); FUSED_MOE_KERNEL_DEFINES passes through. NCU_SKIP align launches are skipped
+# (default 2), NCU_COUNT profiled (default 1): NCU_SKIP=3 NCU_COUNT=3 for the three launches of a batch
+# above 8192 pairs.
 source "$(dirname "$0")/device-env.sh"
 pairs=("$@")
 bin=${BIN:-dist/fused-moe}
