@@ -319,6 +319,8 @@ def check_align(rep: Report, quick: bool):
             cases.append((f"E{E}.n{numel}.bm{block_m}", numel, E, block_m, "uniform"))
     cases.append(("E256.n300000.bm64.skewed", 300000, 256, 64, "skewed"))
     cases.append(("E8.n50000.bm256.invalid", 50000, 8, 256, "invalid"))
+    cases.append(("E256.n6000.bm64.skewed", 6000, 256, 64, "skewed"))  # <= 8192: the one-launch kernel too
+    cases.append(("E8.n5000.bm16.invalid", 5000, 8, 16, "invalid"))
     cases.append(("E512.n1000.bm1.uniform", 1000, 512, 1, "uniform"))
     for label, numel, E, block_m, kind in cases:
         if kind == "skewed":  # most pairs on one expert: heavy collisions in the warp ranking
