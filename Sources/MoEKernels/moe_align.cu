@@ -18,10 +18,11 @@
 // A. One launch, numel <= 8192 (a larger numel breaks the host's contract and traps):
 //   moe_align_single<<<1, 512, stage_bytes>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
-//   Static shared memory 38 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
+//   Static shared memory 37 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
 //   counts and each pair's rank in its warp (warp_peers: a ballot per bit of the expert index; shared
 //   atomics); per expert its total and each warp's start; a scan of the experts' block counts; then a
-//   warp per expert writes its padding and block ids while the pairs scatter (5 block barriers).
+//   warp per expert writes its padding and block ids while the pairs scatter (5 block barriers, a
+//   sixth before a staged copy-out).
 //   The runs (sorted_ids[0, total_padded)) are built in the dynamic shared memory when total_padded
 //   * 4 <= stage_bytes and copied out coalesced; otherwise stored straight to sorted_ids (any
 //   stage_bytes, 0 included, gives the same result). NOTES v21, v22.
