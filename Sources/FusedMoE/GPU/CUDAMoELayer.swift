@@ -74,11 +74,16 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// static shared memory and a margin where the device offers less.
     static let alignStageLimit = 160 * 1024
 
+    /// The most dynamic shared memory the one-launch align takes on a device that offers `optIn` bytes
+    /// per block.
+    static func alignStageRoom(optIn: Int) -> Int {
+        min(alignStageLimit, max(0, optIn - 40 * 1024)) / 16 * 16
+    }
+
     /// Dynamic shared memory for a one-launch align of `maxPadded` rows on a device that offers
     /// `optIn` bytes per block (0: the runs go straight to global memory).
     static func alignStageBytes(maxPadded: Int, optIn: Int) -> Int {
-        let room = min(alignStageLimit, max(0, optIn - 40 * 1024)) / 16 * 16
-        return min((maxPadded * MemoryLayout<Int32>.size + 15) / 16 * 16, room)
+        min((maxPadded * MemoryLayout<Int32>.size + 15) / 16 * 16, alignStageRoom(optIn: optIn))
     }
 
     /// Makes a layer: validates, compiles (or loads) its kernels, and allocates its scratch.
@@ -250,8 +255,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
         let alignSingle = try library.kernel("moe_align_single", in: align)
-        let stage = alignStageBytes(maxPadded: .max / 8, optIn: library.device.properties.sharedMemoryPerBlockOptIn)
-        if stage > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stage) }
+        let stageRoom = alignStageRoom(optIn: library.device.properties.sharedMemoryPerBlockOptIn)
+        if stageRoom > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom) }
         return Kernels(
             alignSingle: alignSingle,
             alignCount: try library.kernel("moe_align_count", in: align),
