@@ -227,8 +227,9 @@
 #define MOE_SM90_EARLY_WEIGHTS 1
 #endif
 
-// A program's schedule loads its m-block's expert ids beside *total_padded, not after it (one L2 round trip
-// instead of two before its first weight tile: bench/NOTES.md v22); 0 loads them after.
+// A program's schedule loads its m-block's expert id beside *total_padded, not after it (one L2 round trip
+// instead of two before its first weight tile; the 64 ids around it, which groups of more than one m-block
+// need, still after: bench/NOTES.md v22, v23); 0 loads it after.
 #ifndef MOE_SM90_SPECULATIVE_ROUTING
 #define MOE_SM90_SPECULATIVE_ROUTING 1
 #endif
@@ -299,47 +300,26 @@ struct MoESm90Tile {
                        // the program's slot), 2 the tile's last piece (adds the others)
 };
 
-/// The expert ids moe_sm90_expert_group starts from: q's, and with group_m > 1 the 32 on each side (one per
-/// lane). Loaded before *total_padded is known (MOE_SM90_SPECULATIVE_ROUTING), they cost no round trip of
-/// their own; entries past the valid blocks are read (expert_ids has num_blocks entries) but not used.
-struct MoESm90RunIds {
-    int32_t e, below, above;
-};
-
-MOE_DEVICE MoESm90RunIds moe_sm90_run_ids(const int32_t* expert_ids, int64_t q, int64_t num_blocks, int64_t group_m) {
-    const int lane = static_cast<int>(threadIdx.x & 31);
-    MoESm90RunIds ids;
-    ids.e = moe_load_routing(expert_ids + q);
-    ids.below = 0;
-    ids.above = 0;
-    if (group_m > 1) {
-        const int64_t below = q - 1 - lane;
-        const int64_t above = q + 1 + lane;
-        ids.below = below >= 0 ? moe_load_routing(expert_ids + below) : 0;
-        ids.above = above < num_blocks ? moe_load_routing(expert_ids + above) : 0;
-    }
-    return ids;
-}
-
-/// The expert group of m-block q (< valid_blocks): the run of consecutive m-blocks [begin, end) around q
+/// The group of m-blocks that holds m-block q (q < valid_blocks): the maximal run of m-blocks around q
 /// with q's expert id e (align lays out each expert's blocks as one run), cut from the run's start into
 /// groups of group_m; [first, first + count). Warp-cooperative: every lane of the warp calls it,
-/// converged, with the same arguments. ids: moe_sm90_run_ids(q) (q's id and the 32 on each side, loaded
-/// together); longer runs take a step per 32 more.
+/// converged, with the same arguments. The 32 ids on each side of q are loaded together with e (one
+/// round trip; expert_ids has num_blocks entries); longer runs take a step per 32 more. e_early: q's id
+/// loaded by the caller before *total_padded (MOE_SM90_SPECULATIVE_ROUTING), or -2 (loaded here).
 MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int64_t valid_blocks, int64_t num_blocks,
-                                      int64_t group_m, const MoESm90RunIds& ids, int32_t& e, int64_t& first,
-                                      int64_t& count) {
+                                      int64_t group_m, int32_t e_early, int32_t& e, int64_t& first, int64_t& count) {
     const int lane = static_cast<int>(threadIdx.x & 31);
-    e = ids.e;
     if (group_m <= 1) {  // single-block groups: no run to find
+        e = e_early != -2 ? e_early : moe_load_routing(expert_ids + q);
         first = q;
         count = 1;
         return;
     }
     int64_t below = q - 1 - lane;
     int64_t above = q + 1 + lane;
-    int32_t id_below = ids.below;
-    int32_t id_above = ids.above;
+    e = e_early != -2 ? e_early : moe_load_routing(expert_ids + q);
+    int32_t id_below = below >= 0 ? moe_load_routing(expert_ids + below) : 0;
+    int32_t id_above = above < num_blocks ? moe_load_routing(expert_ids + above) : 0;
     int64_t begin = q;  // the run is [begin, end)
     for (;;) {
         const uint32_t stop = __ballot_sync(MOE_FULL_MASK, below < 0 || id_below != e);
@@ -380,18 +360,17 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
     const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
     const int64_t q = pid / num_pid_n;  // an m-block of pid's group
-    const int64_t group_m = group_size_m > 0 ? group_size_m : 1;
-    if (q >= num_blocks) return false;
 #if MOE_SM90_SPECULATIVE_ROUTING
-    const MoESm90RunIds ids = moe_sm90_run_ids(expert_ids, q, num_blocks, group_m);  // beside total_padded
+    // q's expert id beside *total_padded (read past the valid blocks too: expert_ids has num_blocks entries).
+    const int32_t e_early = q < num_blocks ? moe_load_routing(expert_ids + q) : -2;
+#else
+    const int32_t e_early = -2;
 #endif
     const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
     if (q >= valid_blocks) return false;
-#if !MOE_SM90_SPECULATIVE_ROUTING
-    const MoESm90RunIds ids = moe_sm90_run_ids(expert_ids, q, num_blocks, group_m);
-#endif
     int64_t first, count;
-    moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_m, ids, tile.expert, first, count);
+    moe_sm90_expert_group(expert_ids, q, valid_blocks, num_blocks, group_size_m > 0 ? group_size_m : 1, e_early,
+                          tile.expert, first, count);
     // Inside the group, n-blocks go in pairs (2c, 2c + 1): first the even part of its m-blocks
     // (count - count % 2) down column 2c then column 2c + 1, then an odd count's last m-block at 2c
     // and 2c + 1 (a lone last column takes its m-blocks in order). For even counts this is pid_m
@@ -1108,24 +1087,30 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         return;
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
-    // The first STAGES weight tiles go out as soon as the barriers exist, before the row table's loads:
-    // for GEMM2 (early) before griddepcontrol.wait as well; for GEMM1 one L2 round trip sooner than the
-    // producer would issue them (MOE_SM90_GEMM1_PRELOAD).
+    // The first STAGES weight tiles go out before the row table's loads: for GEMM2 (early) before
+    // griddepcontrol.wait as well; for GEMM1 (MOE_SM90_GEMM1_PRELOAD) as soon as thread 0 has made the
+    // barriers, one L2 round trip sooner than the producer would issue them. (Not in the atomic split mode
+    // at 192 tokens: there it costs 4 bytes of spill, NVRTC check.)
+    constexpr bool GEMM1_PRELOAD = MOE_SM90_GEMM1_PRELOAD != 0 && !(SPLIT_MODE == 1 && TOKENS >= 192);
     const Smem sm(moe_gemm_sm90_smem);
-    const bool preload = early || MOE_SM90_GEMM1_PRELOAD != 0;
-    const int b_preloaded = preload && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;
+    const int b_preloaded = (early || GEMM1_PRELOAD) && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;
+    const auto preload_b = [&] {
+        int32_t b_row, b_row_up;
+        moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+        moe_sm90_preload_b<TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, b_row, b_row_up, b_preloaded);
+    };
     moe_sm90_setup<TOKENS, BLOCK_N_W, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
         sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k, 1, [&] {
-            if (b_preloaded > 0) {
-                int32_t b_row, b_row_up;
-                moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
-                moe_sm90_preload_b<TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, b_row, b_row_up,
-                                                                         b_preloaded);
+            if constexpr (GEMM1_PRELOAD) {
+                if (!early && b_preloaded > 0) preload_b();
             }
         });
 
     const int tid = threadIdx.x;
-    if (early) griddepcontrol_wait_then_launch_dependents();
+    if (early) {
+        if (tid == 0 && b_preloaded > 0) preload_b();
+        griddepcontrol_wait_then_launch_dependents();
+    }
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();

@@ -47,6 +47,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     struct Kernels {
         var alignSingle: Kernel
+        var alignSingleWide: Kernel
         var alignCount: Kernel
         var alignScan: Kernel
         var alignScatter: Kernel
@@ -65,8 +66,38 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public static let programmaticDependentLaunchByDefault: Bool =
         environment("FUSED_MOE_PDL") != "0"
 
-    /// Pairs up to which align runs as one launch (the kernel's recommendation).
+    /// Pairs up to which align runs as one launch of 512 threads (the kernel's recommendation).
     static let singleAlignLimit = 8192
+    /// Pairs up to which align runs as one launch of 1024 threads, for at most `wideAlignMaxExperts`
+    /// routed experts (NOTES v23).
+    static let wideAlignLimit = 16384
+    static let wideAlignMaxExperts = 256
+    /// Whether the 1024-thread one-launch align is used: yes, unless FUSED_MOE_ALIGN_WIDE=0 (an A/B
+    /// switch: the three-launch sequence then takes every batch above `singleAlignLimit`).
+    static let wideAlignEnabled: Bool = environment("FUSED_MOE_ALIGN_WIDE") != "0"
+
+    /// The kernels align runs as: one launch of 512 threads, one of 1024, or three.
+    public enum AlignLaunch: String, CaseIterable, Sendable {
+        case single
+        case wide
+        case chunked
+
+        /// The forward's choice for `pairs` pairs of `experts` routed experts.
+        static func choice(pairs: Int, experts: Int) -> AlignLaunch {
+            if pairs <= CUDAMoELayer.singleAlignLimit { return .single }
+            if wideAlignEnabled && allows(.wide, pairs: pairs, experts: experts) { return .wide }
+            return .chunked
+        }
+
+        /// Whether `launch` takes `pairs` pairs of `experts` routed experts (the kernels' contracts).
+        public static func allows(_ launch: AlignLaunch, pairs: Int, experts: Int) -> Bool {
+            switch launch {
+            case .single: pairs <= CUDAMoELayer.singleAlignLimit
+            case .wide: pairs <= CUDAMoELayer.wideAlignLimit && experts <= CUDAMoELayer.wideAlignMaxExperts
+            case .chunked: true
+            }
+        }
+    }
     /// Pairs per program of the three-launch align.
     static let alignChunk = 4096
     /// The one-launch align stages its padded runs in dynamic shared memory when they fit, so that its
@@ -255,10 +286,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
         let alignSingle = try library.kernel("moe_align_single", in: align)
+        let alignSingleWide = try library.kernel("moe_align_single_wide", in: align)
         let stageRoom = alignStageRoom(optIn: library.device.properties.sharedMemoryPerBlockOptIn)
-        if stageRoom > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom) }
+        if stageRoom > 48 * 1024 {
+            try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom)
+            try alignSingleWide.setMaxDynamicSharedMemory(bytes: stageRoom)
+        }
         return Kernels(
             alignSingle: alignSingle,
+            alignSingleWide: alignSingleWide,
             alignCount: try library.kernel("moe_align_count", in: align),
             alignScan: try library.kernel("moe_align_scan", in: align),
             alignScatter: try library.kernel("moe_align_scatter", in: align),
@@ -432,35 +468,55 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let (sortedIDs, expertIDs, totalPadded, chunkCounts) =
             (output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts)
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+        try launchAlign(
+            AlignLaunch.choice(pairs: pairs, experts: routed), topkIDs: topkIDs, pairs: pairs, blockM: blockM,
+            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
+            chunkCounts: chunkCounts.pointer, maxPadded: maxPadded, staged: true,
+            programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
+        return Routing(
+            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
+            maxPadded: maxPadded)
+    }
+
+    /// Enqueues the align kernels of `launch` (which must allow `pairs`: AlignLaunch.allows) writing
+    /// sortedIDs (maxPadded entries), expertIDs (ceil(maxPadded / blockM)) and totalPadded; chunkCounts
+    /// holds ceil(pairs / alignChunk) * E entries for the three-launch sequence. `staged`: the one-launch
+    /// kernels get dynamic shared memory for their runs (false: they store them directly).
+    private func launchAlign(
+        _ launch: AlignLaunch, topkIDs: DevicePointer, pairs: Int, blockM: Int, sortedIDs: DevicePointer,
+        expertIDs: DevicePointer, totalPadded: DevicePointer, chunkCounts: DevicePointer, maxPadded: Int,
+        staged: Bool, programmaticDependentLaunch: Bool, stream: Stream
+    ) throws(CUDAError) {
+        let routed = routedExperts
         let map = expertMap?.pointer ?? .null
-        if pairs <= CUDAMoELayer.singleAlignLimit {
-            try kernels.alignSingle.launch(
-                grid: Dimensions(1), block: Dimensions(512),
-                sharedMemoryBytes: CUDAMoELayer.alignStageBytes(
-                    maxPadded: maxPadded, optIn: library.device.properties.sharedMemoryPerBlockOptIn),
+        let pdl = programmaticDependentLaunch
+        switch launch {
+        case .single, .wide:
+            let stage = staged
+                ? CUDAMoELayer.alignStageBytes(
+                    maxPadded: maxPadded, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
+            try (launch == .single ? kernels.alignSingle : kernels.alignSingleWide).launch(
+                grid: Dimensions(1), block: Dimensions(launch == .single ? 512 : 1024), sharedMemoryBytes: stage,
                 on: stream,
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
                     Int64(maxPadded),
-                ], programmaticDependentLaunch: programmaticDependentLaunch)
-        } else {
-            let chunks = (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk
+                ], programmaticDependentLaunch: pdl)
+        case .chunked:
+            let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
             try kernels.alignCount.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts], programmaticDependentLaunch: programmaticDependentLaunch)
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts], programmaticDependentLaunch: pdl)
             try kernels.alignScan.launch(
                 grid: Dimensions(1), block: Dimensions(1024), on: stream,
                 arguments: [
                     chunkCounts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs,
                     totalPadded, Int64(maxPadded),
-                ], programmaticDependentLaunch: programmaticDependentLaunch)
+                ], programmaticDependentLaunch: pdl)
             try kernels.alignScatter.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs], programmaticDependentLaunch: programmaticDependentLaunch)
+                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs], programmaticDependentLaunch: pdl)
         }
-        return Routing(
-            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
-            maxPadded: maxPadded)
     }
 
     /// How a GEMM's fp32 result becomes the output: rounded as is, or as act(gate) * up.
@@ -591,13 +647,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
 extension CUDAMoELayer {
     /// Runs only the align stage on host ids and reads the result back: for checks, not for the
     /// forward path (it allocates and synchronizes). `blockM` may differ from the plan's.
-    /// `staged: false` gives the one-launch kernel no shared memory for its runs (its direct stores).
-    public func debugAlign(ids: [Int32], blockM: Int, staged: Bool = true, stream: Stream) throws(CUDAError)
-        -> AlignedRouting
-    {
+    /// `launch`: the kernels to run (nil: the forward's choice; one that does not take these pairs is a
+    /// usage error). `staged: false` gives the one-launch kernels no shared memory for their runs (their
+    /// direct stores).
+    public func debugAlign(
+        ids: [Int32], blockM: Int, launch: AlignLaunch? = nil, staged: Bool = true, stream: Stream
+    ) throws(CUDAError) -> AlignedRouting {
         let device = library.device
         let routed = routedExperts
         let pairs = ids.count
+        let launch = launch ?? AlignLaunch.choice(pairs: pairs, experts: routed)
+        guard AlignLaunch.allows(launch, pairs: pairs, experts: routed) else {
+            throw CUDAError(
+                domain: .usage, code: 0, name: "launch", call: "debugAlign",
+                message: "the \(launch.rawValue) align does not take \(pairs) pairs of \(routed) experts")
+        }
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
         let maxBlocks = (maxPadded + blockM - 1) / blockM
         let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
@@ -608,24 +672,10 @@ extension CUDAMoELayer {
         let total = try DeviceBuffer(device: device, count: 1, of: Int32.self)
         let counts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
         for buffer in [sorted, experts, total] { try buffer.fill(byte: 0xEE, on: stream) }
-        let map = expertMap?.pointer ?? .null
-        if pairs <= CUDAMoELayer.singleAlignLimit {
-            let stage = staged
-                ? CUDAMoELayer.alignStageBytes(maxPadded: maxPadded, optIn: device.properties.sharedMemoryPerBlockOptIn) : 0
-            try kernels.alignSingle.launch(
-                grid: Dimensions(1), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
-                arguments: [idBuffer, Int64(pairs), Int32(routed), Int32(blockM), map, sorted, experts, total, Int64(maxPadded)])
-        } else {
-            try kernels.alignCount.launch(
-                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [idBuffer, Int64(pairs), Int32(routed), counts])
-            try kernels.alignScan.launch(
-                grid: Dimensions(1), block: Dimensions(1024), on: stream,
-                arguments: [counts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sorted, experts, total, Int64(maxPadded)])
-            try kernels.alignScatter.launch(
-                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [idBuffer, Int64(pairs), Int32(routed), counts, sorted])
-        }
+        try launchAlign(
+            launch, topkIDs: idBuffer.pointer, pairs: pairs, blockM: blockM, sortedIDs: sorted.pointer,
+            expertIDs: experts.pointer, totalPadded: total.pointer, chunkCounts: counts.pointer, maxPadded: maxPadded,
+            staged: staged, programmaticDependentLaunch: false, stream: stream)
         try stream.synchronize()
         let padded = Int(try total.download(count: 1, as: Int32.self)[0])
         let sortedIDs = try sorted.download(count: maxPadded, as: Int32.self)
