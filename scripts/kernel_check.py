@@ -54,12 +54,10 @@ ALIGN_CHUNK = 4096
 ALIGN_CHUNK_THREADS = 256
 ALIGN_SCAN_THREADS = 1024
 ALIGN_SINGLE_THREADS = 512
-ALIGN_WIDE_THREADS = 1024  # moe_align_single_wide: <= 16384 pairs, E <= 256
 
 # Kernel signatures: p = pointer, i64, i32, f32.
 SIGNATURES = {
     "moe_align_single": "p i64 i32 i32 p p p p i64",
-    "moe_align_single_wide": "p i64 i32 i32 p p p p i64",
     "moe_align_count": "p i64 i32 p",
     "moe_align_scan": "p i32 i64 i32 i32 p p p p i64",
     "moe_align_scatter": "p i64 i32 p p",
@@ -285,13 +283,11 @@ def run_align(topk_ids: torch.Tensor, E: int, block_m: int, expert_map=None, pat
     total = poison((1,), torch.int32)
     ids = topk_ids.contiguous()
     if path == "auto":
-        path = "single" if numel <= 8192 else "wide" if numel <= 16384 and E <= 256 else "chunked"
-    if path in ("single", "single-staged", "wide", "wide-staged"):
-        # -staged: the runs staged in dynamic shared memory (as the layer launches it where they fit)
-        smem = min((max_padded * 4 + 15) // 16 * 16, 160 * 1024) if path.endswith("-staged") else 0
-        wide = path.startswith("wide")
-        launch("moe_align_single_wide" if wide else "moe_align_single", 1,
-               ALIGN_WIDE_THREADS if wide else ALIGN_SINGLE_THREADS,
+        path = "single" if numel <= 8192 else "chunked"
+    if path in ("single", "single-staged"):
+        # single-staged: the runs staged in dynamic shared memory (as the layer launches it where they fit)
+        smem = min((max_padded * 4 + 15) // 16 * 16, 160 * 1024) if path == "single-staged" else 0
+        launch("moe_align_single", 1, ALIGN_SINGLE_THREADS,
                [ids, numel, E, block_m, expert_map, sorted_ids, expert_ids, total, max_padded], smem=smem)
     else:
         chunks = max(1, (numel + ALIGN_CHUNK - 1) // ALIGN_CHUNK)
@@ -307,7 +303,7 @@ def check_align(rep: Report, quick: bool):
     # The documented example, both paths.
     ids = torch.tensor([[2, 3, 4], [1, 2, 4], [1, 3, 4], [1, 2, 3]], dtype=torch.int32, device=DEV)
     want_sorted = [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
-    for path in ("single", "single-staged", "wide", "wide-staged", "chunked"):
+    for path in ("single", "single-staged", "chunked"):
         s, e, t, max_padded = run_align(ids, 5, 4, path=path)
         tail = [12] * (max_padded - 16)
         ok = (s.tolist() == want_sorted + tail and e.tolist()[:4] == [1, 2, 3, 4]
@@ -316,7 +312,7 @@ def check_align(rep: Report, quick: bool):
 
     gen = torch.Generator(device=DEV).manual_seed(1234)
     cases = []  # (label, numel, E, block_m, kind)
-    sizes = [1, 7, 100, 4095, 4097, 8192, 8193, 16384, 20000, 1 << 20] if not quick else [7, 4097, 12000, 20000, 1 << 18]
+    sizes = [1, 7, 100, 4095, 4097, 8192, 20000, 1 << 20] if not quick else [7, 4097, 20000, 1 << 18]
     for E in (128, 256, 512):
         for numel in sizes:
             block_m = (16, 64, 128)[(numel + E) % 3]
@@ -326,8 +322,6 @@ def check_align(rep: Report, quick: bool):
     cases.append(("E256.n6000.bm64.skewed", 6000, 256, 64, "skewed"))  # <= 8192: the one-launch kernel too
     cases.append(("E8.n5000.bm16.invalid", 5000, 8, 16, "invalid"))
     cases.append(("E512.n1000.bm1.uniform", 1000, 512, 1, "uniform"))
-    cases.append(("E128.n16000.bm128.skewed", 16000, 128, 128, "skewed"))  # <= 16384: the wide kernel too
-    cases.append(("E256.n10000.bm16.invalid", 10000, 256, 16, "invalid"))
     for label, numel, E, block_m, kind in cases:
         if kind == "skewed":  # most pairs on one expert: heavy collisions in the warp ranking
             ids = torch.where(torch.rand(numel, generator=gen, device=DEV) < 0.9,
@@ -339,8 +333,7 @@ def check_align(rep: Report, quick: bool):
             ids = torch.randint(0, E, (numel,), generator=gen, device=DEV)
         ids = ids.int()
         want_s, want_e, want_t = align_reference(ids, E, block_m, None)
-        paths = (["chunked"] + (["single", "single-staged"] if numel <= 8192 else [])  # single traps above 8192
-                 + (["wide", "wide-staged"] if numel <= 16384 and E <= 256 else []))  # wide traps past 16384 pairs or 256 experts
+        paths = ["chunked"] + (["single", "single-staged"] if numel <= 8192 else [])  # single traps above 8192
         for path in paths:
             s, e, t, _ = run_align(ids, E, block_m, path=path)
             ok = torch.equal(s, want_s) and torch.equal(e, want_e) and t.item() == want_t
@@ -353,7 +346,7 @@ def check_align(rep: Report, quick: bool):
                              torch.full((E,), -1, device=DEV)).int()
     ids = torch.randint(0, E, (1000 * 8,), generator=gen, device=DEV).int()  # <= 8192: every path
     want_s, want_e, want_t = align_reference(ids, E, 16, expert_map)
-    for path in ("single", "single-staged", "wide", "wide-staged", "chunked"):
+    for path in ("single", "single-staged", "chunked"):
         s, e, t, _ = run_align(ids, E, 16, expert_map=expert_map, path=path)
         ok = torch.equal(s, want_s) and torch.equal(e, want_e) and t.item() == want_t
         rep.add(f"align.expert_map.{path}", ok, f"total={t.item()} want={want_t}")
@@ -787,8 +780,7 @@ def check_64bit(rep: Report, quick: bool):
 
 
 def register_all(quick: bool):
-    KERNELS.register("moe_align.cu", ["moe_align_single", "moe_align_single_wide", "moe_align_count", "moe_align_scan",
-                                       "moe_align_scatter"])
+    KERNELS.register("moe_align.cu", ["moe_align_single", "moe_align_count", "moe_align_scan", "moe_align_scatter"])
     KERNELS.register("moe_topk.cu", [f"moe_topk_softmax<{t}>" for t in ("moe_bf16", "moe_fp16", "float")])
     ew = [f"{kname}<{t}>" for t in ("moe_bf16", "moe_fp16")
           for kname in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32")]

@@ -12,15 +12,13 @@
 // Limits: 1 <= E <= 512, block_m >= 1, numel + E * block_m < 2^31.
 //
 // Two launch sequences compute the same result; pick by size (recommended: single for
-// numel <= 8192, single_wide for numel <= 16384 when E <= 256, the three-kernel sequence above
-// that). Each writes every entry of sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
+// numel <= 8192, the three-kernel sequence above that). Both write every entry of
+// sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
 //
 // A. One launch, numel <= 8192 (a larger numel breaks the host's contract and traps):
 //   moe_align_single<<<1, 512, stage_bytes>>>(topk_ids, numel, num_experts, block_m, expert_map,
 //       sorted_ids, expert_ids, total_padded, max_padded)
-//   or, numel <= 16384 and E <= 256 (else it traps), the same on 32 warps (static 34 KB; NOTES v23):
-//   moe_align_single_wide<<<1, 1024, stage_bytes>>>(same arguments)
-//   moe_align_single: static shared memory 37 KB. The ids are loaded once (ceil(numel / threads) per thread); per-warp
+//   Static shared memory 37 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
 //   counts and each pair's rank in its warp (warp_peers: a ballot per bit of the expert index; shared
 //   atomics); per expert its total and each warp's start; a scan of the experts' block counts; then a
 //   warp per expert writes its padding and block ids while the pairs scatter (5 block barriers, a
@@ -57,10 +55,6 @@ constexpr int SCAN_THREADS = 1024;
 constexpr int SINGLE_WARPS = 16;
 constexpr int SINGLE_THREADS = SINGLE_WARPS * 32;
 constexpr int SINGLE_LIMIT = SINGLE_THREADS * ITEMS_PER_LANE;  // 8192: the most pairs moe_align_single takes
-constexpr int WIDE_WARPS = 32;
-constexpr int WIDE_THREADS = WIDE_WARPS * 32;
-constexpr int WIDE_LIMIT = WIDE_THREADS * ITEMS_PER_LANE;  // 16384: the most pairs moe_align_single_wide takes
-constexpr int WIDE_MAX_EXPERTS = 256;                      // its per-warp counts: 32 KB of static shared memory
 
 MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, int32_t num_experts) {
     const int32_t e = i < numel ? topk_ids[i] : -1;
@@ -275,37 +269,38 @@ MOE_DEVICE void rank_warp_pairs(const int32_t* topk_ids, int64_t warp_begin, int
 
 /// Thread e (e < num_experts): the WARPS warps' counts of expert e (loaded together) replaced by their
 /// exclusive prefix from `base`; returns base + expert e's count (base for threads past the experts).
-/// Loads go in batches of at most 8 warps (registers: the wide kernel has 64 per thread).
 template <int WARPS>
 MOE_DEVICE int32_t warp_starts(int32_t* warp_counts, int32_t num_experts, int e, int32_t base) {
     if (e >= num_experts) return base;
-    constexpr int BATCH = WARPS < 8 ? WARPS : 8;
-    static_assert(WARPS % BATCH == 0, "whole batches of warps");
+    int32_t c[WARPS];
 #pragma unroll
-    for (int w0 = 0; w0 < WARPS; w0 += BATCH) {
-        int32_t c[BATCH];
+    for (int w = 0; w < WARPS; ++w) c[w] = warp_counts[w * num_experts + e];
 #pragma unroll
-        for (int w = 0; w < BATCH; ++w) c[w] = warp_counts[(w0 + w) * num_experts + e];
-#pragma unroll
-        for (int w = 0; w < BATCH; ++w) {
-            warp_counts[(w0 + w) * num_experts + e] = base;
-            base += c[w];
-        }
+    for (int w = 0; w < WARPS; ++w) {
+        warp_counts[w * num_experts + e] = base;
+        base += c[w];
     }
     return base;
 }
 
-/// The one-launch align of at most WARPS * 32 * ITEMS_PER_LANE pairs, on a block of WARPS warps (all
-/// threads call it): warp_counts (shared, WARPS * num_experts), counts and first_block (shared, E and
-/// E + 1), warp_totals (shared, 32); the runs staged in `stage` (dynamic shared memory, stage_capacity
-/// entries) when they fit. Each pair's expert (9 bits) and rank in its warp (below 512) are packed into one
-/// register across the middle section (the wide kernel has 64 registers per thread).
-template <int WARPS>
-MOE_DEVICE void align_single(const int32_t* topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
-                             const int32_t* expert_map, int32_t* sorted_ids, int32_t* expert_ids,
-                             int32_t* total_padded, int64_t max_padded, int32_t* counts, int32_t* first_block,
-                             int32_t* warp_totals, int32_t* warp_counts, int32_t* stage, int32_t stage_capacity) {
-    constexpr int THREADS = WARPS * 32;
+}  // namespace moe_align_detail
+
+extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1)
+    moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
+                     const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
+                     int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
+    griddepcontrol_wait_then_launch_dependents();
+    using namespace moe_align_detail;
+    constexpr int WARPS = SINGLE_WARPS;
+    constexpr int THREADS = SINGLE_THREADS;
+    __shared__ int32_t counts[MAX_EXPERTS];
+    __shared__ int32_t first_block[MAX_EXPERTS + 1];  // expert e's run: blocks [first_block[e], first_block[e + 1])
+    __shared__ int32_t warp_totals[32];
+    __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
+    extern __shared__ int4 stage_words[];  // the launch's dynamic shared memory: the runs, when they fit
+    int32_t* stage = reinterpret_cast<int32_t*>(stage_words);
+    const int32_t stage_capacity = static_cast<int32_t>(dynamic_smem_bytes() / sizeof(int32_t));
+    if (numel > SINGLE_LIMIT) __trap();  // the host's contract: one tile
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
@@ -316,13 +311,8 @@ MOE_DEVICE void align_single(const int32_t* topk_ids, int64_t numel, int32_t num
     const int64_t warp_begin = static_cast<int64_t>(warp) * 32 * items;
     int32_t* my_counts = warp_counts + warp * num_experts;
     for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
-    int32_t packed[ITEMS_PER_LANE];  // (rank << 9) | expert, -1 for no pair
-    {
-        int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
-        rank_warp_pairs(topk_ids, warp_begin, numel, items, num_experts, my_counts, ids, rank);
-#pragma unroll
-        for (int it = 0; it < ITEMS_PER_LANE; ++it) packed[it] = ids[it] >= 0 ? (rank[it] << 9) | ids[it] : -1;
-    }
+    int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
+    rank_warp_pairs(topk_ids, warp_begin, numel, items, num_experts, my_counts, ids, rank);
     __syncthreads();
 
     // Thread e: expert e's count, each warp's count replaced by the warp's start within the run; then
@@ -341,54 +331,15 @@ MOE_DEVICE void align_single(const int32_t* topk_ids, int64_t numel, int32_t num
     // Pass 2: each pair goes to its expert's run start + its warp's start + its rank in the warp.
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
-        if (it < items && packed[it] >= 0) {
-            const int32_t e = packed[it] & 511;
-            runs[first_block[e] * block_m + my_counts[e] + (packed[it] >> 9)] =
-                static_cast<int32_t>(warp_begin + it * 32 + lane);
+        if (it < items && ids[it] >= 0) {
+            const int32_t e = ids[it];
+            runs[first_block[e] * block_m + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
         }
     }
     if (staged) {
         __syncthreads();
         copy_out(stage, sorted_ids, total_blocks * block_m);
     }
-}
-
-}  // namespace moe_align_detail
-
-extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1)
-    moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
-                     const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
-                     int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
-    griddepcontrol_wait_then_launch_dependents();
-    using namespace moe_align_detail;
-    __shared__ int32_t counts[MAX_EXPERTS];
-    __shared__ int32_t first_block[MAX_EXPERTS + 1];  // expert e's run: blocks [first_block[e], first_block[e + 1])
-    __shared__ int32_t warp_totals[32];
-    __shared__ int32_t warp_counts[SINGLE_WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
-    extern __shared__ int4 stage_words[];  // the launch's dynamic shared memory: the runs, when they fit
-    if (numel > SINGLE_LIMIT) __trap();  // the host's contract: one tile
-    align_single<SINGLE_WARPS>(topk_ids, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids, total_padded,
-                               max_padded, counts, first_block, warp_totals, warp_counts,
-                               reinterpret_cast<int32_t*>(stage_words),
-                               static_cast<int32_t>(dynamic_smem_bytes() / sizeof(int32_t)));
-}
-
-extern "C" __global__ void __launch_bounds__(moe_align_detail::WIDE_THREADS, 1)
-    moe_align_single_wide(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
-                          const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
-                          int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
-    griddepcontrol_wait_then_launch_dependents();
-    using namespace moe_align_detail;
-    __shared__ int32_t counts[WIDE_MAX_EXPERTS];
-    __shared__ int32_t first_block[WIDE_MAX_EXPERTS + 1];
-    __shared__ int32_t warp_totals[32];
-    __shared__ int32_t warp_counts[WIDE_WARPS * WIDE_MAX_EXPERTS];
-    extern __shared__ int4 stage_words[];
-    if (numel > WIDE_LIMIT || num_experts > WIDE_MAX_EXPERTS) __trap();  // the host's contract
-    align_single<WIDE_WARPS>(topk_ids, numel, num_experts, block_m, expert_map, sorted_ids, expert_ids, total_padded,
-                             max_padded, counts, first_block, warp_totals, warp_counts,
-                             reinterpret_cast<int32_t*>(stage_words),
-                             static_cast<int32_t>(dynamic_smem_bytes() / sizeof(int32_t)));
 }
 
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)

@@ -227,15 +227,16 @@
 #define MOE_SM90_EARLY_WEIGHTS 1
 #endif
 
-// A program's schedule loads its m-block's expert id beside *total_padded, not after it (one L2 round trip
-// instead of two before its first weight tile; the 64 ids around it, which groups of more than one m-block
-// need, still after: bench/NOTES.md v22, v23); 0 loads it after.
+// Kernels whose blocks hold at most this many token rows (the decode swap-AB tiles) load their m-block's
+// expert id beside *total_padded, not after it: one L2 round trip instead of two before the first weight
+// tile (the 64 ids around it, which groups of more than one m-block need, still after). Measured -0.5..-1%
+// at M = 8 but +0.2..+0.3% at dsv3 512 (32-token tiles): bench/NOTES.md v23. 0: never.
 #ifndef MOE_SM90_SPECULATIVE_ROUTING
-#define MOE_SM90_SPECULATIVE_ROUTING 1
+#define MOE_SM90_SPECULATIVE_ROUTING 16
 #endif
 
 // The swap-AB kernel's GEMM1 (whose routing is read after griddepcontrol.wait) issues its first weight
-// tiles as soon as its barriers exist, before its row table is read (bench/NOTES.md v22); 0 leaves
+// tiles as soon as its barriers exist, before its row table is read (bench/NOTES.md v22, v23); 0 leaves
 // them to the producer, after the row table.
 #ifndef MOE_SM90_GEMM1_PRELOAD
 #define MOE_SM90_GEMM1_PRELOAD 1
@@ -305,7 +306,8 @@ struct MoESm90Tile {
 /// groups of group_m; [first, first + count). Warp-cooperative: every lane of the warp calls it,
 /// converged, with the same arguments. The 32 ids on each side of q are loaded together with e (one
 /// round trip; expert_ids has num_blocks entries); longer runs take a step per 32 more. e_early: q's id
-/// loaded by the caller before *total_padded (MOE_SM90_SPECULATIVE_ROUTING), or -2 (loaded here).
+/// loaded by the caller before *total_padded (MOE_SM90_SPECULATIVE_ROUTING), or -2 (loaded here; align
+/// writes ids >= -1 only).
 MOE_DEVICE void moe_sm90_expert_group(const int32_t* expert_ids, int64_t q, int64_t valid_blocks, int64_t num_blocks,
                                       int64_t group_m, int32_t e_early, int32_t& e, int64_t& first, int64_t& count) {
     const int lane = static_cast<int>(threadIdx.x & 31);
@@ -360,12 +362,9 @@ MOE_DEVICE bool moe_sm90_tile_at(MoESm90Tile& tile, int64_t pid, int64_t split, 
     const int64_t num_pid_n = ceil_div(N, BLOCK_N);
     const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
     const int64_t q = pid / num_pid_n;  // an m-block of pid's group
-#if MOE_SM90_SPECULATIVE_ROUTING
     // q's expert id beside *total_padded (read past the valid blocks too: expert_ids has num_blocks entries).
-    const int32_t e_early = q < num_blocks ? moe_load_routing(expert_ids + q) : -2;
-#else
-    const int32_t e_early = -2;
-#endif
+    constexpr bool speculate = BLOCK_M <= MOE_SM90_SPECULATIVE_ROUTING;
+    const int32_t e_early = speculate && q < num_blocks ? moe_load_routing(expert_ids + q) : -2;
     const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
     if (q >= valid_blocks) return false;
     int64_t first, count;

@@ -189,8 +189,7 @@ public final class GPUChecks {
             let cases = small
                 ? [(128, 300, 16, false), (64, 9000, 32, true), (8, 7, 16, false)]
                 : [(128, 8 * 1000, 16, false), (256, 8 * 65536, 64, false), (512, 300_001, 128, false), (64, 5000, 32, true),
-                   (8, 7, 16, false), (128, 16384, 128, false), (256, 12_345, 16, false), (512, 12_000, 64, true),
-                   (512, 9000, 8, false)]
+                   (8, 7, 16, false), (256, 8192, 128, false)]
             for (experts, pairs, blockM, mapped) in cases {
                 let shape = try MoEShape(experts: mapped ? experts / 2 : experts, topK: 1, hidden: 8, intermediate: 8)
                 let map: [Int32]? = mapped ? (0..<experts).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 } : nil
@@ -202,8 +201,7 @@ public final class GPUChecks {
                 let cpu = try Align.align(ids: ids, experts: experts, blockM: blockM, expertMap: map)
                 // Every launch that takes these pairs; the one-launch kernels both ways: their runs staged
                 // in shared memory (the forward's choice where they fit) and stored directly.
-                for launch in CUDAMoELayer.AlignLaunch.allCases
-                where CUDAMoELayer.AlignLaunch.allows(launch, pairs: pairs, experts: layer.routedExperts) {
+                for launch in CUDAMoELayer.AlignLaunch.allCases where CUDAMoELayer.AlignLaunch.allows(launch, pairs: pairs) {
                     for staged in launch == .chunked ? [true] : [true, false] {
                         let gpu = try layer.debugAlign(ids: ids, blockM: blockM, launch: launch, staged: staged, stream: stream)
                         let passed = gpu == cpu

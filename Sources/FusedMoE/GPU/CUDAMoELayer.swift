@@ -47,7 +47,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     struct Kernels {
         var alignSingle: Kernel
-        var alignSingleWide: Kernel
         var alignCount: Kernel
         var alignScan: Kernel
         var alignScatter: Kernel
@@ -66,34 +65,24 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public static let programmaticDependentLaunchByDefault: Bool =
         environment("FUSED_MOE_PDL") != "0"
 
-    /// Pairs up to which align runs as one launch of 512 threads (the kernel's recommendation).
+    /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
+    /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
     static let singleAlignLimit = 8192
-    /// Pairs up to which align runs as one launch of 1024 threads, for at most `wideAlignMaxExperts`
-    /// routed experts (NOTES v23).
-    static let wideAlignLimit = 16384
-    static let wideAlignMaxExperts = 256
-    /// Whether the 1024-thread one-launch align is used: yes, unless FUSED_MOE_ALIGN_WIDE=0 (an A/B
-    /// switch: the three-launch sequence then takes every batch above `singleAlignLimit`).
-    static let wideAlignEnabled: Bool = environment("FUSED_MOE_ALIGN_WIDE") != "0"
 
-    /// The kernels align runs as: one launch of 512 threads, one of 1024, or three.
+    /// The kernels align runs as: one launch, or three.
     public enum AlignLaunch: String, CaseIterable, Sendable {
         case single
-        case wide
         case chunked
 
-        /// The forward's choice for `pairs` pairs of `experts` routed experts.
-        static func choice(pairs: Int, experts: Int) -> AlignLaunch {
-            if pairs <= CUDAMoELayer.singleAlignLimit { return .single }
-            if wideAlignEnabled && allows(.wide, pairs: pairs, experts: experts) { return .wide }
-            return .chunked
+        /// The forward's choice for `pairs` pairs.
+        static func choice(pairs: Int) -> AlignLaunch {
+            pairs <= CUDAMoELayer.singleAlignLimit ? .single : .chunked
         }
 
-        /// Whether `launch` takes `pairs` pairs of `experts` routed experts (the kernels' contracts).
-        public static func allows(_ launch: AlignLaunch, pairs: Int, experts: Int) -> Bool {
+        /// Whether `launch` takes `pairs` pairs (the kernels' contracts).
+        public static func allows(_ launch: AlignLaunch, pairs: Int) -> Bool {
             switch launch {
             case .single: pairs <= CUDAMoELayer.singleAlignLimit
-            case .wide: pairs <= CUDAMoELayer.wideAlignLimit && experts <= CUDAMoELayer.wideAlignMaxExperts
             case .chunked: true
             }
         }
@@ -286,15 +275,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
         let alignSingle = try library.kernel("moe_align_single", in: align)
-        let alignSingleWide = try library.kernel("moe_align_single_wide", in: align)
         let stageRoom = alignStageRoom(optIn: library.device.properties.sharedMemoryPerBlockOptIn)
-        if stageRoom > 48 * 1024 {
-            try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom)
-            try alignSingleWide.setMaxDynamicSharedMemory(bytes: stageRoom)
-        }
+        if stageRoom > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom) }
         return Kernels(
             alignSingle: alignSingle,
-            alignSingleWide: alignSingleWide,
             alignCount: try library.kernel("moe_align_count", in: align),
             alignScan: try library.kernel("moe_align_scan", in: align),
             alignScatter: try library.kernel("moe_align_scatter", in: align),
@@ -469,7 +453,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             (output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts)
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
         try launchAlign(
-            AlignLaunch.choice(pairs: pairs, experts: routed), topkIDs: topkIDs, pairs: pairs, blockM: blockM,
+            AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, blockM: blockM,
             sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
             chunkCounts: chunkCounts.pointer, maxPadded: maxPadded, staged: true,
             programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
@@ -491,13 +475,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let map = expertMap?.pointer ?? .null
         let pdl = programmaticDependentLaunch
         switch launch {
-        case .single, .wide:
+        case .single:
             let stage = staged
                 ? CUDAMoELayer.alignStageBytes(
                     maxPadded: maxPadded, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
-            try (launch == .single ? kernels.alignSingle : kernels.alignSingleWide).launch(
-                grid: Dimensions(1), block: Dimensions(launch == .single ? 512 : 1024), sharedMemoryBytes: stage,
-                on: stream,
+            try kernels.alignSingle.launch(
+                grid: Dimensions(1), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
                     Int64(maxPadded),
@@ -656,11 +639,11 @@ extension CUDAMoELayer {
         let device = library.device
         let routed = routedExperts
         let pairs = ids.count
-        let launch = launch ?? AlignLaunch.choice(pairs: pairs, experts: routed)
-        guard AlignLaunch.allows(launch, pairs: pairs, experts: routed) else {
+        let launch = launch ?? AlignLaunch.choice(pairs: pairs)
+        guard AlignLaunch.allows(launch, pairs: pairs) else {
             throw CUDAError(
                 domain: .usage, code: 0, name: "launch", call: "debugAlign",
-                message: "the \(launch.rawValue) align does not take \(pairs) pairs of \(routed) experts")
+                message: "the \(launch.rawValue) align takes at most \(CUDAMoELayer.singleAlignLimit) pairs, not \(pairs)")
         }
         let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
         let maxBlocks = (maxPadded + blockM - 1) / blockM
