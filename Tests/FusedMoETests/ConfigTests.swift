@@ -173,6 +173,8 @@ import Testing
         // long GEMM2 K, GEMM1 only on the 128-expert shapes (GEMM2 on its own 128-row align).
         let mixtral = try ShapePreset.named("mixtral_tp2").shape
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 512) == MoEPlan(both: .wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)))
+        // Two or more blocks per expert: the blocks of one expert grouped (NOTES v23).
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 1024) == MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 4, swapAB: true)))
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 256).gemm2.blockM == 80)
         let seed2048 = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 2048)
         #expect(seed2048.gemm1.kernel == .wgmmaSwap && seed2048.gemm1.blockM == 160)
@@ -356,6 +358,10 @@ import Testing
         #expect(Tuner.groupAlternatives(persistent, shape: mixtral, tokens: 1).isEmpty)  // one block: 1 only
         let swap = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
         #expect(Tuner.groupAlternatives(swap, shape: mixtral, tokens: 2048).isEmpty)
+        // A wide swap-AB tile: Mixtral 1024 gives an expert 256 rows, two blocks of 144.
+        let wideSwap = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        #expect(Tuner.groupAlternatives(wideSwap, shape: mixtral, tokens: 1024) == [2, 4])
+        #expect(Tuner.groupAlternatives(wideSwap, shape: mixtral, tokens: 512).isEmpty)  // 128 rows: one block
         let mma = GemmConfig(blockM: 128, blockN: 128, blockK: 64, warpsM: 2, warpsN: 4, stages: 3)
         #expect(Tuner.groupAlternatives(mma, shape: mixtral, tokens: 2048).isEmpty)
     }

@@ -219,9 +219,15 @@ public enum PlanSelector {
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
         if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
         if let width = swapTokenWidth(rowsPerExpert: rows) {
-            let swap = GemmConfig.wgmma(
+            var swap = GemmConfig.wgmma(
                 blockM: width, blockN: 256, stages: GemmConfig.deepestSwapRing(tokens: width, blockN: 256), swapAB: true)
-            if shape.intermediate >= 2048 { return MoEPlan(both: swap) }
+            if shape.intermediate >= 2048 {
+                // An expert's blocks side by side (groups of twice the average run) while it gets two
+                // or more: Mixtral 1024 -4..-5%; the short-K shapes' swap GEMM1 lost 0-2% (NOTES v23).
+                let blocks = Int((rows / Double(width)).rounded(.up))
+                if blocks >= 2 { swap.groupSizeM = min(2 * blocks, 32) }
+                return MoEPlan(both: swap)
+            }
             if rows >= 100 {
                 return MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
             }

@@ -144,10 +144,14 @@ public final class Tuner {
     /// twice that (at most 32). The wgmma kernels cut groups at expert boundaries, so these cover
     /// "order does not matter" (many experts), "one group per average run" and "one group per run
     /// for the experts routing favours"; measured: the best of them differs by 1-14% with the shape
-    /// (NOTES v12). Empty for other kernels (mma keeps Triton's swizzle; swap-AB blocks are small) and
-    /// while an expert gets one block on average (its run is one block: the group cannot matter).
+    /// (NOTES v12); the wide swap-AB tiles (80 tokens and more) too (Mixtral 1024: -4..-5% with 4,
+    /// NOTES v23). Empty for other kernels (mma keeps Triton's swizzle; decode swap-AB blocks are small)
+    /// and while an expert gets one block on average (its run is one block: the group cannot matter).
     static func groupAlternatives(_ config: GemmConfig, shape: MoEShape, tokens: Int) -> [Int] {
-        guard config.kernel == .wgmma || config.kernel.isPersistent, config.blockM >= 64 else { return [] }
+        let wide = config.kernel == .wgmmaSwap ? config.blockM >= 80 : config.blockM >= 64
+        guard config.kernel == .wgmma || config.kernel.isPersistent || config.kernel == .wgmmaSwap, wide else {
+            return []
+        }
         let rows = tokens * shape.topK / max(shape.experts, 1)
         let blocks = (rows + config.blockM - 1) / config.blockM
         guard blocks >= 2 else { return [] }
