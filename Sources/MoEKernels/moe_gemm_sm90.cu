@@ -1419,8 +1419,10 @@ struct MoEGemmSm90PersistentTraits {
     // holding at most 64 rows), both consumer warpgroups multiply rows [0, 64), warpgroup w the
     // columns [w * HALF_N, (w + 1) * HALF_N) (wgmma m64 x HALF_N), and store them: half the tensor
     // work of the padded tile, on the same ring and loads. Not with the fused activation (its gate
-    // and up columns are the tile's two halves).
-    static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED && !PING_PONG;
+    // and up columns are the tile's two halves), and unsplit only (in the split modes of 128x256 the
+    // consumers spilled 12-72 bytes with NVRTC 13.5; every measurement of it was unsplit: NOTES v15, v16).
+    static constexpr bool HALF = MOE_SM90_HALF_TILES == 1 && BLOCK_M == 128 && BLOCK_N >= 128 && !FUSED && !PING_PONG &&
+                                 SPLIT_MODE == 0;
     static constexpr int HALF_N = BLOCK_N / 2;
 
     // A resident (MOE_SM90_A_RESIDENT = the K tiles held, 0 off; NOTES v16). For a
