@@ -32,7 +32,8 @@ public final class GPUChecks {
 
     /// The batch size of the large cases: every preset with the plan its shipped table gives (the
     /// 128-row persistent kernel with several m-blocks per expert, 3-stage rings), not covered at 1000.
-    public static let largeBatch = 4096
+    /// The large cases' batches (the shipped plan only): the tables' prefill entries of 2048 and 4096.
+    public static let largeBatches = [2048, 4096]
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
     /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
@@ -107,7 +108,9 @@ public final class GPUChecks {
             for preset in presets {
                 var plans: [(String, MoEPlan)] = []
                 for tokens in batches { plans += try casePlans(preset.shape, tokens) }
-                if scope == .full { plans += try largeCasePlans(preset.shape) }
+                if scope == .full {
+                    for tokens in GPUChecks.largeBatches { plans += try largeCasePlans(preset.shape, tokens) }
+                }
                 for (_, caseplan) in plans {
                     var plan = caseplan
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
@@ -130,10 +133,12 @@ public final class GPUChecks {
                     try checkLayer(preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: tokens <= 7)
                 }
                 if scope == .full {
-                    caseSeed &+= 1
-                    try checkLayer(
-                        preset.name, weights, tokens: GPUChecks.largeBatch, seed: caseSeed, cpuCrossCheck: false,
-                        plans: try largeCasePlans(preset.shape))
+                    for tokens in GPUChecks.largeBatches {
+                        caseSeed &+= 1
+                        try checkLayer(
+                            preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: false,
+                            plans: try largeCasePlans(preset.shape, tokens))
+                    }
                 }
                 caseSeed &+= 1
                 try checkServing(preset.name, weights, seed: caseSeed)
@@ -161,9 +166,9 @@ public final class GPUChecks {
             architecture: properties.architecture)
     }
 
-    /// The plans of the large case (M = largeBatch): the default one only.
-    func largeCasePlans(_ shape: MoEShape) throws -> [(String, MoEPlan)] {
-        [("shipped", try shippedPlan(shape, GPUChecks.largeBatch))]
+    /// The plans of a large case (M in largeBatches): the default one only.
+    func largeCasePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
+        [("shipped", try shippedPlan(shape, tokens))]
     }
 
     func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {
