@@ -47,6 +47,19 @@ import Testing
         }
     }
 
+    /// The GPU align's launches: one launch up to 8192 pairs, three above (and for any count, which
+    /// `check` uses to run both on the small cases); the stage room leaves the kernel's static memory.
+    @Test func gpuAlignLaunchFollowsThePairs() {
+        #expect(CUDAMoELayer.AlignLaunch.choice(pairs: 0) == .single)
+        #expect(CUDAMoELayer.AlignLaunch.choice(pairs: 8192) == .single)
+        #expect(CUDAMoELayer.AlignLaunch.choice(pairs: 8193) == .chunked)
+        #expect(!CUDAMoELayer.AlignLaunch.allows(.single, pairs: 8193))
+        #expect(CUDAMoELayer.AlignLaunch.allows(.chunked, pairs: 7))
+        #expect(CUDAMoELayer.alignStageRoom(optIn: 227 * 1024) == 160 * 1024)
+        #expect(CUDAMoELayer.alignStageRoom(optIn: 48 * 1024) == 8 * 1024)
+        #expect(CUDAMoELayer.alignStageBytes(maxPadded: 1001, optIn: 227 * 1024) == 4016)
+    }
+
     @Test func badInputsNameTheArgument() {
         #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
             try Align.align(ids: [0], experts: 1, blockM: 0)
