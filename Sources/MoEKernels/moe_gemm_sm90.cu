@@ -1088,9 +1088,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
 
     // The first STAGES weight tiles go out before the row table's loads: for GEMM2 (early) before
     // griddepcontrol.wait as well; for GEMM1 (MOE_SM90_GEMM1_PRELOAD) as soon as thread 0 has made the
-    // barriers, one L2 round trip sooner than the producer would issue them. (Not in the atomic split mode
-    // at 192 tokens: there it costs 4 bytes of spill, NVRTC check.)
-    constexpr bool GEMM1_PRELOAD = MOE_SM90_GEMM1_PRELOAD != 0 && !(SPLIT_MODE == 1 && TOKENS >= 192);
+    // barriers, one L2 round trip sooner than the producer would issue them.
+    constexpr bool GEMM1_PRELOAD = MOE_SM90_GEMM1_PRELOAD != 0;
     const Smem sm(moe_gemm_sm90_smem);
     const int b_preloaded = (early || GEMM1_PRELOAD) && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;
     const auto preload_b = [&] {

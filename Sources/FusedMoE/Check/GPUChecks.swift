@@ -30,9 +30,9 @@ public final class GPUChecks {
     /// The split settings every layer case runs in.
     public static let splitSettings: [(Int, SplitMode)] = [(1, .none), (4, .atomic), (4, .workspace), (8, .workspace)]
 
-    /// The batch size of the large cases: every preset with the plan its shipped table gives (the
-    /// 128-row persistent kernel with several m-blocks per expert, 3-stage rings), not covered at 1000.
-    /// The large cases' batches (the shipped plan only): the tables' prefill entries of 2048 and 4096.
+    /// The batch sizes of the large cases: every preset with the plan its shipped table gives there (the
+    /// prefill entries: persistent kernels with several m-blocks per expert, wide swap-AB tiles grouped
+    /// per expert), which the cases up to 1000 do not reach.
     public static let largeBatches = [2048, 4096]
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,

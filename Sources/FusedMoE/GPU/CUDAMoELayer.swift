@@ -76,7 +76,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
         /// The forward's choice for `pairs` pairs.
         static func choice(pairs: Int) -> AlignLaunch {
-            pairs <= CUDAMoELayer.singleAlignLimit ? .single : .chunked
+            allows(.single, pairs: pairs) ? .single : .chunked
         }
 
         /// Whether `launch` takes `pairs` pairs (the kernels' contracts).
