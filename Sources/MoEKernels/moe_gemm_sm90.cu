@@ -178,6 +178,14 @@
 //         wait for this whole grid before touching memory. Except the swap-AB kernel given
 //         routing_ready = 1 (GEMM2, whose routing align wrote before the previous kernel started): it
 //         reads its schedule and row tables and issues its first STAGES weight tiles first, then waits.
+// Block sync (swap-AB kernel; two extra arguments, int32_t* block_done and int32_t block_need): with
+//         block_done non-null, GEMM1 (block_need 0, FUSED_ACT) adds 1 to block_done[m-block] (red.release
+//         after its rows are stored), and GEMM2 (routing_ready, block_need = GEMM1's n-blocks) waits for
+//         block_done[m-block] & 0xFFFF to reach block_need (acquire) instead of griddepcontrol.wait before
+//         loading A, then adds 0x10000; the m-block's last GEMM2 program (split_k * ceil(N / BLOCK_N_W) of
+//         them) sets it back to 0. The host zeroes the counters once (ceil(max_padded / TOKENS) of them)
+//         and passes them only where both GEMMs are this kernel on one align (same TOKENS), GEMM1 unsplit
+//         with FUSED_ACT and GEMM2 not in mode 1; null: no counter is touched.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T
@@ -240,6 +248,13 @@
 // them to the producer, after the row table.
 #ifndef MOE_SM90_GEMM1_PRELOAD
 #define MOE_SM90_GEMM1_PRELOAD 1
+#endif
+
+// GEMM2 on the swap-AB kernel waits for the GEMM1 programs of its own m-block (a counter per m-block) instead
+// of all of GEMM1 (griddepcontrol.wait), where the host passes the counters (bench/NOTES.md v24); 0 ignores
+// them: every GEMM2 program waits for the whole of GEMM1, as before.
+#ifndef MOE_SM90_BLOCK_SYNC
+#define MOE_SM90_BLOCK_SYNC 1
 #endif
 
 // The wide swap-AB tiles (TOKENS >= 80) multiply only as many token rows as the block holds, in steps of
@@ -1001,6 +1016,27 @@ MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
     body(moe_int_constant<MAX>{});
 }
 
+/// GEMM2's side of the block sync (MOE_SM90_BLOCK_SYNC, moe_gemm_sm90_swap), one thread: waits (acquire)
+/// until the low 16 bits of *counter, which GEMM1's programs of this m-block add 1 to once their rows are
+/// stored, reach `need`; then counts this program as one of the m-block's `readers` (the high bits), and
+/// the last reader sets the counter back to zero for the next launch. A count that stays short for
+/// MOE_SPIN_LIMIT_NS (a bug) ends in griddepcontrol.wait, which GEMM1's completion ends, so the rows are
+/// complete either way; the program then does not count itself, which leaves the counter nonzero for
+/// the check to see.
+MOE_DEVICE void moe_sm90_wait_block(int32_t* counter, int32_t need, int32_t readers) {
+    if ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
+        const uint64_t start = global_timer_ns();
+        while ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
+            __nanosleep(128);
+            if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) {
+                griddepcontrol_wait();
+                return;
+            }
+        }
+    }
+    if ((atomicAdd(counter, 0x10000) >> 16) == readers - 1) atomicExch(counter, 0);
+}
+
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 struct MoEGemmSm90SwapTraits {
     using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
@@ -1067,15 +1103,26 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                       int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready) {
+                       int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready,
+                       int32_t* __restrict__ block_done, int32_t block_need) {
+    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
     // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
     // follows), so the schedule, the row tables and the first STAGES weight tiles (never written) are
     // read before griddepcontrol.wait, under the previous kernel's tail; only A (its output) and every
     // store wait. Otherwise (GEMM1: align is the previous kernel) everything waits.
+    // Block sync (block_done non-null: the host passes it where GEMM1 and GEMM2 are both this kernel on
+    // one align, GEMM1 unsplit with the activation in its epilogue): GEMM1 (block_need 0) adds 1 to
+    // block_done[m-block] once its rows are stored; GEMM2 (block_need: GEMM1's programs per m-block) waits
+    // for that count (moe_sm90_wait_block) before it loads A, and griddepcontrol.wait only once its loads
+    // are issued (so the grid still completes after GEMM1's), so the GEMM2 programs that become resident
+    // under GEMM1's last wave run the m-blocks GEMM1 has finished. A GEMM2 store never waits: nothing
+    // earlier in the forward reads or writes its rows.
+    const bool sync_blocks = MOE_SM90_BLOCK_SYNC != 0 && SPLIT_MODE != 1 && block_done != nullptr;
+    const bool signal_block = sync_blocks && Tr::FUSED && block_need == 0;
+    const bool wait_block = sync_blocks && block_need > 0 && routing_ready != 0;
     const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && routing_ready != 0;
     if (!early) griddepcontrol_wait_then_launch_dependents();
-    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     using Smem = typename Tr::Smem;
 
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
@@ -1107,17 +1154,29 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     const int tid = threadIdx.x;
     if (early) {
         if (tid == 0 && b_preloaded > 0) preload_b();
-        griddepcontrol_wait_then_launch_dependents();
+        if (wait_block) {
+            griddepcontrol_launch_dependents();
+        } else {
+            griddepcontrol_wait_then_launch_dependents();
+        }
     }
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+        if (wait_block) {
+            if (tid == 0) {
+                const int32_t readers = static_cast<int32_t>(ceil_div(N, BLOCK_N_W)) * static_cast<int32_t>(gridDim.y);
+                moe_sm90_wait_block(block_done + tile.row0 / TOKENS, block_need, readers);
+            }
+            bar_sync<2, Tr::PRODUCER_THREADS>();  // every producer's A loads follow thread 0's acquire
+        }
         if (tile.num_tiles > 0) {
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
                                                                       b_row_up, tid, -1, b_preloaded);
         }
+        if (wait_block && tid == 0) griddepcontrol_wait();  // this grid completes after the previous one
     } else {
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
@@ -1231,6 +1290,11 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             moe_sm90_fit_width<TOKENS, Tr::FIT_MIN>(moe_sm90_rows_used<TOKENS>(sm.pair, lane), consume_and_store);
         } else {
             consume_and_store(moe_int_constant<TOKENS>{});
+        }
+        if (signal_block) {  // this program's rows of its m-block are stored: count it for GEMM2
+            __threadfence();
+            bar_sync<1, Tr::CONSUMER_THREADS>();
+            if (ctid == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
         }
     }
 }

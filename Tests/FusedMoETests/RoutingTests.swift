@@ -60,6 +60,33 @@ import Testing
         #expect(CUDAMoELayer.alignStageBytes(maxPadded: 1001, optIn: 227 * 1024) == 4016)
     }
 
+    @Test func blockSyncNeedsBothGemmsOnTheSwapKernelOfOneAlign() {
+        let swap = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        let both = MoEPlan(both: swap)
+        #expect(CUDAMoELayer.usesBlockSync(plan: both, programmaticDependentLaunch: true))
+        // Without PDL GEMM2 starts after GEMM1 anyway.
+        #expect(!CUDAMoELayer.usesBlockSync(plan: both, programmaticDependentLaunch: false))
+        // The activation as its own kernel: GEMM2's predecessor is not GEMM1.
+        var unfused = both
+        unfused.fusedActivation = false
+        #expect(!CUDAMoELayer.usesBlockSync(plan: unfused, programmaticDependentLaunch: true))
+        // Two aligns: GEMM2's m-blocks are not GEMM1's.
+        let mixed = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+        #expect(!CUDAMoELayer.usesBlockSync(plan: mixed, programmaticDependentLaunch: true))
+        let narrower = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true))
+        #expect(!CUDAMoELayer.usesBlockSync(plan: narrower, programmaticDependentLaunch: true))
+        // Split GEMM1: the reduction kernel writes the rows; atomic GEMM2 returns early on empty tiles.
+        #expect(!CUDAMoELayer.usesBlockSync(plan: both.withSplit(2, mode: .workspace), programmaticDependentLaunch: true))
+        var atomic2 = both
+        atomic2.gemm2.splitK = 2
+        atomic2.gemm2.splitMode = .atomic
+        #expect(!CUDAMoELayer.usesBlockSync(plan: atomic2, programmaticDependentLaunch: true))
+        var workspace2 = both
+        workspace2.gemm2.splitK = 2
+        workspace2.gemm2.splitMode = .workspace
+        #expect(CUDAMoELayer.usesBlockSync(plan: workspace2, programmaticDependentLaunch: true))
+    }
+
     @Test func badInputsNameTheArgument() {
         #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
             try Align.align(ids: [0], experts: 1, blockM: 0)

@@ -306,6 +306,13 @@ public final class GPUChecks {
                         detail += equal ? ", = without PDL" : ", DIFFERS without PDL"
                     }
                 }
+                // The block sync's counters end every forward at zero (a count left over would let the
+                // next forward's GEMM2 read rows GEMM1 has not written yet).
+                if let counters = try layer.blockSyncCounters(stream: stream) {
+                    let clear = counters.allSatisfy { $0 == 0 }
+                    passed = passed && clear
+                    detail += clear ? ", block sync counters at 0" : ", BLOCK SYNC COUNTERS LEFT NONZERO"
+                }
                 record(label, passed, detail)
             } catch {
                 record(label, false, "\(error)")

@@ -40,6 +40,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// what a program adds after a lost wait); and one flag per program, zero between launches.
     /// Empty unless a GEMM runs on it.
     let streamPartials: DeviceBuffer
+    /// The block sync's counters (`usesBlockSync`): one per m-block, zero between launches (GEMM2's last
+    /// program on an m-block clears it). Empty when the plan does not use it.
+    let blockDone: DeviceBuffer
     let streamFlags: DeviceBuffer
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
@@ -210,6 +213,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
             let streamPrograms = streamSlotFloats > 0 ? programs : 0
             streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
             streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
+            // Align's blocks, or one per pair where one token skips align.
+            let syncBlocks = CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: self.programmaticDependentLaunch)
+                ? max(Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.gemm1.blockM) / plan.gemm1.blockM + 1, pairs)
+                : 0
+            blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
+            if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
             if streamSlotFloats > 0 {
                 try streamFlags.upload([Int32](repeating: 0, count: streamPrograms))
                 try streamPartials.upload(
@@ -388,7 +397,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
-                routing: routing1, stream: stream)
+                routing: routing1, blockSync: usesBlockSync ? .signal : .none, stream: stream)
             try marker?("gemm1")
         } else {
             try gemm(
@@ -404,7 +413,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
-            routingReady: true, stream: stream)
+            routingReady: true,
+            blockSync: usesBlockSync ? .wait(gemm1Blocks: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN) : .none,
+            stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
@@ -426,6 +437,27 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// the tensor map), and the plan allows it.
     func usesIdentityRouting(tokens: Int) -> Bool {
         CUDAMoELayer.usesIdentityRouting(plan: plan, tokens: tokens, expertMap: expertMap != nil)
+    }
+
+    /// Whether GEMM2 waits for GEMM1 per m-block rather than for the whole grid (the swap-AB kernel's
+    /// block sync, `moe_gemm_sm90.cu`): both GEMMs on the swap-AB kernel with one align (the same
+    /// BLOCK_M), GEMM1 unsplit with the activation in its epilogue (so it is GEMM2's predecessor and
+    /// writes its rows itself), GEMM2 not in atomic mode, and programmatic dependent launch (without it
+    /// GEMM2 starts after GEMM1 anyway).
+    var usesBlockSync: Bool { blockDone.byteCount > 0 }
+
+    static func usesBlockSync(plan: MoEPlan, programmaticDependentLaunch: Bool) -> Bool {
+        programmaticDependentLaunch && plan.gemm1.kernel == .wgmmaSwap && plan.gemm2.kernel == .wgmmaSwap
+            && plan.gemm1.blockM == plan.gemm2.blockM && plan.activationIsFused && plan.gemm1.effectiveMode == .none
+            && plan.gemm2.effectiveMode != .atomic
+    }
+
+    /// For checks: the block sync's counters, read back after the stream's work (all zero between
+    /// forwards); nil when the plan does not use it.
+    public func blockSyncCounters(stream: Stream) throws(CUDAError) -> [Int32]? {
+        guard usesBlockSync else { return nil }
+        try stream.synchronize()
+        return try blockDone.download(count: blockDone.byteCount / 4, as: Int32.self)
     }
 
     static func usesIdentityRouting(plan: MoEPlan, tokens: Int, expertMap: Bool) -> Bool {
@@ -502,6 +534,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
     }
 
+    /// A swap-AB GEMM's part in the block sync: none, GEMM1 counting its stored tiles per m-block, or
+    /// GEMM2 waiting for that count (GEMM1's n-blocks) on each of its m-blocks.
+    enum BlockSyncRole {
+        case none
+        case signal
+        case wait(gemm1Blocks: Int)
+    }
+
     /// How a GEMM's fp32 result becomes the output: rounded as is, or as act(gate) * up.
     enum Finish {
         case cast
@@ -514,7 +554,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func gemm(
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
-        routing: Routing, routingReady: Bool = false, stream: Stream
+        routing: Routing, routingReady: Bool = false, blockSync: BlockSyncRole = .none, stream: Stream
     ) throws(CUDAError) {
         let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
@@ -567,6 +607,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 // GEMM2: align wrote the routing before the previous kernel started, so the swap-AB
                 // kernel may read it and its first weight tiles before griddepcontrol.wait.
                 arguments.append(Int32(routingReady ? 1 : 0))
+                switch blockSync {
+                case .none: arguments += [DevicePointer.null, Int32(0)]
+                case .signal: arguments += [blockDone.pointer, Int32(0)]
+                case .wait(let blocks): arguments += [blockDone.pointer, Int32(blocks)]
+                }
             }
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK
@@ -622,7 +667,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// The device bytes this layer allocated for scratch (weights not counted).
     public var scratchBytes: Int {
         (alignOutputs.flatMap { [$0.sortedIDs, $0.expertIDs, $0.totalPadded, $0.chunkCounts] }
-            + [gateUp, activated, down, accumulator]).map(\.byteCount)
+            + [gateUp, activated, down, accumulator, blockDone]).map(\.byteCount)
             .reduce(0, +) + (expertMap?.byteCount ?? 0)
     }
 }
