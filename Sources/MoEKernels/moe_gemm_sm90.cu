@@ -183,7 +183,8 @@
 //         after its rows are stored), and GEMM2 (routing_ready, block_need = GEMM1's n-blocks) waits for
 //         block_done[m-block] & 0xFFFF to reach block_need (acquire) instead of griddepcontrol.wait before
 //         loading A, then adds 0x10000; the m-block's last GEMM2 program (split_k * ceil(N / BLOCK_N_W) of
-//         them) sets it back to 0. The host zeroes the counters once (ceil(max_padded / TOKENS) of them)
+//         them) sets it back to 0; GEMM2's program (0, 0) alone runs griddepcontrol.wait (at its end),
+//         so the grid completes after GEMM1's. The host zeroes the counters once (ceil(max_padded / TOKENS) of them)
 //         and passes them only where both GEMMs are this kernel on one align (same TOKENS), GEMM1 unsplit
 //         with FUSED_ACT and GEMM2 not in mode 1; null: no counter is touched.
 //
@@ -1114,14 +1115,17 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     // Block sync (block_done non-null: the host passes it where GEMM1 and GEMM2 are both this kernel on
     // one align, GEMM1 unsplit with the activation in its epilogue): GEMM1 (block_need 0) adds 1 to
     // block_done[m-block] once its rows are stored; GEMM2 (block_need: GEMM1's programs per m-block) waits
-    // for that count (moe_sm90_wait_block) before it loads A, and griddepcontrol.wait only once its loads
-    // are issued (so the grid still completes after GEMM1's), so the GEMM2 programs that become resident
+    // for that count (moe_sm90_wait_block) before it loads A, so the GEMM2 programs that become resident
     // under GEMM1's last wave run the m-blocks GEMM1 has finished. A GEMM2 store never waits: nothing
-    // earlier in the forward reads or writes its rows.
+    // earlier in the forward reads or writes its rows. Program (0, 0) alone still runs griddepcontrol.wait
+    // (after its loads, or before it returns without a tile), so this grid completes after GEMM1's, as the
+    // next kernel's griddepcontrol.wait assumes; in every program that would hold a finished program's
+    // multiprocessor until GEMM1 ends.
     const bool sync_blocks = MOE_SM90_BLOCK_SYNC != 0 && SPLIT_MODE != 1 && block_done != nullptr;
     const bool signal_block = sync_blocks && Tr::FUSED && block_need == 0;
     const bool wait_block = sync_blocks && block_need > 0 && routing_ready != 0;
     const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && routing_ready != 0;
+    const bool completes_after_gemm1 = wait_block && early && blockIdx.x == 0 && blockIdx.y == 0;
     if (!early) griddepcontrol_wait_then_launch_dependents();
     using Smem = typename Tr::Smem;
 
@@ -1129,8 +1133,10 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
 
     MoESm90Tile tile;
     if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
-                                                           group_size_m, max_padded, num_valid_tokens))
+                                                           group_size_m, max_padded, num_valid_tokens)) {
+        if (completes_after_gemm1) griddepcontrol_wait();
         return;
+    }
     if (SPLIT_MODE == 1 && tile.num_tiles == 0) return;  // adding zeros changes nothing
 
     // The first STAGES weight tiles go out before the row table's loads: for GEMM2 (early) before
@@ -1176,7 +1182,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
                                                                       b_row_up, tid, -1, b_preloaded);
         }
-        if (wait_block && tid == 0) griddepcontrol_wait();  // this grid completes after the previous one
+        if (completes_after_gemm1 && tid == 0) griddepcontrol_wait();
     } else {
         // ===== Consumer warpgroups =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_inc<Tr::CONSUMER_REGISTERS>();
@@ -1292,7 +1298,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             consume_and_store(moe_int_constant<TOKENS>{});
         }
         if (signal_block) {  // this program's rows of its m-block are stored: count it for GEMM2
-            __threadfence();
+            // The barrier orders every consumer's stores before thread 0's release, which is cumulative:
+            // one fence for the program, not one per thread.
             bar_sync<1, Tr::CONSUMER_THREADS>();
             if (ctid == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
         }
