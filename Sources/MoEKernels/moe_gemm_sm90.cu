@@ -1019,22 +1019,27 @@ MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
 
 /// GEMM2's side of the block sync (MOE_SM90_BLOCK_SYNC, moe_gemm_sm90_swap), one thread: waits (acquire)
 /// until the low 16 bits of *counter, which GEMM1's programs of this m-block add 1 to once their rows are
-/// stored, reach `need`; then counts this program as one of the m-block's `readers` (the high bits), and
-/// the last reader sets the counter back to zero for the next launch. A count that stays short for
-/// MOE_SPIN_LIMIT_NS (a bug) ends in griddepcontrol.wait, which GEMM1's completion ends, so the rows are
-/// complete either way; the program then does not count itself, which leaves the counter nonzero for
-/// the check to see.
-MOE_DEVICE void moe_sm90_wait_block(int32_t* counter, int32_t need, int32_t readers) {
+/// stored, reach `need`; true. A count that stays short for MOE_SPIN_LIMIT_NS (a bug) ends in
+/// griddepcontrol.wait, which GEMM1's completion ends, so the rows are complete either way; false.
+MOE_DEVICE bool moe_sm90_wait_block(const int32_t* counter, int32_t need) {
     if ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
         const uint64_t start = global_timer_ns();
         while ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
             __nanosleep(128);
             if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) {
                 griddepcontrol_wait();
-                return;
+                return false;
             }
         }
     }
+    return true;
+}
+
+/// After moe_sm90_wait_block returned true (and off the A loads' path: one more L2 round trip), counts
+/// this program as one of the m-block's `readers` (the counter's high bits); the last reader sets it
+/// back to zero for the next launch. After a false wait the program does not count itself, which leaves
+/// the counter nonzero for the check to see.
+MOE_DEVICE void moe_sm90_leave_block(int32_t* counter, int32_t readers) {
     if ((atomicAdd(counter, 0x10000) >> 16) == readers - 1) atomicExch(counter, 0);
 }
 
@@ -1169,11 +1174,9 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     if (tid < Tr::PRODUCER_THREADS) {
         // ===== Producer warpgroup =====
         if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
+        bool block_ready = false;
         if (wait_block) {
-            if (tid == 0) {
-                const int32_t readers = static_cast<int32_t>(ceil_div(N, BLOCK_N_W)) * static_cast<int32_t>(gridDim.y);
-                moe_sm90_wait_block(block_done + tile.row0 / TOKENS, block_need, readers);
-            }
+            if (tid == 0) block_ready = moe_sm90_wait_block(block_done + tile.row0 / TOKENS, block_need);
             bar_sync<2, Tr::PRODUCER_THREADS>();  // every producer's A loads follow thread 0's acquire
         }
         if (tile.num_tiles > 0) {
@@ -1181,6 +1184,10 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
                                                                       b_row_up, tid, -1, b_preloaded);
+        }
+        if (block_ready) {  // thread 0
+            const int32_t readers = static_cast<int32_t>(ceil_div(N, BLOCK_N_W)) * static_cast<int32_t>(gridDim.y);
+            moe_sm90_leave_block(block_done + tile.row0 / TOKENS, readers);
         }
         if (completes_after_gemm1 && tid == 0) griddepcontrol_wait();
     } else {
