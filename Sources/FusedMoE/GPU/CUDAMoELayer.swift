@@ -391,13 +391,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try marker?("align")
         }
         let (h, i) = (shape.hidden, shape.intermediate)
+        // Not for one token (identity routing): there it measured 1-3% slower on every preset (NOTES v24).
+        let blockSync = usesBlockSync && routing1.totalPadded != .null
         if plan.activationIsFused {
             // GEMM1 writes act(gate) * up straight into `activated`: in its epilogue when K is not
             // split, else in the split-K reduction.
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
-                routing: routing1, blockSync: usesBlockSync ? .signal : .none, stream: stream)
+                routing: routing1, blockSync: blockSync ? .signal : .none, stream: stream)
             try marker?("gemm1")
         } else {
             try gemm(
@@ -414,7 +416,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
             routingReady: true,
-            blockSync: usesBlockSync ? .wait(gemm1Blocks: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN) : .none,
+            blockSync: blockSync ? .wait(gemm1Blocks: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN) : .none,
             stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
@@ -443,7 +445,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// block sync, `moe_gemm_sm90.cu`): both GEMMs on the swap-AB kernel with one align (the same
     /// BLOCK_M), GEMM1 unsplit with the activation in its epilogue (so it is GEMM2's predecessor and
     /// writes its rows itself), GEMM2 not in atomic mode, and programmatic dependent launch (without it
-    /// GEMM2 starts after GEMM1 anyway).
+    /// GEMM2 starts after GEMM1 anyway). The forward leaves it off for one token (identity routing).
     var usesBlockSync: Bool { blockDone.byteCount > 0 }
 
     static func usesBlockSync(plan: MoEPlan, programmaticDependentLaunch: Bool) -> Bool {
