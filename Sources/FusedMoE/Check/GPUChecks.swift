@@ -130,14 +130,16 @@ public final class GPUChecks {
                 let weights = try LayerWeights(tools: tools, shape: preset.shape, dtype: .bf16, seed: caseSeed, stream: stream)
                 for tokens in batches {
                     caseSeed &+= 1
-                    try checkLayer(preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: tokens <= 7)
+                    try checkLayer(
+                        preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: tokens <= 7,
+                        blockSyncToo: scope == .full)
                 }
                 if scope == .full {
                     for tokens in GPUChecks.largeBatches {
                         caseSeed &+= 1
                         try checkLayer(
                             preset.name, weights, tokens: tokens, seed: caseSeed, cpuCrossCheck: false,
-                            plans: try largeCasePlans(preset.shape, tokens))
+                            plans: try largeCasePlans(preset.shape, tokens), blockSyncToo: true)
                     }
                 }
                 caseSeed &+= 1
@@ -229,7 +231,7 @@ public final class GPUChecks {
     /// for small batches, the CPU reference on the touched experts).
     func checkLayer(
         _ name: String, _ weights: LayerWeights, tokens: Int, seed: UInt64, cpuCrossCheck: Bool,
-        plans: [(String, MoEPlan)]? = nil
+        plans: [(String, MoEPlan)]? = nil, blockSyncToo: Bool = false
     ) throws {
         let shape = weights.shape
         let inputs = try LayerInputs(tools: tools, shape: shape, dtype: weights.dtype, tokens: tokens, seed: seed, stream: stream)
@@ -305,19 +307,37 @@ public final class GPUChecks {
                         passed = passed && equal
                         detail += equal ? ", = without PDL" : ", DIFFERS without PDL"
                     }
+                    // The opt-in block sync (off by default: racecheck reports hazards with it, NOTES
+                    // v24) must not change a bit either; the full check only, so that compute-sanitizer
+                    // on `check --small` covers the default path.
+                    if blockSyncToo && !layer.usesBlockSync && layer.programmaticDependentLaunch
+                        && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
+                    {
+                        let synced = try CUDAMoELayer(
+                            library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                            plan: plan, maxTokens: tokens, blockSync: true)
+                        let run = try runPoisoned(synced, inputs, out)
+                        let equal = run.bits == first.bits
+                        passed = passed && equal
+                        detail += equal ? ", = with block sync" : ", DIFFERS with block sync"
+                        passed = try countersClear(synced, &detail) && passed
+                    }
                 }
-                // The block sync's counters end every forward at zero (a count left over would let the
-                // next forward's GEMM2 read rows GEMM1 has not written yet).
-                if let counters = try layer.blockSyncCounters(stream: stream) {
-                    let clear = counters.allSatisfy { $0 == 0 }
-                    passed = passed && clear
-                    detail += clear ? ", block sync counters at 0" : ", BLOCK SYNC COUNTERS LEFT NONZERO"
-                }
+                passed = try countersClear(layer, &detail) && passed
                 record(label, passed, detail)
             } catch {
                 record(label, false, "\(error)")
             }
         }
+    }
+
+    /// The block sync's counters end every forward at zero (a count left over would let the next
+    /// forward's GEMM2 read rows GEMM1 has not written yet). True for layers without it.
+    func countersClear(_ layer: CUDAMoELayer, _ detail: inout String) throws -> Bool {
+        guard let counters = try layer.blockSyncCounters(stream: stream) else { return true }
+        let clear = counters.allSatisfy { $0 == 0 }
+        detail += clear ? ", block sync counters at 0" : ", BLOCK SYNC COUNTERS LEFT NONZERO"
+        return clear
     }
 
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {

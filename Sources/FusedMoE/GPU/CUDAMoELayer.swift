@@ -68,6 +68,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public static let programmaticDependentLaunchByDefault: Bool =
         environment("FUSED_MOE_PDL") != "0"
 
+    /// Whether layers made without an explicit choice use the block sync where their plan allows it: no,
+    /// unless the environment sets FUSED_MOE_BLOCK_SYNC=1 (NOTES v24: racecheck reports hazards with it).
+    public static let blockSyncByDefault: Bool = environment("FUSED_MOE_BLOCK_SYNC") == "1"
+
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
     /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
     static let singleAlignLimit = 8192
@@ -119,11 +123,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///   - chunkTokens: tokens per chunk (default 65536).
     ///   - programmaticDependentLaunch: overlap each launch with its predecessor's drain (default: on
     ///     where the GPU and driver support it, compute capability 9.0+, unless FUSED_MOE_PDL=0).
+    ///   - blockSync: let GEMM2 wait per m-block for GEMM1 where the plan allows it (`usesBlockSync`;
+    ///     default: off unless FUSED_MOE_BLOCK_SYNC=1; NOTES v24: 1-5% faster at 8-256 tokens, but
+    ///     compute-sanitizer racecheck reports shared-memory hazards with it that are not understood).
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
         options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536,
-        programmaticDependentLaunch: Bool? = nil
+        programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil
     ) throws(MoEError) {
         guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
         guard shape.hidden % 8 == 0 else {
@@ -214,7 +221,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
             streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
             // Align's blocks, or one per pair where one token skips align.
-            let syncBlocks = CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: self.programmaticDependentLaunch)
+            let syncBlocks = (blockSync ?? CUDAMoELayer.blockSyncByDefault)
+                && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: self.programmaticDependentLaunch)
                 ? max(Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.gemm1.blockM) / plan.gemm1.blockM + 1, pairs)
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
@@ -441,12 +449,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
         CUDAMoELayer.usesIdentityRouting(plan: plan, tokens: tokens, expertMap: expertMap != nil)
     }
 
-    /// Whether GEMM2 waits for GEMM1 per m-block rather than for the whole grid (the swap-AB kernel's
-    /// block sync, `moe_gemm_sm90.cu`): both GEMMs on the swap-AB kernel with one align (the same
+    /// Whether this layer lets GEMM2 wait for GEMM1 per m-block rather than for the whole grid (the
+    /// swap-AB kernel's block sync, `moe_gemm_sm90.cu`; asked for at init, and the plan allows it).
+    var usesBlockSync: Bool { blockDone.byteCount > 0 }
+
+    /// Whether `plan` allows the block sync: both GEMMs on the swap-AB kernel with one align (the same
     /// BLOCK_M), GEMM1 unsplit with the activation in its epilogue (so it is GEMM2's predecessor and
     /// writes its rows itself), GEMM2 not in atomic mode, and programmatic dependent launch (without it
     /// GEMM2 starts after GEMM1 anyway). The forward leaves it off for one token (identity routing).
-    var usesBlockSync: Bool { blockDone.byteCount > 0 }
 
     static func usesBlockSync(plan: MoEPlan, programmaticDependentLaunch: Bool) -> Bool {
         programmaticDependentLaunch && plan.gemm1.kernel == .wgmmaSwap && plan.gemm2.kernel == .wgmmaSwap
