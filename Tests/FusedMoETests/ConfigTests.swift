@@ -179,7 +179,10 @@ import Testing
         let seed2048 = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 2048)
         #expect(seed2048.gemm1.kernel == .wgmmaSwap && seed2048.gemm1.blockM == 160)
         #expect(seed2048.gemm2.kernel == .wgmmaPersistent && seed2048.alignBlockMs == [160, 128])
-        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.kernel == .wgmma)
+        // Above 320 rows per expert too, for the long intermediate (NOTES v24): 512 rows on 192 g6.
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048) == MoEPlan(both: .wgmma(blockM: 192, blockN: 256, stages: 4, groupSizeM: 6, swapAB: true)))
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 4096).gemm1.blockM == 176)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("qwen235_tp2").shape, tokens: 8192).gemm1.kernel == .wgmma)
         let decode = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1)
         #expect(decode.gemm1.kernel == .wgmmaSwap)
         let prefill = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192)
@@ -194,6 +197,11 @@ import Testing
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 256) == 144)  // 288 rows in two blocks
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 32) == nil)
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512) == nil)
+        // A long intermediate size: one standard deviation above 320 rows.
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512, longIntermediate: true) == 192)   // 534.6 in three
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 1024, longIntermediate: true) == 176)  // 1056 in six
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 2048, longIntermediate: true) == 192)  // 2093.3 in eleven
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 256, longIntermediate: true) == 144)
         #expect(GemmConfig.deepestSwapRing(tokens: 80, blockN: 256) == 5)
         #expect(GemmConfig.deepestSwapRing(tokens: 160, blockN: 256) == 4)
         #expect(GemmConfig.deepestSwapRing(tokens: 8, blockN: 64) == 8)
@@ -213,7 +221,7 @@ import Testing
         let seed = try ShapePreset.named("seed4096").shape  // E = 128, 2I = 768: 3 n-blocks
         #expect(PlanSelector.groupSizeM(shape: seed, tokens: 8192, blockM: 128, kernel: .wgmma) == 1)
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 65536, blockM: 128, kernel: .wgmmaPersistent) == 32)
-        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 8)
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048).gemm1.groupSizeM == 6)
     }
 
     /// Unsplit plans on every kernel can apply the activation in GEMM1's epilogue (the persistent

@@ -218,7 +218,7 @@ public enum PlanSelector {
         }
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
         if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
-        if let width = swapTokenWidth(rowsPerExpert: rows) {
+        if let width = swapTokenWidth(rowsPerExpert: rows, longIntermediate: shape.intermediate >= 2048) {
             var swap = GemmConfig.wgmma(
                 blockM: width, blockN: 256, stages: GemmConfig.deepestSwapRing(tokens: width, blockN: 256), swapAB: true)
             if shape.intermediate >= 2048 {
@@ -239,12 +239,16 @@ public enum PlanSelector {
     /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
     /// average: the run of an expert with the mean plus two standard deviations of rows (uniform
     /// routing) is cut into the fewest blocks of at most 192, and the narrowest width the kernel has
-    /// holds one such block, so most experts pad by less than a block. Nil outside 64...320 rows:
-    /// below, decode's widths; above, 128-row blocks already pad little of the run (and a wide tile
-    /// measured slower on Mixtral at 512 rows).
-    public static func swapTokenWidth(rowsPerExpert rows: Double) -> Int? {
-        guard rows >= 64 && rows <= 320 else { return nil }
-        let cover = rows + 2 * rows.squareRoot()
+    /// holds one such block, so most experts pad by less than a block. Nil below 64 rows (decode's
+    /// widths) and above 320, where 128-row blocks already pad little of the run, except for a long
+    /// intermediate size (Mixtral-like: both GEMMs on the wide tile, its blocks grouped): there, from
+    /// three blocks per expert, the cover is the mean plus one standard deviation, since an expert past
+    /// it pays one block more of several (measured: 192 at 512 rows -4..-5%, 176 at 1024 -1.3..-1.5%,
+    /// 192 at 2048 -1.5..-1.8%, each against 128-row persistent tiles; 192 at 1024 +1.2..+1.7%: NOTES
+    /// v23, v24).
+    public static func swapTokenWidth(rowsPerExpert rows: Double, longIntermediate: Bool = false) -> Int? {
+        guard rows >= 64 && (rows <= 320 || longIntermediate) else { return nil }
+        let cover = rows + (rows <= 320 ? 2 : 1) * rows.squareRoot()
         let blocks = (cover / 192).rounded(.up)
         return GemmConfig.swapTokenWidths.first { Double($0) * blocks >= cover }
     }
