@@ -298,14 +298,18 @@ public final class GPUChecks {
                             && passed
                     }
                     // Programmatic dependent launch must not change a bit either (a race would).
-                    if layer.programmaticDependentLaunch {
-                        let sequential = try CUDAMoELayer(
+                    // A layer of the same plan launched another way: bit for bit the first run (and its
+                    // block sync counters, if it has them, back at zero).
+                    func sameAs(_ name: String, programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil) throws -> Bool {
+                        let other = try CUDAMoELayer(
                             library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
-                            plan: plan, maxTokens: tokens, programmaticDependentLaunch: false)
-                        let plain = try runPoisoned(sequential, inputs, out)
-                        let equal = plain.bits == first.bits
-                        passed = passed && equal
-                        detail += equal ? ", = without PDL" : ", DIFFERS without PDL"
+                            plan: plan, maxTokens: tokens, programmaticDependentLaunch: programmaticDependentLaunch,
+                            blockSync: blockSync)
+                        let same = agrees(try runPoisoned(other, inputs, out), name, cutsMayDiffer: false, differs: "DIFFERS \(name)")
+                        return try countersClear(other, &detail) && same
+                    }
+                    if layer.programmaticDependentLaunch {
+                        passed = try sameAs("without PDL", programmaticDependentLaunch: false) && passed
                     }
                     // The opt-in block sync (off by default: racecheck reports hazards with it, NOTES
                     // v24) must not change a bit either; the full check only, so that compute-sanitizer
@@ -313,14 +317,7 @@ public final class GPUChecks {
                     if blockSyncToo && !layer.usesBlockSync && layer.programmaticDependentLaunch
                         && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
                     {
-                        let synced = try CUDAMoELayer(
-                            library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
-                            plan: plan, maxTokens: tokens, blockSync: true)
-                        let run = try runPoisoned(synced, inputs, out)
-                        let equal = run.bits == first.bits
-                        passed = passed && equal
-                        detail += equal ? ", = with block sync" : ", DIFFERS with block sync"
-                        passed = try countersClear(synced, &detail) && passed
+                        passed = try sameAs("with block sync", blockSync: true) && passed
                     }
                 }
                 passed = try countersClear(layer, &detail) && passed
