@@ -126,6 +126,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///   - blockSync: let GEMM2 wait per m-block for GEMM1 where the plan allows it (`usesBlockSync`;
     ///     default: off unless FUSED_MOE_BLOCK_SYNC=1; NOTES v24: 1-5% faster at 8-256 tokens, but
     ///     compute-sanitizer racecheck reports shared-memory hazards with it that are not understood).
+    ///     It pays only with programmatic dependent launch; asked for without, it runs all the same.
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
@@ -221,8 +222,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
             streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
             streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
             // Align's blocks, or one per pair where one token skips align.
+            // Asked for without PDL it still runs (GEMM2 then starts after GEMM1 and finds every count
+            // complete): a diagnostic, e.g. compute-sanitizer on kernels that do not overlap.
             let syncBlocks = (blockSync ?? CUDAMoELayer.blockSyncByDefault)
-                && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: self.programmaticDependentLaunch)
+                && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
                 ? max(Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.gemm1.blockM) / plan.gemm1.blockM + 1, pairs)
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
