@@ -184,10 +184,10 @@
 //         block_done[m-block] & 0xFFFF to reach block_need (acquire) instead of griddepcontrol.wait before
 //         loading A, then adds 0x10000; the m-block's last GEMM2 program (split_k * ceil(N / BLOCK_N_W) of
 //         them) sets it back to 0; GEMM2's program (0, 0) alone runs griddepcontrol.wait (at its end),
-//         so the grid completes after GEMM1's. The host zeroes the counters once (ceil(max_padded / TOKENS) of them)
-//         and passes them only where both GEMMs are this kernel on one align (same TOKENS), GEMM1 unsplit
-//         with FUSED_ACT and GEMM2 not in mode 1, and the layer asks for it (off by default: NOTES v24);
-//         null: no counter is touched.
+//         so the grid completes after GEMM1's. The host zeroes the counters once (ceil(max_padded /
+//         TOKENS) of them) and passes them only where both GEMMs are this kernel on one align (same
+//         TOKENS), GEMM1 unsplit with FUSED_ACT and GEMM2 not in mode 1, and the layer asks for it (off by
+//         default: NOTES v24); null: no counter is touched.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T

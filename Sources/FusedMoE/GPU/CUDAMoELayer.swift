@@ -221,12 +221,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
             let streamPrograms = streamSlotFloats > 0 ? programs : 0
             streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
             streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
-            // Align's blocks, or one per pair where one token skips align.
-            // Asked for without PDL it still runs (GEMM2 then starts after GEMM1 and finds every count
-            // complete): a diagnostic, e.g. compute-sanitizer on kernels that do not overlap.
+            // One counter per m-block of GEMM1's align (its expert ids), or per pair where one token skips
+            // align. Asked for without PDL the sync still runs (GEMM2 then starts after GEMM1 and finds
+            // every count complete): a diagnostic, e.g. compute-sanitizer on kernels that do not overlap.
             let syncBlocks = (blockSync ?? CUDAMoELayer.blockSyncByDefault)
                 && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
-                ? max(Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: plan.gemm1.blockM) / plan.gemm1.blockM + 1, pairs)
+                ? max(alignOutputs[0].expertIDs.byteCount / MemoryLayout<Int32>.size, pairs)
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
@@ -459,8 +459,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// Whether `plan` allows the block sync: both GEMMs on the swap-AB kernel with one align (the same
     /// BLOCK_M), GEMM1 unsplit with the activation in its epilogue (so it is GEMM2's predecessor and
     /// writes its rows itself), GEMM2 not in atomic mode, and programmatic dependent launch (without it
-    /// GEMM2 starts after GEMM1 anyway). The forward leaves it off for one token (identity routing).
-
+    /// GEMM2 starts after GEMM1 anyway; a layer asked for the sync passes true). The forward leaves it
+    /// off for one token (identity routing).
     static func usesBlockSync(plan: MoEPlan, programmaticDependentLaunch: Bool) -> Bool {
         programmaticDependentLaunch && plan.gemm1.kernel == .wgmmaSwap && plan.gemm2.kernel == .wgmmaSwap
             && plan.gemm1.blockM == plan.gemm2.blockM && plan.activationIsFused && plan.gemm1.effectiveMode == .none
