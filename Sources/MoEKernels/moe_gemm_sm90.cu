@@ -258,6 +258,11 @@
 #ifndef MOE_SM90_BLOCK_SYNC
 #define MOE_SM90_BLOCK_SYNC 1
 #endif
+// The named barrier GEMM1's consumers meet at before the block sync's release (1: the epilogue's own;
+// another id, a diagnostic for the racecheck report of v24).
+#ifndef MOE_SM90_BLOCK_SYNC_BARRIER
+#define MOE_SM90_BLOCK_SYNC_BARRIER 1
+#endif
 
 // The wide swap-AB tiles (TOKENS >= 80) multiply only as many token rows as the block holds, in steps of
 // 16 down to TOKENS / 2 (bench/NOTES.md v19); 0 always multiplies all TOKENS.
@@ -1308,7 +1313,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         if (signal_block) {  // this program's rows of its m-block are stored: count it for GEMM2
             // The barrier orders every consumer's stores before thread 0's release, which is cumulative:
             // one fence for the program, not one per thread.
-            bar_sync<1, Tr::CONSUMER_THREADS>();
+            bar_sync<MOE_SM90_BLOCK_SYNC_BARRIER, Tr::CONSUMER_THREADS>();
             if (ctid == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
         }
     }
