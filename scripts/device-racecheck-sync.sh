@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On the GPU machine: the v24 racecheck report of the block sync, taken apart (bench/NOTES.md v25).
 # Steps, each into $OUT: the full check with the shipped default (check.txt, unless SKIP_CHECK=1); then
-# compute-sanitizer racecheck on `check --small` per variant in VARIANTS (default "nopdl barrier5 sync"):
-#   nopdl     the block sync on (FUSED_MOE_BLOCK_SYNC=1) with PDL off (kernels do not overlap)
-#   barrier5  the block sync on, its release barrier on named barrier 5 (MOE_SM90_BLOCK_SYNC_BARRIER=5)
-#   sync      the block sync on, as v24 ran it
+# compute-sanitizer racecheck on `check --small` per variant in VARIANTS (default "sync barrier"):
+#   sync      the block sync on (FUSED_MOE_BLOCK_SYNC=1): each GEMM1 consumer warp counts itself
+#   nopdl     the same with PDL off (kernels do not overlap)
+#   barrier   the block sync on, v24's form: a barrier of GEMM1's consumers, then one count
+#             (MOE_SM90_BLOCK_SYNC_PER_WARP=0)
 #   off       the shipped default
+# with DETAIL=1 each report lists its first hazards' threads and blocks (--racecheck-report hazard)
 # (racecheck-VARIANT.txt, each under SANITIZER_TIMEOUT seconds, default 200); then the SASS of the
 # instantiation v24 named, from the kernel cache, disassembled with the machine's own tools (sass-*.txt).
 source "$(dirname "$0")/device-env.sh"
@@ -13,16 +15,17 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 [[ ${SKIP_CHECK:-0} == 1 ]] || device_check ${CHECK_TIMEOUT:-200} "FAIL|block sync"
 dist/fused-moe check --small --seed 1 > "$OUT/check-small.txt" 2>&1 || status=1   # compiles the default
 tail -1 "$OUT/check-small.txt"
-for variant in ${VARIANTS:-nopdl barrier5 sync}; do
+detail=(); [[ ${DETAIL:-0} == 1 ]] && detail=(--racecheck-report hazard --print-limit 6)
+for variant in ${VARIANTS:-sync barrier}; do
   case $variant in
     nopdl) env=(FUSED_MOE_BLOCK_SYNC=1 FUSED_MOE_PDL=0) ;;
-    barrier5) env=(FUSED_MOE_BLOCK_SYNC=1 FUSED_MOE_KERNEL_DEFINES=MOE_SM90_BLOCK_SYNC_BARRIER=5) ;;
+    barrier) env=(FUSED_MOE_BLOCK_SYNC=1 FUSED_MOE_KERNEL_DEFINES=MOE_SM90_BLOCK_SYNC_PER_WARP=0) ;;
     sync) env=(FUSED_MOE_BLOCK_SYNC=1) ;;
     off) env=() ;;
     *) echo "unknown variant $variant"; status=1; continue ;;
   esac
   start=$(date +%s)
-  env "${env[@]}" timeout ${SANITIZER_TIMEOUT:-200} "$sanitizer" --tool racecheck --error-exitcode 9 \
+  env "${env[@]}" timeout ${SANITIZER_TIMEOUT:-200} "$sanitizer" --tool racecheck "${detail[@]}" --error-exitcode 9 \
     dist/fused-moe check --small --seed 1 > "$OUT/racecheck-$variant.txt" 2>&1
   rc=$?
   echo "racecheck $variant exit $rc in $(( $(date +%s) - start )) s: $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck-$variant.txt" | tail -1)"
@@ -32,7 +35,7 @@ done
 python3 - "$FUSED_MOE_CACHE_DIR" "$OUT" <<'PY'
 import glob, os, struct, subprocess, sys
 cache, out = sys.argv[1], sys.argv[2]
-want = "moe_gemm_sm90_swapI9moe_bf16Li64ELi16ELi6ELi0ELb0ELi1E"
+want = "moe_gemm_sm90_swapI8moe_bf16Li64ELi16ELi6ELi0ELb0ELi1E"
 for i, path in enumerate(sorted(glob.glob(cache + "/*.cubin"))):
     data = open(path, "rb").read()
     if want.encode() not in data: continue

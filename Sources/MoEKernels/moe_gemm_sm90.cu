@@ -179,8 +179,9 @@
 //         routing_ready = 1 (GEMM2, whose routing align wrote before the previous kernel started): it
 //         reads its schedule and row tables and issues its first STAGES weight tiles first, then waits.
 // Block sync (swap-AB kernel; two extra arguments, int32_t* block_done and int32_t block_need): with
-//         block_done non-null, GEMM1 (block_need 0, FUSED_ACT) adds 1 to block_done[m-block] (red.release
-//         after its rows are stored), and GEMM2 (routing_ready, block_need = GEMM1's n-blocks) waits for
+//         block_done non-null, GEMM1 (block_need 0, FUSED_ACT) adds 1 per consumer warp to
+//         block_done[m-block] (red.release after its rows are stored), and GEMM2 (routing_ready,
+//         block_need = GEMM1's n-blocks times GEMM1's consumer warps, 4 or 8) waits for
 //         block_done[m-block] & 0xFFFF to reach block_need (acquire) instead of griddepcontrol.wait before
 //         loading A, then adds 0x10000; the m-block's last GEMM2 program (split_k * ceil(N / BLOCK_N_W) of
 //         them) sets it back to 0; GEMM2's program (0, 0) alone runs griddepcontrol.wait (at its end),
@@ -258,10 +259,11 @@
 #ifndef MOE_SM90_BLOCK_SYNC
 #define MOE_SM90_BLOCK_SYNC 1
 #endif
-// The named barrier GEMM1's consumers meet at before the block sync's release (1: the epilogue's own;
-// another id, a diagnostic for the racecheck report of v24).
-#ifndef MOE_SM90_BLOCK_SYNC_BARRIER
-#define MOE_SM90_BLOCK_SYNC_BARRIER 1
+// How GEMM1 counts its stored rows for the block sync: 1, every consumer warp once (__syncwarp, then its
+// lane 0's release); 0, the program once per consumer warp after a barrier of all its consumers (v24's
+// form, which racecheck reported). The host's count per m-block (block_need) is the same for both.
+#ifndef MOE_SM90_BLOCK_SYNC_PER_WARP
+#define MOE_SM90_BLOCK_SYNC_PER_WARP 1
 #endif
 
 // The wide swap-AB tiles (TOKENS >= 80) multiply only as many token rows as the block holds, in steps of
@@ -1124,14 +1126,14 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     // read before griddepcontrol.wait, under the previous kernel's tail; only A (its output) and every
     // store wait. Otherwise (GEMM1: align is the previous kernel) everything waits.
     // Block sync (block_done non-null: the host passes it where GEMM1 and GEMM2 are both this kernel on
-    // one align, GEMM1 unsplit with the activation in its epilogue): GEMM1 (block_need 0) adds 1 to
-    // block_done[m-block] once its rows are stored; GEMM2 (block_need: GEMM1's programs per m-block) waits
-    // for that count (moe_sm90_wait_block) before it loads A, so the GEMM2 programs that become resident
-    // under GEMM1's last wave run the m-blocks GEMM1 has finished. A GEMM2 store never waits: nothing
-    // earlier in the forward reads or writes its rows. Program (0, 0) alone still runs griddepcontrol.wait
-    // (after its loads, or before it returns without a tile), so this grid completes after GEMM1's, as the
-    // next kernel's griddepcontrol.wait assumes; in every program that would hold a finished program's
-    // multiprocessor until GEMM1 ends.
+    // one align, GEMM1 unsplit with the activation in its epilogue): GEMM1 (block_need 0) adds 1 per
+    // consumer warp to block_done[m-block] once its rows are stored; GEMM2 (block_need: GEMM1's programs per
+    // m-block times their consumer warps) waits for that count (moe_sm90_wait_block) before it loads A, so
+    // the GEMM2 programs that become resident under GEMM1's last wave run the m-blocks GEMM1 has finished.
+    // A GEMM2 store never waits: nothing earlier in the forward reads or writes its rows. Program (0, 0)
+    // alone still runs griddepcontrol.wait (after its loads, or before it returns without a tile), so this
+    // grid completes after GEMM1's, as the next kernel's griddepcontrol.wait assumes; in every program that
+    // would hold a finished program's multiprocessor until GEMM1 ends.
     const bool sync_blocks = MOE_SM90_BLOCK_SYNC != 0 && SPLIT_MODE != 1 && block_done != nullptr;
     const bool signal_block = sync_blocks && Tr::FUSED && block_need == 0;
     const bool wait_block = sync_blocks && block_need > 0 && routing_ready != 0;
@@ -1310,11 +1312,17 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         } else {
             consume_and_store(moe_int_constant<TOKENS>{});
         }
-        if (signal_block) {  // this program's rows of its m-block are stored: count it for GEMM2
-            // The barrier orders every consumer's stores before thread 0's release, which is cumulative:
-            // one fence for the program, not one per thread.
-            bar_sync<MOE_SM90_BLOCK_SYNC_BARRIER, Tr::CONSUMER_THREADS>();
-            if (ctid == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
+        if (signal_block) {  // this program's rows of its m-block are stored: count them for GEMM2
+            // The barrier orders the stores of the threads it joins before one thread's release, which is
+            // cumulative: one fence per warp (or program), not one per thread. GEMM2 waits for
+            // CONSUMER_THREADS / 32 counts per GEMM1 program either way.
+            if constexpr (MOE_SM90_BLOCK_SYNC_PER_WARP != 0) {
+                __syncwarp();
+                if (lane == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
+            } else {
+                bar_sync<1, Tr::CONSUMER_THREADS>();
+                if (ctid == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, Tr::CONSUMER_THREADS / 32);
+            }
         }
     }
 }

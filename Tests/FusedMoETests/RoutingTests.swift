@@ -87,6 +87,19 @@ import Testing
         #expect(CUDAMoELayer.usesBlockSync(plan: workspace2, programmaticDependentLaunch: true))
     }
 
+    @Test func blockSyncCountsFitTheCounter() throws {
+        let both = MoEPlan(both: GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true))
+        // Mixtral at tp 2: 2I = 14336 over 256-row tiles, 8 consumer warps each: 448 counts per m-block.
+        #expect(CUDAMoELayer.blockSyncCountsFit(plan: both, shape: try MoEShape(experts: 8, topK: 2, hidden: 4096, intermediate: 7168)))
+        // 2I = 2^21 on 256-row tiles: 65536 counts, past the 16 bits.
+        #expect(!CUDAMoELayer.blockSyncCountsFit(plan: both, shape: try MoEShape(experts: 8, topK: 2, hidden: 4096, intermediate: 1 << 20)))
+        // 64-row tiles with 4 consumer warps: 2I = 2^18 gives 16384 counts, which fit.
+        let narrow = MoEPlan(both: GemmConfig.wgmma(blockM: 16, blockN: 64, stages: 6, swapAB: true))
+        #expect(CUDAMoELayer.blockSyncCountsFit(plan: narrow, shape: try MoEShape(experts: 8, topK: 2, hidden: 4096, intermediate: 1 << 17)))
+        // GEMM2's readers: H = 2^21 over 64-row tiles is 32768 programs, past the high bits' 15.
+        #expect(!CUDAMoELayer.blockSyncCountsFit(plan: narrow, shape: try MoEShape(experts: 8, topK: 2, hidden: 1 << 21, intermediate: 256)))
+    }
+
     @Test func badInputsNameTheArgument() {
         #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
             try Align.align(ids: [0], experts: 1, blockM: 0)

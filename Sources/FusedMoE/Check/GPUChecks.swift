@@ -316,6 +316,7 @@ public final class GPUChecks {
                     // on `check --small` covers the default path.
                     if blockSyncToo && !layer.usesBlockSync && layer.programmaticDependentLaunch
                         && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
+                        && CUDAMoELayer.blockSyncCountsFit(plan: plan, shape: shape)
                     {
                         passed = try sameAs("with block sync", blockSync: true) && passed
                     }

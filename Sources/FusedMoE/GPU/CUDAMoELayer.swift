@@ -226,6 +226,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // every count complete): a diagnostic, e.g. compute-sanitizer on kernels that do not overlap.
             let syncBlocks = (blockSync ?? CUDAMoELayer.blockSyncByDefault)
                 && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
+                && CUDAMoELayer.blockSyncCountsFit(plan: plan, shape: shape)
                 ? max(alignOutputs[0].expertIDs.byteCount / MemoryLayout<Int32>.size, pairs)
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
@@ -427,7 +428,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
             routingReady: true,
-            blockSync: blockSync ? .wait(gemm1Blocks: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN) : .none,
+            blockSync: blockSync ? .wait(gemm1Signals: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN
+                * (plan.gemm1.threads - 128) / 32) : .none,
             stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
@@ -465,6 +467,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
         programmaticDependentLaunch && plan.gemm1.kernel == .wgmmaSwap && plan.gemm2.kernel == .wgmmaSwap
             && plan.gemm1.blockM == plan.gemm2.blockM && plan.activationIsFused && plan.gemm1.effectiveMode == .none
             && plan.gemm2.effectiveMode != .atomic
+    }
+
+    /// GEMM1's counts per m-block (its n-blocks times its consumer warps) in a counter's low 16 bits,
+    /// and GEMM2's programs per m-block (n-blocks times splits) in its high bits, below the sign bit.
+    static func blockSyncCountsFit(plan: MoEPlan, shape: MoEShape) -> Bool {
+        let signals = (2 * shape.intermediate + plan.gemm1.blockN - 1) / plan.gemm1.blockN * (plan.gemm1.threads - 128) / 32
+        let readers = (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN * plan.gemm2.splitK
+        return signals < 0x10000 && readers < 0x8000
     }
 
     /// For checks: the block sync's counters, read back after the stream's work (all zero between
@@ -550,11 +560,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }
 
     /// A swap-AB GEMM's part in the block sync: none, GEMM1 counting its stored tiles per m-block, or
-    /// GEMM2 waiting for that count (GEMM1's n-blocks) on each of its m-blocks.
+    /// GEMM2 waiting for that count on each of its m-blocks.
     enum BlockSyncRole {
         case none
         case signal
-        case wait(gemm1Blocks: Int)
+        /// GEMM1's counts per m-block: its programs per m-block times their consumer warps (each warp
+        /// counts its stored rows once).
+        case wait(gemm1Signals: Int)
     }
 
     /// How a GEMM's fp32 result becomes the output: rounded as is, or as act(gate) * up.
