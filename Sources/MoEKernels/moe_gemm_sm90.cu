@@ -187,8 +187,8 @@
 //         them) sets it back to 0; GEMM2's program (0, 0) alone runs griddepcontrol.wait (at its end),
 //         so the grid completes after GEMM1's. The host zeroes the counters once (ceil(max_padded /
 //         TOKENS) of them) and passes them only where both GEMMs are this kernel on one align (same
-//         TOKENS), GEMM1 unsplit with FUSED_ACT and GEMM2 not in mode 1, and the layer asks for it (off by
-//         default: NOTES v24); null: no counter is touched.
+//         TOKENS), GEMM1 unsplit with FUSED_ACT and GEMM2 not in mode 1, and the layer uses it (by default with
+//         PDL from two tokens: NOTES v24-v25); null: no counter is touched.
 //
 // ---------------------------------------------------------------------------------------------------
 // Tensor map (host, cuTensorMapEncodeTiled), all three kernels: B viewed as a 2-D tensor of T

@@ -311,14 +311,17 @@ public final class GPUChecks {
                     if layer.programmaticDependentLaunch {
                         passed = try sameAs("without PDL", programmaticDependentLaunch: false) && passed
                     }
-                    // The opt-in block sync (off by default: racecheck reports hazards with it, NOTES
-                    // v24) must not change a bit either; the full check only, so that compute-sanitizer
-                    // on `check --small` covers the default path.
-                    if blockSyncToo && !layer.usesBlockSync && layer.programmaticDependentLaunch
+                    // The block sync must not change a bit either: compared with the layer made the
+                    // other way (without it where the default uses it, with it where the default does
+                    // not: FUSED_MOE_BLOCK_SYNC=0, or one token); the full check only, so that
+                    // compute-sanitizer on `check --small` covers the default path alone.
+                    if blockSyncToo && layer.programmaticDependentLaunch
                         && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
                         && CUDAMoELayer.blockSyncCountsFit(plan: plan, shape: shape)
                     {
-                        passed = try sameAs("with block sync", blockSync: true) && passed
+                        passed = try (layer.usesBlockSync
+                            ? sameAs("without block sync", blockSync: false)
+                            : sameAs("with block sync", blockSync: true)) && passed
                     }
                 }
                 passed = try countersClear(layer, &detail) && passed

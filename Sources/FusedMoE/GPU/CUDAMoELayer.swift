@@ -68,9 +68,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public static let programmaticDependentLaunchByDefault: Bool =
         environment("FUSED_MOE_PDL") != "0"
 
-    /// Whether layers made without an explicit choice use the block sync where their plan allows it: no,
-    /// unless the environment sets FUSED_MOE_BLOCK_SYNC=1 (NOTES v24: racecheck reports hazards with it).
-    public static let blockSyncByDefault: Bool = environment("FUSED_MOE_BLOCK_SYNC") == "1"
+    /// Whether layers made without an explicit choice use the block sync where their plan allows it and
+    /// they use programmatic dependent launch: yes, unless the environment sets FUSED_MOE_BLOCK_SYNC=0
+    /// (NOTES v25; v24's form, off by default, drew racecheck reports that v25's does not).
+    public static let blockSyncByDefault: Bool = environment("FUSED_MOE_BLOCK_SYNC") != "0"
 
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
     /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
@@ -124,9 +125,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///   - programmaticDependentLaunch: overlap each launch with its predecessor's drain (default: on
     ///     where the GPU and driver support it, compute capability 9.0+, unless FUSED_MOE_PDL=0).
     ///   - blockSync: let GEMM2 wait per m-block for GEMM1 where the plan allows it (`usesBlockSync`;
-    ///     default: off unless FUSED_MOE_BLOCK_SYNC=1; NOTES v24: 1-5% faster at 8-256 tokens, but
-    ///     compute-sanitizer racecheck reports shared-memory hazards with it that are not understood).
-    ///     It pays only with programmatic dependent launch; asked for without, it runs all the same.
+    ///     default: on with programmatic dependent launch, unless FUSED_MOE_BLOCK_SYNC=0; NOTES v24-v25:
+    ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
+    ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
@@ -224,7 +225,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // One counter per m-block of GEMM1's align (its expert ids), or per pair where one token skips
             // align. Asked for without PDL the sync still runs (GEMM2 then starts after GEMM1 and finds
             // every count complete): a diagnostic, e.g. compute-sanitizer on kernels that do not overlap.
-            let syncBlocks = (blockSync ?? CUDAMoELayer.blockSyncByDefault)
+            let syncBlocks = (blockSync ?? (CUDAMoELayer.blockSyncByDefault && self.programmaticDependentLaunch))
                 && CUDAMoELayer.usesBlockSync(plan: plan, programmaticDependentLaunch: true)
                 && CUDAMoELayer.blockSyncCountsFit(plan: plan, shape: shape)
                 ? max(alignOutputs[0].expertIDs.byteCount / MemoryLayout<Int32>.size, pairs)
