@@ -77,6 +77,9 @@ public final class GPUBench {
     public static let tableSettings: [Setting] =
         [.auto, .split(1, .none)] + [2, 4, 8].flatMap { k in [Setting.split(k, .atomic), .split(k, .workspace)] }
 
+    /// `FUSED_MOE_BENCH_PAD_BYTES`: bytes of device memory each row holds before its own allocations.
+    static let padBytes: Int? = environment("FUSED_MOE_BENCH_PAD_BYTES").flatMap { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
+
     /// Times every setting at every batch size for one shape.
     public func run(
         preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
@@ -112,6 +115,10 @@ public final class GPUBench {
         let weights = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: seed, stream: stream)
         var rows: [BenchRow] = []
         for (index, tokens) in batchSizes.enumerated() {
+            // FUSED_MOE_BENCH_PAD_BYTES=N (a diagnostic, NOTES v25): N bytes of device memory held while the
+            // row runs, allocated before its inputs and layer, so that everything after lands elsewhere.
+            let pad = try GPUBench.padBytes.map { try DeviceBuffer(device: library.device, byteCount: $0) }
+            defer { withExtendedLifetime(pad) {} }
             let inputs = try (0..<rotations).map { rotation in
                 let setSeed = seed &+ UInt64(1000 * tokens + rotation)
                 let input = try LayerInputs(tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: setSeed, stream: stream)
