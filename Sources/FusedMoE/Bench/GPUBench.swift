@@ -112,6 +112,10 @@ public final class GPUBench {
         try library.prepare(requests)
         progress("\(preset.name): \(Set(requests).count) kernel programs ready in \(format(HostClock.now() - compileStart, 1)) s (compiled \(library.cache.compiled), from cache \(library.cache.loaded))")
 
+        // FUSED_MOE_BENCH_WEIGHT_PAD_BYTES=N (a diagnostic, NOTES v25): N bytes held before the weights.
+        let weightPad = try environment("FUSED_MOE_BENCH_WEIGHT_PAD_BYTES").flatMap { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
+            .map { try DeviceBuffer(device: library.device, byteCount: $0) }
+        defer { withExtendedLifetime(weightPad) {} }
         let weights = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: seed, stream: stream)
         var rows: [BenchRow] = []
         for (index, tokens) in batchSizes.enumerated() {
