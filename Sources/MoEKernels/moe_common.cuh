@@ -390,7 +390,8 @@ MOE_DEVICE int32_t ld_acquire_gpu(const int32_t* address) {
 }
 
 /// red.release.gpu.global.add.s32: adds value after every earlier write of this thread (and, through a
-/// barrier before it, its CTA's), visible GPU-wide to an acquiring load that sees the sum.
+/// barrier before it, of the threads that barrier joins), visible GPU-wide to an acquiring load that
+/// sees the sum.
 MOE_DEVICE void red_release_gpu_add(int32_t* address, int32_t value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }

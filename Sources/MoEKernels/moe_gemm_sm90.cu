@@ -1026,8 +1026,8 @@ MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
 }
 
 /// GEMM2's side of the block sync (MOE_SM90_BLOCK_SYNC, moe_gemm_sm90_swap), one thread: waits (acquire)
-/// until the low 16 bits of *counter, which GEMM1's programs of this m-block add 1 to once their rows are
-/// stored, reach `need`; true. A count that stays short for MOE_SPIN_LIMIT_NS (a bug) ends in
+/// until the low 16 bits of *counter, which each consumer warp of GEMM1's programs of this m-block adds 1
+/// to once its rows are stored, reach `need`; true. A count that stays short for MOE_SPIN_LIMIT_NS (a bug) ends in
 /// griddepcontrol.wait, which GEMM1's completion ends, so the rows are complete either way; false.
 MOE_DEVICE bool moe_sm90_wait_block(const int32_t* counter, int32_t need) {
     if ((ld_acquire_gpu(counter) & 0xFFFF) < need) {

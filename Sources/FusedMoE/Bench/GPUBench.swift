@@ -77,8 +77,13 @@ public final class GPUBench {
     public static let tableSettings: [Setting] =
         [.auto, .split(1, .none)] + [2, 4, 8].flatMap { k in [Setting.split(k, .atomic), .split(k, .workspace)] }
 
-    /// `FUSED_MOE_BENCH_PAD_BYTES`: bytes of device memory each row holds before its own allocations.
-    static let padBytes: Int? = environment("FUSED_MOE_BENCH_PAD_BYTES").flatMap { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
+    /// A placement diagnostic (NOTES v25): device memory of the size the environment variable `name`
+    /// gives, held by the caller so that what it allocates next lands after it; nil when unset or not
+    /// positive.
+    func pad(_ name: String) throws(CUDAError) -> DeviceBuffer? {
+        guard let bytes = environment(name).flatMap({ Int($0) }), bytes > 0 else { return nil }
+        return try DeviceBuffer(device: library.device, byteCount: bytes)
+    }
 
     /// Times every setting at every batch size for one shape.
     public func run(
@@ -112,17 +117,15 @@ public final class GPUBench {
         try library.prepare(requests)
         progress("\(preset.name): \(Set(requests).count) kernel programs ready in \(format(HostClock.now() - compileStart, 1)) s (compiled \(library.cache.compiled), from cache \(library.cache.loaded))")
 
-        // FUSED_MOE_BENCH_WEIGHT_PAD_BYTES=N (a diagnostic, NOTES v25): N bytes held before the weights.
-        let weightPad = try environment("FUSED_MOE_BENCH_WEIGHT_PAD_BYTES").flatMap { Int($0) }.flatMap { $0 > 0 ? $0 : nil }
-            .map { try DeviceBuffer(device: library.device, byteCount: $0) }
+        // FUSED_MOE_BENCH_WEIGHT_PAD_BYTES=N: N bytes held before the weights.
+        let weightPad = try pad("FUSED_MOE_BENCH_WEIGHT_PAD_BYTES")
         defer { withExtendedLifetime(weightPad) {} }
         let weights = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: seed, stream: stream)
         var rows: [BenchRow] = []
         for (index, tokens) in batchSizes.enumerated() {
-            // FUSED_MOE_BENCH_PAD_BYTES=N (a diagnostic, NOTES v25): N bytes of device memory held while the
-            // row runs, allocated before its inputs and layer, so that everything after lands elsewhere.
-            let pad = try GPUBench.padBytes.map { try DeviceBuffer(device: library.device, byteCount: $0) }
-            defer { withExtendedLifetime(pad) {} }
+            // FUSED_MOE_BENCH_PAD_BYTES=N: N bytes held while the row runs, before its inputs and layer.
+            let rowPad = try pad("FUSED_MOE_BENCH_PAD_BYTES")
+            defer { withExtendedLifetime(rowPad) {} }
             let inputs = try (0..<rotations).map { rotation in
                 let setSeed = seed &+ UInt64(1000 * tokens + rotation)
                 let input = try LayerInputs(tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: setSeed, stream: stream)

@@ -429,8 +429,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
             routingReady: true,
-            blockSync: blockSync ? .wait(gemm1Signals: (2 * i + plan.gemm1.blockN - 1) / plan.gemm1.blockN
-                * (plan.gemm1.threads - 128) / 32) : .none,
+            blockSync: blockSync ? .wait(gemm1Signals: CUDAMoELayer.blockSyncSignals(plan: plan, shape: shape)) : .none,
             stream: stream)
         try marker?("gemm2")
         try kernels.combine.launch(
@@ -470,12 +469,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
             && plan.gemm2.effectiveMode != .atomic
     }
 
-    /// GEMM1's counts per m-block (its n-blocks times its consumer warps) in a counter's low 16 bits,
-    /// and GEMM2's programs per m-block (n-blocks times splits) in its high bits, below the sign bit.
+    /// The block sync's count GEMM2 waits for per m-block: GEMM1's n-blocks times its consumer warps
+    /// (each warp of the swap-AB kernel beyond its 128 producer threads counts its stored rows once).
+    static func blockSyncSignals(plan: MoEPlan, shape: MoEShape) -> Int {
+        (2 * shape.intermediate + plan.gemm1.blockN - 1) / plan.gemm1.blockN * (plan.gemm1.threads - 128) / 32
+    }
+
+    /// GEMM1's counts per m-block (`blockSyncSignals`) in a counter's low 16 bits, and GEMM2's programs
+    /// per m-block (n-blocks times splits) in its high bits, below the sign bit.
     static func blockSyncCountsFit(plan: MoEPlan, shape: MoEShape) -> Bool {
-        let signals = (2 * shape.intermediate + plan.gemm1.blockN - 1) / plan.gemm1.blockN * (plan.gemm1.threads - 128) / 32
         let readers = (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN * plan.gemm2.splitK
-        return signals < 0x10000 && readers < 0x8000
+        return blockSyncSignals(plan: plan, shape: shape) < 0x10000 && readers < 0x8000
     }
 
     /// For checks: the block sync's counters, read back after the stream's work (all zero between
