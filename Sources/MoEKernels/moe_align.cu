@@ -15,17 +15,25 @@
 // numel <= 8192, the three-kernel sequence above that). Both write every entry of
 // sorted_ids, expert_ids and total_padded, so nothing needs zeroing.
 //
+// Two layouts in one pass: with block_m2 > 0 (and the *2 outputs, sized as above for block_m2) both
+// sequences also write the layout padded to block_m2, exactly what a second align of the same ids
+// with block_m2 would write (a plan whose GEMMs have different BLOCK_M needs both; the counts and each
+// pair's rank in its expert are shared, so the second layout costs its stores only). block_m2 = 0 and
+// null *2 pointers: one layout.
+//
 // A. One launch, numel <= 8192 (a larger numel breaks the host's contract and traps):
 //   moe_align_single<<<1, 512, stage_bytes>>>(topk_ids, numel, num_experts, block_m, expert_map,
-//       sorted_ids, expert_ids, total_padded, max_padded)
-//   Static shared memory 37 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
+//       sorted_ids, expert_ids, total_padded, max_padded,
+//       block_m2, sorted_ids2, expert_ids2, total_padded2, max_padded2)
+//   Static shared memory 39 KB. The ids are loaded once (ceil(numel / 512) per thread); per-warp
 //   counts and each pair's rank in its warp (warp_peers: a ballot per bit of the expert index; shared
 //   atomics); per expert its total and each warp's start; a scan of the experts' block counts; then a
 //   warp per expert writes its padding and block ids while the pairs scatter (5 block barriers, a
 //   sixth before a staged copy-out).
 //   The runs (sorted_ids[0, total_padded)) are built in the dynamic shared memory when total_padded
 //   * 4 <= stage_bytes and copied out coalesced; otherwise stored straight to sorted_ids (any
-//   stage_bytes, 0 included, gives the same result). NOTES v21, v22.
+//   stage_bytes, 0 included, gives the same result). The second layout's runs follow the first's
+//   (at a 16-byte boundary) when both fit, else go straight to sorted_ids2. NOTES v21, v22, v26.
 //
 // B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
@@ -33,16 +41,20 @@
 //        program c counts the pairs of chunk c (pairs [4096c, 4096c + 4096)) per expert
 //        (2 KB static shared memory) and writes chunk_counts[c * E + e].
 //   2. moe_align_scan<<<1, 1024, 0>>>(chunk_counts, num_chunks, numel, num_experts, block_m,
-//        expert_map, sorted_ids, expert_ids, total_padded, max_padded)
+//        expert_map, sorted_ids, expert_ids, total_padded, max_padded,
+//        block_m2, chunk_offsets2, sorted_ids2, expert_ids2, total_padded2, max_padded2)
 //        sums the counts per expert, lays out the padded runs, writes expert_ids, the
 //        padding entries of sorted_ids, total_padded, and replaces chunk_counts[c * E + e]
-//        by the first position in sorted_ids of chunk c's pairs of expert e (4 KB static).
+//        by the first position in sorted_ids of chunk c's pairs of expert e (6 KB static);
+//        with block_m2 > 0 the same for the second layout, its positions into
+//        chunk_offsets2[c * E + e] (a second scratch of num_chunks * E).
 //   3. moe_align_scatter<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
-//        sorted_ids)
+//        sorted_ids, chunk_offsets2, sorted_ids2)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
 //        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
 //        full chunk: 512 each), ranked as in A; the chunk's pairs are put in sorted order in shared
-//        memory and stored from there, an expert's segment at a time (44 KB static).
+//        memory and stored from there, an expert's segment at a time (46 KB static); with
+//        sorted_ids2 (not null) each segment is stored in both layouts.
 #include "moe_common.cuh"
 
 namespace moe_align_detail {
@@ -288,13 +300,16 @@ MOE_DEVICE int32_t warp_starts(int32_t* warp_counts, int32_t num_experts, int e,
 extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1)
     moe_align_single(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts, int32_t block_m,
                      const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
-                     int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
+                     int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded,
+                     int32_t block_m2, int32_t* __restrict__ sorted_ids2, int32_t* __restrict__ expert_ids2,
+                     int32_t* __restrict__ total_padded2, int64_t max_padded2) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     constexpr int WARPS = SINGLE_WARPS;
     constexpr int THREADS = SINGLE_THREADS;
     __shared__ int32_t counts[MAX_EXPERTS];
     __shared__ int32_t first_block[MAX_EXPERTS + 1];  // expert e's run: blocks [first_block[e], first_block[e + 1])
+    __shared__ int32_t first_block2[MAX_EXPERTS + 1];  // the same in the second layout (block_m2 > 0)
     __shared__ int32_t warp_totals[32];
     __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
     extern __shared__ int4 stage_words[];  // the launch's dynamic shared memory: the runs, when they fit
@@ -320,25 +335,42 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const int32_t count = warp_starts<WARPS>(warp_counts, num_experts, tid, 0);
     if (tid < num_experts) counts[tid] = count;
     const int32_t total_blocks = lay_out_runs(count, first_block, warp_totals, num_experts, block_m, total_padded);
+    // The second layout (the other GEMM's BLOCK_M): the same counts and ranks, its own runs.
+    const bool dual = block_m2 > 0;  // the same in every thread
+    const int32_t total_blocks2 =
+        dual ? lay_out_runs(count, first_block2, warp_totals, num_experts, block_m2, total_padded2) : 0;
 
     // The runs go to the dynamic shared memory when they fit (then out leave coalesced), else straight to
-    // sorted_ids (each pair's store a different run: one sector per pair from one multiprocessor).
-    const bool staged = static_cast<int64_t>(total_blocks) * block_m <= stage_capacity;  // the same in every thread
+    // sorted_ids (each pair's store a different run: one sector per pair from one multiprocessor). The
+    // second layout's runs follow the first's there when both fit.
+    const int64_t total = static_cast<int64_t>(total_blocks) * block_m;
+    const int64_t total2 = static_cast<int64_t>(total_blocks2) * block_m2;
+    const int64_t offset2 = (total + 3) / 4 * 4;  // 16-byte aligned, as copy_out reads it
+    const bool staged = total <= stage_capacity;  // the same in every thread
+    const bool staged2 = dual && offset2 + total2 <= stage_capacity;
     int32_t* runs = staged ? stage : sorted_ids;
+    int32_t* runs2 = staged2 ? stage + offset2 : sorted_ids2;
     write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, runs, sorted_ids,
                   expert_ids, max_padded);
+    if (dual)
+        write_padding(counts, first_block2, total_blocks2, numel, num_experts, block_m2, expert_map, runs2, sorted_ids2,
+                      expert_ids2, max_padded2);
 
     // Pass 2: each pair goes to its expert's run start + its warp's start + its rank in the warp.
 #pragma unroll
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
-            runs[first_block[e] * block_m + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            const int32_t pair = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            const int32_t within = my_counts[e] + rank[it];
+            runs[first_block[e] * block_m + within] = pair;
+            if (dual) runs2[first_block2[e] * block_m2 + within] = pair;
         }
     }
-    if (staged) {
+    if (staged || staged2) {
         __syncthreads();
-        copy_out(stage, sorted_ids, total_blocks * block_m);
+        if (staged) copy_out(stage, sorted_ids, static_cast<int32_t>(total));
+        if (staged2) copy_out(stage + offset2, sorted_ids2, static_cast<int32_t>(total2));
     }
 }
 
@@ -361,12 +393,16 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
 extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
     moe_align_scan(int32_t* __restrict__ chunk_counts, int32_t num_chunks, int64_t numel, int32_t num_experts,
                    int32_t block_m, const int32_t* __restrict__ expert_map, int32_t* __restrict__ sorted_ids,
-                   int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded) {
+                   int32_t* __restrict__ expert_ids, int32_t* __restrict__ total_padded, int64_t max_padded,
+                   int32_t block_m2, int32_t* __restrict__ chunk_offsets2, int32_t* __restrict__ sorted_ids2,
+                   int32_t* __restrict__ expert_ids2, int32_t* __restrict__ total_padded2, int64_t max_padded2) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     __shared__ int32_t counts[MAX_EXPERTS];
     __shared__ int32_t first_block[MAX_EXPERTS + 1];
+    __shared__ int32_t first_block2[MAX_EXPERTS + 1];
     __shared__ int32_t warp_totals[32];
+    const bool dual = block_m2 > 0;
 
     int32_t count = 0;
     if (threadIdx.x < num_experts) {
@@ -378,11 +414,18 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
     const int32_t total_blocks = lay_out_runs(count, first_block, warp_totals, num_experts, block_m, total_padded);
     write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, sorted_ids, sorted_ids,
                   expert_ids, max_padded);
+    if (dual) {  // the second layout: the same counts, its own runs
+        const int32_t total_blocks2 =
+            lay_out_runs(count, first_block2, warp_totals, num_experts, block_m2, total_padded2);
+        write_padding(counts, first_block2, total_blocks2, numel, num_experts, block_m2, expert_map, sorted_ids2,
+                      sorted_ids2, expert_ids2, max_padded2);
+    }
     // Counts are loaded in batches before the batch's positions are stored (the compiler cannot
     // move a load above a store to the same array: one round trip per chunk otherwise).
     constexpr int BATCH = 8;
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
         int32_t position = first_block[e] * block_m;
+        int32_t position2 = dual ? first_block2[e] * block_m2 : 0;
         for (int32_t c0 = 0; c0 < num_chunks; c0 += BATCH) {
             int32_t count[BATCH];
 #pragma unroll
@@ -390,8 +433,13 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
                 count[u] = c0 + u < num_chunks ? chunk_counts[static_cast<int64_t>(c0 + u) * num_experts + e] : 0;
 #pragma unroll
             for (int u = 0; u < BATCH; ++u) {
-                if (c0 + u < num_chunks) chunk_counts[static_cast<int64_t>(c0 + u) * num_experts + e] = position;
+                if (c0 + u < num_chunks) {
+                    const int64_t slot = static_cast<int64_t>(c0 + u) * num_experts + e;
+                    chunk_counts[slot] = position;
+                    if (dual) chunk_offsets2[slot] = position2;
+                }
                 position += count[u];
+                position2 += count[u];
             }
         }
     }
@@ -399,12 +447,15 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SCAN_THREADS)
 
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     moe_align_scatter(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
-                      const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ sorted_ids) {
+                      const int32_t* __restrict__ chunk_offsets, int32_t* __restrict__ sorted_ids,
+                      const int32_t* __restrict__ chunk_offsets2, int32_t* __restrict__ sorted_ids2) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     constexpr int WARPS = CHUNK_WARPS;
     constexpr int THREADS = CHUNK_THREADS;
     __shared__ int32_t first[MAX_EXPERTS];  // expert e: the position in sorted_ids of this chunk's first pair
+    __shared__ int32_t first2[MAX_EXPERTS];  // the same in sorted_ids2 (a second layout; null: none)
+    const bool dual = sorted_ids2 != nullptr;
     __shared__ int32_t warp_counts[WARPS * MAX_EXPERTS];  // per warp and expert: count, then the warp's start
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -416,6 +467,10 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     const int64_t warp_begin = chunk_begin + static_cast<int64_t>(warp) * 32 * items;
     const int32_t* mine = chunk_offsets + static_cast<int64_t>(blockIdx.x) * num_experts;
     for (int e = tid; e < num_experts; e += THREADS) first[e] = mine[e];
+    if (dual) {
+        const int32_t* mine2 = chunk_offsets2 + static_cast<int64_t>(blockIdx.x) * num_experts;
+        for (int e = tid; e < num_experts; e += THREADS) first2[e] = mine2[e];
+    }
     for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
     int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
     int32_t* my_counts = warp_counts + warp * num_experts;
@@ -451,7 +506,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     __syncthreads();
     for (int32_t p = tid; p < total0 + total1; p += THREADS) {
         const int32_t e = stage_expert[p];
-        sorted_ids[first[e] + (p - local_first[e])] = stage_pair[p];
+        const int32_t within = p - local_first[e];
+        sorted_ids[first[e] + within] = stage_pair[p];
+        if (dual) sorted_ids2[first2[e] + within] = stage_pair[p];
     }
 #else
     (void)c0;
@@ -461,7 +518,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     for (int it = 0; it < ITEMS_PER_LANE; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
-            sorted_ids[first[e] + my_counts[e] + rank[it]] = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            const int32_t pair = static_cast<int32_t>(warp_begin + it * 32 + lane);
+            sorted_ids[first[e] + my_counts[e] + rank[it]] = pair;
+            if (dual) sorted_ids2[first2[e] + my_counts[e] + rank[it]] = pair;
         }
     }
 #endif

@@ -208,15 +208,30 @@ public final class GPUChecks {
                 let cpu = try Align.align(ids: ids, experts: experts, blockM: blockM, expertMap: map)
                 // Every launch that takes these pairs; the one-launch kernels both ways: their runs staged
                 // in shared memory (the forward's choice where they fit) and stored directly.
+                // Two layouts from one pass (a plan whose GEMMs differ in BLOCK_M), each against its own CPU
+                // align: with an odd second block, then with it first (so the second layout's staged runs
+                // start at a rounded offset).
+                let odd = 13
+                let cpuOdd = try Align.align(ids: ids, experts: experts, blockM: odd, expertMap: map)
                 for launch in CUDAMoELayer.AlignLaunch.allCases where CUDAMoELayer.AlignLaunch.allows(launch, pairs: pairs) {
                     for staged in launch == .chunked ? [true] : [true, false] {
                         let gpu = try layer.debugAlign(ids: ids, blockM: blockM, launch: launch, staged: staged, stream: stream)
                         let passed = gpu == cpu
                         let path = launch == .chunked ? "three launches" : "\(launch.rawValue), \(staged ? "staged" : "direct")"
+                        let name = "gpu align E=\(experts) pairs=\(pairs)\(mapped ? " expert-map" : "") \(path)"
                         record(
-                            "gpu align E=\(experts) pairs=\(pairs) blockM=\(blockM)\(mapped ? " expert-map" : "") \(path)",
-                            passed,
+                            "\(name) blockM=\(blockM)", passed,
                             passed ? "exact" : "differs from the CPU align (padded \(gpu.paddedCount) vs \(cpu.paddedCount))")
+                        for order in [[blockM, odd], [odd, blockM]] {
+                            let dual = try layer.debugAlign(ids: ids, blockMs: order, launch: launch, staged: staged, stream: stream)
+                            let want = order[0] == blockM ? [cpu, cpuOdd] : [cpuOdd, cpu]
+                            let exact = dual == want
+                            record(
+                                "\(name) one pass blockM=\(order[0]),\(order[1])", exact,
+                                exact
+                                    ? "both layouts exact"
+                                    : "differs from the CPU aligns (padded \(dual.map(\.paddedCount)) vs \(want.map(\.paddedCount)))")
+                        }
                     }
                 }
             }

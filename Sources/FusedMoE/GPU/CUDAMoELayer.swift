@@ -73,6 +73,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// (NOTES v25; v24's form, off by default, drew racecheck reports that v25's does not).
     public static let blockSyncByDefault: Bool = environment("FUSED_MOE_BLOCK_SYNC") != "0"
 
+    /// Whether a plan whose GEMMs have different BLOCK_M gets both layouts from one align pass (the
+    /// counts and ranks shared; NOTES v26): yes, unless the environment sets FUSED_MOE_DUAL_ALIGN=0 (two
+    /// aligns back to back, as before; for A/Bs).
+    static let dualAlignByDefault: Bool = environment("FUSED_MOE_DUAL_ALIGN") != "0"
+
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
     /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
     static let singleAlignLimit = 8192
@@ -98,7 +103,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// Pairs per program of the three-launch align.
     static let alignChunk = 4096
     /// The one-launch align stages its padded runs in dynamic shared memory when they fit, so that its
-    /// stores of sorted_ids leave coalesced (NOTES v22): at most this much, less the kernel's 37 KB of
+    /// stores of sorted_ids leave coalesced (NOTES v22): at most this much, less the kernel's 39 KB of
     /// static shared memory and a margin where the device offers less.
     static let alignStageLimit = 160 * 1024
 
@@ -397,10 +402,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
             routing2 = Routing(
                 sortedIDs: .null, expertIDs: topkIDs, totalPadded: .null, maxPadded: pairs * plan.gemm2.blockM)
         } else {
-            // One align per distinct BLOCK_M (GEMM1's, then GEMM2's when it differs): one "align" stage.
-            routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], stream: stream)
-            routing2 = alignOutputs.count > 1
-                ? try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[1], stream: stream) : routing1
+            // GEMM1's layout, and GEMM2's when its BLOCK_M differs: from one pass (dual), or from two
+            // aligns back to back. One "align" stage either way.
+            let second = alignOutputs.count > 1 ? alignOutputs[1] : nil
+            if let second, CUDAMoELayer.dualAlignByDefault {
+                (routing1, routing2) = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: second, stream: stream)
+            } else {
+                routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, stream: stream).0
+                routing2 = if let second {
+                    try align(topkIDs: topkIDs, pairs: pairs, into: second, and: nil, stream: stream).0
+                } else {
+                    routing1
+                }
+            }
             try marker?("align")
         }
         let (h, i) = (shape.hidden, shape.intermediate)
@@ -505,62 +519,95 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var chunkCounts: DeviceBuffer
     }
 
-    /// Enqueues align for `pairs` pairs into `output` and returns where a GEMM finds its result.
-    private func align(topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, stream: Stream) throws(CUDAError)
-        -> Routing
-    {
-        let routed = routedExperts
-        let blockM = output.blockM
-        let (sortedIDs, expertIDs, totalPadded, chunkCounts) =
-            (output.sortedIDs, output.expertIDs, output.totalPadded, output.chunkCounts)
-        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+    /// Enqueues align for `pairs` pairs into `output` (and, from the same pass, into `second` with its
+    /// own BLOCK_M) and returns where each GEMM finds its result (the second routing is the first's
+    /// when `second` is nil).
+    private func align(
+        topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, and second: AlignOutput?, stream: Stream
+    ) throws(CUDAError) -> (Routing, Routing) {
+        let targets = [output, second].compactMap { $0 }.map { AlignTarget($0, pairs: pairs, experts: routedExperts) }
         try launchAlign(
-            AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, blockM: blockM,
-            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
-            chunkCounts: chunkCounts.pointer, maxPadded: maxPadded, staged: true,
+            AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, targets[0],
+            second: targets.count > 1 ? targets[1] : nil, staged: true,
             programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
-        return Routing(
-            sortedIDs: sortedIDs.pointer, expertIDs: expertIDs.pointer, totalPadded: totalPadded.pointer,
-            maxPadded: maxPadded)
+        let routings = targets.map {
+            Routing(sortedIDs: $0.sortedIDs, expertIDs: $0.expertIDs, totalPadded: $0.totalPadded, maxPadded: $0.maxPadded)
+        }
+        return (routings[0], routings[routings.count - 1])
+    }
+
+    /// Where one layout of align goes: sortedIDs (maxPadded entries), expertIDs (ceil(maxPadded /
+    /// blockM)) and totalPadded; chunkCounts holds ceil(pairs / alignChunk) * E entries for the
+    /// three-launch sequence (the first layout's counts, then positions; the second layout's positions).
+    struct AlignTarget {
+        var blockM: Int
+        var sortedIDs: DevicePointer
+        var expertIDs: DevicePointer
+        var totalPadded: DevicePointer
+        var chunkCounts: DevicePointer
+        var maxPadded: Int
+
+        init(
+            blockM: Int, sortedIDs: DevicePointer, expertIDs: DevicePointer, totalPadded: DevicePointer,
+            chunkCounts: DevicePointer, maxPadded: Int
+        ) {
+            (self.blockM, self.sortedIDs, self.expertIDs, self.totalPadded) = (blockM, sortedIDs, expertIDs, totalPadded)
+            (self.chunkCounts, self.maxPadded) = (chunkCounts, maxPadded)
+        }
+
+        /// The layer's scratch for `output`'s BLOCK_M, sized for `pairs` pairs over `experts` experts.
+        init(_ output: AlignOutput, pairs: Int, experts: Int) {
+            self.init(
+                blockM: output.blockM, sortedIDs: output.sortedIDs.pointer, expertIDs: output.expertIDs.pointer,
+                totalPadded: output.totalPadded.pointer, chunkCounts: output.chunkCounts.pointer,
+                maxPadded: Align.maximumPaddedCount(pairs: pairs, experts: experts, blockM: output.blockM))
+        }
     }
 
     /// Enqueues the align kernels of `launch` (which must allow `pairs`: AlignLaunch.allows) writing
-    /// sortedIDs (maxPadded entries), expertIDs (ceil(maxPadded / blockM)) and totalPadded; chunkCounts
-    /// holds ceil(pairs / alignChunk) * E entries for the three-launch sequence. `staged`: the one-launch
-    /// kernels get dynamic shared memory for their runs (false: they store them directly).
+    /// `first`'s layout and, in the same pass, `second`'s. `staged`: the one-launch kernel gets dynamic
+    /// shared memory for its runs (false: it stores them directly).
     private func launchAlign(
-        _ launch: AlignLaunch, topkIDs: DevicePointer, pairs: Int, blockM: Int, sortedIDs: DevicePointer,
-        expertIDs: DevicePointer, totalPadded: DevicePointer, chunkCounts: DevicePointer, maxPadded: Int,
+        _ launch: AlignLaunch, topkIDs: DevicePointer, pairs: Int, _ first: AlignTarget, second: AlignTarget?,
         staged: Bool, programmaticDependentLaunch: Bool, stream: Stream
     ) throws(CUDAError) {
         let routed = routedExperts
         let map = expertMap?.pointer ?? .null
         let pdl = programmaticDependentLaunch
+        // The second layout's arguments; block_m2 = 0 and null pointers: none.
+        let blockM2 = Int32(second?.blockM ?? 0)
+        let (sorted2, experts2, total2, offsets2) =
+            (second?.sortedIDs ?? .null, second?.expertIDs ?? .null, second?.totalPadded ?? .null, second?.chunkCounts ?? .null)
+        let maxPadded2 = Int64(second?.maxPadded ?? 0)
         switch launch {
         case .single:
+            // The second layout's runs follow the first's (at a 16-byte boundary) in the stage.
+            let stageRows = (first.maxPadded + 3) / 4 * 4 + (second?.maxPadded ?? 0)
             let stage = staged
                 ? CUDAMoELayer.alignStageBytes(
-                    maxPadded: maxPadded, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
+                    maxPadded: stageRows, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
             try kernels.alignSingle.launch(
                 grid: Dimensions(1), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
                 arguments: [
-                    topkIDs, Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs, totalPadded,
-                    Int64(maxPadded),
+                    topkIDs, Int64(pairs), Int32(routed), Int32(first.blockM), map, first.sortedIDs, first.expertIDs,
+                    first.totalPadded, Int64(first.maxPadded), blockM2, sorted2, experts2, total2, maxPadded2,
                 ], programmaticDependentLaunch: pdl)
         case .chunked:
             let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
             try kernels.alignCount.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts], programmaticDependentLaunch: pdl)
+                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts], programmaticDependentLaunch: pdl)
             try kernels.alignScan.launch(
                 grid: Dimensions(1), block: Dimensions(1024), on: stream,
                 arguments: [
-                    chunkCounts, Int32(chunks), Int64(pairs), Int32(routed), Int32(blockM), map, sortedIDs, expertIDs,
-                    totalPadded, Int64(maxPadded),
+                    first.chunkCounts, Int32(chunks), Int64(pairs), Int32(routed), Int32(first.blockM), map,
+                    first.sortedIDs, first.expertIDs, first.totalPadded, Int64(first.maxPadded), blockM2, offsets2,
+                    sorted2, experts2, total2, maxPadded2,
                 ], programmaticDependentLaunch: pdl)
             try kernels.alignScatter.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), chunkCounts, sortedIDs], programmaticDependentLaunch: pdl)
+                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts, first.sortedIDs, offsets2, sorted2],
+                programmaticDependentLaunch: pdl)
         }
     }
 
@@ -713,6 +760,14 @@ extension CUDAMoELayer {
     public func debugAlign(
         ids: [Int32], blockM: Int, launch: AlignLaunch? = nil, staged: Bool = true, stream: Stream
     ) throws(CUDAError) -> AlignedRouting {
+        try debugAlign(ids: ids, blockMs: [blockM], launch: launch, staged: staged, stream: stream)[0]
+    }
+
+    /// The same for one or two layouts (`blockMs`): two come from one pass, as the forward of a plan whose
+    /// GEMMs have different BLOCK_M runs it.
+    public func debugAlign(
+        ids: [Int32], blockMs: [Int], launch: AlignLaunch? = nil, staged: Bool = true, stream: Stream
+    ) throws(CUDAError) -> [AlignedRouting] {
         let device = library.device
         let routed = routedExperts
         let pairs = ids.count
@@ -722,32 +777,53 @@ extension CUDAMoELayer {
                 domain: .usage, code: 0, name: "launch", call: "debugAlign",
                 message: "the \(launch.rawValue) align takes at most \(CUDAMoELayer.singleAlignLimit) pairs, not \(pairs)")
         }
-        let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
-        let maxBlocks = (maxPadded + blockM - 1) / blockM
+        guard (1...2).contains(blockMs.count), blockMs.allSatisfy({ $0 >= 1 }) else {
+            throw CUDAError(
+                domain: .usage, code: 0, name: "blockMs", call: "debugAlign",
+                message: "expected one or two block sizes of at least 1, got \(blockMs)")
+        }
         let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
         let idBuffer = try DeviceBuffer(device: device, count: max(pairs, 1), of: Int32.self)
         try idBuffer.upload(ids)
-        let sorted = try DeviceBuffer(device: device, count: max(maxPadded, 1), of: Int32.self)
-        let experts = try DeviceBuffer(device: device, count: max(maxBlocks, 1), of: Int32.self)
-        let total = try DeviceBuffer(device: device, count: 1, of: Int32.self)
-        let counts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
-        for buffer in [sorted, experts, total] { try buffer.fill(byte: 0xEE, on: stream) }
-        try launchAlign(
-            launch, topkIDs: idBuffer.pointer, pairs: pairs, blockM: blockM, sortedIDs: sorted.pointer,
-            expertIDs: experts.pointer, totalPadded: total.pointer, chunkCounts: counts.pointer, maxPadded: maxPadded,
-            staged: staged, programmaticDependentLaunch: false, stream: stream)
-        try stream.synchronize()
-        let padded = Int(try total.download(count: 1, as: Int32.self)[0])
-        let sortedIDs = try sorted.download(count: maxPadded, as: Int32.self)
-        let expertIDs = try experts.download(count: maxBlocks, as: Int32.self)
-        // Past the padded count the kernels must have written padding and -1 (not left the poison).
-        guard padded >= 0, padded <= maxPadded, sortedIDs[padded...].allSatisfy({ $0 == Int32(pairs) }),
-            expertIDs[(padded / blockM)...].allSatisfy({ $0 == -1 })
-        else {
-            throw CUDAError(domain: .usage, code: 0, name: "mismatch", call: "align", message: "entries past the padded count \(padded) were not filled")
+        var buffers: [(sorted: DeviceBuffer, experts: DeviceBuffer, total: DeviceBuffer, target: AlignTarget)] = []
+        for blockM in blockMs {
+            let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
+            let maxBlocks = (maxPadded + blockM - 1) / blockM
+            let sorted = try DeviceBuffer(device: device, count: max(maxPadded, 1), of: Int32.self)
+            let experts = try DeviceBuffer(device: device, count: max(maxBlocks, 1), of: Int32.self)
+            let total = try DeviceBuffer(device: device, count: 1, of: Int32.self)
+            let counts = try DeviceBuffer(device: device, count: chunks * routed, of: Int32.self)
+            for buffer in [sorted, experts, total] { try buffer.fill(byte: 0xEE, on: stream) }
+            let target = AlignTarget(
+                blockM: blockM, sortedIDs: sorted.pointer, expertIDs: experts.pointer, totalPadded: total.pointer,
+                chunkCounts: counts.pointer, maxPadded: maxPadded)
+            buffers.append((sorted, experts, total, target))
         }
-        return AlignedRouting(
-            sortedTokenIDs: Array(sortedIDs.prefix(padded)), expertIDs: Array(expertIDs.prefix(padded / blockM)),
-            paddedCount: padded, padValue: Int32(pairs), blockM: blockM)
+        try launchAlign(
+            launch, topkIDs: idBuffer.pointer, pairs: pairs, buffers[0].target,
+            second: buffers.count > 1 ? buffers[1].target : nil, staged: staged, programmaticDependentLaunch: false,
+            stream: stream)
+        try stream.synchronize()
+        var results: [AlignedRouting] = []
+        for (sorted, experts, total, target) in buffers {
+            let (blockM, maxPadded) = (target.blockM, target.maxPadded)
+            let maxBlocks = (maxPadded + blockM - 1) / blockM
+            let padded = Int(try total.download(count: 1, as: Int32.self)[0])
+            let sortedIDs = try sorted.download(count: maxPadded, as: Int32.self)
+            let expertIDs = try experts.download(count: maxBlocks, as: Int32.self)
+            // Past the padded count the kernels must have written padding and -1 (not left the poison).
+            guard padded >= 0, padded <= maxPadded, sortedIDs[padded...].allSatisfy({ $0 == Int32(pairs) }),
+                expertIDs[(padded / blockM)...].allSatisfy({ $0 == -1 })
+            else {
+                throw CUDAError(
+                    domain: .usage, code: 0, name: "mismatch", call: "align",
+                    message: "entries past the padded count \(padded) (BLOCK_M \(blockM)) were not filled")
+            }
+            results.append(
+                AlignedRouting(
+                    sortedTokenIDs: Array(sortedIDs.prefix(padded)), expertIDs: Array(expertIDs.prefix(padded / blockM)),
+                    paddedCount: padded, padValue: Int32(pairs), blockM: blockM))
+        }
+        return results
     }
 }
