@@ -785,7 +785,8 @@ extension CUDAMoELayer {
         let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
         let idBuffer = try DeviceBuffer(device: device, count: max(pairs, 1), of: Int32.self)
         try idBuffer.upload(ids)
-        var buffers: [(sorted: DeviceBuffer, experts: DeviceBuffer, total: DeviceBuffer, target: AlignTarget)] = []
+        // Every buffer is held here until the kernels are done (the targets hold bare pointers).
+        var buffers: [(sorted: DeviceBuffer, experts: DeviceBuffer, total: DeviceBuffer, counts: DeviceBuffer, target: AlignTarget)] = []
         for blockM in blockMs {
             let maxPadded = Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: blockM)
             let maxBlocks = (maxPadded + blockM - 1) / blockM
@@ -797,7 +798,7 @@ extension CUDAMoELayer {
             let target = AlignTarget(
                 blockM: blockM, sortedIDs: sorted.pointer, expertIDs: experts.pointer, totalPadded: total.pointer,
                 chunkCounts: counts.pointer, maxPadded: maxPadded)
-            buffers.append((sorted, experts, total, target))
+            buffers.append((sorted, experts, total, counts, target))
         }
         try launchAlign(
             launch, topkIDs: idBuffer.pointer, pairs: pairs, buffers[0].target,
@@ -805,7 +806,7 @@ extension CUDAMoELayer {
             stream: stream)
         try stream.synchronize()
         var results: [AlignedRouting] = []
-        for (sorted, experts, total, target) in buffers {
+        for (sorted, experts, total, _, target) in buffers {
             let (blockM, maxPadded) = (target.blockM, target.maxPadded)
             let maxBlocks = (maxPadded + blockM - 1) / blockM
             let padded = Int(try total.download(count: 1, as: Int32.self)[0])
