@@ -370,7 +370,12 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     half = [gemm_sm90_persistent_name(dtype, tile, 0, mul)  # the half tiles are unsplit only
             for dtype in DTYPES for tile in SM90_PERSISTENT_TILES if tile[0] == 128 and tile[1] >= 128
             for mul in (False, True)]
-    return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"])]
+    # L2 eviction hints (NOTES v26): the large-M kernels of the tables, weight boxes and row copies hinted.
+    hinted = [gemm_sm90_swap_name("moe_bf16", (256, tok, 4), 0, mul, act) for tok in (144, 160, 192)
+              for (mul, act) in ((False, 1), (True, 0))]
+    hinted += [gemm_sm90_persistent_name("moe_bf16", (128, 256, st), 0, True) for st in (3, 4)]
+    return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"])]
 
 
 def main() -> int:
