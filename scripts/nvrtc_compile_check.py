@@ -375,7 +375,7 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
               for (mul, act) in ((False, 1), (True, 0))]
     hinted += [gemm_sm90_persistent_name("moe_bf16", (128, 256, st), 0, True) for st in (3, 4)]
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"])]
 
 
 def main() -> int:

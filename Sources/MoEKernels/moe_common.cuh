@@ -246,7 +246,8 @@ MOE_DEVICE uint32_t cvta_to_shared_u32(const void* p) {
 /// is read, but `src` must still be a valid address (pass any in-bounds pointer).
 #ifndef MOE_L2_HINTS
 #define MOE_L2_HINTS 0  // L2 eviction hints, for A/Bs (NOTES v26): bit 0 the weight boxes (TMA) evict_first,
-                        // bit 1 the 16-byte row copies (cp.async: gathered tokens, partial sums) evict_last
+                        // bit 2 evict_last instead; bit 1 the 16-byte row copies (cp.async: gathered tokens,
+                        // partial sums) evict_last, bit 3 evict_first instead
 #endif
 
 /// A createpolicy L2 eviction priority for the hinted copies below.
@@ -263,9 +264,9 @@ MOE_DEVICE uint64_t l2_policy_evict_last() {
 
 MOE_DEVICE void cp_async_cg_16(uint32_t dst, const void* src, bool valid) {
     const int src_size = valid ? 16 : 0;
-#if MOE_L2_HINTS & 2
+#if MOE_L2_HINTS & 10
     asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-                 "r"(src_size), "l"(l2_policy_evict_last())
+                 "r"(src_size), "l"((MOE_L2_HINTS & 8) ? l2_policy_evict_first() : l2_policy_evict_last())
                  : "memory");
 #else
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size)
@@ -521,11 +522,12 @@ MOE_DEVICE void prefetch_tensormap(const CUtensorMap* map) {
 /// map's swizzle requires: 1024 bytes for 128B), completing `bar`'s transaction bytes. Parts of
 /// the box outside the tensor are filled as the map says (zeros); the full box bytes count.
 MOE_DEVICE void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, uint32_t bar) {
-#if MOE_L2_HINTS & 1
+#if MOE_L2_HINTS & 5
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
         "[%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "l"(l2_policy_evict_first())
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar),
+        "l"((MOE_L2_HINTS & 4) ? l2_policy_evict_last() : l2_policy_evict_first())
         : "memory");
 #else
     asm volatile(
