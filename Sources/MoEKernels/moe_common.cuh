@@ -250,15 +250,13 @@ MOE_DEVICE uint32_t cvta_to_shared_u32(const void* p) {
                         // partial sums) evict_last, bit 3 evict_first instead
 #endif
 
-/// A createpolicy L2 eviction priority for the hinted copies below.
-MOE_DEVICE uint64_t l2_policy_evict_first() {
+/// A createpolicy L2 eviction priority for the hinted copies below: evict_first, else evict_last.
+MOE_DEVICE uint64_t l2_policy(bool evict_first) {
     uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-    return policy;
-}
-MOE_DEVICE uint64_t l2_policy_evict_last() {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+    if (evict_first)
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    else
+        asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
     return policy;
 }
 
@@ -266,7 +264,7 @@ MOE_DEVICE void cp_async_cg_16(uint32_t dst, const void* src, bool valid) {
     const int src_size = valid ? 16 : 0;
 #if MOE_L2_HINTS & 10
     asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-                 "r"(src_size), "l"((MOE_L2_HINTS & 8) ? l2_policy_evict_first() : l2_policy_evict_last())
+                 "r"(src_size), "l"(l2_policy((MOE_L2_HINTS & 8) != 0))
                  : "memory");
 #else
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size)
@@ -527,7 +525,7 @@ MOE_DEVICE void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, in
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
         "[%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar),
-        "l"((MOE_L2_HINTS & 4) ? l2_policy_evict_last() : l2_policy_evict_first())
+        "l"(l2_policy((MOE_L2_HINTS & 4) == 0))
         : "memory");
 #else
     asm volatile(
