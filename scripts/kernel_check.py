@@ -50,7 +50,7 @@ EPS = {"moe_bf16": 2.0**-7, "moe_fp16": 2.0**-10}
 POISON_I32 = 0x7F7F7F7F
 
 # Align decomposition constants (moe_align.cu).
-ALIGN_CHUNK = 4096
+ALIGN_CHUNK = 1024  # 256 threads x MOE_ALIGN_CHUNK_ITEMS (4)
 ALIGN_CHUNK_THREADS = 256
 ALIGN_SCAN_THREADS = 1024
 ALIGN_SINGLE_THREADS = 512

@@ -35,10 +35,11 @@
 //   stage_bytes, 0 included, gives the same result). The second layout's runs follow the first's
 //   (at a 16-byte boundary) when both fit, else go straight to sorted_ids2. NOTES v21, v22, v26.
 //
-// B. Three launches (num_chunks = max(1, ceil(numel / 4096)); scratch: int32
+// B. Three launches (a chunk: C = 256 * MOE_ALIGN_CHUNK_ITEMS pairs, 1024 by default, the host reading
+//    the same define; num_chunks = max(1, ceil(numel / C)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
 //   1. moe_align_count<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts)
-//        program c counts the pairs of chunk c (pairs [4096c, 4096c + 4096)) per expert
+//        program c counts the pairs of chunk c (pairs [C c, C c + C)) per expert
 //        (2 KB static shared memory) and writes chunk_counts[c * E + e].
 //   2. moe_align_scan<<<1, 1024, 0>>>(chunk_counts, num_chunks, numel, num_experts, block_m,
 //        expert_map, sorted_ids, expert_ids, total_padded, max_padded,
@@ -51,9 +52,9 @@
 //   3. moe_align_scatter<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
 //        sorted_ids, chunk_offsets2, sorted_ids2)
 //        program c writes the pair indices of chunk c to their positions, stably: warp w of
-//        8 owns the 32 u pairs [4096c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <= 16 (a
-//        full chunk: 512 each), ranked as in A; the chunk's pairs are put in sorted order in shared
-//        memory and stored from there, an expert's segment at a time (46 KB static); with
+//        8 owns the 32 u pairs [C c + 32uw, +32u), u = ceil(pairs of the chunk / 256) <=
+//        MOE_ALIGN_CHUNK_ITEMS, ranked as in A; the chunk's pairs are put in sorted order in shared
+//        memory and stored from there, an expert's segment at a time (28 KB static at C = 1024); with
 //        sorted_ids2 (not null) each segment is stored in both layouts.
 #include "moe_common.cuh"
 
@@ -62,7 +63,13 @@ constexpr int MAX_EXPERTS = 512;
 constexpr int ITEMS_PER_LANE = 16;  // most pairs per lane per tile (a warp owns at most 32 * 16 = 512)
 constexpr int CHUNK_WARPS = 8;
 constexpr int CHUNK_THREADS = CHUNK_WARPS * 32;
-constexpr int CHUNK = CHUNK_WARPS * 32 * ITEMS_PER_LANE;  // 4096 pairs per program of kernels 1 and 3
+#ifndef MOE_ALIGN_CHUNK_ITEMS
+#define MOE_ALIGN_CHUNK_ITEMS 4  // pairs per lane of the three-launch kernels (NOTES v26: 16 before); the
+                                 // host reads this define too (CUDAMoELayer.alignChunk)
+#endif
+constexpr int CHUNK_ITEMS = MOE_ALIGN_CHUNK_ITEMS;
+static_assert(CHUNK_ITEMS >= 1 && CHUNK_ITEMS <= ITEMS_PER_LANE, "MOE_ALIGN_CHUNK_ITEMS in 1..16");
+constexpr int CHUNK = CHUNK_WARPS * 32 * CHUNK_ITEMS;  // pairs per program of kernels 1 and 3 (1024)
 constexpr int SCAN_THREADS = 1024;
 constexpr int SINGLE_WARPS = 16;
 constexpr int SINGLE_THREADS = SINGLE_WARPS * 32;
@@ -126,8 +133,9 @@ MOE_DEVICE uint32_t warp_peers(int32_t e, int bits) {
 }
 
 /// Adds the per-expert counts of pairs [begin, end) into counts (shared), all threads of the block.
-/// Each thread loads COUNT_UNROLL ids before using any (one memory round trip per batch, not per id).
-constexpr int COUNT_UNROLL = 8;
+/// Each thread loads COUNT_UNROLL ids before using any (one memory round trip per batch, not per id):
+/// a chunk's worth at most (a 256-thread block covers it in one batch), never more than 8.
+constexpr int COUNT_UNROLL = CHUNK_ITEMS < 8 ? CHUNK_ITEMS : 8;
 MOE_DEVICE void count_pairs(const int32_t* topk_ids, int64_t begin, int64_t end, int64_t numel, int32_t num_experts,
                             int32_t* counts) {
     const int lane = threadIdx.x & 31;
@@ -472,7 +480,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
         for (int e = tid; e < num_experts; e += THREADS) first2[e] = mine2[e];
     }
     for (int e = tid; e < WARPS * num_experts; e += THREADS) warp_counts[e] = 0;
-    int32_t ids[ITEMS_PER_LANE], rank[ITEMS_PER_LANE];
+    int32_t ids[CHUNK_ITEMS], rank[CHUNK_ITEMS];
     int32_t* my_counts = warp_counts + warp * num_experts;
     rank_warp_pairs(topk_ids, warp_begin, chunk_end, items, num_experts, my_counts, ids, rank);
     __syncthreads();
@@ -495,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     if (tid + THREADS < num_experts) local_first[tid + THREADS] = total0 + s1;
     __syncthreads();
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+    for (int it = 0; it < CHUNK_ITEMS; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
             const int32_t p = local_first[e] + my_counts[e] + rank[it];
@@ -515,7 +523,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     (void)c1;
     __syncthreads();
 #pragma unroll
-    for (int it = 0; it < ITEMS_PER_LANE; ++it) {
+    for (int it = 0; it < CHUNK_ITEMS; ++it) {
         if (it < items && ids[it] >= 0) {
             const int32_t e = ids[it];
             const int32_t pair = static_cast<int32_t>(warp_begin + it * 32 + lane);

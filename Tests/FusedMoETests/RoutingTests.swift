@@ -100,6 +100,17 @@ import Testing
         #expect(!CUDAMoELayer.blockSyncCountsFit(plan: narrow, shape: try MoEShape(experts: 8, topK: 2, hidden: 1 << 21, intermediate: 256)))
     }
 
+    @Test func alignChunkFollowsTheKernelDefine() throws {
+        // The host sizes the three-launch align's grid and scratch from the kernels' chunk: the default
+        // must be the source's, and an experiment's define must move both.
+        let source = KernelSource.align.text
+        let line = try #require(source.split(separator: "\n").first { $0.hasPrefix("#define MOE_ALIGN_CHUNK_ITEMS ") })
+        let value = try #require(line.split(separator: " ").dropFirst(2).first.flatMap { Int($0) })
+        #expect(value == CUDAMoELayer.alignChunkItems)
+        #expect(CUDAMoELayer.alignChunk(defines: []) == 256 * value)
+        #expect(CUDAMoELayer.alignChunk(defines: ["-DMOE_SM90_FIT_WIDTH=0", "-DMOE_ALIGN_CHUNK_ITEMS=16"]) == 4096)
+    }
+
     @Test func badInputsNameTheArgument() {
         #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
             try Align.align(ids: [0], experts: 1, blockM: 0)

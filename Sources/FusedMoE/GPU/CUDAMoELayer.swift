@@ -100,8 +100,21 @@ public final class CUDAMoELayer: @unchecked Sendable {
             }
         }
     }
-    /// Pairs per program of the three-launch align.
-    static let alignChunk = 4096
+    /// Pairs per lane of the three-launch align's programs: the kernels' MOE_ALIGN_CHUNK_ITEMS default
+    /// (NOTES v26; RoutingTests reads it from the source).
+    static let alignChunkItems = 4
+
+    /// Pairs per program of the three-launch align under the kernel defines `defines` (`-DNAME=VALUE`):
+    /// 256 times MOE_ALIGN_CHUNK_ITEMS, which an experiment may set, so the grid and the scratch are
+    /// sized as the kernels were compiled.
+    static func alignChunk(defines: [String]) -> Int {
+        let prefix = "-DMOE_ALIGN_CHUNK_ITEMS="
+        let items = defines.last(where: { $0.hasPrefix(prefix) }).flatMap { Int($0.dropFirst(prefix.count)) }
+        return 256 * (items ?? alignChunkItems)
+    }
+
+    /// Pairs per program of this layer's three-launch align.
+    var alignChunk: Int { CUDAMoELayer.alignChunk(defines: library.defines) }
     /// The one-launch align stages its padded runs in dynamic shared memory when they fit, so that its
     /// stores of sorted_ids leave coalesced (NOTES v22): at most this much, less the kernel's 39 KB of
     /// static shared memory and a margin where the device offers less.
@@ -188,7 +201,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
         let chunk = max(min(maxTokens, chunkTokens), 1)
         let pairs = chunk * shape.topK
-        let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
+        let alignChunk = CUDAMoELayer.alignChunk(defines: library.defines)
+        let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
         func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
             switch config.effectiveMode {
             case .none: 0
@@ -593,7 +607,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     first.totalPadded, Int64(first.maxPadded), blockM2, sorted2, experts2, total2, maxPadded2,
                 ], programmaticDependentLaunch: pdl)
         case .chunked:
-            let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
+            let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
             try kernels.alignCount.launch(
                 grid: Dimensions(chunks), block: Dimensions(256), on: stream,
                 arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts], programmaticDependentLaunch: pdl)
@@ -782,7 +796,7 @@ extension CUDAMoELayer {
                 domain: .usage, code: 0, name: "blockMs", call: "debugAlign",
                 message: "expected one or two block sizes of at least 1, got \(blockMs)")
         }
-        let chunks = max(1, (pairs + CUDAMoELayer.alignChunk - 1) / CUDAMoELayer.alignChunk)
+        let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
         let idBuffer = try DeviceBuffer(device: device, count: max(pairs, 1), of: Int32.self)
         try idBuffer.upload(ids)
         // Every buffer is held here until the kernels are done (the targets hold bare pointers).
