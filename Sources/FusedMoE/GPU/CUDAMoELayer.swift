@@ -28,7 +28,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public var routedExperts: Int { options.routedExperts(local: shape.experts) }
 
     /// Align's outputs, one per distinct BLOCK_M of the plan: GEMM1's, then GEMM2's when it differs
-    /// (two aligns of the same ids, each padding the experts' runs to its GEMM's block).
+    /// (the same ids, each padding the experts' runs to its GEMM's block; both written by one align
+    /// pass unless FUSED_MOE_DUAL_ALIGN=0).
     let alignOutputs: [AlignOutput]
     let expertMap: DeviceBuffer?
     /// The `[M*k, 2I]` gate/up intermediate: only for unfused plans (zero bytes otherwise).
