@@ -540,15 +540,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func align(
         topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, and second: AlignOutput?, stream: Stream
     ) throws(CUDAError) -> (Routing, Routing) {
-        let targets = [output, second].compactMap { $0 }.map { AlignTarget($0, pairs: pairs, experts: routedExperts) }
+        let first = AlignTarget(output, pairs: pairs, experts: routedExperts)
+        let other = second.map { AlignTarget($0, pairs: pairs, experts: routedExperts) }
         try launchAlign(
-            AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, targets[0],
-            second: targets.count > 1 ? targets[1] : nil, staged: true,
+            AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, first, second: other, staged: true,
             programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
-        let routings = targets.map {
-            Routing(sortedIDs: $0.sortedIDs, expertIDs: $0.expertIDs, totalPadded: $0.totalPadded, maxPadded: $0.maxPadded)
+        func routing(_ target: AlignTarget) -> Routing {
+            Routing(
+                sortedIDs: target.sortedIDs, expertIDs: target.expertIDs, totalPadded: target.totalPadded,
+                maxPadded: target.maxPadded)
         }
-        return (routings[0], routings[routings.count - 1])
+        return (routing(first), routing(other ?? first))
     }
 
     /// Where one layout of align goes: sortedIDs (maxPadded entries), expertIDs (ceil(maxPadded /
@@ -561,22 +563,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var totalPadded: DevicePointer
         var chunkCounts: DevicePointer
         var maxPadded: Int
-
-        init(
-            blockM: Int, sortedIDs: DevicePointer, expertIDs: DevicePointer, totalPadded: DevicePointer,
-            chunkCounts: DevicePointer, maxPadded: Int
-        ) {
-            (self.blockM, self.sortedIDs, self.expertIDs, self.totalPadded) = (blockM, sortedIDs, expertIDs, totalPadded)
-            (self.chunkCounts, self.maxPadded) = (chunkCounts, maxPadded)
-        }
-
-        /// The layer's scratch for `output`'s BLOCK_M, sized for `pairs` pairs over `experts` experts.
-        init(_ output: AlignOutput, pairs: Int, experts: Int) {
-            self.init(
-                blockM: output.blockM, sortedIDs: output.sortedIDs.pointer, expertIDs: output.expertIDs.pointer,
-                totalPadded: output.totalPadded.pointer, chunkCounts: output.chunkCounts.pointer,
-                maxPadded: Align.maximumPaddedCount(pairs: pairs, experts: experts, blockM: output.blockM))
-        }
     }
 
     /// Enqueues the align kernels of `launch` (which must allow `pairs`: AlignLaunch.allows) writing
@@ -841,5 +827,15 @@ extension CUDAMoELayer {
                     paddedCount: padded, padValue: Int32(pairs), blockM: blockM))
         }
         return results
+    }
+}
+
+extension CUDAMoELayer.AlignTarget {
+    /// The layer's scratch for `output`'s BLOCK_M, sized for `pairs` pairs over `experts` experts.
+    init(_ output: CUDAMoELayer.AlignOutput, pairs: Int, experts: Int) {
+        self.init(
+            blockM: output.blockM, sortedIDs: output.sortedIDs.pointer, expertIDs: output.expertIDs.pointer,
+            totalPadded: output.totalPadded.pointer, chunkCounts: output.chunkCounts.pointer,
+            maxPadded: Align.maximumPaddedCount(pairs: pairs, experts: experts, blockM: output.blockM))
     }
 }
