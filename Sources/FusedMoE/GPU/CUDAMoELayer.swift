@@ -114,8 +114,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return 256 * (items ?? alignChunkItems)
     }
 
-    /// Pairs per program of this layer's three-launch align.
-    var alignChunk: Int { CUDAMoELayer.alignChunk(defines: library.defines) }
+    /// Pairs per program of this layer's three-launch align (from its library's defines, once at init).
+    let alignChunk: Int
     /// The one-launch align stages its padded runs in dynamic shared memory when they fit, so that its
     /// stores of sorted_ids leave coalesced (NOTES v22): at most this much, less the kernel's 39 KB of
     /// static shared memory and a margin where the device offers less.
@@ -203,6 +203,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let chunk = max(min(maxTokens, chunkTokens), 1)
         let pairs = chunk * shape.topK
         let alignChunk = CUDAMoELayer.alignChunk(defines: library.defines)
+        self.alignChunk = alignChunk
         let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
         func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
             switch config.effectiveMode {
@@ -420,15 +421,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // GEMM1's layout, and GEMM2's when its BLOCK_M differs: from one pass (dual), or from two
             // aligns back to back. One "align" stage either way.
             let second = alignOutputs.count > 1 ? alignOutputs[1] : nil
-            if let second, CUDAMoELayer.dualAlignByDefault {
-                (routing1, routing2) = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: second, stream: stream)
-            } else {
+            if let second, !CUDAMoELayer.dualAlignByDefault {
                 routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, stream: stream).0
-                routing2 = if let second {
-                    try align(topkIDs: topkIDs, pairs: pairs, into: second, and: nil, stream: stream).0
-                } else {
-                    routing1
-                }
+                routing2 = try align(topkIDs: topkIDs, pairs: pairs, into: second, and: nil, stream: stream).0
+            } else {
+                (routing1, routing2) = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: second, stream: stream)
             }
             try marker?("align")
         }
