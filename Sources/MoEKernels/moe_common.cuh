@@ -418,6 +418,12 @@ MOE_DEVICE void red_release_gpu_add(int32_t* address, int32_t value) {
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
 
+/// discard.global.L2 of the 128-byte line at `address` (128-byte aligned): the line leaves L2 without
+/// being written back; until written again it reads as an unspecified value.
+MOE_DEVICE void discard_global_l2(const void* address) {
+    asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(address) : "memory");
+}
+
 /// %globaltimer: nanoseconds, GPU-wide.
 MOE_DEVICE uint64_t global_timer_ns() {
     uint64_t t;

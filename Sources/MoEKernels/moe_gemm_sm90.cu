@@ -232,6 +232,12 @@
 #define MOE_SM90_HALF_MAX_K_TILES 1000000
 #endif
 
+// The persistent GEMM2's fused combine (MoESm90Combine) discards each partial row's 128-byte lines from L2
+// once summed, so the partial sums never go back to memory; 0 leaves them to be written back.
+#ifndef MOE_SM90_COMBINE_DISCARD
+#define MOE_SM90_COMBINE_DISCARD 1
+#endif
+
 // The swap-AB kernel's GEMM2 (routing_ready) loads its first weight tiles before griddepcontrol.wait
 // (bench/NOTES.md v18); 0 waits first, as every other kernel does.
 #ifndef MOE_SM90_EARLY_WEIGHTS
@@ -1464,6 +1470,116 @@ MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, i
     }
 }
 
+/// The fused combine's arguments (moe_gemm_sm90_persistent, GEMM2; the kernel's notes): out null, off.
+struct MoESm90Combine {
+    void* out;            // [tokens, N] of T
+    const int32_t* ids;   // topk_ids [tokens, k]
+    int32_t* counts;      // [tokens, ceil(N / BLOCK_N)], zero between launches
+    int32_t k;            // top-k: pair p is slot p % k of token p / k
+    int32_t experts;      // ids in [0, experts) are routed
+    int32_t chunk;        // n-blocks per unit of the A-resident walk (chunk-major with the combine)
+};
+
+/// The routed slots of token t: its ids in [0, experts).
+MOE_DEVICE int32_t moe_sm90_combine_target(const MoESm90Combine& c, int64_t t) {
+    int32_t n = 0;
+    for (int32_t j = 0; j < c.k; ++j) {
+        const int32_t e = c.ids[t * c.k + j];
+        n += e >= 0 && e < c.experts ? 1 : 0;
+    }
+    return n;
+}
+
+/// One consumer warp, after it stored its 16 rows of n-block nb (columns [n0, n0 + BLOCK_N) of the
+/// partial rows `partials`, row stride stride_cm = N): lane r < 16 holding pair(r) >= 0 counts that row
+/// in counts[token, nb] (a fence, then the add: the warp's stores first, __syncwarp before); a lane whose
+/// add completes its token's target (`target`: the token's routed slots) takes the token, and the warp
+/// then sums that token's partial rows over those columns in slot order, exactly as moe_combine does,
+/// writes the output row's columns, and (MOE_SM90_COMBINE_DISCARD, rows of whole 128-byte lines)
+/// discards the partial rows' lines from L2, so they are never written back to memory. The counter goes
+/// back to zero with its last add.
+template <typename T, int BLOCK_N>
+MOE_DEVICE void moe_sm90_combine_arrive(const MoESm90Combine& c, int32_t pair, int32_t target, const T* partials,
+                                        int64_t n0, int64_t nb, int64_t N, int64_t stride_cm, int lane) {
+    const int64_t num_nb = ceil_div(N, BLOCK_N);
+    __syncwarp();  // every lane's stores of the warp's rows are issued
+    bool last = false;
+    if (lane < 16 && pair >= 0) {
+        int32_t* count = c.counts + static_cast<int64_t>(pair / c.k) * num_nb + nb;
+        __threadfence();
+        last = atomicAdd(count, 1) + 1 == target;
+        if (last) {
+            __threadfence();  // the other slots' rows, counted before this add, are visible to the warp
+            *count = 0;
+        }
+    }
+    uint32_t takes = __ballot_sync(MOE_FULL_MASK, last);
+    constexpr int CHUNKS = BLOCK_N / 8;  // 16-byte chunks of a row's columns
+    constexpr int SLOTS = 8;
+    while (takes != 0) {
+        const int r = __ffs(takes) - 1;
+        takes &= takes - 1;
+        const int64_t t = __shfl_sync(MOE_FULL_MASK, pair, r) / c.k;
+        T* out = static_cast<T*>(c.out) + t * N;
+        for (int ch = lane; ch < CHUNKS; ch += 32) {
+            const int64_t n = n0 + 8 * ch;
+            if (n >= N) break;  // N % 8 == 0 (the host's guarantee)
+            float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (int32_t j0 = 0; j0 < c.k; j0 += SLOTS) {
+                bool use[SLOTS];
+                uint4 v[SLOTS];
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s) {
+                    const int32_t j = j0 + s;
+                    const int32_t e = j < c.k ? c.ids[t * c.k + j] : -1;
+                    use[s] = e >= 0 && e < c.experts;
+                }
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s)
+                    v[s] = use[s] ? __ldcg(reinterpret_cast<const uint4*>(partials + (t * c.k + j0 + s) * stride_cm + n))
+                                  : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s) {
+                    if (!use[s]) continue;
+                    float x[8];
+                    unpack8<T>(v[s], x);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum[e] += x[e];
+                }
+            }
+            *reinterpret_cast<uint4*>(out + n) = pack8<T>(sum);
+        }
+        if constexpr (MOE_SM90_COMBINE_DISCARD != 0) {
+            // Whole lines only: the row stride and n0 cover 64 columns of T (128 bytes) each.
+            if (stride_cm % 64 == 0 && n0 % 64 == 0) {
+                __syncwarp();  // every lane's loads of the rows have returned (their sums are done)
+                constexpr int LINES = BLOCK_N / 64;
+                const int64_t lines_in = (min_i64(n0 + BLOCK_N, N) - n0) / 64;
+                for (int i = lane; i < c.k * LINES; i += 32) {
+                    const int32_t j = i / LINES;
+                    const int line = i % LINES;
+                    const int32_t e = c.ids[t * c.k + j];
+                    if (e < 0 || e >= c.experts || line >= lines_in) continue;
+                    discard_global_l2(partials + (t * c.k + j) * stride_cm + n0 + 64 * line);
+                }
+            }
+        }
+    }
+}
+
+/// Consumer thread ctid (of `threads`) of program blockIdx.x, after its walk: zeros the output rows of the
+/// tokens without a routed slot (moe_combine's sum of nothing), which no arrival ever takes.
+template <typename T>
+MOE_DEVICE void moe_sm90_combine_zero_unrouted(const MoESm90Combine& c, int64_t tokens, int64_t N, int ctid,
+                                               int threads) {
+    T* out = static_cast<T*>(c.out);
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * threads + ctid; t < tokens;
+         t += static_cast<int64_t>(gridDim.x) * threads) {
+        if (moe_sm90_combine_target(c, t) != 0) continue;
+        for (int64_t n = 0; n < N; n += 8) *reinterpret_cast<uint4*>(out + t * N + n) = make_uint4(0, 0, 0, 0);
+    }
+}
+
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
           bool PING_PONG>
 struct MoEGemmSm90PersistentTraits {
@@ -1531,6 +1647,9 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
                                        RES_B_STAGES >= 3 && 16 * A_SLOTS <= 4 * BLOCK_M;
 
+    // The fused combine (GEMM2: mode 0 with the routed weight, not ping-pong; MoESm90Combine).
+    static constexpr bool COMBINE = SPLIT_MODE == 0 && MUL_ROUTED_WEIGHT && !FUSED && !PING_PONG;
+
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
     // whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
@@ -1566,7 +1685,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              const int32_t* __restrict__ total_padded, int64_t N, int64_t K,
                              int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                              int64_t stride_am, int64_t stride_cm, int64_t max_padded, float* __restrict__ sk_partials,
-                             int32_t* __restrict__ sk_flags) {
+                             int32_t* __restrict__ sk_flags, void* combine_out, const int32_t* combine_ids,
+                             int32_t* combine_counts, int32_t combine_k, int32_t combine_experts,
+                             int32_t combine_chunk) {
     griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
                                            PINGPONG>;
@@ -1580,7 +1701,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     // Stream-K (the notes above): every program may hold K work, however few the tiles.
     static_assert(!STREAM_K || (!PINGPONG && SPLIT_MODE == 0), "STREAM_K: SPLIT_MODE 0, not PINGPONG");
     constexpr bool stream = STREAM_K;
-    if (!stream && first_tile >= num_tiles) return;  // more programs than tiles
+    // The fused combine (the notes above): every program also zeros its share of the unrouted tokens.
+    const MoESm90Combine comb{combine_out, combine_ids, combine_counts, combine_k, combine_experts, combine_chunk};
+    const bool combining = Tr::COMBINE && !stream && combine_out != nullptr;
+    if (!stream && !combining && first_tile >= num_tiles) return;  // more programs than tiles
     // The stream-K walk, computed by each role after its register split (a value live from here into
     // the 56-register producer would be spilled, and reloaded by the consumers too).
     const auto stream_k = [&]() -> MoESm90StreamK {
@@ -1633,18 +1757,32 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
             __syncthreads();
             const int64_t num_pid_n = ceil_div(N, BLOCK_N);
-            const int64_t chunks = ceil_div(num_pid_n, Tr::A_CHUNK);
+            // With the fused combine, units of combine_chunk n-blocks, chunk-major: every m-block's unit of
+            // chunk c before any of chunk c + 1, so a token's partial rows of one chunk are written close
+            // together in time and summed while they are still in L2.
+            const int64_t chunk_nb = combining ? (combine_chunk > 0 ? combine_chunk : 1) : Tr::A_CHUNK;
+            const int64_t chunks = ceil_div(num_pid_n, chunk_nb);
             const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
             const int64_t valid_blocks =
                 min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
-            // Unit u: false past the valid m-blocks (as is every later unit).
+            // Unit u: false past the valid m-blocks (m-block order) or chunks (chunk-major), as is every
+            // later unit.
             const auto unit_at = [&](int64_t u, int64_t& q, int32_t& expert, int64_t& nb_begin,
                                      int64_t& nb_end) -> bool {
-                q = u / chunks;
-                if (q >= valid_blocks) return false;
+                int64_t c;
+                if (combining) {
+                    if (valid_blocks <= 0) return false;
+                    c = u / valid_blocks;
+                    if (c >= chunks) return false;
+                    q = u - c * valid_blocks;
+                } else {
+                    q = u / chunks;
+                    if (q >= valid_blocks) return false;
+                    c = u - q * chunks;
+                }
                 expert = expert_ids[q];
-                nb_begin = (u - q * chunks) * Tr::A_CHUNK;
-                nb_end = min_i64(nb_begin + Tr::A_CHUNK, num_pid_n);
+                nb_begin = c * chunk_nb;
+                nb_end = min_i64(nb_begin + chunk_nb, num_pid_n);
                 return true;
             };
             if (tid < Tr::PRODUCER_THREADS) {
@@ -1702,12 +1840,14 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 for (int64_t u = blockIdx.x; unit_at(u, q, expert, nb_begin, nb_end); u += gridDim.x) {
                     int32_t pair = -1;
                     float weight = 0.0f;
+                    int32_t target = 0;  // the fused combine: the row's token's routed slots
                     if (lane < Tr::WARP_ROWS) {
                         const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + warp * Tr::WARP_ROWS + lane,
                                                           BLOCK_M, num_valid_tokens);
                         if (p >= 0 && p < num_valid_tokens) {
                             pair = p;
                             if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
+                            if (combining) target = moe_sm90_combine_target(comb, p / comb.k);
                         }
                     }
                     for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
@@ -1745,8 +1885,18 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                         }
                         moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
                             acc, weight, pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+                        if constexpr (Tr::COMBINE) {
+                            if (combining)
+                                moe_sm90_combine_arrive<T, BLOCK_N>(comb, pair, target, out, nb * BLOCK_N, nb, N,
+                                                                    stride_cm, lane);
+                        }
                     }
                     if (expert >= 0) a_phase ^= 1;
+                }
+                if constexpr (Tr::COMBINE) {
+                    if (combining)
+                        moe_sm90_combine_zero_unrouted<T>(comb, num_valid_tokens / comb.k, N, ctid,
+                                                          Tr::CONSUMER_THREADS);
                 }
             }
             return;
@@ -1941,7 +2091,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             if (!piece_at(j, t, tile, sk)) return false;
             if constexpr (Tr::HALF) {
                 // Align pads each expert's run at its end, so row 64 decides (whole K ranges only).
-                if (tile.num_tiles > 0 && tile.stream == 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
+                if (!combining && tile.num_tiles > 0 && tile.stream == 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
                     tile.num_tiles <= MOE_SM90_HALF_MAX_K_TILES) {
                     const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + BLOCK_M / 2, BLOCK_M,
                                                       num_valid_tokens);
@@ -1976,12 +2126,16 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             // weight, loaded now and used after the K loop.
             int32_t pair = -1;
             float weight = 0.0f;
+            int32_t target = 0;  // the fused combine: the row's token's routed slots
             if (lane < Tr::WARP_ROWS) {
                 const int row = (half ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
                 const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + row, BLOCK_M, num_valid_tokens);
                 if (p >= 0 && p < num_valid_tokens) {
                     pair = p;
                     if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
+                    if constexpr (Tr::COMBINE) {
+                        if (combining) target = moe_sm90_combine_target(comb, p / comb.k);
+                    }
                 }
             }
 
@@ -2073,11 +2227,20 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 } else {
                     moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
                         acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+                    if constexpr (Tr::COMBINE) {
+                        if (combining)
+                            moe_sm90_combine_arrive<T, BLOCK_N>(comb, pair, target, out, tile.n0, tile.n0 / BLOCK_N,
+                                                                N, stride_cm, lane);
+                    }
                 }
             }
             if constexpr (!EARLY) have_next = schedule(j + 1, t + tile_stride, next);
             tile = next;
             have = have_next;
+        }
+        if constexpr (Tr::COMBINE) {
+            if (combining)
+                moe_sm90_combine_zero_unrouted<T>(comb, num_valid_tokens / comb.k, N, ctid, Tr::CONSUMER_THREADS);
         }
     }
 }

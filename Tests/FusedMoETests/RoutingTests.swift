@@ -100,6 +100,41 @@ import Testing
         #expect(!CUDAMoELayer.blockSyncCountsFit(plan: narrow, shape: try MoEShape(experts: 8, topK: 2, hidden: 1 << 21, intermediate: 256)))
     }
 
+    @Test func fusedCombineWhereGemm2KeepsItsAResident() throws {
+        let seed = try MoEShape(experts: 128, topK: 8, hidden: 4096, intermediate: 384)
+        let qwen = try MoEShape(experts: 128, topK: 8, hidden: 4096, intermediate: 768)
+        let swap = GemmConfig.wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)
+        let resident = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+        // The shipped seed4096 GEMM2 (K = 384: 6 A slots and 3 B stages of a 4-stage 128x256 ring).
+        #expect(CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false))
+        #expect(CUDAMoELayer.prefersFusedCombine(plan: resident, shape: seed))
+        // K = 768 does not fit the A slots: allowed (the m-block-major walk), not preferred.
+        #expect(CUDAMoELayer.allowsFusedCombine(plan: resident, shape: qwen, expertMap: false))
+        #expect(!CUDAMoELayer.prefersFusedCombine(plan: resident, shape: qwen))
+        // A 3-stage ring keeps only 1 B stage beside the A slots.
+        let shallow = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 3, persistent: true))
+        #expect(!CUDAMoELayer.prefersFusedCombine(plan: shallow, shape: seed))
+        // Not with an expert map, a split or atomic GEMM2, the swap-AB or ping-pong GEMM2, or one slot.
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: true))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident.withSplit(2, mode: .workspace), shape: seed, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: MoEPlan(both: swap), shape: seed, expertMap: false))
+        let pingpong = MoEPlan(both: GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: pingpong, shape: seed, expertMap: false))
+        let one = try MoEShape(experts: 128, topK: 1, hidden: 4096, intermediate: 384)
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: one, expertMap: false))
+        // Chunks: 8 MiB of partial rows, 256 columns of bf16 per n-block, 1 to 4 n-blocks.
+        let budget = 8 << 20
+        #expect(CUDAMoELayer.fusedCombineChunk(plan: resident, dtype: .bf16, pairs: 8192, budget: budget) == 2)
+        #expect(CUDAMoELayer.fusedCombineChunk(plan: resident, dtype: .bf16, pairs: 16384, budget: budget) == 1)
+        #expect(CUDAMoELayer.fusedCombineChunk(plan: resident, dtype: .bf16, pairs: 65536, budget: budget) == 1)
+        #expect(CUDAMoELayer.fusedCombineChunk(plan: resident, dtype: .bf16, pairs: 8, budget: budget) == 4)
+        // The host's A slots are the kernel's default.
+        let source = KernelSource.gemmSM90.text
+        let line = try #require(source.split(separator: "\n").first { $0.hasPrefix("#define MOE_SM90_A_RESIDENT ") })
+        let value = try #require(line.split(separator: " ").dropFirst(2).first.flatMap { Int($0) })
+        #expect(value == CUDAMoELayer.residentASlots)
+    }
+
     @Test func alignChunkFollowsTheKernelDefine() throws {
         // The host sizes the three-launch align's grid and scratch from the kernels' chunk: the default
         // must be the source's, and an experiment's define must move both.

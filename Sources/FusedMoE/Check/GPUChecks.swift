@@ -315,11 +315,14 @@ public final class GPUChecks {
                     // Programmatic dependent launch must not change a bit either (a race would).
                     // A layer of the same plan launched another way: bit for bit the first run (and its
                     // block sync counters, if it has them, back at zero).
-                    func sameAs(_ name: String, programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil) throws -> Bool {
+                    func sameAs(
+                        _ name: String, programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil,
+                        fusedCombine: Bool? = nil
+                    ) throws -> Bool {
                         let other = try CUDAMoELayer(
                             library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                             plan: plan, maxTokens: tokens, programmaticDependentLaunch: programmaticDependentLaunch,
-                            blockSync: blockSync)
+                            blockSync: blockSync, fusedCombine: fusedCombine)
                         let same = agrees(try runPoisoned(other, inputs, out), name, cutsMayDiffer: false, differs: "DIFFERS \(name)")
                         return try countersClear(other, &detail) && same
                     }
@@ -338,6 +341,16 @@ public final class GPUChecks {
                             ? sameAs("without block sync", blockSync: false)
                             : sameAs("with block sync", blockSync: true)) && passed
                     }
+                    // The fused combine sums in moe_combine's order and rounding: bit for bit the layer made
+                    // the other way (the full check only, like the block sync; forced on where the plan
+                    // allows but does not prefer it, so the m-block-major walk is covered too).
+                    if blockSyncToo
+                        && CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: false)
+                    {
+                        passed = try (layer.usesFusedCombine
+                            ? sameAs("without fused combine", fusedCombine: false)
+                            : sameAs("with fused combine", fusedCombine: true)) && passed
+                    }
                 }
                 passed = try countersClear(layer, &detail) && passed
                 record(label, passed, detail)
@@ -350,9 +363,17 @@ public final class GPUChecks {
     /// The block sync's counters end every forward at zero (a count left over would let the next
     /// forward's GEMM2 read rows GEMM1 has not written yet). True for layers without it.
     func countersClear(_ layer: CUDAMoELayer, _ detail: inout String) throws -> Bool {
-        guard let counters = try layer.blockSyncCounters(stream: stream) else { return true }
-        let clear = counters.allSatisfy { $0 == 0 }
-        detail += clear ? ", block sync counters at 0" : ", BLOCK SYNC COUNTERS LEFT NONZERO"
+        var clear = true
+        if let counters = try layer.blockSyncCounters(stream: stream) {
+            let zero = counters.allSatisfy { $0 == 0 }
+            detail += zero ? ", block sync counters at 0" : ", BLOCK SYNC COUNTERS LEFT NONZERO"
+            clear = clear && zero
+        }
+        if let counters = try layer.fusedCombineCounters(stream: stream) {
+            let zero = counters.allSatisfy { $0 == 0 }
+            detail += zero ? ", fused combine counters at 0" : ", FUSED COMBINE COUNTERS LEFT NONZERO"
+            clear = clear && zero
+        }
         return clear
     }
 
@@ -504,15 +525,23 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, streamK: true),
                 ] {
-                    let layer = try CUDAMoELayer(
-                        library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: MoEPlan(both: config), maxTokens: 90)
-                    let a = try runPoisoned(layer, unrouted, o)
-                    let error = relativeError(a.values, reference)
-                    let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
-                    record(
-                        "gpu unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
-                        zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
-                        "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros"))
+                    // The persistent kernel also with the fused combine forced on (token 0 is then zeroed by
+                    // GEMM2 itself, since no partial row of it ever arrives).
+                    let plan = MoEPlan(both: config)
+                    let fusable = CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: false)
+                    for fused in fusable ? [false, true] : [false] {
+                        let layer = try CUDAMoELayer(
+                            library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90,
+                            fusedCombine: fused)
+                        let a = try runPoisoned(layer, unrouted, o)
+                        let error = relativeError(a.values, reference)
+                        let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
+                        var detail = "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros")
+                        let clear = try countersClear(layer, &detail)
+                        record(
+                            "gpu unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)" + (fused ? " fused combine" : ""),
+                            zeroRow && a.unwritten == 0 && error < errorBound(.bf16) && clear, detail)
+                    }
                 }
             }
 

@@ -44,6 +44,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// The block sync's counters (`usesBlockSync`): one per m-block, zero between launches (GEMM2's last
     /// program on an m-block clears it). Empty when the plan does not use it.
     let blockDone: DeviceBuffer
+    /// The fused combine's counters (`usesFusedCombine`): one per token and GEMM2 n-block, zero between
+    /// launches (each goes back to zero with its token's last partial row). Empty when the layer does not
+    /// fuse the combine into GEMM2.
+    let combineCounts: DeviceBuffer
     let streamFlags: DeviceBuffer
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
@@ -78,6 +82,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// counts and ranks shared; NOTES v26): yes, unless the environment sets FUSED_MOE_DUAL_ALIGN=0 (two
     /// aligns back to back, as before; for A/Bs).
     static let dualAlignByDefault: Bool = environment("FUSED_MOE_DUAL_ALIGN") != "0"
+
+    /// Whether layers made without an explicit choice fuse the combine into GEMM2 where their plan prefers
+    /// it (`prefersFusedCombine`; NOTES v27): yes, unless the environment sets FUSED_MOE_FUSED_COMBINE=0
+    /// (GEMM2 writes its partial rows and moe_combine sums them, as before; for A/Bs).
+    static let fusedCombineByDefault: Bool = environment("FUSED_MOE_FUSED_COMBINE") != "0"
+
+    /// The bytes of partial rows the fused combine lets one chunk of GEMM2's n-blocks write before the next
+    /// chunk starts (so a token's rows of a chunk are summed while still in L2): FUSED_MOE_COMBINE_CHUNK_BYTES,
+    /// default 8 MiB (a sixth of the H200's L2).
+    static let fusedCombineChunkBytes: Int = {
+        if let text = environment("FUSED_MOE_COMBINE_CHUNK_BYTES"), let value = Int(text), value > 0 { return value }
+        return 8 << 20
+    }()
 
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
     /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
@@ -147,11 +164,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     default: on with programmatic dependent launch, unless FUSED_MOE_BLOCK_SYNC=0; NOTES v24-v25:
     ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
+    ///   - fusedCombine: sum each token's k partial rows inside GEMM2 (`allowsFusedCombine`; default: where
+    ///     the plan prefers it, `prefersFusedCombine`, unless FUSED_MOE_FUSED_COMBINE=0). True on a plan
+    ///     that allows it but does not prefer it runs it all the same (the checks do, to cover that walk);
+    ///     on a plan that does not allow it, it is ignored.
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
         options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536,
-        programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil
+        programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil, fusedCombine: Bool? = nil
     ) throws(MoEError) {
         guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
         guard shape.hidden % 8 == 0 else {
@@ -253,6 +274,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
+            let fuseCombine = CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: options.expertMap != nil)
+                && (fusedCombine ?? (CUDAMoELayer.fusedCombineByDefault && CUDAMoELayer.prefersFusedCombine(plan: plan, shape: shape)))
+            let combineCounters = fuseCombine ? chunk * ((shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN) : 0
+            combineCounts = try DeviceBuffer(device: device, count: combineCounters, of: Int32.self)
+            if combineCounters > 0 { try combineCounts.upload([Int32](repeating: 0, count: combineCounters)) }
             if streamSlotFloats > 0 {
                 try streamFlags.upload([Int32](repeating: 0, count: streamPrograms))
                 try streamPartials.upload(
@@ -456,12 +482,63 @@ public final class CUDAMoELayer: @unchecked Sendable {
             topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
             routingReady: true,
             blockSync: blockSync ? .wait(gemm1Signals: CUDAMoELayer.blockSyncSignals(plan: plan, shape: shape)) : .none,
+            combine: usesFusedCombine ? FusedCombine(out: out, topkIDs: topkIDs, chunk: CUDAMoELayer.fusedCombineChunk(plan: plan, dtype: dtype, pairs: pairs)) : nil,
             stream: stream)
         try marker?("gemm2")
+        if usesFusedCombine { return }
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
             arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
         try marker?("combine")
+    }
+
+    /// Whether this layer sums each token's partial rows inside GEMM2 (asked for or defaulted at init, and
+    /// the plan allows it): no combine kernel runs then.
+    public var usesFusedCombine: Bool { combineCounts.byteCount > 0 }
+
+    /// Whether `plan` allows the fused combine (moe_gemm_sm90_persistent's MoESm90Combine): GEMM2 on the
+    /// persistent kernel (not ping-pong, not stream-K) unsplit, k > 1 (one slot needs no sum), and no
+    /// expert map (whose unowned slots have ids in range but no rows).
+    static func allowsFusedCombine(plan: MoEPlan, shape: MoEShape, expertMap: Bool) -> Bool {
+        plan.gemm2.kernel == .wgmmaPersistent && plan.gemm2.effectiveMode == .none && shape.topK > 1 && !expertMap
+    }
+
+    /// Whether the fused combine is the default for `plan`: where GEMM2 keeps its A tile resident
+    /// (BLOCK_M 128, K = I at most 6 K tiles, at least 3 B stages left: MoEGemmSm90PersistentTraits), whose
+    /// walk goes chunk-major with it, so the partial rows are summed from L2 (NOTES v27). The other walk
+    /// goes m-block-major: a token's rows are written far apart in time.
+    /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (ConfigTests reads it
+    /// from the source).
+    static let residentASlots = 6
+
+    static func prefersFusedCombine(plan: MoEPlan, shape: MoEShape) -> Bool {
+        let config = plan.gemm2
+        let aSlots = residentASlots
+        let ringBytes = config.stages * 128 * (config.blockM + config.blockN)
+        let bStages = min(config.stages, (ringBytes - aSlots * 128 * config.blockM) / (128 * config.blockN))
+        return config.blockM == 128 && shape.intermediate <= 64 * aSlots && bStages >= 3
+    }
+
+    /// GEMM2's n-blocks per unit of its chunk-major walk under the fused combine: as many as keep one
+    /// chunk's partial rows (pairs x columns x 2 bytes) within `fusedCombineChunkBytes`, 1 to 4.
+    static func fusedCombineChunk(plan: MoEPlan, dtype: DType, pairs: Int, budget: Int = fusedCombineChunkBytes) -> Int {
+        let blockBytes = max(pairs * plan.gemm2.blockN * dtype.byteCount, 1)
+        return min(max(budget / blockBytes, 1), 4)
+    }
+
+    /// For checks: the fused combine's counters, read back after the stream's work (all zero between
+    /// forwards); nil when the layer does not fuse the combine.
+    public func fusedCombineCounters(stream: Stream) throws(CUDAError) -> [Int32]? {
+        guard usesFusedCombine else { return nil }
+        try stream.synchronize()
+        return try combineCounts.download(count: combineCounts.byteCount / 4, as: Int32.self)
+    }
+
+    /// Where GEMM2's fused combine writes: the chunk's output rows, from its topk_ids.
+    struct FusedCombine {
+        var out: DevicePointer
+        var topkIDs: DevicePointer
+        var chunk: Int
     }
 
     /// What the grouped GEMMs read of the routing: align's output, or (one token) the ids themselves.
@@ -631,7 +708,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     private func gemm(
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
-        routing: Routing, routingReady: Bool = false, blockSync: BlockSyncRole = .none, stream: Stream
+        routing: Routing, routingReady: Bool = false, blockSync: BlockSyncRole = .none, combine: FusedCombine? = nil,
+        stream: Stream
     ) throws(CUDAError) {
         let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
@@ -693,6 +771,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK
                 arguments += [streamK ? streamPartials.pointer : .null, streamK ? streamFlags.pointer : .null]
+                // The fused combine (a null output: off).
+                arguments += [
+                    combine?.out ?? .null, combine?.topkIDs ?? .null, combine != nil ? combineCounts.pointer : .null,
+                    Int32(shape.topK), Int32(routedExperts), Int32(combine?.chunk ?? 1),
+                ]
             }
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
