@@ -1474,109 +1474,84 @@ MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, i
 struct MoESm90Combine {
     void* out;            // [tokens, N] of T
     const int32_t* ids;   // topk_ids [tokens, k]
-    int32_t* counts;      // [tokens, ceil(N / BLOCK_N)], zero between launches
+    int32_t* counts;      // one per chunk, zero between launches
     int32_t k;            // top-k: pair p is slot p % k of token p / k
     int32_t experts;      // ids in [0, experts) are routed
-    int32_t chunk;        // n-blocks per unit of the A-resident walk (chunk-major with the combine)
+    int32_t chunk;        // n-blocks per chunk (and per unit of the A-resident walk)
 };
 
-/// The routed slots of token t: its ids in [0, experts).
-MOE_DEVICE int32_t moe_sm90_combine_target(const MoESm90Combine& c, int64_t t) {
-    int32_t n = 0;
-    for (int32_t j = 0; j < c.k; ++j) {
-        const int32_t e = c.ids[t * c.k + j];
-        n += e >= 0 && e < c.experts ? 1 : 0;
+// A chunk counter: its consumer warps' stored units in the low bits, its combine items' reads above.
+constexpr int MOE_SM90_COMBINE_READER_SHIFT = 22;
+
+/// Waits until the low bits of *count reach `need` (acquire); false after MOE_SPIN_LIMIT_NS (never a
+/// hang: the caller poisons what it would have written).
+MOE_DEVICE bool moe_sm90_combine_wait(const int32_t* count, int32_t need) {
+    constexpr int32_t mask = (1 << MOE_SM90_COMBINE_READER_SHIFT) - 1;
+    if ((ld_acquire_gpu(count) & mask) >= need) return true;
+    const uint64_t start = global_timer_ns();
+    while ((ld_acquire_gpu(count) & mask) < need) {
+        __nanosleep(128);
+        if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) return false;
     }
-    return n;
+    return true;
 }
 
-/// One consumer warp, after it stored its 16 rows of n-block nb (columns [n0, n0 + BLOCK_N) of the
-/// partial rows `partials`, row stride stride_cm = N): lane r < 16 holding pair(r) >= 0 counts that row
-/// in counts[token, nb] (a fence, then the add: the warp's stores first, __syncwarp before); a lane whose
-/// add completes its token's target (`target`: the token's routed slots) takes the token, and the warp
-/// then sums that token's partial rows over those columns in slot order, exactly as moe_combine does,
-/// writes the output row's columns, and (MOE_SM90_COMBINE_DISCARD, rows of whole 128-byte lines)
-/// discards the partial rows' lines from L2, so they are never written back to memory. The counter goes
-/// back to zero with its last add.
-template <typename T, int BLOCK_N>
-MOE_DEVICE void moe_sm90_combine_arrive(const MoESm90Combine& c, int32_t pair, int32_t target, const T* partials,
-                                        int64_t n0, int64_t nb, int64_t N, int64_t stride_cm, int lane) {
-    const int64_t num_nb = ceil_div(N, BLOCK_N);
-    __syncwarp();  // every lane's stores of the warp's rows are issued
-    bool last = false;
-    if (lane < 16 && pair >= 0) {
-        int32_t* count = c.counts + static_cast<int64_t>(pair / c.k) * num_nb + nb;
-        __threadfence();
-        last = atomicAdd(count, 1) + 1 == target;
-        if (last) {
-            __threadfence();  // the other slots' rows, counted before this add, are visible to the warp
-            *count = 0;
-        }
-    }
-    uint32_t takes = __ballot_sync(MOE_FULL_MASK, last);
-    constexpr int CHUNKS = BLOCK_N / 8;  // 16-byte chunks of a row's columns
-    constexpr int SLOTS = 8;
-    while (takes != 0) {
-        const int r = __ffs(takes) - 1;
-        takes &= takes - 1;
-        const int64_t t = __shfl_sync(MOE_FULL_MASK, pair, r) / c.k;
-        T* out = static_cast<T*>(c.out) + t * N;
-        for (int ch = lane; ch < CHUNKS; ch += 32) {
-            const int64_t n = n0 + 8 * ch;
-            if (n >= N) break;  // N % 8 == 0 (the host's guarantee)
-            float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            for (int32_t j0 = 0; j0 < c.k; j0 += SLOTS) {
-                bool use[SLOTS];
-                uint4 v[SLOTS];
-#pragma unroll
-                for (int s = 0; s < SLOTS; ++s) {
-                    const int32_t j = j0 + s;
-                    const int32_t e = j < c.k ? c.ids[t * c.k + j] : -1;
-                    use[s] = e >= 0 && e < c.experts;
-                }
-#pragma unroll
-                for (int s = 0; s < SLOTS; ++s)
-                    v[s] = use[s] ? __ldcg(reinterpret_cast<const uint4*>(partials + (t * c.k + j0 + s) * stride_cm + n))
-                                  : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                for (int s = 0; s < SLOTS; ++s) {
-                    if (!use[s]) continue;
-                    float x[8];
-                    unpack8<T>(v[s], x);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) sum[e] += x[e];
-                }
-            }
-            *reinterpret_cast<uint4*>(out + n) = pack8<T>(sum);
-        }
-        if constexpr (MOE_SM90_COMBINE_DISCARD != 0) {
-            // Whole lines only: the row stride and n0 cover 64 columns of T (128 bytes) each.
-            if (stride_cm % 64 == 0 && n0 % 64 == 0) {
-                __syncwarp();  // every lane's loads of the rows have returned (their sums are done)
-                constexpr int LINES = BLOCK_N / 64;
-                const int64_t lines_in = (min_i64(n0 + BLOCK_N, N) - n0) / 64;
-                for (int i = lane; i < c.k * LINES; i += 32) {
-                    const int32_t j = i / LINES;
-                    const int line = i % LINES;
-                    const int32_t e = c.ids[t * c.k + j];
-                    if (e < 0 || e >= c.experts || line >= lines_in) continue;
-                    discard_global_l2(partials + (t * c.k + j) * stride_cm + n0 + 64 * line);
-                }
-            }
-        }
-    }
-}
-
-/// Consumer thread ctid (of `threads`) of program blockIdx.x, after its walk: zeros the output rows of the
-/// tokens without a routed slot (moe_combine's sum of nothing), which no arrival ever takes.
+/// One combine item, by `threads` consumer threads (ctid): tokens [t0, t1), columns [n0, n1) (n1 - n0 and
+/// n0 multiples of 8): out[t, n] = the sum over the token's routed slots j, in slot order, of
+/// partials[(t k + j) * stride_cm + n], as moe_combine sums (fp32, rounded once); all bits set where
+/// `lost`. 16-byte vectors, a token's slots loaded together through L2 (ld.global.cg).
 template <typename T>
-MOE_DEVICE void moe_sm90_combine_zero_unrouted(const MoESm90Combine& c, int64_t tokens, int64_t N, int ctid,
-                                               int threads) {
+MOE_DEVICE void moe_sm90_combine_sum(const MoESm90Combine& c, const T* partials, int64_t stride_cm, int64_t N,
+                                     int64_t t0, int64_t t1, int64_t n0, int64_t n1, bool lost, int ctid,
+                                     int threads) {
+    constexpr int SLOTS = 8;
+    const int64_t vectors = (n1 - n0) / 8;
     T* out = static_cast<T*>(c.out);
-    for (int64_t t = static_cast<int64_t>(blockIdx.x) * threads + ctid; t < tokens;
-         t += static_cast<int64_t>(gridDim.x) * threads) {
-        if (moe_sm90_combine_target(c, t) != 0) continue;
-        for (int64_t n = 0; n < N; n += 8) *reinterpret_cast<uint4*>(out + t * N + n) = make_uint4(0, 0, 0, 0);
+    for (int64_t i = ctid; i < (t1 - t0) * vectors; i += threads) {
+        const int64_t t = t0 + i / vectors;
+        const int64_t n = n0 + 8 * (i % vectors);
+        float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int32_t j0 = 0; j0 < c.k; j0 += SLOTS) {
+            bool use[SLOTS];
+            uint4 v[SLOTS];
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                const int32_t j = j0 + s;
+                const int32_t e = j < c.k ? c.ids[t * c.k + j] : -1;
+                use[s] = e >= 0 && e < c.experts;
+            }
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s)
+                v[s] = use[s] ? __ldcg(reinterpret_cast<const uint4*>(partials + (t * c.k + j0 + s) * stride_cm + n))
+                              : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                if (!use[s]) continue;
+                float x[8];
+                unpack8<T>(v[s], x);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sum[e] += x[e];
+            }
+        }
+        *reinterpret_cast<uint4*>(out + t * N + n) = lost ? make_uint4(~0u, ~0u, ~0u, ~0u) : pack8<T>(sum);
+    }
+}
+
+/// After a combine item's sums (a barrier of its threads between): discards the 128-byte lines of the
+/// routed partial rows it read (tokens [t0, t1), columns [n0, n1), whole lines: stride_cm and n0
+/// multiples of 64), so L2 drops them instead of writing them back.
+template <typename T>
+MOE_DEVICE void moe_sm90_combine_discard(const MoESm90Combine& c, const T* partials, int64_t stride_cm, int64_t t0,
+                                         int64_t t1, int64_t n0, int64_t n1, int ctid, int threads) {
+    if (stride_cm % 64 != 0 || n0 % 64 != 0) return;
+    const int64_t lines = (n1 - n0) / 64;  // whole lines only (a ragged tail stays)
+    for (int64_t i = ctid; i < (t1 - t0) * c.k * lines; i += threads) {
+        const int64_t row = i / lines;  // (t - t0) k + j
+        const int64_t t = t0 + row / c.k;
+        const int32_t j = static_cast<int32_t>(row % c.k);
+        const int32_t e = c.ids[t * c.k + j];
+        if (e < 0 || e >= c.experts) continue;
+        discard_global_l2(partials + (t * c.k + j) * stride_cm + n0 + 64 * (i % lines));
     }
 }
 
@@ -1765,34 +1740,57 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             const int64_t num_blocks = ceil_div(max_padded, BLOCK_M);
             const int64_t valid_blocks =
                 min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M, num_blocks);
-            // Unit u: false past the valid m-blocks (m-block order) or chunks (chunk-major), as is every
-            // later unit.
-            const auto unit_at = [&](int64_t u, int64_t& q, int32_t& expert, int64_t& nb_begin,
-                                     int64_t& nb_end) -> bool {
-                int64_t c;
+            // Step w of the walk: kStepEnd past its end (as is every later step); kStepUnit, unit (q, chunk c):
+            // m-block q, n-blocks [nb_begin, nb_end); kStepCombine (the fused combine), item r of chunk c.
+            // Without the combine, unit w is m-block w / chunks, chunk w % chunks (m-block order). With
+            // it, the steps go in segments: segment 0 the V = valid_blocks units of chunk 0, segment s in
+            // 1 .. chunks - 1 the units of chunk s then the G = gridDim.x combine items of chunk s - 1,
+            // and a last segment of chunk (chunks - 1)'s items; so every program takes one item per chunk
+            // (G consecutive steps), a chunk's items come a chunk's units after its own (by then done:
+            // little waiting), and a chunk's partial rows are read while still in L2.
+            constexpr int kStepEnd = 0, kStepUnit = 1, kStepCombine = 2;
+            const int64_t items = gridDim.x;
+            const auto step_at = [&](int64_t w, int64_t& q, int64_t& c, int32_t& expert, int64_t& nb_begin,
+                                     int64_t& nb_end) -> int {
                 if (combining) {
-                    if (valid_blocks <= 0) return false;
-                    c = u / valid_blocks;
-                    if (c >= chunks) return false;
-                    q = u - c * valid_blocks;
+                    if (w < valid_blocks) {
+                        q = w;
+                        c = 0;
+                    } else {
+                        const int64_t w1 = w - valid_blocks;
+                        const int64_t s = 1 + w1 / (valid_blocks + items);
+                        const int64_t r = w1 - (s - 1) * (valid_blocks + items);
+                        if (s < chunks && r < valid_blocks) {
+                            q = r;
+                            c = s;
+                        } else if (s < chunks || (s == chunks && r < items)) {
+                            q = s < chunks ? r - valid_blocks : r;  // the item
+                            c = s - 1;
+                            return kStepCombine;
+                        } else {
+                            return kStepEnd;
+                        }
+                    }
                 } else {
-                    q = u / chunks;
-                    if (q >= valid_blocks) return false;
-                    c = u - q * chunks;
+                    q = w / chunks;
+                    if (q >= valid_blocks) return kStepEnd;
+                    c = w - q * chunks;
                 }
                 expert = expert_ids[q];
                 nb_begin = c * chunk_nb;
                 nb_end = min_i64(nb_begin + chunk_nb, num_pid_n);
-                return true;
+                return kStepUnit;
             };
             if (tid < Tr::PRODUCER_THREADS) {
                 if constexpr (Tr::REBALANCE_REGISTERS) setmaxnreg_dec<Tr::PRODUCER_REGISTERS>();
                 int stage = 0;
                 uint32_t phase = 0, a_phase = 0;
-                int64_t q, nb_begin, nb_end;
+                int64_t q, c, nb_begin, nb_end;
                 int32_t expert;
-                for (int64_t u = blockIdx.x; unit_at(u, q, expert, nb_begin, nb_end); u += gridDim.x) {
-                    if (expert < 0) continue;  // not owned: the consumers store zeros
+                for (int64_t w = blockIdx.x;; w += gridDim.x) {
+                    const int step = step_at(w, q, c, expert, nb_begin, nb_end);
+                    if (step == kStepEnd) break;
+                    if (step == kStepCombine || expert < 0) continue;  // nothing to load (unowned: zeros)
                     bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();  // every thread read the last table
                     if (tid < BLOCK_M) {
                         const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + tid, BLOCK_M, num_valid_tokens);
@@ -1835,19 +1833,48 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 const uint64_t desc_b0 = wgmma_desc_k_major_sw128(b_ring);
                 int stage = 0;
                 uint32_t phase = 0, a_phase = 0;
-                int64_t q, nb_begin, nb_end;
+                int64_t q, c, nb_begin, nb_end;
                 int32_t expert;
-                for (int64_t u = blockIdx.x; unit_at(u, q, expert, nb_begin, nb_end); u += gridDim.x) {
+                for (int64_t w = blockIdx.x;; w += gridDim.x) {
+                    const int step = step_at(w, q, c, expert, nb_begin, nb_end);
+                    if (step == kStepEnd) break;
+                    if constexpr (Tr::COMBINE) {
+                        if (step == kStepCombine) {
+                            // Item q of chunk c: once every consumer warp of the chunk's units has counted
+                            // itself (thread 0 waits, acquire), its share of the tokens over the chunk's
+                            // columns; then its read counted (the chunk's last reader clears the counter
+                            // for the next launch) and, with MOE_SM90_COMBINE_DISCARD, the rows dropped.
+                            int32_t* count = comb.counts + c;
+                            bool lost = false;
+                            if (ctid == 0)
+                                lost = !moe_sm90_combine_wait(count, static_cast<int32_t>(valid_blocks) * Tr::CONSUMER_WARPS);
+                            lost = bar_sync_or<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>(lost);
+                            const int64_t tokens = num_valid_tokens / comb.k;
+                            const int64_t t0 = q * tokens / items, t1 = (q + 1) * tokens / items;
+                            const int64_t n0 = c * chunk_nb * BLOCK_N, n1 = min_i64(n0 + chunk_nb * BLOCK_N, N);
+                            moe_sm90_combine_sum<T>(comb, out, stride_cm, N, t0, t1, n0, n1, lost, ctid,
+                                                    Tr::CONSUMER_THREADS);
+                            bar_sync<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>();  // every read of the rows is done
+                            if (ctid == 0) {
+                                const int32_t seen = atomicAdd(count, 1 << MOE_SM90_COMBINE_READER_SHIFT);
+                                if ((seen >> MOE_SM90_COMBINE_READER_SHIFT) + 1 == items) *count = 0;
+                            }
+                            if constexpr (MOE_SM90_COMBINE_DISCARD != 0) {
+                                if (!lost)
+                                    moe_sm90_combine_discard<T>(comb, out, stride_cm, t0, t1, n0, n1, ctid,
+                                                                Tr::CONSUMER_THREADS);
+                            }
+                            continue;
+                        }
+                    }
                     int32_t pair = -1;
                     float weight = 0.0f;
-                    int32_t target = 0;  // the fused combine: the row's token's routed slots
                     if (lane < Tr::WARP_ROWS) {
                         const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + warp * Tr::WARP_ROWS + lane,
                                                           BLOCK_M, num_valid_tokens);
                         if (p >= 0 && p < num_valid_tokens) {
                             pair = p;
                             if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
-                            if (combining) target = moe_sm90_combine_target(comb, p / comb.k);
                         }
                     }
                     for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
@@ -1885,18 +1912,16 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                         }
                         moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
                             acc, weight, pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
-                        if constexpr (Tr::COMBINE) {
-                            if (combining)
-                                moe_sm90_combine_arrive<T, BLOCK_N>(comb, pair, target, out, nb * BLOCK_N, nb, N,
-                                                                    stride_cm, lane);
-                        }
                     }
                     if (expert >= 0) a_phase ^= 1;
-                }
-                if constexpr (Tr::COMBINE) {
-                    if (combining)
-                        moe_sm90_combine_zero_unrouted<T>(comb, num_valid_tokens / comb.k, N, ctid,
-                                                          Tr::CONSUMER_THREADS);
+                    if constexpr (Tr::COMBINE) {
+                        // The fused combine: this warp's rows of the unit are stored (__syncwarp orders the
+                        // lanes' stores before lane 0's release).
+                        if (combining) {
+                            __syncwarp();
+                            if (lane == 0) red_release_gpu_add(comb.counts + c, 1);
+                        }
+                    }
                 }
             }
             return;
@@ -2091,7 +2116,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             if (!piece_at(j, t, tile, sk)) return false;
             if constexpr (Tr::HALF) {
                 // Align pads each expert's run at its end, so row 64 decides (whole K ranges only).
-                if (!combining && tile.num_tiles > 0 && tile.stream == 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
+                if (tile.num_tiles > 0 && tile.stream == 0 && tile.num_tiles >= MOE_SM90_HALF_MIN_K_TILES &&
                     tile.num_tiles <= MOE_SM90_HALF_MAX_K_TILES) {
                     const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + BLOCK_M / 2, BLOCK_M,
                                                       num_valid_tokens);
@@ -2126,16 +2151,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             // weight, loaded now and used after the K loop.
             int32_t pair = -1;
             float weight = 0.0f;
-            int32_t target = 0;  // the fused combine: the row's token's routed slots
             if (lane < Tr::WARP_ROWS) {
                 const int row = (half ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
                 const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + row, BLOCK_M, num_valid_tokens);
                 if (p >= 0 && p < num_valid_tokens) {
                     pair = p;
                     if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
-                    if constexpr (Tr::COMBINE) {
-                        if (combining) target = moe_sm90_combine_target(comb, p / comb.k);
-                    }
                 }
             }
 
@@ -2227,20 +2248,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 } else {
                     moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
                         acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
-                    if constexpr (Tr::COMBINE) {
-                        if (combining)
-                            moe_sm90_combine_arrive<T, BLOCK_N>(comb, pair, target, out, tile.n0, tile.n0 / BLOCK_N,
-                                                                N, stride_cm, lane);
-                    }
                 }
             }
             if constexpr (!EARLY) have_next = schedule(j + 1, t + tile_stride, next);
             tile = next;
             have = have_next;
-        }
-        if constexpr (Tr::COMBINE) {
-            if (combining)
-                moe_sm90_combine_zero_unrouted<T>(comb, num_valid_tokens / comb.k, N, ctid, Tr::CONSUMER_THREADS);
         }
     }
 }

@@ -342,14 +342,14 @@ public final class GPUChecks {
                             : sameAs("with block sync", blockSync: true)) && passed
                     }
                     // The fused combine sums in moe_combine's order and rounding: bit for bit the layer made
-                    // the other way (the full check only, like the block sync; forced on where the plan
-                    // allows but does not prefer it, so the m-block-major walk is covered too).
-                    if blockSyncToo
-                        && CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: false)
-                    {
-                        passed = try (layer.usesFusedCombine
-                            ? sameAs("without fused combine", fusedCombine: false)
-                            : sameAs("with fused combine", fusedCombine: true)) && passed
+                    // the other way (the full check only, like the block sync).
+                    if blockSyncToo && layer.usesFusedCombine {
+                        passed = try sameAs("without fused combine", fusedCombine: false) && passed
+                    } else if blockSyncToo {
+                        let forced = try CUDAMoELayer(
+                            library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                            plan: plan, maxTokens: tokens, fusedCombine: true)
+                        if forced.usesFusedCombine { passed = try sameAs("with fused combine", fusedCombine: true) && passed }
                     }
                 }
                 passed = try countersClear(layer, &detail) && passed
@@ -525,24 +525,50 @@ public final class GPUChecks {
                     GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
                     GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, streamK: true),
                 ] {
-                    // The persistent kernel also with the fused combine forced on (token 0 is then zeroed by
-                    // GEMM2 itself, since no partial row of it ever arrives).
-                    let plan = MoEPlan(both: config)
-                    let fusable = CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: false)
-                    for fused in fusable ? [false, true] : [false] {
-                        let layer = try CUDAMoELayer(
-                            library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: plan, maxTokens: 90,
-                            fusedCombine: fused)
-                        let a = try runPoisoned(layer, unrouted, o)
-                        let error = relativeError(a.values, reference)
-                        let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
-                        var detail = "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros")
-                        let clear = try countersClear(layer, &detail)
-                        record(
-                            "gpu unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)" + (fused ? " fused combine" : ""),
-                            zeroRow && a.unwritten == 0 && error < errorBound(.bf16) && clear, detail)
-                    }
+                    let layer = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: .bf16, w1: bf16.w1, w2: bf16.w2, plan: MoEPlan(both: config), maxTokens: 90)
+                    let a = try runPoisoned(layer, unrouted, o)
+                    let error = relativeError(a.values, reference)
+                    let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
+                    record(
+                        "gpu unrouted slots \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)",
+                        zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
+                        "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros"))
                 }
+            }
+
+            // The fused combine (GEMM2 on the A-resident walk: I <= 384) with unrouted slots: token 0 has
+            // none (its row comes out of the combine items as zeros), every third token loses slot 1; bit
+            // for bit the layer without it, and its counters back at zero.
+            if library.device.properties.architecture == "sm_90a" {
+                let resident = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 384)
+                let w = try LayerWeights(tools: tools, shape: resident, dtype: .bf16, seed: seed + 11, stream: stream)
+                let x = try LayerInputs(tools: tools, shape: resident, dtype: .bf16, tokens: 90, seed: seed + 12, stream: stream)
+                try stream.synchronize()
+                var ids = try x.ids.download(count: 90 * resident.topK, as: Int32.self)
+                for j in 0..<resident.topK { ids[j] = -1 }
+                for t in stride(from: 3, to: 90, by: 3) { ids[t * resident.topK + 1] = -1 }
+                try x.ids.upload(ids)
+                let reference = try x.reference(weights: w, library: library, stream: stream)
+                let o = try DeviceBuffer(device: library.device, byteCount: 90 * resident.hidden * 2)
+                let plan = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+                let fused = try CUDAMoELayer(
+                    library: library, shape: resident, dtype: .bf16, w1: w.w1, w2: w.w2, plan: plan, maxTokens: 90,
+                    fusedCombine: true)
+                let separate = try CUDAMoELayer(
+                    library: library, shape: resident, dtype: .bf16, w1: w.w1, w2: w.w2, plan: plan, maxTokens: 90,
+                    fusedCombine: false)
+                let a = try runPoisoned(fused, x, o)
+                let b = try runPoisoned(separate, x, o)
+                let error = relativeError(a.values, reference)
+                let zeroRow = a.values[0..<resident.hidden].allSatisfy { $0 == 0 }
+                var detail = "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros")
+                detail += a.bits == b.bits ? ", = without fused combine" : ", DIFFERS without fused combine"
+                let clear = try countersClear(fused, &detail)
+                record(
+                    "gpu unrouted slots fused combine (wgmma_persistent 128x256, I=384)",
+                    fused.usesFusedCombine && zeroRow && a.unwritten == 0 && error < errorBound(.bf16) && a.bits == b.bits
+                        && clear, detail + (fused.usesFusedCombine ? "" : ", NOT FUSED"))
             }
 
             // Expert parallelism: this rank owns the even experts; rows of the others come out zero.

@@ -44,9 +44,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// The block sync's counters (`usesBlockSync`): one per m-block, zero between launches (GEMM2's last
     /// program on an m-block clears it). Empty when the plan does not use it.
     let blockDone: DeviceBuffer
-    /// The fused combine's counters (`usesFusedCombine`): one per token and GEMM2 n-block, zero between
-    /// launches (each goes back to zero with its token's last partial row). Empty when the layer does not
-    /// fuse the combine into GEMM2.
+    /// The fused combine's counters (`usesFusedCombine`): one per chunk of GEMM2's n-blocks (at most one
+    /// per n-block), zero between launches (each chunk's last combine item clears its own). Empty when the
+    /// layer does not fuse the combine into GEMM2.
     let combineCounts: DeviceBuffer
     let streamFlags: DeviceBuffer
     let kernels: Kernels
@@ -83,8 +83,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// aligns back to back, as before; for A/Bs).
     static let dualAlignByDefault: Bool = environment("FUSED_MOE_DUAL_ALIGN") != "0"
 
-    /// Whether layers made without an explicit choice fuse the combine into GEMM2 where their plan prefers
-    /// it (`prefersFusedCombine`; NOTES v27): yes, unless the environment sets FUSED_MOE_FUSED_COMBINE=0
+    /// Whether layers made without an explicit choice fuse the combine into GEMM2 where their plan allows
+    /// it (`allowsFusedCombine`; NOTES v27): yes, unless the environment sets FUSED_MOE_FUSED_COMBINE=0
     /// (GEMM2 writes its partial rows and moe_combine sums them, as before; for A/Bs).
     static let fusedCombineByDefault: Bool = environment("FUSED_MOE_FUSED_COMBINE") != "0"
 
@@ -126,9 +126,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// 256 times MOE_ALIGN_CHUNK_ITEMS, which an experiment may set, so the grid and the scratch are
     /// sized as the kernels were compiled.
     static func alignChunk(defines: [String]) -> Int {
-        let prefix = "-DMOE_ALIGN_CHUNK_ITEMS="
-        let items = defines.last(where: { $0.hasPrefix(prefix) }).flatMap { Int($0.dropFirst(prefix.count)) }
-        return 256 * (items ?? alignChunkItems)
+        256 * (defineValue("MOE_ALIGN_CHUNK_ITEMS", in: defines) ?? alignChunkItems)
+    }
+
+    /// The integer value of kernel define `name` in `defines` (`-DNAME=VALUE`, the last one wins); nil if
+    /// none sets it.
+    static func defineValue(_ name: String, in defines: [String]) -> Int? {
+        let prefix = "-D\(name)="
+        return defines.last(where: { $0.hasPrefix(prefix) }).flatMap { Int($0.dropFirst(prefix.count)) }
     }
 
     /// Pairs per program of this layer's three-launch align (from its library's defines, once at init).
@@ -164,10 +169,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     default: on with programmatic dependent launch, unless FUSED_MOE_BLOCK_SYNC=0; NOTES v24-v25:
     ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
-    ///   - fusedCombine: sum each token's k partial rows inside GEMM2 (`allowsFusedCombine`; default: where
-    ///     the plan prefers it, `prefersFusedCombine`, unless FUSED_MOE_FUSED_COMBINE=0). True on a plan
-    ///     that allows it but does not prefer it runs it all the same (the checks do, to cover that walk);
-    ///     on a plan that does not allow it, it is ignored.
+    ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan allows it
+    ///     (`allowsFusedCombine`; default: yes unless FUSED_MOE_FUSED_COMBINE=0). Ignored where it does not.
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
@@ -274,9 +277,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
-            let fuseCombine = CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, expertMap: options.expertMap != nil)
-                && (fusedCombine ?? (CUDAMoELayer.fusedCombineByDefault && CUDAMoELayer.prefersFusedCombine(plan: plan, shape: shape)))
-            let combineCounters = fuseCombine ? chunk * ((shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN) : 0
+            let fuseCombine = (fusedCombine ?? CUDAMoELayer.fusedCombineByDefault)
+                && CUDAMoELayer.allowsFusedCombine(
+                    plan: plan, shape: shape, expertMap: options.expertMap != nil, defines: library.defines,
+                    programs: programs, maxPadded: (alignOutputs.last?.sortedIDs.byteCount ?? 0) / 4)
+            let combineCounters = fuseCombine ? (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN : 0
             combineCounts = try DeviceBuffer(device: device, count: combineCounters, of: Int32.self)
             if combineCounters > 0 { try combineCounts.upload([Int32](repeating: 0, count: combineCounters)) }
             if streamSlotFloats > 0 {
@@ -496,28 +501,30 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// the plan allows it): no combine kernel runs then.
     public var usesFusedCombine: Bool { combineCounts.byteCount > 0 }
 
-    /// Whether `plan` allows the fused combine (moe_gemm_sm90_persistent's MoESm90Combine): GEMM2 on the
-    /// persistent kernel (not ping-pong, not stream-K) unsplit, k > 1 (one slot needs no sum), and no
-    /// expert map (whose unowned slots have ids in range but no rows).
-    static func allowsFusedCombine(plan: MoEPlan, shape: MoEShape, expertMap: Bool) -> Bool {
-        plan.gemm2.kernel == .wgmmaPersistent && plan.gemm2.effectiveMode == .none && shape.topK > 1 && !expertMap
-    }
-
-    /// Whether the fused combine is the default for `plan`: where GEMM2 keeps its A tile resident
-    /// (BLOCK_M 128, K = I at most 6 K tiles, at least 3 B stages left: MoEGemmSm90PersistentTraits), whose
-    /// walk goes chunk-major with it, so the partial rows are summed from L2 (NOTES v27). The other walk
-    /// goes m-block-major: a token's rows are written far apart in time.
-    /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (ConfigTests reads it
-    /// from the source).
-    static let residentASlots = 6
-
-    static func prefersFusedCombine(plan: MoEPlan, shape: MoEShape) -> Bool {
+    /// Whether `plan` allows the fused combine (moe_gemm_sm90_persistent's MoESm90Combine, NOTES v27): k > 1
+    /// (one slot needs no sum), no expert map (whose unowned slots have ids in range but no rows), and
+    /// GEMM2 on the persistent kernel's A-resident walk, which alone runs the combine items: unsplit, not
+    /// ping-pong or stream-K, BLOCK_M 128, K = I at most the A slots' K tiles (MOE_SM90_A_RESIDENT under
+    /// the library's `defines`), at least 3 B stages left beside them (MoEGemmSm90PersistentTraits); and
+    /// its counters' fields hold the count: `programs` (the combine items per chunk) below 2^9, the
+    /// consumer warps' arrivals per chunk (8 per valid m-block, at most `maxPadded` / 128) below 2^22.
+    static func allowsFusedCombine(
+        plan: MoEPlan, shape: MoEShape, expertMap: Bool, defines: [String] = [], programs: Int = 132,
+        maxPadded: Int = 0
+    ) -> Bool {
         let config = plan.gemm2
-        let aSlots = residentASlots
+        let aSlots = defineValue("MOE_SM90_A_RESIDENT", in: defines) ?? residentASlots
         let ringBytes = config.stages * 128 * (config.blockM + config.blockN)
         let bStages = min(config.stages, (ringBytes - aSlots * 128 * config.blockM) / (128 * config.blockN))
-        return config.blockM == 128 && shape.intermediate <= 64 * aSlots && bStages >= 3
+        return shape.topK > 1 && !expertMap && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
+            && config.blockM == 128 && aSlots > 0 && 16 * aSlots <= 4 * config.blockM
+            && shape.intermediate <= 64 * aSlots && bStages >= 3
+            && programs < 1 << 9 && 8 * (maxPadded / 128 + 1) < 1 << 22
     }
+
+    /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (RoutingTests reads it
+    /// from the source).
+    static let residentASlots = 6
 
     /// GEMM2's n-blocks per unit of its chunk-major walk under the fused combine: as many as keep one
     /// chunk's partial rows (pairs x columns x 2 bytes) within `fusedCombineChunkBytes`, 1 to 4.
