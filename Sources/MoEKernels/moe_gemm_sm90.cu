@@ -234,6 +234,11 @@
 
 // The persistent GEMM2's fused combine (MoESm90Combine) discards each partial row's 128-byte lines from L2
 // once summed, so the partial sums never go back to memory; 0 leaves them to be written back.
+// The fused combine's 16-byte output vectors per consumer thread and pass (their k slots' loads in flight
+// together).
+#ifndef MOE_SM90_COMBINE_VECTORS
+#define MOE_SM90_COMBINE_VECTORS 2
+#endif
 #ifndef MOE_SM90_COMBINE_DISCARD
 #define MOE_SM90_COMBINE_DISCARD 1
 #endif
@@ -1499,41 +1504,61 @@ MOE_DEVICE bool moe_sm90_combine_wait(const int32_t* count, int32_t need) {
 /// One combine item, by `threads` consumer threads (ctid): tokens [t0, t1), columns [n0, n1) (n1 - n0 and
 /// n0 multiples of 8): out[t, n] = the sum over the token's routed slots j, in slot order, of
 /// partials[(t k + j) * stride_cm + n], as moe_combine sums (fp32, rounded once); all bits set where
-/// `lost`. 16-byte vectors, a token's slots loaded together through L2 (ld.global.cg).
+/// `lost`. 16-byte vectors, VECS per thread and pass with all their slots' loads in flight together
+/// (ld.global.cg: through L2): the item is latency-bound on one SM, so it needs the loads in flight.
 template <typename T>
 MOE_DEVICE void moe_sm90_combine_sum(const MoESm90Combine& c, const T* partials, int64_t stride_cm, int64_t N,
                                      int64_t t0, int64_t t1, int64_t n0, int64_t n1, bool lost, int ctid,
                                      int threads) {
     constexpr int SLOTS = 8;
+    constexpr int VECS = MOE_SM90_COMBINE_VECTORS;
     const int64_t vectors = (n1 - n0) / 8;
+    const int64_t work = (t1 - t0) * vectors;
     T* out = static_cast<T*>(c.out);
-    for (int64_t i = ctid; i < (t1 - t0) * vectors; i += threads) {
-        const int64_t t = t0 + i / vectors;
-        const int64_t n = n0 + 8 * (i % vectors);
-        float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        for (int32_t j0 = 0; j0 < c.k; j0 += SLOTS) {
-            bool use[SLOTS];
-            uint4 v[SLOTS];
+    for (int64_t base = ctid; base < work; base += static_cast<int64_t>(VECS) * threads) {
+        int64_t t[VECS], n[VECS];
+        float sum[VECS][8];
 #pragma unroll
-            for (int s = 0; s < SLOTS; ++s) {
-                const int32_t j = j0 + s;
-                const int32_t e = j < c.k ? c.ids[t * c.k + j] : -1;
-                use[s] = e >= 0 && e < c.experts;
-            }
+        for (int v = 0; v < VECS; ++v) {
+            const int64_t i = min_i64(base + static_cast<int64_t>(v) * threads, work - 1);  // a repeat past the end
+            t[v] = t0 + i / vectors;
+            n[v] = n0 + 8 * (i % vectors);
 #pragma unroll
-            for (int s = 0; s < SLOTS; ++s)
-                v[s] = use[s] ? __ldcg(reinterpret_cast<const uint4*>(partials + (t * c.k + j0 + s) * stride_cm + n))
-                              : make_uint4(0, 0, 0, 0);
-#pragma unroll
-            for (int s = 0; s < SLOTS; ++s) {
-                if (!use[s]) continue;
-                float x[8];
-                unpack8<T>(v[s], x);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) sum[e] += x[e];
-            }
+            for (int e = 0; e < 8; ++e) sum[v][e] = 0.0f;
         }
-        *reinterpret_cast<uint4*>(out + t * N + n) = lost ? make_uint4(~0u, ~0u, ~0u, ~0u) : pack8<T>(sum);
+        for (int32_t j0 = 0; j0 < c.k; j0 += SLOTS) {
+            bool use[VECS][SLOTS];
+            uint4 x[VECS][SLOTS];
+#pragma unroll
+            for (int v = 0; v < VECS; ++v)
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s) {
+                    const int32_t j = j0 + s;
+                    const int32_t e = j < c.k ? c.ids[t[v] * c.k + j] : -1;
+                    use[v][s] = e >= 0 && e < c.experts;
+                }
+#pragma unroll
+            for (int v = 0; v < VECS; ++v)
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s)
+                    x[v][s] = use[v][s] ? __ldcg(reinterpret_cast<const uint4*>(partials + (t[v] * c.k + j0 + s) * stride_cm + n[v]))
+                                        : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int v = 0; v < VECS; ++v)
+#pragma unroll
+                for (int s = 0; s < SLOTS; ++s) {
+                    if (!use[v][s]) continue;
+                    float f[8];
+                    unpack8<T>(x[v][s], f);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum[v][e] += f[e];
+                }
+        }
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+            if (base + static_cast<int64_t>(v) * threads >= work) break;
+            *reinterpret_cast<uint4*>(out + t[v] * N + n[v]) = lost ? make_uint4(~0u, ~0u, ~0u, ~0u) : pack8<T>(sum[v]);
+        }
     }
 }
 
@@ -1622,8 +1647,9 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
                                        RES_B_STAGES >= 3 && 16 * A_SLOTS <= 4 * BLOCK_M;
 
-    // The fused combine (GEMM2: mode 0 with the routed weight, not ping-pong; MoESm90Combine).
-    static constexpr bool COMBINE = SPLIT_MODE == 0 && MUL_ROUTED_WEIGHT && !FUSED && !PING_PONG;
+    // The fused combine (GEMM2 on the A-resident walk; MoESm90Combine). Not beside the half tiles (an
+    // experiment, off by default), where its sums' registers made the consumers spill.
+    static constexpr bool COMBINE = A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the

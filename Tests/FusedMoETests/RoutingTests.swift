@@ -113,6 +113,8 @@ import Testing
             plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_A_RESIDENT=0"]))
         #expect(!CUDAMoELayer.allowsFusedCombine(
             plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_A_RESIDENT=4"]))
+        #expect(!CUDAMoELayer.allowsFusedCombine(
+            plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_HALF_TILES=1"]))
         // A 3-stage ring keeps only 1 B stage beside the A slots; 64-row tiles keep no A.
         let shallow = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 3, persistent: true))
         #expect(!CUDAMoELayer.allowsFusedCombine(plan: shallow, shape: seed, expertMap: false))

@@ -506,7 +506,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// GEMM2 on the persistent kernel's A-resident walk, which alone runs the combine items: unsplit, not
     /// ping-pong or stream-K, BLOCK_M 128, K = I at most the A slots' K tiles (MOE_SM90_A_RESIDENT under
     /// the library's `defines`), at least 3 B stages left beside them (MoEGemmSm90PersistentTraits); and
-    /// its counters' fields hold the count: `programs` (the combine items per chunk) below 2^9, the
+    /// not beside the half tiles (MOE_SM90_HALF_TILES=1, an experiment); and its counters' fields hold the count: `programs` (the combine items per chunk) below 2^9, the
     /// consumer warps' arrivals per chunk (8 per valid m-block, at most `maxPadded` / 128) below 2^22.
     static func allowsFusedCombine(
         plan: MoEPlan, shape: MoEShape, expertMap: Bool, defines: [String] = [], programs: Int = 132,
@@ -516,7 +516,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let aSlots = defineValue("MOE_SM90_A_RESIDENT", in: defines) ?? residentASlots
         let ringBytes = config.stages * 128 * (config.blockM + config.blockN)
         let bStages = min(config.stages, (ringBytes - aSlots * 128 * config.blockM) / (128 * config.blockN))
-        return shape.topK > 1 && !expertMap && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
+        let halfTiles = defineValue("MOE_SM90_HALF_TILES", in: defines) == 1
+        return shape.topK > 1 && !expertMap && !halfTiles && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
             && config.blockM == 128 && aSlots > 0 && 16 * aSlots <= 4 * config.blockM
             && shape.intermediate <= 64 * aSlots && bStages >= 3
             && programs < 1 << 9 && 8 * (maxPadded / 128 + 1) < 1 << 22
