@@ -84,9 +84,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     static let dualAlignByDefault: Bool = environment("FUSED_MOE_DUAL_ALIGN") != "0"
 
     /// Whether layers made without an explicit choice fuse the combine into GEMM2 where their plan allows
-    /// it (`allowsFusedCombine`; NOTES v27): yes, unless the environment sets FUSED_MOE_FUSED_COMBINE=0
-    /// (GEMM2 writes its partial rows and moe_combine sums them, as before; for A/Bs).
-    static let fusedCombineByDefault: Bool = environment("FUSED_MOE_FUSED_COMBINE") != "0"
+    /// it (`allowsFusedCombine`): no, unless the environment sets FUSED_MOE_FUSED_COMBINE=1. It measured
+    /// 10-19% slower on the layer than GEMM2's partial rows summed by moe_combine (NOTES v27): an
+    /// experiment, kept for A/Bs and covered by the full check.
+    static let fusedCombineByDefault: Bool = environment("FUSED_MOE_FUSED_COMBINE") == "1"
 
     /// The bytes of partial rows the fused combine lets one chunk of GEMM2's n-blocks write before the next
     /// chunk starts (so a token's rows of a chunk are summed while still in L2): FUSED_MOE_COMBINE_CHUNK_BYTES,
@@ -170,7 +171,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
     ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan allows it
-    ///     (`allowsFusedCombine`; default: yes unless FUSED_MOE_FUSED_COMBINE=0). Ignored where it does not.
+    ///     (`allowsFusedCombine`; default: no unless FUSED_MOE_FUSED_COMBINE=1: slower, NOTES v27). Ignored
+    ///     where the plan does not allow it.
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
