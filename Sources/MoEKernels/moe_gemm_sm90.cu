@@ -162,6 +162,18 @@
 //         pieces that wait for nothing, so no cycle; a wait past 20 s reads slot G instead (all bits
 //         set: the tile comes out NaN, never a hang). sk_flags: G int32, zero before the first launch.
 //         No A resident and no half tiles in this walk.
+// Fused combine (combine_out non-null; the A-resident walk only, MUL_ROUTED_WEIGHT, not beside the half
+//         tiles: the host passes it only there; off by default, slower: bench/NOTES.md v27): GEMM2
+//         also writes out[t, n] = moe_combine's sum of token t's routed partial rows (combine_out
+//         [tokens, N] of T, tokens = num_valid_tokens / combine_k; topk_ids combine_ids [tokens,
+//         combine_k], routed: ids in [0, combine_experts)). The walk goes chunk-major in chunks of
+//         combine_chunk n-blocks, with G = gridDim.x combine items of each chunk placed after the next
+//         chunk's units (MoEGemmSm90PersistentTraits; the step_at notes). Each consumer warp adds 1 to
+//         combine_counts[chunk] (red.release) per unit; an item waits (acquire; 20 s, then its output is
+//         all bits set) for valid m-blocks x CONSUMER_WARPS, sums tokens [item M / G, (item + 1) M / G)
+//         over the chunk's columns, adds 1 << 22 (the chunk's G-th clears it) and discards the rows it
+//         read from L2 (MOE_SM90_COMBINE_DISCARD). combine_counts: ceil(n-blocks / combine_chunk)
+//         int32, zero before the first launch. All G programs must be able to be resident at once.
 // Shared memory (dynamic, no static):
 //         SMEM_BYTES = STAGES*128*(BLOCK_M + BLOCK_N) + 16*STAGES + 8*BLOCK_M + 256*BLOCK_M
 //         (MoEGemmSm90PersistentTraits::SMEM_BYTES), the same for every mode; the host passes
