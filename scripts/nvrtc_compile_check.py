@@ -6,7 +6,8 @@ Each .cu under Sources/MoEKernels is compiled as its own program with moe_common
 as a header under that include name, with the options
     -arch=<arch> -std=c++17 -default-device --ptxas-options=-v
 and a representative set of template instantiations (name expressions), plus the off-by-default
-kernel experiments switched on (experiment_jobs: the half tiles of the persistent kernel). Prints the
+kernel experiments switched on (experiment_jobs: the half tiles of the persistent kernel, its L2 hints and
+fused combine). Prints the
 registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
 spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128. Every
 moe_gemm_sm90 / _swap / _persistent instantiation must also have no spill and no stack frame, no ptxas warning about
@@ -374,7 +375,12 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     hinted = [gemm_sm90_swap_name("moe_bf16", (256, tok, 4), 0, mul, act) for tok in (144, 160, 192)
               for (mul, act) in ((False, 1), (True, 0))]
     hinted += [gemm_sm90_persistent_name("moe_bf16", (128, 256, st), 0, True) for st in (3, 4)]
+    # The fused combine (NOTES v27): the A-resident GEMM2 instantiations, and beside the half tiles (where
+    # it compiles out).
+    combine = [gemm_sm90_persistent_name(dtype, (128, 256, 4), 0, True) for dtype in DTYPES]
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
+            ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1"]),
+            ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1", "-DMOE_SM90_HALF_TILES=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"])]
 
 

@@ -162,8 +162,9 @@
 //         pieces that wait for nothing, so no cycle; a wait past 20 s reads slot G instead (all bits
 //         set: the tile comes out NaN, never a hang). sk_flags: G int32, zero before the first launch.
 //         No A resident and no half tiles in this walk.
-// Fused combine (combine_out non-null; the A-resident walk only, MUL_ROUTED_WEIGHT, not beside the half
-//         tiles: the host passes it only there; off by default, slower: bench/NOTES.md v27): GEMM2
+// Fused combine (compiled with MOE_SM90_FUSED_COMBINE=1, an experiment: slower, bench/NOTES.md v27;
+//         combine_out non-null; the A-resident walk only, MUL_ROUTED_WEIGHT, not beside the half
+//         tiles: the host passes it only there; otherwise the combine arguments are ignored): GEMM2
 //         also writes out[t, n] = moe_combine's sum of token t's routed partial rows (combine_out
 //         [tokens, N] of T, tokens = num_valid_tokens / combine_k; topk_ids combine_ids [tokens,
 //         combine_k], routed: ids in [0, combine_experts)). The walk goes chunk-major in chunks of
@@ -246,6 +247,12 @@
 
 // The persistent GEMM2's fused combine (MoESm90Combine) discards each partial row's 128-byte lines from L2
 // once summed, so the partial sums never go back to memory; 0 leaves them to be written back.
+// The persistent GEMM2's fused combine (MoESm90Combine; bench/NOTES.md v27: 7-23% slower on the layer,
+// and compiled in, 1% slower with it off): 1 compiles it into the A-resident walk, 0 (default) leaves
+// that walk as it was and ignores the combine arguments.
+#ifndef MOE_SM90_FUSED_COMBINE
+#define MOE_SM90_FUSED_COMBINE 0
+#endif
 // The fused combine's 16-byte output vectors per consumer thread and pass (their k slots' loads in flight
 // together).
 #ifndef MOE_SM90_COMBINE_VECTORS
@@ -1659,9 +1666,9 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
                                        RES_B_STAGES >= 3 && 16 * A_SLOTS <= 4 * BLOCK_M;
 
-    // The fused combine (GEMM2 on the A-resident walk; MoESm90Combine). Not beside the half tiles (an
-    // experiment, off by default), where its sums' registers made the consumers spill.
-    static constexpr bool COMBINE = A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
+    // The fused combine (MOE_SM90_FUSED_COMBINE; GEMM2 on the A-resident walk; MoESm90Combine). Not
+    // beside the half tiles (another experiment), where its sums' registers made the consumers spill.
+    static constexpr bool COMBINE = MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the

@@ -105,32 +105,35 @@ import Testing
         let qwen = try MoEShape(experts: 128, topK: 8, hidden: 4096, intermediate: 768)
         let swap = GemmConfig.wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)
         let resident = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
-        // The shipped seed4096 GEMM2 (K = 384: 6 A slots and 3 B stages of a 4-stage 128x256 ring).
-        #expect(CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false))
+        // The shipped seed4096 GEMM2 (K = 384: 6 A slots and 3 B stages of a 4-stage 128x256 ring), with
+        // the kernels compiled for it (an experiment) and not without.
+        let on = ["-DMOE_SM90_FUSED_COMBINE=1"]
+        #expect(CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false, defines: on))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false))
         // K = 768 does not fit the A slots; nor K = 384 once an experiment holds fewer.
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: qwen, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: qwen, expertMap: false, defines: on))
         #expect(!CUDAMoELayer.allowsFusedCombine(
-            plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_A_RESIDENT=0"]))
+            plan: resident, shape: seed, expertMap: false, defines: on + ["-DMOE_SM90_A_RESIDENT=0"]))
         #expect(!CUDAMoELayer.allowsFusedCombine(
-            plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_A_RESIDENT=4"]))
+            plan: resident, shape: seed, expertMap: false, defines: on + ["-DMOE_SM90_A_RESIDENT=4"]))
         #expect(!CUDAMoELayer.allowsFusedCombine(
-            plan: resident, shape: seed, expertMap: false, defines: ["-DMOE_SM90_HALF_TILES=1"]))
+            plan: resident, shape: seed, expertMap: false, defines: on + ["-DMOE_SM90_HALF_TILES=1"]))
         // A 3-stage ring keeps only 1 B stage beside the A slots; 64-row tiles keep no A.
         let shallow = MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 3, persistent: true))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: shallow, shape: seed, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: shallow, shape: seed, expertMap: false, defines: on))
         let narrow = MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: narrow, shape: seed, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: narrow, shape: seed, expertMap: false, defines: on))
         // Not with an expert map, a split GEMM2, the swap-AB or ping-pong GEMM2, one slot, or counters
         // whose fields would overflow.
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: true))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident.withSplit(2, mode: .workspace), shape: seed, expertMap: false))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: MoEPlan(both: swap), shape: seed, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: true, defines: on))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident.withSplit(2, mode: .workspace), shape: seed, expertMap: false, defines: on))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: MoEPlan(both: swap), shape: seed, expertMap: false, defines: on))
         let pingpong = MoEPlan(both: GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: pingpong, shape: seed, expertMap: false))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: pingpong, shape: seed, expertMap: false, defines: on))
         let one = try MoEShape(experts: 128, topK: 1, hidden: 4096, intermediate: 384)
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: one, expertMap: false))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false, programs: 512))
-        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false, maxPadded: 128 << 19))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: one, expertMap: false, defines: on))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false, defines: on, programs: 512))
+        #expect(!CUDAMoELayer.allowsFusedCombine(plan: resident, shape: seed, expertMap: false, defines: on, maxPadded: 128 << 19))
         // Chunks: 8 MiB of partial rows, 256 columns of bf16 per n-block, 1 to 4 n-blocks.
         let budget = 8 << 20
         #expect(CUDAMoELayer.fusedCombineChunk(plan: resident, dtype: .bf16, pairs: 8192, budget: budget) == 2)

@@ -537,11 +537,18 @@ public final class GPUChecks {
                 }
             }
 
-            // The fused combine (GEMM2 on the A-resident walk: I <= 384) with unrouted slots: token 0 has
-            // none (its row comes out of the combine items as zeros), every third token loses slot 1; bit
-            // for bit the layer without it, and its counters back at zero.
-            if library.device.properties.architecture == "sm_90a" {
-                let resident = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 384)
+            // The fused combine (kernels compiled with MOE_SM90_FUSED_COMBINE=1, an experiment; GEMM2 on the
+            // A-resident walk: I <= 384) with unrouted slots: token 0 has none (its row comes out of the
+            // combine items as zeros), every third token loses slot 1; bit for bit the layer without it,
+            // and its counters back at zero.
+            let combinePlan = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+            let combineShape = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 384)
+            if library.device.properties.architecture == "sm_90a"
+                && CUDAMoELayer.allowsFusedCombine(
+                    plan: combinePlan, shape: combineShape, expertMap: false, defines: library.defines,
+                    programs: library.device.properties.multiprocessorCount)
+            {
+                let resident = combineShape
                 let w = try LayerWeights(tools: tools, shape: resident, dtype: .bf16, seed: seed + 11, stream: stream)
                 let x = try LayerInputs(tools: tools, shape: resident, dtype: .bf16, tokens: 90, seed: seed + 12, stream: stream)
                 try stream.synchronize()
@@ -551,7 +558,7 @@ public final class GPUChecks {
                 try x.ids.upload(ids)
                 let reference = try x.reference(weights: w, library: library, stream: stream)
                 let o = try DeviceBuffer(device: library.device, byteCount: 90 * resident.hidden * 2)
-                let plan = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+                let plan = combinePlan
                 let fused = try CUDAMoELayer(
                     library: library, shape: resident, dtype: .bf16, w1: w.w1, w2: w.w2, plan: plan, maxTokens: 90,
                     fusedCombine: true)

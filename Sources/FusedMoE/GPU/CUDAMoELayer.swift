@@ -83,12 +83,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// aligns back to back, as before; for A/Bs).
     static let dualAlignByDefault: Bool = environment("FUSED_MOE_DUAL_ALIGN") != "0"
 
-    /// Whether layers made without an explicit choice fuse the combine into GEMM2 where their plan allows
-    /// it (`allowsFusedCombine`): no, unless the environment sets FUSED_MOE_FUSED_COMBINE=1. It measured
-    /// 10-19% slower on the layer than GEMM2's partial rows summed by moe_combine (NOTES v27): an
-    /// experiment, kept for A/Bs and covered by the full check.
-    static let fusedCombineByDefault: Bool = environment("FUSED_MOE_FUSED_COMBINE") == "1"
-
     /// The bytes of partial rows the fused combine lets one chunk of GEMM2's n-blocks write before the next
     /// chunk starts (so a token's rows of a chunk are summed while still in L2): FUSED_MOE_COMBINE_CHUNK_BYTES,
     /// default 8 MiB (a sixth of the H200's L2).
@@ -170,9 +164,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     default: on with programmatic dependent launch, unless FUSED_MOE_BLOCK_SYNC=0; NOTES v24-v25:
     ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
-    ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan allows it
-    ///     (`allowsFusedCombine`; default: no unless FUSED_MOE_FUSED_COMBINE=1: slower, NOTES v27). Ignored
-    ///     where the plan does not allow it.
+    ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan and the kernels
+    ///     allow it (`allowsFusedCombine`: only kernels compiled with MOE_SM90_FUSED_COMBINE=1, an
+    ///     experiment measured slower, NOTES v27; default: yes there). Ignored where they do not.
     /// - Throws: `MoEError.invalidArgument` for shapes the kernels cannot run, `.cuda` for CUDA failures.
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
@@ -279,7 +273,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
-            let fuseCombine = (fusedCombine ?? CUDAMoELayer.fusedCombineByDefault)
+            let fuseCombine = (fusedCombine ?? true)
                 && CUDAMoELayer.allowsFusedCombine(
                     plan: plan, shape: shape, expertMap: options.expertMap != nil, defines: library.defines,
                     programs: programs, maxPadded: (alignOutputs.last?.sortedIDs.byteCount ?? 0) / 4)
@@ -503,7 +497,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// the plan allows it): no combine kernel runs then.
     public var usesFusedCombine: Bool { combineCounts.byteCount > 0 }
 
-    /// Whether `plan` allows the fused combine (moe_gemm_sm90_persistent's MoESm90Combine, NOTES v27): k > 1
+    /// Whether `plan` allows the fused combine (moe_gemm_sm90_persistent's MoESm90Combine, NOTES v27): kernels
+    /// compiled with it (MOE_SM90_FUSED_COMBINE=1 in the library's `defines`: an experiment), k > 1
     /// (one slot needs no sum), no expert map (whose unowned slots have ids in range but no rows), and
     /// GEMM2 on the persistent kernel's A-resident walk, which alone runs the combine items: unsplit, not
     /// ping-pong or stream-K, BLOCK_M 128, K = I at most the A slots' K tiles (MOE_SM90_A_RESIDENT under
@@ -519,7 +514,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let ringBytes = config.stages * 128 * (config.blockM + config.blockN)
         let bStages = min(config.stages, (ringBytes - aSlots * 128 * config.blockM) / (128 * config.blockN))
         let halfTiles = defineValue("MOE_SM90_HALF_TILES", in: defines) == 1
-        return shape.topK > 1 && !expertMap && !halfTiles && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
+        let compiled = defineValue("MOE_SM90_FUSED_COMBINE", in: defines) == 1
+        return compiled && shape.topK > 1 && !expertMap && !halfTiles && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
             && config.blockM == 128 && aSlots > 0 && 16 * aSlots <= 4 * config.blockM
             && shape.intermediate <= 64 * aSlots && bStages >= 3
             && programs < 1 << 9 && 8 * (maxPadded / 128 + 1) < 1 << 22
