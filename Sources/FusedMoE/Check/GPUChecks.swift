@@ -510,12 +510,7 @@ public final class GPUChecks {
             // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
             // output row must be zeros), every third token loses its slot 1.
             if library.device.properties.architecture == "sm_90a" {
-                let unrouted = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 90, seed: seed + 7, stream: stream)
-                try stream.synchronize()
-                var ids = try unrouted.ids.download(count: 90 * shape.topK, as: Int32.self)
-                for j in 0..<shape.topK { ids[j] = -1 }
-                for t in stride(from: 3, to: 90, by: 3) { ids[t * shape.topK + 1] = -1 }
-                try unrouted.ids.upload(ids)
+                let unrouted = try unroutedInputs(shape, seed: seed + 7)
                 let reference = try unrouted.reference(weights: bf16, library: library, stream: stream)
                 let o = try DeviceBuffer(device: library.device, byteCount: 90 * shape.hidden * 2)
                 for config in [
@@ -550,12 +545,7 @@ public final class GPUChecks {
             {
                 let resident = combineShape
                 let w = try LayerWeights(tools: tools, shape: resident, dtype: .bf16, seed: seed + 11, stream: stream)
-                let x = try LayerInputs(tools: tools, shape: resident, dtype: .bf16, tokens: 90, seed: seed + 12, stream: stream)
-                try stream.synchronize()
-                var ids = try x.ids.download(count: 90 * resident.topK, as: Int32.self)
-                for j in 0..<resident.topK { ids[j] = -1 }
-                for t in stride(from: 3, to: 90, by: 3) { ids[t * resident.topK + 1] = -1 }
-                try x.ids.upload(ids)
+                let x = try unroutedInputs(resident, seed: seed + 12)
                 let reference = try x.reference(weights: w, library: library, stream: stream)
                 let o = try DeviceBuffer(device: library.device, byteCount: 90 * resident.hidden * 2)
                 let plan = combinePlan
@@ -600,6 +590,18 @@ public final class GPUChecks {
         } catch {
             record("gpu variants", false, "\(error)")
         }
+    }
+
+    /// 90 tokens of bf16 inputs with unrouted slots (id -1: align places no row): token 0 has none routed
+    /// (its output row must be zeros), every third token loses its slot 1.
+    func unroutedInputs(_ shape: MoEShape, seed: UInt64) throws -> LayerInputs {
+        let inputs = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 90, seed: seed, stream: stream)
+        try stream.synchronize()
+        var ids = try inputs.ids.download(count: 90 * shape.topK, as: Int32.self)
+        for j in 0..<shape.topK { ids[j] = -1 }
+        for t in stride(from: 3, to: 90, by: 3) { ids[t * shape.topK + 1] = -1 }
+        try inputs.ids.upload(ids)
+        return inputs
     }
 
     /// A bf16 case with few experts and several m-blocks each (E = 4, k = 2, 900 tokens): weights,
