@@ -450,6 +450,20 @@ MOE_DEVICE bool wait_flag_and_clear(int32_t* flag) {
     return true;
 }
 
+/// Waits until the bits `mask` of *counter reach `need` (acquire loads, 128 ns naps between); true, or
+/// false once MOE_SPIN_LIMIT_NS have passed (a bug, or programs that can never become resident), so the
+/// caller can fall back or poison instead of hanging.
+MOE_DEVICE bool wait_count_at_least(const int32_t* counter, int32_t mask, int32_t need) {
+    if ((ld_acquire_gpu(counter) & mask) < need) {
+        const uint64_t start = global_timer_ns();
+        while ((ld_acquire_gpu(counter) & mask) < need) {
+            __nanosleep(128);
+            if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) return false;
+        }
+    }
+    return true;
+}
+
 /// bar.red.or.pred on named barrier ID over COUNT threads: bar.sync that also returns, to every
 /// thread, whether any of them passed true.
 template <int ID, int COUNT> MOE_DEVICE bool bar_sync_or(bool value) {

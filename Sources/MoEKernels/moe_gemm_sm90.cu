@@ -1060,17 +1060,9 @@ MOE_DEVICE void moe_sm90_fit_width(int used, Body&& body) {
 /// to once its rows are stored, reach `need`; true. A count that stays short for MOE_SPIN_LIMIT_NS (a bug) ends in
 /// griddepcontrol.wait, which GEMM1's completion ends, so the rows are complete either way; false.
 MOE_DEVICE bool moe_sm90_wait_block(const int32_t* counter, int32_t need) {
-    if ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
-        const uint64_t start = global_timer_ns();
-        while ((ld_acquire_gpu(counter) & 0xFFFF) < need) {
-            __nanosleep(128);
-            if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) {
-                griddepcontrol_wait();
-                return false;
-            }
-        }
-    }
-    return true;
+    if (wait_count_at_least(counter, 0xFFFF, need)) return true;
+    griddepcontrol_wait();
+    return false;
 }
 
 /// After moe_sm90_wait_block returned true (and off the A loads' path: one more L2 round trip), counts
@@ -1501,24 +1493,10 @@ struct MoESm90Combine {
     int32_t* counts;      // one per chunk, zero between launches
     int32_t k;            // top-k: pair p is slot p % k of token p / k
     int32_t experts;      // ids in [0, experts) are routed
-    int32_t chunk;        // n-blocks per chunk (and per unit of the A-resident walk)
 };
 
 // A chunk counter: its consumer warps' stored units in the low bits, its combine items' reads above.
 constexpr int MOE_SM90_COMBINE_READER_SHIFT = 22;
-
-/// Waits until the low bits of *count reach `need` (acquire); false after MOE_SPIN_LIMIT_NS (never a
-/// hang: the caller poisons what it would have written).
-MOE_DEVICE bool moe_sm90_combine_wait(const int32_t* count, int32_t need) {
-    constexpr int32_t mask = (1 << MOE_SM90_COMBINE_READER_SHIFT) - 1;
-    if ((ld_acquire_gpu(count) & mask) >= need) return true;
-    const uint64_t start = global_timer_ns();
-    while ((ld_acquire_gpu(count) & mask) < need) {
-        __nanosleep(128);
-        if (global_timer_ns() - start > MOE_SPIN_LIMIT_NS) return false;
-    }
-    return true;
-}
 
 /// One combine item, by `threads` consumer threads (ctid): tokens [t0, t1), columns [n0, n1) (n1 - n0 and
 /// n0 multiples of 8): out[t, n] = the sum over the token's routed slots j, in slot order, of
@@ -1722,7 +1700,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
     static_assert(!STREAM_K || (!PINGPONG && SPLIT_MODE == 0), "STREAM_K: SPLIT_MODE 0, not PINGPONG");
     constexpr bool stream = STREAM_K;
     // The fused combine (the notes above): every program also zeros its share of the unrouted tokens.
-    const MoESm90Combine comb{combine_out, combine_ids, combine_counts, combine_k, combine_experts, combine_chunk};
+    const MoESm90Combine comb{combine_out, combine_ids, combine_counts, combine_k, combine_experts};
     const bool combining = Tr::COMBINE && !stream && combine_out != nullptr;
     if (!stream && !combining && first_tile >= num_tiles) return;  // more programs than tiles
     // The stream-K walk, computed by each role after its register split (a value live from here into
@@ -1892,7 +1870,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                             int32_t* count = comb.counts + c;
                             bool lost = false;
                             if (ctid == 0)
-                                lost = !moe_sm90_combine_wait(count, static_cast<int32_t>(valid_blocks) * Tr::CONSUMER_WARPS);
+                                lost = !wait_count_at_least(count, (1 << MOE_SM90_COMBINE_READER_SHIFT) - 1,
+                                                            static_cast<int32_t>(valid_blocks) * Tr::CONSUMER_WARPS);
                             lost = bar_sync_or<Tr::STREAM_BARRIER, Tr::CONSUMER_THREADS>(lost);
                             const int64_t tokens = num_valid_tokens / comb.k;
                             const int64_t t0 = q * tokens / items, t1 = (q + 1) * tokens / items;

@@ -345,11 +345,10 @@ public final class GPUChecks {
                     // the other way (the full check only, like the block sync).
                     if blockSyncToo && layer.usesFusedCombine {
                         passed = try sameAs("without fused combine", fusedCombine: false) && passed
-                    } else if blockSyncToo {
-                        let forced = try CUDAMoELayer(
-                            library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
-                            plan: plan, maxTokens: tokens, fusedCombine: true)
-                        if forced.usesFusedCombine { passed = try sameAs("with fused combine", fusedCombine: true) && passed }
+                    } else if blockSyncToo && CUDAMoELayer.allowsFusedCombine(
+                        plan: plan, shape: shape, options: MoEOptions(), library: library, pairs: tokens * shape.topK)
+                    {
+                        passed = try sameAs("with fused combine", fusedCombine: true) && passed
                     }
                 }
                 passed = try countersClear(layer, &detail) && passed
@@ -540,8 +539,8 @@ public final class GPUChecks {
             let combineShape = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 384)
             if library.device.properties.architecture == "sm_90a"
                 && CUDAMoELayer.allowsFusedCombine(
-                    plan: combinePlan, shape: combineShape, expertMap: false, defines: library.defines,
-                    programs: library.device.properties.multiprocessorCount)
+                    plan: combinePlan, shape: combineShape, options: MoEOptions(), library: library,
+                    pairs: 90 * combineShape.topK)
             {
                 let resident = combineShape
                 let w = try LayerWeights(tools: tools, shape: resident, dtype: .bf16, seed: seed + 11, stream: stream)

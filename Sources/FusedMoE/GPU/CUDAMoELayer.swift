@@ -274,9 +274,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
             let fuseCombine = (fusedCombine ?? true)
-                && CUDAMoELayer.allowsFusedCombine(
-                    plan: plan, shape: shape, expertMap: options.expertMap != nil, defines: library.defines,
-                    programs: programs, maxPadded: (alignOutputs.last?.sortedIDs.byteCount ?? 0) / 4)
+                && CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, options: options, library: library, pairs: pairs)
             let combineCounters = fuseCombine ? (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN : 0
             combineCounts = try DeviceBuffer(device: device, count: combineCounters, of: Int32.self)
             if combineCounters > 0 { try combineCounts.upload([Int32](repeating: 0, count: combineCounters)) }
@@ -502,9 +500,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// (one slot needs no sum), no expert map (whose unowned slots have ids in range but no rows), and
     /// GEMM2 on the persistent kernel's A-resident walk, which alone runs the combine items: unsplit, not
     /// ping-pong or stream-K, BLOCK_M 128, K = I at most the A slots' K tiles (MOE_SM90_A_RESIDENT under
-    /// the library's `defines`), at least 3 B stages left beside them (MoEGemmSm90PersistentTraits); and
-    /// not beside the half tiles (MOE_SM90_HALF_TILES=1, an experiment); and its counters' fields hold the count: `programs` (the combine items per chunk) below 2^9, the
-    /// consumer warps' arrivals per chunk (8 per valid m-block, at most `maxPadded` / 128) below 2^22.
+    /// the library's `defines`), at least 3 B stages left beside them (MoEGemmSm90PersistentTraits), not
+    /// beside the half tiles (MOE_SM90_HALF_TILES=1, another experiment); and its counters' fields hold
+    /// the counts: `programs` (the combine items per chunk) below 2^9, the consumer warps' arrivals per
+    /// chunk (8 per valid m-block, at most `maxPadded` / 128) below 2^22.
     static func allowsFusedCombine(
         plan: MoEPlan, shape: MoEShape, expertMap: Bool, defines: [String] = [], programs: Int = 132,
         maxPadded: Int = 0
@@ -519,6 +518,18 @@ public final class CUDAMoELayer: @unchecked Sendable {
             && config.blockM == 128 && aSlots > 0 && 16 * aSlots <= 4 * config.blockM
             && shape.intermediate <= 64 * aSlots && bStages >= 3
             && programs < 1 << 9 && 8 * (maxPadded / 128 + 1) < 1 << 22
+    }
+
+    /// The same for a layer of `plan` made by `library` with `options` for `pairs` pairs per chunk: what
+    /// init decides, and what the checks ask before comparing the two ways.
+    static func allowsFusedCombine(
+        plan: MoEPlan, shape: MoEShape, options: MoEOptions, library: KernelLibrary, pairs: Int
+    ) -> Bool {
+        allowsFusedCombine(
+            plan: plan, shape: shape, expertMap: options.expertMap != nil, defines: library.defines,
+            programs: library.device.properties.multiprocessorCount,
+            maxPadded: Align.maximumPaddedCount(
+                pairs: pairs, experts: options.routedExperts(local: shape.experts), blockM: plan.gemm2.blockM))
     }
 
     /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (RoutingTests reads it
