@@ -158,6 +158,46 @@ import Testing
         #expect(CUDAMoELayer.alignChunk(defines: ["-DMOE_SM90_FIT_WIDTH=0", "-DMOE_ALIGN_CHUNK_ITEMS=16"]) == 4096)
     }
 
+    @Test func alignPrefetchCoversGemm1sFirstWave() throws {
+        // seed4096 (E=128, k=8, H=4096, I=384) at 1024 tokens on the persistent 128 x 256 GEMM1: 64 rows
+        // per expert, one m-block each, so the first wave (132 tiles) reads 132 * 256 distinct w1 rows from
+        // row 0; 24 MiB over them is 744 bytes a row, whole 128-byte K tiles: 640.
+        let shape = try MoEShape(experts: 128, topK: 8, hidden: 4096, intermediate: 384)
+        let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+        func prefetch(_ plan: MoEPlan, pairs: Int, budget: Int = 24 << 20, on other: MoEShape? = nil)
+            -> CUDAMoELayer.AlignPrefetch?
+        {
+            let layer = other ?? shape
+            return CUDAMoELayer.alignPrefetch(
+                plan: plan, shape: layer, routedExperts: layer.experts, pairs: pairs, elementBytes: 2,
+                multiprocessors: 132, budget: budget)
+        }
+        let p = try #require(prefetch(persistent, pairs: 8192))
+        #expect(p == CUDAMoELayer.AlignPrefetch(rows: 132 * 256, bytesPerRow: 640, pitch: 8192))
+        #expect(p.bytes <= 24 << 20)
+        // Two m-blocks per expert (144-token swap tiles at 256 rows per expert): half the distinct rows,
+        // twice the bytes each.
+        let swap = MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true))
+        #expect(prefetch(swap, pairs: 32768) == CUDAMoELayer.AlignPrefetch(rows: 132 * 128, bytesPerRow: 1408, pitch: 8192))
+        // A budget past the whole first wave's rows stops at the row length.
+        #expect(prefetch(persistent, pairs: 8192, budget: 1 << 30)?.bytesPerRow == 8192)
+        // Fewer experts than the wave's rows: every row of w1 (E 2I), no more.
+        let small = try MoEShape(experts: 8, topK: 2, hidden: 4096, intermediate: 128)
+        #expect(prefetch(persistent, pairs: 4096, on: small)?.rows == 8 * 256)
+        // A budget below one K tile per row: fewer rows, one K tile each.
+        #expect(prefetch(persistent, pairs: 8192, budget: 1 << 20) == CUDAMoELayer.AlignPrefetch(rows: 8192, bytesPerRow: 128, pitch: 8192))
+        // None: off, too few pairs for every expert to be touched, a split GEMM1, the pre-Hopper kernel.
+        #expect(prefetch(persistent, pairs: 8192, budget: 0) == nil)
+        #expect(prefetch(persistent, pairs: 4 * 128 - 1) == nil)
+        #expect(prefetch(persistent, pairs: 4 * 128) != nil)
+        var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
+        split.splitK = 2
+        split.splitMode = .atomic
+        #expect(prefetch(MoEPlan(both: split), pairs: 8192) == nil)
+        let mma = GemmConfig(blockM: 64, blockN: 64, blockK: 32, warpsM: 2, warpsN: 2, stages: 3)
+        #expect(prefetch(MoEPlan(both: mma), pairs: 8192) == nil)
+    }
+
     @Test func badInputsNameTheArgument() {
         #expect(throws: MoEError.invalidArgument("blockM", "must be >= 1, got 0")) {
             try Align.align(ids: [0], experts: 1, blockM: 0)

@@ -222,14 +222,16 @@ public final class GPUChecks {
                         record(
                             "\(name) blockM=\(blockM)", passed,
                             passed ? "exact" : "differs from the CPU align (padded \(gpu.paddedCount) vs \(cpu.paddedCount))")
+                        // These launches also run the forward's spare L2-prefetch programs beside align's own.
                         for order in [[blockM, odd], [odd, blockM]] {
-                            let dual = try layer.debugAlign(ids: ids, blockMs: order, launch: launch, staged: staged, stream: stream)
+                            let dual = try layer.debugAlign(
+                                ids: ids, blockMs: order, launch: launch, staged: staged, spare: true, stream: stream)
                             let want = order[0] == blockM ? [cpu, cpuOdd] : [cpuOdd, cpu]
                             let exact = dual == want
                             record(
                                 "\(name) one pass blockM=\(order[0]),\(order[1])", exact,
                                 exact
-                                    ? "both layouts exact"
+                                    ? "both layouts exact, with spare prefetch programs"
                                     : "differs from the CPU aligns (padded \(dual.map(\.paddedCount)) vs \(want.map(\.paddedCount)))")
                         }
                     }

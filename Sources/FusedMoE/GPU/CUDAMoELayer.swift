@@ -91,6 +91,59 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return 8 << 20
     }()
 
+    /// The weight bytes align's spare programs prefetch into L2 for GEMM1's first wave (`AlignPrefetch`,
+    /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 24 (about half the H200's L2); 0 turns it off.
+    static let alignPrefetchBudget: Int = {
+        if let text = environment("FUSED_MOE_ALIGN_PREFETCH_MB"), let value = Int(text), value >= 0 { return value << 20 }
+        return 24 << 20
+    }()
+
+    /// What align's spare programs bring into L2 while align runs and DRAM would otherwise idle
+    /// (moe_prefetch_rows_l2; NOTES v28): the first `bytesPerRow` bytes of w1's rows [0, rows), `pitch`
+    /// bytes apart.
+    struct AlignPrefetch: Equatable {
+        var rows: Int
+        var bytesPerRow: Int
+        var pitch: Int
+        var bytes: Int { rows * bytesPerRow }
+    }
+
+    /// The weights GEMM1's first wave starts on, within `budget` bytes; nil where there is nothing to
+    /// prefetch. GEMM1's tiles go expert by expert (moe_sm90_tile_at: groups never mix experts, and come
+    /// in expert order), so its first wave (one tile per multiprocessor) reads the w1 rows of the first
+    /// experts: `multiprocessors` tiles of BLOCK_N rows, each expert's rows read by its blocksPerExpert
+    /// m-blocks side by side, i.e. about multiprocessors * BLOCK_N / blocksPerExpert distinct rows from
+    /// row 0. Every tile walks K from the start, so the budget goes to the first K tiles (128 bytes each)
+    /// of all of those rows. Only where every expert is almost surely touched (pairs >= 4 E: an expert is
+    /// missed with probability about e^-4), for the unsplit Hopper kernels (a split GEMM1 starts its K
+    /// ranges at several offsets; the prefetch instruction is sm_90's).
+    static func alignPrefetch(
+        plan: MoEPlan, shape: MoEShape, routedExperts: Int, pairs: Int, elementBytes: Int, multiprocessors: Int,
+        budget: Int
+    ) -> AlignPrefetch? {
+        let gemm1 = plan.gemm1
+        let pitch = shape.hidden * elementBytes
+        let kTile = 128
+        guard budget >= kTile, pairs >= 4 * routedExperts, gemm1.kernel.needsHopper, gemm1.effectiveMode == .none,
+            pitch % 16 == 0, pitch >= kTile, multiprocessors >= 1
+        else { return nil }
+        let rowsPerExpert = (pairs + routedExperts - 1) / routedExperts
+        let blocksPerExpert = max(1, (rowsPerExpert + gemm1.blockM - 1) / gemm1.blockM)
+        var rows = min(shape.experts * 2 * shape.intermediate, multiprocessors * gemm1.blockN / blocksPerExpert)
+        var bytesPerRow = min(budget / max(rows, 1), pitch) / kTile * kTile
+        if bytesPerRow < kTile {
+            bytesPerRow = kTile
+            rows = budget / kTile
+        }
+        return rows > 0 ? AlignPrefetch(rows: rows, bytesPerRow: bytesPerRow, pitch: pitch) : nil
+    }
+
+    /// Spare programs for a prefetch of `rows` rows at `threads` threads each: about 8 rows per thread,
+    /// at least one, at most 32.
+    static func alignPrefetchPrograms(rows: Int, threads: Int) -> Int {
+        min(32, max(1, (rows + 8 * threads - 1) / (8 * threads)))
+    }
+
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
     /// 1024 threads up to 16384 pairs measured slower on the layer than three launches: NOTES v23).
     static let singleAlignLimit = 8192
@@ -446,11 +499,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // GEMM1's layout, and GEMM2's when its BLOCK_M differs: from one pass (dual), or from two
             // aligns back to back. One "align" stage either way.
             let second = alignOutputs.count > 1 ? alignOutputs[1] : nil
+            // Align's spare programs bring the weights GEMM1's first wave starts on into L2 meanwhile.
+            let prefetch = alignPrefetch(pairs: pairs).map { (base: weights.w1, rows: $0) }
             if let second, !CUDAMoELayer.dualAlignByDefault {
-                routing1 = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, stream: stream).0
+                routing1 = try align(
+                    topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, prefetch: prefetch, stream: stream).0
                 routing2 = try align(topkIDs: topkIDs, pairs: pairs, into: second, and: nil, stream: stream).0
             } else {
-                (routing1, routing2) = try align(topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: second, stream: stream)
+                (routing1, routing2) = try align(
+                    topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: second, prefetch: prefetch, stream: stream)
             }
             try marker?("align")
         }
@@ -489,6 +546,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
             arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
         try marker?("combine")
+    }
+
+    /// Align's L2 prefetch for a forward of `pairs` pairs (`CUDAMoELayer.alignPrefetch` with this layer's
+    /// plan and the FUSED_MOE_ALIGN_PREFETCH_MB budget); nil: none.
+    func alignPrefetch(pairs: Int) -> AlignPrefetch? {
+        CUDAMoELayer.alignPrefetch(
+            plan: plan, shape: shape, routedExperts: routedExperts, pairs: pairs, elementBytes: dtype.byteCount,
+            multiprocessors: library.device.properties.multiprocessorCount, budget: CUDAMoELayer.alignPrefetchBudget)
     }
 
     /// Whether this layer sums each token's partial rows inside GEMM2 (asked for or defaulted at init, and
@@ -629,13 +694,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// own BLOCK_M) and returns where each GEMM finds its result (the second routing is the first's
     /// when `second` is nil).
     private func align(
-        topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, and second: AlignOutput?, stream: Stream
+        topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, and second: AlignOutput?,
+        prefetch: (base: DevicePointer, rows: AlignPrefetch)? = nil, stream: Stream
     ) throws(CUDAError) -> (Routing, Routing) {
         let first = AlignTarget(output, pairs: pairs, experts: routedExperts)
         let other = second.map { AlignTarget($0, pairs: pairs, experts: routedExperts) }
         try launchAlign(
             AlignLaunch.choice(pairs: pairs), topkIDs: topkIDs, pairs: pairs, first, second: other, staged: true,
-            programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
+            prefetch: prefetch, programmaticDependentLaunch: programmaticDependentLaunch, stream: stream)
         func routing(_ target: AlignTarget) -> Routing {
             Routing(
                 sortedIDs: target.sortedIDs, expertIDs: target.expertIDs, totalPadded: target.totalPadded,
@@ -661,9 +727,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// shared memory for its runs (false: it stores them directly).
     private func launchAlign(
         _ launch: AlignLaunch, topkIDs: DevicePointer, pairs: Int, _ first: AlignTarget, second: AlignTarget?,
-        staged: Bool, programmaticDependentLaunch: Bool, stream: Stream
+        staged: Bool, prefetch: (base: DevicePointer, rows: AlignPrefetch)? = nil, programmaticDependentLaunch: Bool,
+        stream: Stream
     ) throws(CUDAError) {
         let routed = routedExperts
+        // The prefetch's arguments, and its spare programs past align's own (none without one).
+        let prefetchArguments: [any KernelArgument] = [
+            prefetch?.base ?? .null, Int64(prefetch?.rows.rows ?? 0), Int64(prefetch?.rows.pitch ?? 0),
+            Int32(prefetch?.rows.bytesPerRow ?? 0),
+        ]
+        func spare(threads: Int) -> Int {
+            guard let prefetch else { return 0 }
+            return CUDAMoELayer.alignPrefetchPrograms(rows: prefetch.rows.rows, threads: threads)
+        }
         let map = expertMap?.pointer ?? .null
         let pdl = programmaticDependentLaunch
         // The second layout's arguments; block_m2 = 0 and null pointers: none.
@@ -679,16 +755,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 ? CUDAMoELayer.alignStageBytes(
                     maxPadded: stageRows, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
             try kernels.alignSingle.launch(
-                grid: Dimensions(1), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
+                grid: Dimensions(1 + spare(threads: 512)), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(first.blockM), map, first.sortedIDs, first.expertIDs,
                     first.totalPadded, Int64(first.maxPadded), blockM2, sorted2, experts2, total2, maxPadded2,
-                ], programmaticDependentLaunch: pdl)
+                ] + prefetchArguments, programmaticDependentLaunch: pdl)
         case .chunked:
             let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
             try kernels.alignCount.launch(
-                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts], programmaticDependentLaunch: pdl)
+                grid: Dimensions(chunks + spare(threads: 256)), block: Dimensions(256), on: stream,
+                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts] + prefetchArguments,
+                programmaticDependentLaunch: pdl)
             try kernels.alignScan.launch(
                 grid: Dimensions(1), block: Dimensions(1024), on: stream,
                 arguments: [
@@ -862,9 +939,11 @@ extension CUDAMoELayer {
     }
 
     /// The same for one or two layouts (`blockMs`): two come from one pass, as the forward of a plan whose
-    /// GEMMs have different BLOCK_M runs it.
+    /// GEMMs have different BLOCK_M runs it. `spare`: the launch also has the forward's spare L2-prefetch
+    /// programs (here prefetching the ids), which must not change the result.
     public func debugAlign(
-        ids: [Int32], blockMs: [Int], launch: AlignLaunch? = nil, staged: Bool = true, stream: Stream
+        ids: [Int32], blockMs: [Int], launch: AlignLaunch? = nil, staged: Bool = true, spare: Bool = false,
+        stream: Stream
     ) throws(CUDAError) -> [AlignedRouting] {
         let device = library.device
         let routed = routedExperts
@@ -898,10 +977,14 @@ extension CUDAMoELayer {
                 chunkCounts: counts.pointer, maxPadded: maxPadded)
             buffers.append((sorted, experts, total, counts, target))
         }
+        // spare: the launch also runs prefetch programs (the forward's L2 prefetch), here over the ids'
+        // own 16-byte rows, which must leave every result as it is.
+        let prefetch = spare
+            ? (base: idBuffer.pointer, rows: AlignPrefetch(rows: max(pairs / 4, 1), bytesPerRow: 16, pitch: 16)) : nil
         try launchAlign(
             launch, topkIDs: idBuffer.pointer, pairs: pairs, buffers[0].target,
-            second: buffers.count > 1 ? buffers[1].target : nil, staged: staged, programmaticDependentLaunch: false,
-            stream: stream)
+            second: buffers.count > 1 ? buffers[1].target : nil, staged: staged, prefetch: prefetch,
+            programmaticDependentLaunch: false, stream: stream)
         try stream.synchronize()
         var results: [AlignedRouting] = []
         for (sorted, experts, total, _, target) in buffers {
