@@ -175,6 +175,10 @@ import Testing
         let p = try #require(prefetch(persistent, pairs: 8192))
         #expect(p == CUDAMoELayer.AlignPrefetch(rows: 132 * 256, bytesPerRow: 640, pitch: 8192))
         #expect(p.bytes <= 24 << 20)
+        // Spread: one spare program per 256 KiB, never all of the multiprocessors, at least one.
+        #expect(CUDAMoELayer.alignPrefetchPrograms(p, multiprocessors: 132, perProgram: 256 << 10) == 83)
+        #expect(CUDAMoELayer.alignPrefetchPrograms(p, multiprocessors: 132, perProgram: 64 << 10) == 130)
+        #expect(CUDAMoELayer.alignPrefetchPrograms(p, multiprocessors: 132, perProgram: 1 << 30) == 1)
         // Two m-blocks per expert (144-token swap tiles at 256 rows per expert): half the distinct rows,
         // twice the bytes each.
         let swap = MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true))

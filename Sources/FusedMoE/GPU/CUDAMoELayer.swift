@@ -138,10 +138,23 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return rows > 0 ? AlignPrefetch(rows: rows, bytesPerRow: bytesPerRow, pitch: pitch) : nil
     }
 
-    /// Spare programs for a prefetch of `rows` rows at `threads` threads each: about 8 rows per thread,
-    /// at least one, at most 32.
-    static func alignPrefetchPrograms(rows: Int, threads: Int) -> Int {
-        min(32, max(1, (rows + 8 * threads - 1) / (8 * threads)))
+    /// The prefetch bytes one spare program issues: FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM KiB, default 256.
+    /// A program's bulk prefetches hold it (and so align's completion, which GEMM1 waits for) until they
+    /// are done: 24 MiB on 3 programs cost Mixtral M = 32 30 us (NOTES v28), so they are spread wide.
+    static let alignPrefetchPerProgram: Int = {
+        if let text = environment("FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM"), let value = Int(text), value > 0 {
+            return value << 10
+        }
+        return 256 << 10
+    }()
+
+    /// Spare programs for `prefetch`: one per `perProgram` bytes, at least one,
+    /// at most all but two of the `multiprocessors` (align's own program and one more keep theirs).
+    static func alignPrefetchPrograms(
+        _ prefetch: AlignPrefetch, multiprocessors: Int, perProgram: Int = alignPrefetchPerProgram
+    ) -> Int {
+        let wanted = (prefetch.bytes + perProgram - 1) / max(perProgram, 1)
+        return max(1, min(multiprocessors - 2, wanted))
     }
 
     /// Pairs up to which align runs as one launch (the kernel's recommendation; a one-launch kernel of
@@ -736,10 +749,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
             prefetch?.base ?? .null, Int64(prefetch?.rows.rows ?? 0), Int64(prefetch?.rows.pitch ?? 0),
             Int32(prefetch?.rows.bytesPerRow ?? 0),
         ]
-        func spare(threads: Int) -> Int {
-            guard let prefetch else { return 0 }
-            return CUDAMoELayer.alignPrefetchPrograms(rows: prefetch.rows.rows, threads: threads)
-        }
+        let spare = prefetch.map {
+            CUDAMoELayer.alignPrefetchPrograms($0.rows, multiprocessors: library.device.properties.multiprocessorCount)
+        } ?? 0
         let map = expertMap?.pointer ?? .null
         let pdl = programmaticDependentLaunch
         // The second layout's arguments; block_m2 = 0 and null pointers: none.
@@ -755,7 +767,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 ? CUDAMoELayer.alignStageBytes(
                     maxPadded: stageRows, optIn: library.device.properties.sharedMemoryPerBlockOptIn) : 0
             try kernels.alignSingle.launch(
-                grid: Dimensions(1 + spare(threads: 512)), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
+                grid: Dimensions(1 + spare), block: Dimensions(512), sharedMemoryBytes: stage, on: stream,
                 arguments: [
                     topkIDs, Int64(pairs), Int32(routed), Int32(first.blockM), map, first.sortedIDs, first.expertIDs,
                     first.totalPadded, Int64(first.maxPadded), blockM2, sorted2, experts2, total2, maxPadded2,
@@ -763,7 +775,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         case .chunked:
             let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
             try kernels.alignCount.launch(
-                grid: Dimensions(chunks + spare(threads: 256)), block: Dimensions(256), on: stream,
+                grid: Dimensions(chunks + spare), block: Dimensions(256), on: stream,
                 arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts] + prefetchArguments,
                 programmaticDependentLaunch: pdl)
             try kernels.alignScan.launch(
