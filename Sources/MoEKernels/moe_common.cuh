@@ -553,38 +553,6 @@ MOE_DEVICE void moe_prefetch_rows_l2(const unsigned char* base, int64_t rows, in
     for (int64_t r = worker; r < rows; r += workers) prefetch_l2_bulk(base + r * pitch, static_cast<uint32_t>(bytes));
 }
 
-/// cp.async.bulk.prefetch.tensor.2d.L2.global.tile (sm_90): start bringing the box of `map` at element
-/// coordinates (c0 innermost, c1) into L2; nothing waits for it.
-MOE_DEVICE void tma_prefetch_2d(const CUtensorMap* map, int32_t c0, int32_t c1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
-                     reinterpret_cast<uint64_t>(map)),
-                 "r"(c0), "r"(c1)
-                 : "memory");
-#endif
-}
-
-/// The weight prefetch of GEMM1's first programs, issued before griddepcontrol.wait while align runs
-/// and DRAM would idle (NOTES v28; the host's CUDAMoELayer.alignPrefetch picks it): programs with linear
-/// id q < programs split the boxes of `map` ([row_boxes] boxes of box_rows rows, K tiles [0, k_tiles) of
-/// 64 columns each), K tile 0 of every row box first; warp 0 issues them, a box per lane. The weights are
-/// never written by the forward, so reading them ahead of the wait is safe. k_tiles 0: nothing.
-/// 32-bit arithmetic only (the host keeps row_boxes * k_tiles and the row coordinates below 2^31): a
-/// 64-bit division here is a called routine, whose calling convention cost the consumers of the
-/// 160/176-token swap-AB and 128 x 128 persistent tiles spills.
-MOE_DEVICE void moe_prefetch_weight_boxes(const CUtensorMap* map, int32_t row_boxes, int32_t box_rows,
-                                          int32_t k_tiles, int32_t programs) {
-    if (k_tiles <= 0 || threadIdx.x >= 32) return;
-    const uint32_t q = blockIdx.x + gridDim.x * blockIdx.y;
-    if (q >= static_cast<uint32_t>(programs)) return;
-    const uint32_t boxes = static_cast<uint32_t>(row_boxes) * static_cast<uint32_t>(k_tiles);
-    for (uint32_t i = q + threadIdx.x * static_cast<uint32_t>(programs); i < boxes; i += 32u * programs) {
-        const uint32_t kt = i / static_cast<uint32_t>(row_boxes);
-        const uint32_t rb = i - kt * static_cast<uint32_t>(row_boxes);
-        tma_prefetch_2d(map, static_cast<int32_t>(kt * 64), static_cast<int32_t>(rb * static_cast<uint32_t>(box_rows)));
-    }
-}
-
 /// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box of
 /// `map` at element coordinates (c0 innermost, c1) copied to shared memory at dst (aligned as the
 /// map's swizzle requires: 1024 bytes for 128B), completing `bar`'s transaction bytes. Parts of

@@ -28,13 +28,6 @@
 //         [nb*BN/2, (nb+1)*BN/2) below I, with C's row stride stride_cm (I for a dense output): bit for
 //         bit GEMM1 (mode 0) then moe_silu_and_mul / moe_gelu_and_mul. The n-blocks stay ceil(N / BN).
 //         BN is BLOCK_N (BLOCK_N_W for swap-AB); the persistent kernel needs BLOCK_N >= 128.
-// Weight prefetch (every kernel's last four arguments: prefetch_row_boxes, prefetch_box_rows,
-//         prefetch_k_tiles, prefetch_programs; k_tiles 0: none): before griddepcontrol.wait, programs
-//         with linear id < prefetch_programs start L2 prefetches of b_map's first prefetch_k_tiles K tiles
-//         of its first prefetch_row_boxes boxes of prefetch_box_rows rows (moe_prefetch_weight_boxes):
-//         GEMM1 while align runs, the weights its first wave starts on (NOTES v28). It changes no result.
-//         Compiled only where a GEMM1 may run (SPLIT_MODE 0, no routed weight; not ping-pong or stream-K):
-//         elsewhere the arguments are ignored, and those instantiations compile as without it.
 //
 // ---------------------------------------------------------------------------------------------------
 // moe_gemm_sm90<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, CLUSTER> (prefill, large M)
@@ -224,12 +217,6 @@
 //         E*N < 2^31; the align block size equals BLOCK_M (TOKENS) so *total_padded is a multiple of it.
 //         N, stride_cm are free (tails and odd strides fall back to scalar stores).
 #include "moe_common.cuh"
-
-// Whether an instantiation carries the weight prefetch (the notes above): a GEMM1's (unsplit, no routed
-// weight); the host passes one to nothing else.
-constexpr bool moe_sm90_prefetches(int split_mode, bool mul_routed_weight) {
-    return split_mode == 0 && !mul_routed_weight;
-}
 
 // Experiment switches of the persistent kernel (FUSED_MOE_KERNEL_DEFINES, for same-binary A/Bs;
 // bench/NOTES.md v14). 1 is the shipped behaviour.
@@ -865,10 +852,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                   const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                  int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t prefetch_row_boxes,
-                  int32_t prefetch_box_rows, int32_t prefetch_k_tiles, int32_t prefetch_programs) {
-    if constexpr (moe_sm90_prefetches(SPLIT_MODE, MUL_ROUTED_WEIGHT))
-        moe_prefetch_weight_boxes(&b_map, prefetch_row_boxes, prefetch_box_rows, prefetch_k_tiles, prefetch_programs);
+                  int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
     griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, CLUSTER>;
     using Smem = typename Tr::Smem;
@@ -1156,8 +1140,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready,
-                       int32_t* __restrict__ block_done, int32_t block_need, int32_t prefetch_row_boxes,
-                       int32_t prefetch_box_rows, int32_t prefetch_k_tiles, int32_t prefetch_programs) {
+                       int32_t* __restrict__ block_done, int32_t block_need) {
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
     // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
@@ -1178,8 +1161,6 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     const bool wait_block = sync_blocks && block_need > 0 && routing_ready != 0;
     const bool early = MOE_SM90_EARLY_WEIGHTS != 0 && routing_ready != 0;
     const bool completes_after_gemm1 = wait_block && early && blockIdx.x == 0 && blockIdx.y == 0;
-    if constexpr (moe_sm90_prefetches(SPLIT_MODE, MUL_ROUTED_WEIGHT))
-        moe_prefetch_weight_boxes(&b_map, prefetch_row_boxes, prefetch_box_rows, prefetch_k_tiles, prefetch_programs);
     if (!early) griddepcontrol_wait_then_launch_dependents();
     using Smem = typename Tr::Smem;
 
@@ -1704,11 +1685,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              int64_t stride_am, int64_t stride_cm, int64_t max_padded, float* __restrict__ sk_partials,
                              int32_t* __restrict__ sk_flags, void* combine_out, const int32_t* combine_ids,
                              int32_t* combine_counts, int32_t combine_k, int32_t combine_experts,
-                             int32_t combine_chunk, int32_t prefetch_row_boxes, int32_t prefetch_box_rows,
-                             int32_t prefetch_k_tiles, int32_t prefetch_programs) {
-    // Not in the ping-pong kernel (in no table; there the prefetch's registers made its consumers spill).
-    if constexpr (moe_sm90_prefetches(SPLIT_MODE, MUL_ROUTED_WEIGHT) && !PINGPONG && !STREAM_K)
-        moe_prefetch_weight_boxes(&b_map, prefetch_row_boxes, prefetch_box_rows, prefetch_k_tiles, prefetch_programs);
+                             int32_t combine_chunk) {
     griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
                                            PINGPONG>;

@@ -138,10 +138,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return rows > 0 ? AlignPrefetch(rows: rows, bytesPerRow: bytesPerRow, pitch: pitch) : nil
     }
 
-    /// Who issues the weight prefetch: GEMM1's first programs before their griddepcontrol.wait (the
-    /// default), or align's spare programs (FUSED_MOE_PREFETCH_BY=align; NOTES v28).
-    static let weightPrefetchByAlign: Bool = environment("FUSED_MOE_PREFETCH_BY") == "align"
-
     /// The prefetch bytes one spare program issues: FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM KiB, default 256.
     /// A program's bulk prefetches hold it (and so align's completion, which GEMM1 waits for) until they
     /// are done: 24 MiB on 3 programs cost Mixtral M = 32 30 us (NOTES v28), so they are spread wide.
@@ -517,8 +513,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // aligns back to back. One "align" stage either way.
             let second = alignOutputs.count > 1 ? alignOutputs[1] : nil
             // Align's spare programs bring the weights GEMM1's first wave starts on into L2 meanwhile.
-            let prefetch = CUDAMoELayer.weightPrefetchByAlign
-                ? alignPrefetch(pairs: pairs).map { (base: weights.w1, rows: $0) } : nil
+            let prefetch = alignPrefetch(pairs: pairs).map { (base: weights.w1, rows: $0) }
             if let second, !CUDAMoELayer.dualAlignByDefault {
                 routing1 = try align(
                     topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, prefetch: prefetch, stream: stream).0
@@ -530,8 +525,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try marker?("align")
         }
         let (h, i) = (shape.hidden, shape.intermediate)
-        // GEMM1's first programs bring the weights they start on into L2 while align runs.
-        let weightPrefetch = CUDAMoELayer.weightPrefetchByAlign ? nil : alignPrefetch(pairs: pairs)
         // Not for one token (identity routing): there it measured 1-3% slower on every preset (NOTES v24).
         let blockSync = usesBlockSync && routing1.totalPadded != .null
         if plan.activationIsFused {
@@ -540,13 +533,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: activated.pointer, outputColumns: i, finish: .activation,
-                routing: routing1, blockSync: blockSync ? .signal : .none, prefetch: weightPrefetch, stream: stream)
+                routing: routing1, blockSync: blockSync ? .signal : .none, stream: stream)
             try marker?("gemm1")
         } else {
             try gemm(
                 kernels.gemm1, plan.gemm1, a: x, gatherTopK: k, b: weights.w1, n: 2 * i, k: h, pairs: pairs,
                 topkWeights: topkWeights, output: gateUp.pointer, outputColumns: 2 * i, finish: .cast,
-                routing: routing1, prefetch: weightPrefetch, stream: stream)
+                routing: routing1, stream: stream)
             try marker?("gemm1")
             try kernels.activation.launch(
                 grid: elementwiseGrid(work: pairs * i, vector: i % 8 == 0 ? 8 : 1), block: Dimensions(256),
@@ -822,7 +815,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         _ kernel: Kernel, _ config: GemmConfig, a: DevicePointer, gatherTopK: Int, b: DevicePointer, n: Int, k: Int,
         pairs: Int, topkWeights: DevicePointer, output: DevicePointer, outputColumns: Int, finish: Finish,
         routing: Routing, routingReady: Bool = false, blockSync: BlockSyncRole = .none, combine: FusedCombine? = nil,
-        prefetch: AlignPrefetch? = nil, stream: Stream
+        stream: Stream
     ) throws(CUDAError) {
         let maxPadded = routing.maxPadded
         let mode = config.effectiveMode
@@ -890,13 +883,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     Int32(shape.topK), Int32(routedExperts), Int32(combine?.chunk ?? 1),
                 ]
             }
-            // The weight prefetch (moe_prefetch_weight_boxes): `prefetch`'s rows in the map's boxes, its
-            // bytes per row in 64-column K tiles, by the first program of each multiprocessor.
-            // The kernel counts the boxes in 32 bits: a prefetch past that is dropped, not wrapped.
-            let boxes = prefetch.map { ($0.rows + boxRows - 1) / boxRows } ?? 0
-            let kTiles = boxes * boxRows <= Int(Int32.max) && boxes * ((prefetch?.bytesPerRow ?? 0) / 128) <= Int(Int32.max)
-                ? (prefetch?.bytesPerRow ?? 0) / 128 : 0
-            arguments += [Int32(kTiles > 0 ? boxes : 0), Int32(boxRows), Int32(kTiles), Int32(multiprocessors)]
             try kernel.launch(
                 grid: grid, block: Dimensions(config.threads), sharedMemoryBytes: config.sharedMemoryBytes, on: stream,
                 arguments: arguments, programmaticDependentLaunch: programmaticDependentLaunch, clusterX: config.clusterM)
