@@ -58,7 +58,7 @@ ALIGN_SINGLE_THREADS = 512
 # Kernel signatures: p = pointer, i64, i32, f32.
 SIGNATURES = {
     "moe_align_single": "p i64 i32 i32 p p p p i64 i32 p p p i64 p i64 i64 i32",
-    "moe_align_count": "p i64 i32 p p i64 i64 i32",
+    "moe_align_count": "p i64 i32 p",
     "moe_align_scan": "p i32 i64 i32 i32 p p p p i64 i32 p p p p i64",
     "moe_align_scatter": "p i64 i32 p p p p",
     "moe_topk_softmax": "p i64 i32 i32 i32 p p",
@@ -293,7 +293,7 @@ def run_align(topk_ids: torch.Tensor, E: int, block_m: int, expert_map=None, pat
     else:
         chunks = max(1, (numel + ALIGN_CHUNK - 1) // ALIGN_CHUNK)
         scratch = poison((chunks * E,), torch.int32)  # needs no zeroing
-        launch("moe_align_count", chunks, ALIGN_CHUNK_THREADS, [ids, numel, E, scratch, None, 0, 0, 0])
+        launch("moe_align_count", chunks, ALIGN_CHUNK_THREADS, [ids, numel, E, scratch])
         launch("moe_align_scan", 1, ALIGN_SCAN_THREADS,
                [scratch, chunks, numel, E, block_m, expert_map, sorted_ids, expert_ids, total, max_padded,
                 0, None, None, None, None, 0])

@@ -39,8 +39,7 @@
 // B. Three launches (a chunk: C = 256 * MOE_ALIGN_CHUNK_ITEMS pairs, 1024 by default, the host reading
 //    the same define; num_chunks = max(1, ceil(numel / C)); scratch: int32
 //    chunk_counts[num_chunks * E], no zeroing needed: kernel 1 writes all of it):
-//   1. moe_align_count<<<num_chunks + P, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts,
-//          prefetch_base, prefetch_rows, prefetch_pitch, prefetch_bytes)
+//   1. moe_align_count<<<num_chunks, 256, 0>>>(topk_ids, numel, num_experts, chunk_counts)
 //        program c counts the pairs of chunk c (pairs [C c, C c + C)) per expert
 //        (2 KB static shared memory) and writes chunk_counts[c * E + e].
 //   2. moe_align_scan<<<1, 1024, 0>>>(chunk_counts, num_chunks, numel, num_experts, block_m,
@@ -59,11 +58,11 @@
 //        memory and stored from there, an expert's segment at a time (28 KB static at C = 1024); with
 //        sorted_ids2 (not null) each segment is stored in both layouts.
 //
-// Spare programs (P >= 0 past the ones above; P = 0 and prefetch_rows = 0: none): after
+// Spare programs of A (P >= 0 past program 0; P = 0 and prefetch_rows = 0: none): after
 // griddepcontrol.wait they only start an L2 prefetch of the first prefetch_bytes of rows [0,
 // prefetch_rows) at prefetch_base, prefetch_pitch bytes apart (moe_prefetch_rows_l2: the forward points
 // it at the weight rows GEMM1's first wave reads first, so DRAM streams them while align runs; NOTES
-// v28), and exit. They change no result.
+// v28), and exit. They change no result. (In B's first kernel they delayed the two after it: NOTES v28.)
 #include "moe_common.cuh"
 
 namespace moe_align_detail {
@@ -400,17 +399,9 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
 
 extern "C" __global__ void __launch_bounds__(moe_align_detail::CHUNK_THREADS)
     moe_align_count(const int32_t* __restrict__ topk_ids, int64_t numel, int32_t num_experts,
-                    int32_t* __restrict__ chunk_counts, const unsigned char* __restrict__ prefetch_base,
-                    int64_t prefetch_rows, int64_t prefetch_pitch, int32_t prefetch_bytes) {
+                    int32_t* __restrict__ chunk_counts) {
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
-    const int64_t chunks = numel > CHUNK ? (numel + CHUNK - 1) / CHUNK : 1;
-    if (blockIdx.x >= chunks) {  // a spare program: the L2 prefetch only
-        moe_prefetch_rows_l2(prefetch_base, prefetch_rows, prefetch_pitch, prefetch_bytes,
-                             (static_cast<int64_t>(blockIdx.x) - chunks) * blockDim.x + threadIdx.x,
-                             (static_cast<int64_t>(gridDim.x) - chunks) * blockDim.x);
-        return;
-    }
     __shared__ int32_t counts[MAX_EXPERTS];
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();

@@ -182,7 +182,12 @@ import Testing
         // Two m-blocks per expert (144-token swap tiles at 256 rows per expert): half the distinct rows,
         // twice the bytes each.
         let swap = MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true))
-        #expect(prefetch(swap, pairs: 32768) == CUDAMoELayer.AlignPrefetch(rows: 132 * 128, bytesPerRow: 1408, pitch: 8192))
+        let fewer = try MoEShape(experts: 32, topK: 8, hidden: 4096, intermediate: 384)
+        #expect(
+            prefetch(swap, pairs: 32 * 256, on: fewer)
+                == CUDAMoELayer.AlignPrefetch(rows: 132 * 128, bytesPerRow: 1408, pitch: 8192))
+        // Only where align is one launch (at most 8192 pairs).
+        #expect(prefetch(swap, pairs: 8193, on: fewer) == nil)
         // A budget past the whole first wave's rows stops at the row length.
         #expect(prefetch(persistent, pairs: 8192, budget: 1 << 30)?.bytesPerRow == 8192)
         // Fewer experts than the wave's rows: every row of w1 (E 2I), no more.

@@ -92,10 +92,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }()
 
     /// The weight bytes align's spare programs prefetch into L2 for GEMM1's first wave (`AlignPrefetch`,
-    /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 24 (about half the H200's L2); 0 turns it off.
+    /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 8 (24 measured even to slower); 0 turns it off.
     static let alignPrefetchBudget: Int = {
         if let text = environment("FUSED_MOE_ALIGN_PREFETCH_MB"), let value = Int(text), value >= 0 { return value << 20 }
-        return 24 << 20
+        return 8 << 20
     }()
 
     /// What align's spare programs bring into L2 while align runs and DRAM would otherwise idle
@@ -116,7 +116,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// row 0. Every tile walks K from the start, so the budget goes to the first K tiles (128 bytes each)
     /// of all of those rows. Only where every expert is almost surely touched (pairs >= 4 E: an expert is
     /// missed with probability about e^-4), for the unsplit Hopper kernels (a split GEMM1 starts its K
-    /// ranges at several offsets; the prefetch instruction is sm_90's).
+    /// ranges at several offsets; the prefetch instruction is sm_90's), and only where align is one launch
+    /// (its spare programs in the three-launch sequence cost 0.5-1% at 2048 tokens).
     static func alignPrefetch(
         plan: MoEPlan, shape: MoEShape, routedExperts: Int, pairs: Int, elementBytes: Int, multiprocessors: Int,
         budget: Int
@@ -124,8 +125,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let gemm1 = plan.gemm1
         let pitch = shape.hidden * elementBytes
         let kTile = 128
-        guard budget >= kTile, pairs >= 4 * routedExperts, gemm1.kernel.needsHopper, gemm1.effectiveMode == .none,
-            pitch % 16 == 0, pitch >= kTile, multiprocessors >= 1
+        guard budget >= kTile, pairs >= 4 * routedExperts, AlignLaunch.choice(pairs: pairs) == .single,
+            gemm1.kernel.needsHopper, gemm1.effectiveMode == .none, pitch % 16 == 0, pitch >= kTile,
+            multiprocessors >= 1
         else { return nil }
         let rowsPerExpert = (pairs + routedExperts - 1) / routedExperts
         let blocksPerExpert = max(1, (rowsPerExpert + gemm1.blockM - 1) / gemm1.blockM)
@@ -744,7 +746,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         stream: Stream
     ) throws(CUDAError) {
         let routed = routedExperts
-        // The prefetch's arguments, and its spare programs past align's own (none without one).
+        // The prefetch's arguments, and its spare programs past align's own (none without one; the
+        // one-launch kernel only: in the three-launch sequence they delayed the kernels after the count).
         let prefetchArguments: [any KernelArgument] = [
             prefetch?.base ?? .null, Int64(prefetch?.rows.rows ?? 0), Int64(prefetch?.rows.pitch ?? 0),
             Int32(prefetch?.rows.bytesPerRow ?? 0),
@@ -775,9 +778,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
         case .chunked:
             let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
             try kernels.alignCount.launch(
-                grid: Dimensions(chunks + spare), block: Dimensions(256), on: stream,
-                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts] + prefetchArguments,
-                programmaticDependentLaunch: pdl)
+                grid: Dimensions(chunks), block: Dimensions(256), on: stream,
+                arguments: [topkIDs, Int64(pairs), Int32(routed), first.chunkCounts], programmaticDependentLaunch: pdl)
             try kernels.alignScan.launch(
                 grid: Dimensions(1), block: Dimensions(1024), on: stream,
                 arguments: [
@@ -951,8 +953,8 @@ extension CUDAMoELayer {
     }
 
     /// The same for one or two layouts (`blockMs`): two come from one pass, as the forward of a plan whose
-    /// GEMMs have different BLOCK_M runs it. `spare`: the launch also has the forward's spare L2-prefetch
-    /// programs (here prefetching the ids), which must not change the result.
+    /// GEMMs have different BLOCK_M runs it. `spare`: the one-launch kernel also has the forward's spare
+    /// L2-prefetch programs (here prefetching the ids), which must not change the result.
     public func debugAlign(
         ids: [Int32], blockMs: [Int], launch: AlignLaunch? = nil, staged: Bool = true, spare: Bool = false,
         stream: Stream
@@ -991,7 +993,7 @@ extension CUDAMoELayer {
         }
         // spare: the launch also runs prefetch programs (the forward's L2 prefetch), here over the ids'
         // own 16-byte rows, which must leave every result as it is.
-        let prefetch = spare
+        let prefetch = spare && launch == .single
             ? (base: idBuffer.pointer, rows: AlignPrefetch(rows: max(pairs / 4, 1), bytesPerRow: 16, pitch: 16)) : nil
         try launchAlign(
             launch, topkIDs: idBuffer.pointer, pairs: pairs, buffers[0].target,
