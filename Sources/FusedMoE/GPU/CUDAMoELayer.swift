@@ -92,10 +92,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }()
 
     /// The weight bytes align's spare programs prefetch into L2 for GEMM1's first wave (`AlignPrefetch`,
-    /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 8 (24 measured even to slower); 0 turns it off.
+    /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 4 (8 gained the same, 16 and 24 measured even
+    /// to slower: what align's idle window holds); 0 turns it off.
     static let alignPrefetchBudget: Int = {
         if let text = environment("FUSED_MOE_ALIGN_PREFETCH_MB"), let value = Int(text), value >= 0 { return value << 20 }
-        return 8 << 20
+        return 4 << 20
     }()
 
     /// What align's spare programs bring into L2 while align runs and DRAM would otherwise idle
