@@ -142,8 +142,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }
 
     /// The prefetch bytes one spare program issues: FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM KiB, default 256.
-    /// A program's bulk prefetches hold it (and so align's completion, which GEMM1 waits for) until they
-    /// are done: 24 MiB on 3 programs cost Mixtral M = 32 30 us (NOTES v28), so they are spread wide.
+    /// Spread wide: 24 MiB of bulk prefetches from 3 programs delayed align's completion, which GEMM1
+    /// waits for, by about 30 us at Mixtral M = 32 (NOTES v28: the programs seem held until their
+    /// prefetches land).
     static let alignPrefetchPerProgram: Int = {
         if let text = environment("FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM"), let value = Int(text), value > 0 {
             return value << 10
@@ -516,7 +517,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // aligns back to back. One "align" stage either way.
             let second = alignOutputs.count > 1 ? alignOutputs[1] : nil
             // Align's spare programs bring the weights GEMM1's first wave starts on into L2 meanwhile.
-            let prefetch = alignPrefetch(pairs: pairs).map { (base: weights.w1, rows: $0) }
+            let prefetch = alignPrefetch(pairs: pairs).map { (base: weights.w1, extent: $0) }
             if let second, !CUDAMoELayer.dualAlignByDefault {
                 routing1 = try align(
                     topkIDs: topkIDs, pairs: pairs, into: alignOutputs[0], and: nil, prefetch: prefetch, stream: stream).0
@@ -711,7 +712,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// when `second` is nil).
     private func align(
         topkIDs: DevicePointer, pairs: Int, into output: AlignOutput, and second: AlignOutput?,
-        prefetch: (base: DevicePointer, rows: AlignPrefetch)? = nil, stream: Stream
+        prefetch: (base: DevicePointer, extent: AlignPrefetch)? = nil, stream: Stream
     ) throws(CUDAError) -> (Routing, Routing) {
         let first = AlignTarget(output, pairs: pairs, experts: routedExperts)
         let other = second.map { AlignTarget($0, pairs: pairs, experts: routedExperts) }
@@ -743,18 +744,18 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// shared memory for its runs (false: it stores them directly).
     private func launchAlign(
         _ launch: AlignLaunch, topkIDs: DevicePointer, pairs: Int, _ first: AlignTarget, second: AlignTarget?,
-        staged: Bool, prefetch: (base: DevicePointer, rows: AlignPrefetch)? = nil, programmaticDependentLaunch: Bool,
+        staged: Bool, prefetch: (base: DevicePointer, extent: AlignPrefetch)? = nil, programmaticDependentLaunch: Bool,
         stream: Stream
     ) throws(CUDAError) {
         let routed = routedExperts
         // The prefetch's arguments, and its spare programs past align's own (none without one; the
         // one-launch kernel only: in the three-launch sequence they delayed the kernels after the count).
         let prefetchArguments: [any KernelArgument] = [
-            prefetch?.base ?? .null, Int64(prefetch?.rows.rows ?? 0), Int64(prefetch?.rows.pitch ?? 0),
-            Int32(prefetch?.rows.bytesPerRow ?? 0),
+            prefetch?.base ?? .null, Int64(prefetch?.extent.rows ?? 0), Int64(prefetch?.extent.pitch ?? 0),
+            Int32(prefetch?.extent.bytesPerRow ?? 0),
         ]
         let spare = prefetch.map {
-            CUDAMoELayer.alignPrefetchPrograms($0.rows, multiprocessors: library.device.properties.multiprocessorCount)
+            CUDAMoELayer.alignPrefetchPrograms($0.extent, multiprocessors: library.device.properties.multiprocessorCount)
         } ?? 0
         let map = expertMap?.pointer ?? .null
         let pdl = programmaticDependentLaunch
@@ -995,7 +996,7 @@ extension CUDAMoELayer {
         // spare: the launch also runs prefetch programs (the forward's L2 prefetch), here over the ids'
         // own 16-byte rows, which must leave every result as it is.
         let prefetch = spare && launch == .single
-            ? (base: idBuffer.pointer, rows: AlignPrefetch(rows: max(pairs / 4, 1), bytesPerRow: 16, pitch: 16)) : nil
+            ? (base: idBuffer.pointer, extent: AlignPrefetch(rows: max(pairs / 4, 1), bytesPerRow: 16, pitch: 16)) : nil
         try launchAlign(
             launch, topkIDs: idBuffer.pointer, pairs: pairs, buffers[0].target,
             second: buffers.count > 1 ? buffers[1].target : nil, staged: staged, prefetch: prefetch,
