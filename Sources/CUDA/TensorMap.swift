@@ -57,42 +57,6 @@ public struct TensorMap: KernelArgument, Sendable {
         storage = (0..<16).map { map.load(fromByteOffset: 8 * $0, as: UInt64.self) }
     }
 
-    /// Describes boxes of `boxPlanes x boxRows x boxColumns` elements of `planes` matrices `[rows,
-    /// columns]` (rank 3: rows `rowStrideBytes` apart, planes `planeStrideBytes` apart), otherwise as the
-    /// rank-2 form; a box fills shared memory innermost first (plane by plane).
-    /// - Throws: as the rank-2 form, also for a plane stride that is not a multiple of 16 or more than 256
-    ///   planes in a box.
-    public init(
-        device: Device, address: DevicePointer, elementType: ElementType, planes: Int, rows: Int, columns: Int,
-        rowStrideBytes: Int, planeStrideBytes: Int, boxPlanes: Int, boxRows: Int, boxColumns: Int, swizzle: Swizzle
-    ) throws(CUDAError) {
-        guard let encode = device.driver.cuTensorMapEncodeTiled else {
-            throw .usage("cuTensorMapEncodeTiled", "this driver has no tensor maps (CUDA 12 or newer is needed)")
-        }
-        guard planes >= 1, rows >= 1, columns >= 1, boxPlanes >= 1, boxPlanes <= 256, boxRows >= 1, boxRows <= 256,
-            boxColumns >= 1, boxColumns <= 256
-        else {
-            throw .usage("TensorMap", "\(planes) planes of \(rows)x\(columns) with a \(boxPlanes)x\(boxRows)x\(boxColumns) box: sides must be >= 1 and boxes <= 256")
-        }
-        guard rowStrideBytes % 16 == 0, planeStrideBytes % 16 == 0, address.address % 16 == 0 else {
-            throw .usage("TensorMap", "the address and strides (\(rowStrideBytes), \(planeStrideBytes) bytes) must be multiples of 16")
-        }
-        guard boxColumns * elementType.byteCount <= (swizzle == .bytes128 ? 128 : swizzle == .bytes64 ? 64 : swizzle == .bytes32 ? 32 : Int.max) else {
-            throw .usage("TensorMap", "a \(boxColumns)-element box row exceeds the \(swizzle) swizzle span")
-        }
-        let map = UnsafeMutableRawPointer.allocate(byteCount: 128, alignment: 64)
-        defer { map.deallocate() }
-        var dimensions: [UInt64] = [UInt64(columns), UInt64(rows), UInt64(planes)]
-        var strides: [UInt64] = [UInt64(rowStrideBytes), UInt64(planeStrideBytes)]
-        var box: [UInt32] = [UInt32(boxColumns), UInt32(boxRows), UInt32(boxPlanes)]
-        var elementStrides: [UInt32] = [1, 1, 1]
-        let result = encode(
-            map, elementType.rawValue, 3, UnsafeMutableRawPointer(bitPattern: UInt(address.address)), &dimensions,
-            &strides, &box, &elementStrides, 0, swizzle.rawValue, 3, 0)
-        try device.driver.check(result, "cuTensorMapEncodeTiled")
-        storage = (0..<16).map { map.load(fromByteOffset: 8 * $0, as: UInt64.self) }
-    }
-
     public var kernelArgumentLayout: (size: Int, alignment: Int) { (128, 64) }
 
     public func writeKernelArgument(to destination: UnsafeMutableRawPointer) {

@@ -574,16 +574,6 @@ MOE_DEVICE void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t c0, in
 #endif
 }
 
-/// The rank-3 form: the box of `map` at element coordinates (c0 innermost, c1, c2), filling shared
-/// memory innermost first (so a box of two planes lands as plane c2's rows, then plane c2 + 1's).
-MOE_DEVICE void tma_load_3d(uint32_t dst, const CUtensorMap* map, int32_t c0, int32_t c1, int32_t c2, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
-        "[%5];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-        : "memory");
-}
-
 /// The same box copied into the shared memory of every CTA of the cluster in cta_mask (bit r: rank r),
 /// at the same offset dst in each, completing the transaction bytes of the barrier at offset bar in
 /// each destination CTA (cp.async.bulk.tensor...multicast::cluster). The issuing CTA is usually in

@@ -226,14 +226,6 @@
 #ifndef MOE_SM90_FUSED_LATE_TRIGGER
 #define MOE_SM90_FUSED_LATE_TRIGGER 0
 #endif
-// Experiment (NOTES v28): 1 gives the persistent and swap-AB kernels with the activation fused a rank-3
-// tensor map of w1 (planes 2e and 2e + 1 the gate and up halves of expert e), so one TMA copy brings a
-// stage's gate and up rows, where two boxes of BLOCK_N / 2 rows did (the fused persistent GEMM1 read
-// w1 at 73% of DRAM bandwidth against the unfused one's 84%). The host makes that map under the same
-// define (CUDAMoELayer.fusedPlanes).
-#ifndef MOE_SM90_FUSED_3D_MAP
-#define MOE_SM90_FUSED_3D_MAP 0
-#endif
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
 #endif
@@ -675,7 +667,7 @@ MOE_DEVICE void moe_sm90_copy_a(uint32_t a_tile, const MoESm90ASources<T, A_ROWS
 /// copy of K tile kt's B box (box {kt*64, b_row}); SPLIT_B: two boxes of B_ROWS / 2 rows, from b_row
 /// into the stage's first half and from b_row_up into its second; mc_rank 0 or 1: only half mc_rank,
 /// multicast into the same stage of both CTAs of the cluster pair.
-template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B, bool PLANES = false>
+template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const CUtensorMap* b_map, int stage,
                                  int64_t kt, int32_t b_row, int32_t b_row_up, int mc_rank) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
@@ -683,9 +675,7 @@ MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
     mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
     const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
     const int32_t kx = static_cast<int32_t>(kt * Sm::BLOCK_K);
-    if (PLANES) {  // b_row: the row in the half, b_row_up: the gate plane (2e); one box of both planes
-        tma_load_3d(b_dst, b_map, kx, b_row, b_row_up, full);
-    } else if (!SPLIT_B || mc_rank < 0) {
+    if (!SPLIT_B || mc_rank < 0) {
         tma_load_2d(b_dst, b_map, kx, b_row, full);
         if constexpr (SPLIT_B) tma_load_2d(b_dst + Sm::B_STAGE_BYTES / 2, b_map, kx, b_row_up, full);
     } else {
@@ -705,7 +695,7 @@ MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
 /// its second half (the tensor map's box has B_ROWS / 2 rows then). mc_rank 0 or 1 (a cluster pair
 /// sharing the tile): this CTA copies only half mc_rank, into the same stage of both CTAs (multicast),
 /// and the other CTA copies the other half; full[stage] in each still expects the whole tile's bytes.
-template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false, bool PLANES = false>
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm,
                                         const MoESm90ASources<T, A_ROWS>& a, const CUtensorMap* b_map, const T* A,
                                         int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
@@ -715,8 +705,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
-    if (tid == 0 && issue_b)
-        moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B, PLANES>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
+    if (tid == 0 && issue_b) moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
     moe_sm90_copy_a<T, A_ROWS>(sm.a + stage * Sm::A_STAGE_BYTES, a, A, K, kt, tid);
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
 }
@@ -727,7 +716,7 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
 /// released the last STAGES stages (they release every stage then), so this CTA stays resident until
 /// every copy it multicast has landed in the peer and every arrival of the peer's consumers on its
 /// barriers has happened.
-template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B, bool PLANES = false>
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                  const CUtensorMap* b_map, const T* A, int64_t stride_am, int64_t K, int32_t b_row,
                                  int32_t b_row_up, int tid, int mc_rank = -1, int b_preloaded = 0) {
@@ -735,9 +724,8 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
     uint32_t phase = 0;
     const MoESm90ASources<T, A_ROWS> a = moe_sm90_a_sources<T, A_ROWS>(sm.a_row, A, stride_am, tid);
     for (int t = 0; t < tile.num_tiles; ++t) {
-        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B, PLANES>(sm, a, b_map, A, K, b_row, b_row_up, tile,
-                                                                            t, stage, phase, tid, mc_rank,
-                                                                            t >= b_preloaded);
+        moe_sm90_produce_k_tile<T, A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, a, b_map, A, K, b_row, b_row_up, tile, t,
+                                                                    stage, phase, tid, mc_rank, t >= b_preloaded);
         if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -761,24 +749,18 @@ MOE_DEVICE void moe_sm90_produce(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, 
 /// as moe_sm90_produce_k_tile does (SPLIT_B: two boxes); moe_sm90_produce then skips their B part
 /// (b_preloaded = count). The weights are never written by the forward, so this may run before
 /// griddepcontrol.wait, while the previous kernel drains.
-template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B, bool PLANES = false>
+template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
 MOE_DEVICE void moe_sm90_preload_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const MoESm90Tile& tile,
                                    const CUtensorMap* b_map, int32_t b_row, int32_t b_row_up, int count) {
     for (int t = 0; t < count; ++t)
-        moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B, PLANES>(sm, b_map, t, tile.kt_begin + t, b_row, b_row_up,
-                                                                  -1);
+        moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, t, tile.kt_begin + t, b_row, b_row_up, -1);
 }
 
 /// The weight rows of `tile`'s B box in the [E*N, K] view: unfused, rows e*N + n0 on; with FUSED
 /// (GEMM1 with its activation, N = 2I) the tile's BLOCK_N rows are BLOCK_N / 2 gate rows from
 /// e*N + n0/2 and the matching up rows from e*N + N/2 + n0/2, for output columns n0/2 on.
-template <bool FUSED, bool PLANES = false>
+template <bool FUSED>
 MOE_DEVICE void moe_sm90_b_rows(const MoESm90Tile& tile, int64_t N, int32_t& b_row, int32_t& b_row_up) {
-    if constexpr (PLANES) {  // the rank-3 map (MOE_SM90_FUSED_3D_MAP): row n0/2 of planes 2e, 2e + 1
-        b_row = static_cast<int32_t>(tile.n0 / 2);
-        b_row_up = 2 * tile.expert;
-        return;
-    }
     const int64_t expert_row = static_cast<int64_t>(tile.expert) * N;
     b_row = static_cast<int32_t>(expert_row + (FUSED ? tile.n0 / 2 : tile.n0));
     b_row_up = static_cast<int32_t>(expert_row + N / 2 + tile.n0 / 2);
@@ -1135,7 +1117,6 @@ struct MoEGemmSm90SwapTraits {
     // FUSED_ACT: staged weight rows [0, BLOCK_N_W / 2) are gate, the next half the matching up rows;
     // BLOCK_N_W / 2 activated columns leave.
     static constexpr bool FUSED = FUSED_ACT != 0;
-    static constexpr bool PLANES = FUSED && MOE_SM90_FUSED_3D_MAP != 0;  // w1's rank-3 map (the define's notes)
     static constexpr int OUT_COLS = FUSED ? BLOCK_N_W / 2 : BLOCK_N_W;
     static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
 
@@ -1207,8 +1188,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     const int b_preloaded = (early || GEMM1_PRELOAD) && tile.num_tiles > 0 ? min(STAGES, tile.num_tiles) : 0;
     const auto preload_b = [&] {
         int32_t b_row, b_row_up;
-        moe_sm90_b_rows<Tr::FUSED, Tr::PLANES>(tile, N, b_row, b_row_up);
-        moe_sm90_preload_b<TOKENS, BLOCK_N_W, STAGES, Tr::FUSED, Tr::PLANES>(sm, tile, &b_map, b_row, b_row_up, b_preloaded);
+        moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+        moe_sm90_preload_b<TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, b_row, b_row_up, b_preloaded);
     };
     moe_sm90_setup<TOKENS, BLOCK_N_W, STAGES, Tr::THREADS, Tr::PRODUCER_THREADS, Tr::CONSUMER_THREADS / 32>(
         sm, tile, &b_map, sorted_token_ids, num_valid_tokens, top_k, 1, [&] {
@@ -1236,8 +1217,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         }
         if (tile.num_tiles > 0) {
             int32_t b_row, b_row_up;
-            moe_sm90_b_rows<Tr::FUSED, Tr::PLANES>(tile, N, b_row, b_row_up);
-            moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED, Tr::PLANES>(sm, tile, &b_map, A, stride_am, K, b_row,
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
+            moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
                                                                       b_row_up, tid, -1, b_preloaded);
         }
         if (block_ready) {  // thread 0
@@ -1630,7 +1611,6 @@ struct MoEGemmSm90PersistentTraits {
     // FUSED_ACT: columns [0, BLOCK_N / 2) of the product are gate, the rest the matching up; the
     // BLOCK_N / 2 activated columns are stored.
     static constexpr bool FUSED = FUSED_ACT != 0;
-    static constexpr bool PLANES = FUSED && MOE_SM90_FUSED_3D_MAP != 0;  // w1's rank-3 map (the define's notes)
     static constexpr int OUT_COLS = FUSED ? BLOCK_N / 2 : BLOCK_N;
 
     // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
@@ -2014,10 +1994,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             }
             bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             int32_t b_row, b_row_up;
-            moe_sm90_b_rows<Tr::FUSED, Tr::PLANES>(tile, N, b_row, b_row_up);
+            moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             const MoESm90ASources<T, BLOCK_M> a = moe_sm90_a_sources<T, BLOCK_M>(a_rows, A, stride_am, tid);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED, Tr::PLANES>(sm, a, &b_map, A, K, b_row, b_row_up,
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a, &b_map, A, K, b_row, b_row_up,
                                                                                 tile, k, stage, phase, tid);
                 if (++stage == STAGES) {
                     stage = 0;

@@ -363,8 +363,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         ]
         for (config, weights, n, k, fused) in uses where config.kernel.needsHopper && weights.byteCount > 0 {
             let boxRows = config.tensorMapBoxRows(fusedActivation: fused)
-            let planes = fused && config.fusesActivation && fusedPlanes(config)
-            let key = TensorMapKey(address: weights.pointer.address, n: n, k: k, boxRows: boxRows, planes: planes)
+            let key = TensorMapKey(address: weights.pointer.address, n: n, k: k, boxRows: boxRows)
             do {
                 heldTensorMaps[key] = try tensorMap(key)
             } catch {
@@ -860,8 +859,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             // 128-byte swizzle the kernel's shared-memory layout expects. Encoding is host-only work.
             // The held weights' maps are made once in init; weights passed per call get theirs here.
             let boxRows = config.tensorMapBoxRows(fusedActivation: finish == .activation)
-            let planes = finish == .activation && config.fusesActivation && fusedPlanes(config)
-            let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: boxRows, planes: planes)
+            let key = TensorMapKey(address: b.address, n: n, k: k, boxRows: boxRows)
             let map: TensorMap
             if let held = heldTensorMaps[key] { map = held } else { map = try tensorMap(key) }
             var arguments: [any KernelArgument] = [
@@ -925,30 +923,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var n: Int
         var k: Int
         var boxRows: Int
-        /// The rank-3 form of a fused GEMM1's w1 (`fusedPlanes`): planes 2e, 2e + 1 are expert e's gate
-        /// and up halves, a box holds boxRows rows of both.
-        var planes = false
-    }
-
-    /// Whether a fused GEMM1 on `config` reads w1 through the rank-3 map: the kernels compiled with
-    /// MOE_SM90_FUSED_3D_MAP=1 (an experiment, NOTES v28) and a persistent or swap-AB kernel.
-    func fusedPlanes(_ config: GemmConfig) -> Bool {
-        CUDAMoELayer.defineValue("MOE_SM90_FUSED_3D_MAP", in: library.defines) == 1
-            && (config.kernel == .wgmmaSwap || config.kernel.isPersistent)
     }
 
     /// The TMA descriptor of weights `[E, n, k]` at `key.address`, read in `[boxRows][64]` boxes with
     /// the 128-byte swizzle the wgmma kernels' shared-memory layout expects (host-only work).
     func tensorMap(_ key: TensorMapKey) throws(CUDAError) -> TensorMap {
-        if key.planes {
-            let half = key.n / 2
-            return try TensorMap(
-                device: library.device, address: DevicePointer(address: key.address),
-                elementType: dtype == .fp16 ? .float16 : .bfloat16, planes: 2 * weightExperts, rows: half,
-                columns: key.k, rowStrideBytes: key.k * dtype.byteCount, planeStrideBytes: half * key.k * dtype.byteCount,
-                boxPlanes: 2, boxRows: key.boxRows, boxColumns: 64, swizzle: .bytes128)
-        }
-        return try TensorMap(
+        try TensorMap(
             device: library.device, address: DevicePointer(address: key.address),
             elementType: dtype == .fp16 ? .float16 : .bfloat16, rows: weightExperts * key.n, columns: key.k,
             rowStrideBytes: key.k * dtype.byteCount, boxRows: key.boxRows, boxColumns: 64, swizzle: .bytes128)
