@@ -220,12 +220,6 @@
 
 // Experiment switches of the persistent kernel (FUSED_MOE_KERNEL_DEFINES, for same-binary A/Bs;
 // bench/NOTES.md v14). 1 is the shipped behaviour.
-// Experiment (NOTES v28): 1 makes the persistent kernel with the activation fused let its dependent
-// grid launch only as its programs exit, not at its start (the fused GEMM1 stage measured 15% slower
-// than the unfused one in the forward, yet not under Nsight Compute's serialized launches).
-#ifndef MOE_SM90_FUSED_LATE_TRIGGER
-#define MOE_SM90_FUSED_LATE_TRIGGER 0
-#endif
 #ifndef MOE_SM90_EARLY_SCHEDULE
 #define MOE_SM90_EARLY_SCHEDULE 1  // 0: the consumers compute each tile's schedule at its start
 #endif
@@ -1692,8 +1686,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                              int32_t* __restrict__ sk_flags, void* combine_out, const int32_t* combine_ids,
                              int32_t* combine_counts, int32_t combine_k, int32_t combine_experts,
                              int32_t combine_chunk) {
-    griddepcontrol_wait();
-    if constexpr (!(MOE_SM90_FUSED_LATE_TRIGGER != 0 && FUSED_ACT != 0)) griddepcontrol_launch_dependents();
+    griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90PersistentTraits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT,
                                            PINGPONG>;
     using Smem = typename Tr::Smem;
