@@ -95,6 +95,13 @@ public func environment(_ name: String) -> String? {
     return String(cString: value)
 }
 
+/// The integer value of environment variable `name` when it is set to one of at least `minimum`; nil
+/// otherwise (unset, not a number, or too small: the caller's default then applies).
+public func environmentInteger(_ name: String, atLeast minimum: Int) -> Int? {
+    guard let value = environment(name).flatMap({ Int($0) }), value >= minimum else { return nil }
+    return value
+}
+
 func fileExists(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0

@@ -60,7 +60,7 @@
 //
 // Spare programs of A (P >= 0 past program 0; P = 0 and prefetch_rows = 0: none): after
 // griddepcontrol.wait they only start an L2 prefetch of the first prefetch_bytes of rows [0,
-// prefetch_rows) at prefetch_base, prefetch_pitch bytes apart (moe_prefetch_rows_l2: the forward points
+// prefetch_rows) at prefetch_base, prefetch_pitch bytes apart (prefetch_rows_l2: the forward points
 // it at the weight rows GEMM1's first wave reads first, so DRAM streams them while align runs; NOTES
 // v28), and exit. They change no result. (In B's first kernel they delayed the two after it: NOTES v28.)
 #include "moe_common.cuh"
@@ -81,6 +81,15 @@ constexpr int SCAN_THREADS = 1024;
 constexpr int SINGLE_WARPS = 16;
 constexpr int SINGLE_THREADS = SINGLE_WARPS * 32;
 constexpr int SINGLE_LIMIT = SINGLE_THREADS * ITEMS_PER_LANE;  // 8192: the most pairs moe_align_single takes
+
+/// The L2 prefetch of the one-launch kernel's spare programs (NOTES v28): the first `bytes` of rows [0,
+/// rows) of a row-major array (`pitch` bytes apart), one bulk prefetch per row, row r by worker r mod
+/// workers. base, pitch and bytes must keep every address 16-byte aligned and bytes a multiple of 16
+/// (the host's contract, CUDAMoELayer.alignPrefetch).
+MOE_DEVICE void prefetch_rows_l2(const unsigned char* base, int64_t rows, int64_t pitch, int32_t bytes,
+                                 int64_t worker, int64_t workers) {
+    for (int64_t r = worker; r < rows; r += workers) prefetch_l2_bulk(base + r * pitch, static_cast<uint32_t>(bytes));
+}
 
 MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, int32_t num_experts) {
     const int32_t e = i < numel ? topk_ids[i] : -1;
@@ -323,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     griddepcontrol_wait_then_launch_dependents();
     using namespace moe_align_detail;
     if (blockIdx.x > 0) {  // a spare program: the L2 prefetch only
-        moe_prefetch_rows_l2(prefetch_base, prefetch_rows, prefetch_pitch, prefetch_bytes,
+        prefetch_rows_l2(prefetch_base, prefetch_rows, prefetch_pitch, prefetch_bytes,
                              static_cast<int64_t>(blockIdx.x - 1) * blockDim.x + threadIdx.x,
                              static_cast<int64_t>(gridDim.x - 1) * blockDim.x);
         return;

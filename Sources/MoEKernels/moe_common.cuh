@@ -544,15 +544,6 @@ MOE_DEVICE void prefetch_l2_bulk(const void* src, uint32_t bytes) {
 #endif
 }
 
-/// The L2 prefetch of align's spare programs (NOTES v28): the first `bytes` of rows [0, rows) of a
-/// row-major array (`pitch` bytes apart), one bulk prefetch per row, row r by worker r mod workers.
-/// base, pitch and bytes must keep every address 16-byte aligned and bytes a multiple of 16 (the host's
-/// contract, CUDAMoELayer.alignPrefetch).
-MOE_DEVICE void moe_prefetch_rows_l2(const unsigned char* base, int64_t rows, int64_t pitch, int32_t bytes,
-                                     int64_t worker, int64_t workers) {
-    for (int64_t r = worker; r < rows; r += workers) prefetch_l2_bulk(base + r * pitch, static_cast<uint32_t>(bytes));
-}
-
 /// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box of
 /// `map` at element coordinates (c0 innermost, c1) copied to shared memory at dst (aligned as the
 /// map's swizzle requires: 1024 bytes for 128B), completing `bar`'s transaction bytes. Parts of

@@ -81,7 +81,7 @@ public final class GPUBench {
     /// gives, held by the caller so that what it allocates next lands after it; nil when unset or not
     /// positive.
     func pad(_ name: String) throws(CUDAError) -> DeviceBuffer? {
-        guard let bytes = environment(name).flatMap({ Int($0) }), bytes > 0 else { return nil }
+        guard let bytes = environmentInteger(name, atLeast: 1) else { return nil }
         return try DeviceBuffer(device: library.device, byteCount: bytes)
     }
 

@@ -86,21 +86,15 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// The bytes of partial rows the fused combine lets one chunk of GEMM2's n-blocks write before the next
     /// chunk starts (so a token's rows of a chunk are summed while still in L2): FUSED_MOE_COMBINE_CHUNK_BYTES,
     /// default 8 MiB (a sixth of the H200's L2).
-    static let fusedCombineChunkBytes: Int = {
-        if let text = environment("FUSED_MOE_COMBINE_CHUNK_BYTES"), let value = Int(text), value > 0 { return value }
-        return 8 << 20
-    }()
+    static let fusedCombineChunkBytes: Int = environmentInteger("FUSED_MOE_COMBINE_CHUNK_BYTES", atLeast: 1) ?? 8 << 20
 
     /// The weight bytes align's spare programs prefetch into L2 for GEMM1's first wave (`AlignPrefetch`,
     /// NOTES v28): FUSED_MOE_ALIGN_PREFETCH_MB MiB, default 4 (8 gained the same, 16 and 24 measured even
     /// to slower: what align's idle window holds); 0 turns it off.
-    static let alignPrefetchBudget: Int = {
-        if let text = environment("FUSED_MOE_ALIGN_PREFETCH_MB"), let value = Int(text), value >= 0 { return value << 20 }
-        return 4 << 20
-    }()
+    static let alignPrefetchBudget: Int = (environmentInteger("FUSED_MOE_ALIGN_PREFETCH_MB", atLeast: 0) ?? 4) << 20
 
     /// What align's spare programs bring into L2 while align runs and DRAM would otherwise idle
-    /// (moe_prefetch_rows_l2; NOTES v28): the first `bytesPerRow` bytes of w1's rows [0, rows), `pitch`
+    /// (moe_align.cu's prefetch_rows_l2; NOTES v28): the first `bytesPerRow` bytes of w1's rows [0, rows), `pitch`
     /// bytes apart.
     struct AlignPrefetch: Equatable {
         var rows: Int
@@ -145,12 +139,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// Spread wide: 24 MiB of bulk prefetches from 3 programs delayed align's completion, which GEMM1
     /// waits for, by about 30 us at Mixtral M = 32 (NOTES v28: the programs seem held until their
     /// prefetches land).
-    static let alignPrefetchPerProgram: Int = {
-        if let text = environment("FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM"), let value = Int(text), value > 0 {
-            return value << 10
-        }
-        return 256 << 10
-    }()
+    static let alignPrefetchPerProgram: Int =
+        (environmentInteger("FUSED_MOE_ALIGN_PREFETCH_KB_PER_PROGRAM", atLeast: 1) ?? 256) << 10
 
     /// Spare programs for `prefetch`: one per `perProgram` bytes, at least one,
     /// at most all but two of the `multiprocessors` (align's own program and one more keep theirs).
