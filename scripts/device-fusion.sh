@@ -5,10 +5,17 @@
 # off) at decode and mid batch sizes. Mode `decode`: the full check, then one-token batches on every
 # preset with the shipped tables and with scripts/exp_tables.py's (swap-AB GEMM2 at M = 1, so align
 # can be skipped), and Mixtral's GROUP_SIZE_M 4 at M = 1024, 2048. Mode `sanitize`:
-# scripts/device-sanitize.sh. Mode `diag`: the full check, then the sanitizers. Outputs under $OUT.
+# scripts/device-sanitize.sh. Mode `diag`: the full check, then the sanitizers. Mode `large`: kernel_check.py
+# --quick and the full check, then bench --fusion-ab on every preset from 512 tokens, ROUNDS times
+# (default 2; ROWS as "shape:M,M ..." to choose). Outputs under $OUT.
 source "$(dirname "$0")/device-env.sh"
 mode=${1:-check}
-if [[ $mode == check || $mode == ab || $mode == decode || $mode == diag ]]; then
+if [[ $mode == large ]]; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 scripts/kernel_check.py --quick --json "$OUT/kernel-check.json" \
+    > "$OUT/kernel-check.txt" 2>&1 || status=1
+  tail -2 "$OUT/kernel-check.txt"; grep -E "FAIL" "$OUT/kernel-check.txt" | head -10
+fi
+if [[ $mode == check || $mode == ab || $mode == decode || $mode == diag || $mode == large ]]; then
   python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
   timeout 200 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "FAIL|✘" "$OUT/check.txt" | cut -c1-400 | head -20
@@ -36,6 +43,17 @@ if [[ $mode == decode ]]; then
   FUSED_MOE_CONFIG_DIR=/tmp/exp-tables timeout 100 "${bench[@]}" --shape mixtral_tp2 --batch-sizes 1024,2048 \
     2>/dev/null > "$OUT/mixtral-group4.txt" || status=1
   tail -n +1 "$OUT"/decode-*.txt "$OUT"/mixtral-*.txt | cut -c1-150
+fi
+if [[ $mode == large ]]; then
+  rows=(${ROWS:-seed4096:512,1024,2048,4096,8192 seed8192:1024,2048,4096,8192 qwen235_tp2:1024,2048,4096,8192
+        dsv3_tp4:1024,2048,4096,8192 mixtral_tp2:512,1024,2048,4096,8192})
+  for round in $(seq 1 "${ROUNDS:-2}"); do
+    for row in "${rows[@]}"; do
+      timeout 200 dist/fused-moe bench --plan-only --fusion-ab --shape "${row%%:*}" --batch-sizes "${row##*:}" \
+        --ceilings "$OUT/ceilings.json" 2>&1 >/dev/null | grep -E "^\[" | sed "s/^/$round /" | cut -c1-150 \
+        | tee -a "$OUT/fusion-large.txt" || status=1
+    done
+  done
 fi
 if [[ $mode == sanitize || $mode == diag ]]; then
   bash scripts/device-sanitize.sh || status=1

@@ -150,7 +150,11 @@ template <bool B> struct moe_bool_constant { static constexpr bool value = B; };
 
 // MARK: - Activations (one definition, so fused epilogues round exactly as the separate kernels)
 
-MOE_DEVICE float moe_silu(float g) { return g / (1.0f + expf(-g)); }
+// silu with the hardware's approximate exp and reciprocal (a few ulp of fp32, far below the half unit of
+// bf16/fp16 the result is rounded to): an IEEE division checks its operands and calls a slow routine for a
+// zero dividend, which every padding row of a GEMM1 tile is; in the fused epilogues that cost the
+// persistent GEMM1 13% (bench/NOTES.md v29). For g < -87, 1 + exp(-g) > 2^126 and the quotient is 0.
+MOE_DEVICE float moe_silu(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
 MOE_DEVICE float moe_gelu(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f)); }
 
 /// act(round_T(gate)) * round_T(up) in fp32, ACT 1 silu or 2 exact gelu (the caller rounds the
