@@ -139,11 +139,13 @@ class Kernels:
     def set_smem(self, name: str, fn, nbytes: int):
         if self.smem_set.get(name, 0) >= nbytes:
             return
-        try:
-            fn.max_dynamic_shared_size_bytes = nbytes
-        except Exception:
-            handle = getattr(fn, "kernel", fn)
+        # The driver call on the CUfunction: a cupy Function takes an unknown attribute silently, so assigning
+        # max_dynamic_shared_size_bytes set nothing and launches above 48 KB failed (invalid argument).
+        handle = getattr(fn, "kernel", fn)
+        if hasattr(handle, "ptr"):
             cp.cuda.driver.funcSetAttribute(handle.ptr, 8, nbytes)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        else:
+            fn.max_dynamic_shared_size_bytes = nbytes
         self.smem_set[name] = nbytes
 
 
@@ -577,7 +579,10 @@ def check_elementwise(rep: Report, quick: bool):
                 g = inp[:, :I].double()
                 u = inp[:, I:].double()
                 a = g * torch.sigmoid(g) if act == "silu" else 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
-                ok, worst = rounding_ok(out, a * u, dtype)
+                # gelu as 0.5 g (1 + erf(g / sqrt 2)) in fp32 (PyTorch's form): for g below about -4 the sum
+                # cancels, leaving erff's error at 1 (a few units of 2^-24) times 0.5 |g u| as absolute error.
+                fp32_err = 2.0**-22 * 0.5 * (g * u).abs() if act == "gelu" else 0.0
+                ok, worst = rounding_ok(out, a * u, dtype, abs_tol=fp32_err)
                 rep.add(f"elementwise.{act}_and_mul.{dtype}.rows{rows}.I{I}", ok, f"worst={worst:.2f} of the tolerance")
         for M, k, H in ((300, 8, 4096), (17, 3, 999), (5, 1, 64)):
             inp = torch.randn(M * k, H, generator=gen, device=DEV).to(td)

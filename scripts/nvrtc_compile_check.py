@@ -378,10 +378,7 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     # The fused combine (NOTES v27): the A-resident GEMM2 instantiations, and beside the half tiles (where
     # it compiles out).
     combine = [gemm_sm90_persistent_name(dtype, (128, 256, 4), 0, True) for dtype in DTYPES]
-    # The fused GEMM1's diagnostics (NOTES v29): the B rows and the epilogue's math switched.
-    fused_diag = [gemm_sm90_persistent_name("moe_bf16", (128, 256, 4), 0, False, 1)]
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
-            ("moe_gemm_sm90.cu", fused_diag, ["-DMOE_SM90_FUSED_DIAG=3"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1", "-DMOE_SM90_HALF_TILES=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"])]

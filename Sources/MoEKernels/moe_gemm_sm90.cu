@@ -245,13 +245,6 @@
 #define MOE_SM90_HALF_MAX_K_TILES 1000000
 #endif
 
-// Diagnostics of the fused GEMM1's slower streaming (bench/NOTES.md v28, v29); wrong results, timing
-// only. 1: the fused persistent kernel loads the unfused kernel's B rows (n0 on, contiguous) instead of
-// the gate and up halves; 2: its epilogue multiplies gate by up (no activation math); 3: both.
-#ifndef MOE_SM90_FUSED_DIAG
-#define MOE_SM90_FUSED_DIAG 0
-#endif
-
 // The persistent GEMM2's fused combine (MoESm90Combine) discards each partial row's 128-byte lines from L2
 // once summed, so the partial sums never go back to memory; 0 leaves them to be written back.
 // The persistent GEMM2's fused combine (MoESm90Combine; bench/NOTES.md v27: 7-23% slower on the layer,
@@ -1485,13 +1478,7 @@ MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, i
     }
     if constexpr (FUSED_ACT != 0) {
 #pragma unroll
-        for (int i = 0; i < COLS / 4; ++i) {
-            if constexpr ((MOE_SM90_FUSED_DIAG & 2) != 0) {
-                acc[i] = acc[i] * acc[i + COLS / 4];
-            } else {
-                acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + COLS / 4]);
-            }
-        }
+        for (int i = 0; i < COLS / 4; ++i) acc[i] = moe_act_and_mul<T, FUSED_ACT>(acc[i], acc[i + COLS / 4]);
         moe_sm90_store_warp_rows<OutT, COLS / 2, SPLIT_MODE, MAX_ROW_BYTES>(acc, staging, pair, out, n0, N, stride_cm,
                                                                             lane);
     } else {
@@ -2001,10 +1988,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             bar_sync<Tr::PRODUCER_BARRIER, Tr::PRODUCER_THREADS>();
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
-            if constexpr (Tr::FUSED && (MOE_SM90_FUSED_DIAG & 1) != 0) {
-                b_row = static_cast<int32_t>(static_cast<int64_t>(tile.expert) * N + tile.n0);
-                b_row_up = b_row + BLOCK_N / 2;
-            }
             const MoESm90ASources<T, BLOCK_M> a = moe_sm90_a_sources<T, BLOCK_M>(a_rows, A, stride_am, tid);
             for (int k = 0; k < tile.num_tiles; ++k) {
                 moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a, &b_map, A, K, b_row, b_row_up,
