@@ -6,10 +6,12 @@
 # preset with the shipped tables and with scripts/exp_tables.py's (swap-AB GEMM2 at M = 1, so align
 # can be skipped), and Mixtral's GROUP_SIZE_M 4 at M = 1024, 2048. Mode `sanitize`:
 # scripts/device-sanitize.sh. Mode `diag`: the full check, then the sanitizers. Mode `large`: kernel_check.py
-# --quick and the full check, then bench --fusion-ab on every preset from 512 tokens, ROUNDS times
-# (default 2; ROWS as "shape:M,M ..." to choose). Outputs under $OUT.
+# --quick and the full check (SKIP_CHECK=1: neither), then bench --fusion-ab on every preset from 512 tokens,
+# ROUNDS times (default 2; ROWS as "shape:M,M ..." to choose; TABLES=VARIANT: scripts/exp_tables.py's
+# tables of that variant, e.g. patch:FILE). Outputs under $OUT.
 source "$(dirname "$0")/device-env.sh"
 mode=${1:-check}
+[[ $mode == large && ${SKIP_CHECK:-0} == 1 ]] && mode=large-nocheck
 if [[ $mode == large ]]; then
   PYTHONUNBUFFERED=1 timeout 300 python3 scripts/kernel_check.py --quick --json "$OUT/kernel-check.json" \
     > "$OUT/kernel-check.txt" 2>&1 || status=1
@@ -44,7 +46,12 @@ if [[ $mode == decode ]]; then
     2>/dev/null > "$OUT/mixtral-group4.txt" || status=1
   tail -n +1 "$OUT"/decode-*.txt "$OUT"/mixtral-*.txt | cut -c1-150
 fi
-if [[ $mode == large ]]; then
+if [[ $mode == large || $mode == large-nocheck ]]; then
+  [[ $mode == large-nocheck ]] && python3 scripts/ceilings.py "$OUT/ceilings.json"
+  if [[ -n ${TABLES:-} ]]; then
+    python3 scripts/exp_tables.py /tmp/fusion-tables "$TABLES" > /dev/null || status=1
+    export FUSED_MOE_CONFIG_DIR=/tmp/fusion-tables
+  fi
   rows=(${ROWS:-seed4096:512,1024,2048,4096,8192 seed8192:1024,2048,4096,8192 qwen235_tp2:1024,2048,4096,8192
         dsv3_tp4:1024,2048,4096,8192 mixtral_tp2:512,1024,2048,4096,8192})
   for round in $(seq 1 "${ROUNDS:-2}"); do
