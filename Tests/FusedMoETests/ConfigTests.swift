@@ -122,10 +122,9 @@ import Testing
         var tooDeep = pingpong
         tooDeep.stages = 7
         #expect(throws: MoEError.self) { try tooDeep.validate(sharedMemoryLimit: limit) }
-        // 64 stored columns at least for the fused activation; the plan selector leaves it off.
+        // 64 stored columns at least for the fused activation.
         #expect(pingpong.fusesActivation)
         #expect(!GemmConfig.wgmma(blockM: 128, blockN: 64, stages: 8, pingpong: true).fusesActivation)
-        #expect(!PlanSelector.fusesActivation(gemm1: pingpong))
         // A table entry names it as KERNEL wgmma_pingpong.
         #expect(GemmKernel(rawValue: "wgmma_pingpong") == .wgmmaPingpong)
     }
@@ -151,7 +150,7 @@ import Testing
         clustered.clusterM = 2
         #expect(throws: MoEError.self) { try clustered.validate(sharedMemoryLimit: limit) }
         #expect(throws: MoEError.self) { try GemmConfig.wgmma(blockM: 32, blockN: 256, stages: 4, streamK: true).validate(sharedMemoryLimit: limit) }
-        #expect(stream.fusesActivation && !PlanSelector.fusesActivation(gemm1: stream))
+        #expect(stream.fusesActivation && MoEPlan(both: stream).activationIsFused)
         #expect(GemmKernel(rawValue: "wgmma_streamk") == .wgmmaStreamK)
         #expect(Tuner.neighbors(of: persistent, sharedMemoryLimit: limit).contains { $0.kernel == .wgmmaStreamK && $0.blockN == 256 })
         let around = Tuner.neighbors(of: stream, sharedMemoryLimit: limit)
@@ -237,7 +236,7 @@ import Testing
 
     /// The selected plan applies the activation in GEMM1 where that measured no slower (mma, swap-AB,
     /// split-K reductions).
-    @Test func selectedPlansFuseWhereItPays() throws {
+    @Test func selectedPlansFuseTheActivation() throws {
         let seed = try ShapePreset.named("seed4096").shape
         func plan(_ tokens: Int) throws -> MoEPlan {
             try PlanSelector.plan(
@@ -247,15 +246,18 @@ import Testing
         let decode = try plan(8)
         #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused)
         let prefill = try plan(1024)
-        #expect(prefill.gemm1.kernel == .wgmmaPersistent && !prefill.activationIsFused)
+        #expect(prefill.gemm1.kernel == .wgmmaPersistent && prefill.activationIsFused)
         // A wide token tile (the shipped 4096 entry's GEMM1) fuses it like the decode tiles.
         let wide = try plan(4096)
         #expect(wide.gemm1.kernel == .wgmmaSwap && wide.gemm1.blockM == 144 && wide.activationIsFused)
-        #expect(PlanSelector.fusesActivation(gemm1: GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)) == false)
+        // The heuristic's plain wgmma tile too; a split GEMM1 applies it in its reduction.
+        #expect(PlanSelector.hopperHeuristic(shape: seed, tokens: 20000).activationIsFused)
         var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         split.splitK = 2
         split.splitMode = .workspace
-        #expect(PlanSelector.fusesActivation(gemm1: split))
+        #expect(MoEPlan(both: split).activationIsFused)
+        // A persistent tile of 64 columns cannot: it keeps the separate pass.
+        #expect(!MoEPlan(both: GemmConfig.wgmma(blockM: 128, blockN: 64, stages: 8, persistent: true)).activationIsFused)
     }
 
     @Test func shippedTablesLoadAndFallBackOffHopper() throws {

@@ -186,18 +186,7 @@ public enum PlanSelector {
         } else {
             plan = heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
         }
-        plan.fusedActivation = fusesActivation(gemm1: plan.gemm1)
         return plan
-    }
-
-    /// Whether GEMM1 should apply the activation itself (its epilogue, or its split-K reduction):
-    /// measured on the H200 (bench --fusion-ab, NOTES v7), the epilogue gains a little in the mma
-    /// kernel, is even in the swap-AB decode kernel, and costs 3-6% in the unsplit prefill wgmma
-    /// kernels (the activation then runs on the consumers' critical path, which a separate
-    /// memory-bound pass does not), so those keep the separate kernel (the ping-pong kernel too:
-    /// with it fused, its GEMM1 measured no faster than the persistent one's plus the pass, NOTES v16).
-    public static func fusesActivation(gemm1: GemmConfig) -> Bool {
-        gemm1.effectiveMode != .none || gemm1.kernel == .mma || gemm1.kernel == .wgmmaSwap
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` and the A/Bs on the H200 over the five

@@ -255,13 +255,11 @@ public final class Tuner {
     }
 
     /// `plan` itself, then for each GEMM its `neighbors` with the other GEMM kept (GEMM1 candidates
-    /// take the activation where `PlanSelector.fusesActivation` says).
+    /// apply the activation themselves wherever their kernel can: `MoEPlan.fusedActivation`'s default).
     static func neighborPlans(of plan: MoEPlan, sharedMemoryLimit: Int) -> [MoEPlan] {
         var result = [plan]
         for candidate in neighbors(of: plan.gemm1, sharedMemoryLimit: sharedMemoryLimit) {
-            var moved = MoEPlan(gemm1: candidate, gemm2: plan.gemm2)
-            moved.fusedActivation = PlanSelector.fusesActivation(gemm1: candidate)
-            result.append(moved)
+            result.append(MoEPlan(gemm1: candidate, gemm2: plan.gemm2))
         }
         for candidate in neighbors(of: plan.gemm2, sharedMemoryLimit: sharedMemoryLimit) {
             var moved = MoEPlan(gemm1: plan.gemm1, gemm2: candidate)
@@ -300,9 +298,7 @@ public final class Tuner {
                 let wgmmaTiles =
                     hopper ? Tuner.hopperTiles(blockM: blockM, sharedMemoryLimit: limit, groupSizeM: wgmmaGroup) : []
                 for tile in mmaTiles + wgmmaTiles {
-                    var plan = MoEPlan(both: tile)
-                    plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)
-                    plans.append(plan)
+                    plans.append(MoEPlan(both: tile))
                     let mBlocks = min(shape.experts, tokens * shape.topK) * max(1, tokens * shape.topK / shape.experts / blockM)
                     let splits = Tuner.splitCandidates(
                         tile, tiles1: mBlocks * ((2 * shape.intermediate + tile.blockN - 1) / tile.blockN),
@@ -317,9 +313,7 @@ public final class Tuner {
             let rows = Double(tokens * shape.topK) / Double(shape.experts)
             if hopper, let width = PlanSelector.swapTokenWidth(rowsPerExpert: rows) {
                 for tile in Tuner.wideSwapTiles(around: width, sharedMemoryLimit: limit) {
-                    var plan = MoEPlan(both: tile)
-                    plan.fusedActivation = PlanSelector.fusesActivation(gemm1: tile)
-                    plans.append(plan)
+                    plans.append(MoEPlan(both: tile))
                 }
             }
             work.append((tokens, plans, PlanSelector.heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)))
