@@ -6,6 +6,8 @@
 #   REGEX       the kernel, matched against its demangled name (ncu --kernel-name regex:...)
 #   BENCH-ARGS  the arguments of `dist/fused-moe bench` (e.g. --plan-only --shape seed4096 --batch-sizes 1024)
 # NCU_SKIP (default 2) launches of the kernel are skipped (the bench's correctness pass), one is profiled.
+# The report and log are removed afterwards and the CSV gzipped (the device tool brings back a limited number
+# of files) unless KEEP_REPORT=1.
 # Clocks left alone (--clock-control none, METHOD.md). Prints the 25 SASS lines with the most samples.
 source "$(dirname "$0")/device-env.sh"
 label=$1; regex=$2; shift 2
@@ -37,4 +39,8 @@ print(f"{len(body)} SASS lines, {total:.0f} samples")
 for r in sorted(body, key=lambda r: -num(r[samp]))[:25]:
     print(f"{100 * num(r[samp]) / total:5.1f}%  {r[0]:>6}  {r[src].strip()[:110]}")
 PY
+if [[ ${KEEP_REPORT:-0} != 1 ]]; then
+  rm -f "$OUT/src-$label.ncu-rep" "$OUT/src-$label.log"
+  gzip -f "$OUT/src-$label-sass.csv"
+fi
 exit $status
