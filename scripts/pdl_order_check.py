@@ -14,6 +14,12 @@ by TMA before the wait) lies after that first, conditional ACQBULK, so it passes
 weights are the only memory it touches there. Kernels without an ACQBULK (not forward kernels, e.g.
 the random fills) are listed, not checked.
 
+Second rule, on the GEMM and elementwise kernels (SLOW_DIVISION_KERNELS): no FCHK, the operand test of an
+IEEE float division, whose slow routine runs for a zero dividend. Every padding row of a GEMM1 tile is
+zero, and silu's division cost the fused persistent GEMM1 13% (bench/NOTES.md v29); the activations use
+the approximate reciprocal instead. (The topk softmax divides once per token, the reference kernels
+are checkers: both keep IEEE division.)
+
 Needs libnvrtc and nvdisasm (pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm, or a CUDA toolkit).
 Exits 1 when a kernel breaks the rule or something does not compile.
 """
@@ -37,6 +43,8 @@ import nvrtc_compile_check as ncc  # noqa: E402
 # Global memory accesses (reads, and the atomics that read as they write).
 GLOBAL_READ = re.compile(r"\b(LDG|LDGSTS|UTMALDG|UBLKCP|LD|ATOMG|ATOM|RED)\b[.\s]")
 FUNCTION = re.compile(r"^\s*\.text\.(\S+):\s*$")
+# Kernels that must not divide with IEEE float division (the second rule).
+SLOW_DIVISION_KERNELS = re.compile(r"^(moe_gemm|moe_silu_and_mul|moe_gelu_and_mul|moe_splitk_reduce|moe_combine)")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -90,6 +98,11 @@ def violations(instructions: list[tuple[int, str]]) -> list[str] | None:
     return bad
 
 
+def slow_divisions(instructions: list[tuple[int, str]]) -> list[str]:
+    """The FCHK instructions (an IEEE float division's operand test, before its slow-path call)."""
+    return [f"/*{address:04x}*/ {text}" for address, text in instructions if re.search(r"\bFCHK\b", text)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sm_90a")
@@ -129,6 +142,11 @@ def main() -> int:
             names = {v: k for k, v in lowered.items()}
             for mangled, instructions in functions(sass).items():
                 name = names.get(mangled, mangled)
+                if SLOW_DIVISION_KERNELS.match(name):
+                    divisions = slow_divisions(instructions)
+                    if divisions:
+                        failures += 1
+                        print(f"FAIL {cu}: {name}: {len(divisions)} IEEE float division(s) (FCHK), e.g. {divisions[0]}")
                 bad = violations(instructions)
                 if bad is None:
                     unchecked += 1
