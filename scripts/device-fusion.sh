@@ -11,14 +11,17 @@
 # tables of that variant, e.g. patch:FILE). Outputs under $OUT.
 source "$(dirname "$0")/device-env.sh"
 mode=${1:-check}
-[[ $mode == large && ${SKIP_CHECK:-0} == 1 ]] && mode=large-nocheck
-if [[ $mode == large ]]; then
+checks=1  # 0: `large` with SKIP_CHECK=1 (the ceilings alone before its A/B)
+[[ $mode == large && ${SKIP_CHECK:-0} == 1 ]] && checks=0
+if [[ $mode == large && $checks == 1 ]]; then
   PYTHONUNBUFFERED=1 timeout 300 python3 scripts/kernel_check.py --quick --json "$OUT/kernel-check.json" \
     > "$OUT/kernel-check.txt" 2>&1 || status=1
   tail -2 "$OUT/kernel-check.txt"; grep -E "FAIL" "$OUT/kernel-check.txt" | head -10
 fi
 if [[ $mode == check || $mode == ab || $mode == decode || $mode == diag || $mode == large ]]; then
   python3 scripts/ceilings.py "$OUT/ceilings.json" || status=1
+fi
+if [[ $checks == 1 && ( $mode == check || $mode == ab || $mode == decode || $mode == diag || $mode == large ) ]]; then
   timeout 200 dist/fused-moe check --json "$OUT/check.json" > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "FAIL|✘" "$OUT/check.txt" | cut -c1-400 | head -20
 fi
@@ -46,8 +49,7 @@ if [[ $mode == decode ]]; then
     2>/dev/null > "$OUT/mixtral-group4.txt" || status=1
   tail -n +1 "$OUT"/decode-*.txt "$OUT"/mixtral-*.txt | cut -c1-150
 fi
-if [[ $mode == large || $mode == large-nocheck ]]; then
-  [[ $mode == large-nocheck ]] && python3 scripts/ceilings.py "$OUT/ceilings.json"
+if [[ $mode == large ]]; then
   if [[ -n ${TABLES:-} ]]; then
     python3 scripts/exp_tables.py /tmp/fusion-tables "$TABLES" > /dev/null || status=1
     export FUSED_MOE_CONFIG_DIR=/tmp/fusion-tables

@@ -21,7 +21,7 @@ the approximate reciprocal instead. (The topk softmax divides once per token, th
 are checkers: both keep IEEE division.)
 
 Needs libnvrtc and nvdisasm (pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm, or a CUDA toolkit).
-Exits 1 when a kernel breaks the rule or something does not compile.
+Exits 1 when a kernel breaks a rule or something does not compile.
 """
 
 from __future__ import annotations

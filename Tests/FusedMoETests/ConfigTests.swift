@@ -234,8 +234,8 @@ import Testing
         #expect(name == "moe_gemm_sm90_swap<moe_bf16, 64, 16, 8, 0, false, 1>")
     }
 
-    /// The selected plan applies the activation in GEMM1 where that measured no slower (mma, swap-AB,
-    /// split-K reductions).
+    /// The selected plan applies the activation in GEMM1 wherever the kernel can (every kernel of the
+    /// tables measured faster so, NOTES v29), or in a split GEMM1's reduction.
     @Test func selectedPlansFuseTheActivation() throws {
         let seed = try ShapePreset.named("seed4096").shape
         func plan(_ tokens: Int) throws -> MoEPlan {
