@@ -43,7 +43,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Write an SVG plot of time and % of floor against batch size to this file.")
     var plot: String?
 
-    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run (scripts/ceilings.py writes one with torch). Without it the copy bandwidth is measured here and the bf16 rate is taken as 715 TFLOP/s, unmeasured.")
+    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run, and optionally bf16_flops_per_s_burst (scripts/ceilings.py writes one with torch: the matrix rate sustained back to back, and in bursts for a second %burst column). Without it the copy bandwidth is measured here and the bf16 rate is taken as 715 TFLOP/s, unmeasured.")
     var ceilings: String?
 
     @Option(help: "GPU: input sets rotated through per timed graph, so repeated replays do not just re-read L2.")
@@ -125,16 +125,12 @@ extension Bench {
         var measured = Ceilings(copyBytesPerSecond: copy, matrixFlopsPerSecond: 715e12)
         if let ceilings {
             guard let text = readTextFile(ceilings) else { throw ValidationError("--ceilings: cannot read '\(ceilings)'") }
-            let json = try JSON.parse(text, source: ceilings)
-            guard let copyRate = json["copy_bytes_per_s"]?.doubleValue, let matrixRate = json["bf16_flops_per_s"]?.doubleValue,
-                copyRate > 0, matrixRate > 0
-            else { throw ValidationError("--ceilings: '\(ceilings)' needs positive copy_bytes_per_s and bf16_flops_per_s") }
-            // The faster copy of the two measurements is the ceiling.
-            measured = Ceilings(copyBytesPerSecond: max(copyRate, copy), matrixFlopsPerSecond: matrixRate)
+            measured = try Ceilings.parse(json: text, source: ceilings, measuredCopy: copy)
         } else {
             note("no --ceilings file: the bf16 matrix rate is taken as 715 TFLOP/s (the anchor's), not measured")
         }
-        note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, bf16 \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s")
+        note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, bf16 \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s"
+            + (measured.burstMatrixFlopsPerSecond.map { " (bursts: \(format($0 / 1e12, 0)) TFLOP/s, the %burst column)" } ?? ""))
         var touched: [String: [Int: Int]] = [:]
         if let touchedLike {
             guard let text = readTextFile(touchedLike) else { throw ValidationError("--touched-like: cannot read '\(touchedLike)'") }

@@ -8,6 +8,9 @@ public struct BenchRow: Sendable {
     public var splitMode: String
     public var milliseconds: Double
     public var floorMilliseconds: Double
+    /// The floor with the matrix rate measured in synchronized bursts (`Ceilings.burstMatrixFlopsPerSecond`),
+    /// when the ceilings have one: the stricter reading of a compute-bound row.
+    public var burstFloorMilliseconds: Double?
     public var relativeError: Double
     /// Experts with at least one pair, over the timed input sets (their mean: each set routes anew).
     public var expertsTouched: Double
@@ -32,16 +35,55 @@ public struct BenchRow: Sendable {
 
     /// The floor over the measured time, in percent.
     public var percentOfFloor: Double { milliseconds > 0 ? 100 * floorMilliseconds / milliseconds : 0 }
+
+    /// The burst floor over the measured time, in percent, when there is one.
+    public var percentOfBurstFloor: Double? {
+        burstFloorMilliseconds.map { milliseconds > 0 ? 100 * $0 / milliseconds : 0 }
+    }
 }
 
 /// The ceilings of the machine measured in the same run: copy bandwidth and matrix rate.
+///
+/// `matrixFlopsPerSecond` is what the floor uses: on a GPU, the rate sustained under back-to-back load,
+/// the way a bench row is timed (scripts/ceilings.py; bench/NOTES.md v30). `burstMatrixFlopsPerSecond`,
+/// when known, is the higher rate of short synchronized bursts, before the card reaches its power cap.
 public struct Ceilings: Sendable {
     public var copyBytesPerSecond: Double
     public var matrixFlopsPerSecond: Double
+    public var burstMatrixFlopsPerSecond: Double?
 
-    public init(copyBytesPerSecond: Double, matrixFlopsPerSecond: Double) {
+    public init(copyBytesPerSecond: Double, matrixFlopsPerSecond: Double, burstMatrixFlopsPerSecond: Double? = nil) {
         self.copyBytesPerSecond = copyBytesPerSecond
         self.matrixFlopsPerSecond = matrixFlopsPerSecond
+        self.burstMatrixFlopsPerSecond = burstMatrixFlopsPerSecond
+    }
+
+    /// The ceilings of a `--ceilings` file (scripts/ceilings.py's JSON): positive `copy_bytes_per_s` and
+    /// `bf16_flops_per_s`, and `bf16_flops_per_s_burst` if present. The copy ceiling is the faster of
+    /// the file's and `measuredCopy` (this process's own measurement), when that is given.
+    public static func parse(json text: String, source: String, measuredCopy: Double? = nil) throws -> Ceilings {
+        let json = try JSON.parse(text, source: source)
+        guard let copyRate = json["copy_bytes_per_s"]?.doubleValue, copyRate > 0,
+            let matrixRate = json["bf16_flops_per_s"]?.doubleValue, matrixRate > 0
+        else {
+            throw MoEError.invalidArgument(
+                "--ceilings", "'\(source)' needs positive copy_bytes_per_s and bf16_flops_per_s")
+        }
+        var burst: Double?
+        if let value = json["bf16_flops_per_s_burst"] {
+            guard let rate = value.doubleValue, rate > 0 else {
+                throw MoEError.invalidArgument("--ceilings", "'\(source)': bf16_flops_per_s_burst must be a positive number")
+            }
+            burst = rate
+        }
+        return Ceilings(
+            copyBytesPerSecond: max(copyRate, measuredCopy ?? 0), matrixFlopsPerSecond: matrixRate,
+            burstMatrixFlopsPerSecond: burst)
+    }
+
+    /// These ceilings with the burst matrix rate as the matrix rate, when there is one.
+    public var burst: Ceilings? {
+        burstMatrixFlopsPerSecond.map { Ceilings(copyBytesPerSecond: copyBytesPerSecond, matrixFlopsPerSecond: $0) }
     }
 
     /// max(bytes / bandwidth, flops / rate) in milliseconds for `tokens` tokens of a layer.
@@ -93,7 +135,7 @@ public struct BenchReport: Sendable {
             ("ceilings", .object([
                 ("copy_bytes_per_s", .number(ceilings.copyBytesPerSecond)),
                 ("bf16_flops_per_s", .number(ceilings.matrixFlopsPerSecond)),
-            ])),
+            ] + (ceilings.burstMatrixFlopsPerSecond.map { [("bf16_flops_per_s_burst", JSON.number($0))] } ?? []))),
             ("rows", .array(rows.map { row in
                 .object([
                     ("shape", .string(row.shape)),
@@ -107,6 +149,7 @@ public struct BenchReport: Sendable {
                     ("split_mode", .string(row.splitMode)),
                     ("ms", .number(row.milliseconds)),
                     ("floor_ms", .number(row.floorMilliseconds)),
+                ] + (row.burstFloorMilliseconds.map { [("floor_ms_burst", JSON.number($0))] } ?? []) + [
                     ("rel_err", .number(row.relativeError)),
                     ("experts_touched", .number(row.expertsTouched)),
                 ] + (row.stages.isEmpty ? [] : [("stages_ms", .object(row.stages.map { ($0.0, .number($0.1)) }))]))
@@ -114,17 +157,20 @@ public struct BenchReport: Sendable {
         ])
     }
 
-    /// A fixed-width table, one line per row.
+    /// A fixed-width table, one line per row; a `%burst` column (the % of the burst floor) when any
+    /// row has one.
     public func table() -> String {
+        let burst = rows.contains { $0.burstFloorMilliseconds != nil }
         var lines = [
             pad("shape", 12) + pad("M", 6) + pad("variant", 16) + pad("split", 6) + pad("mode", 22)
-                + pad("ms", 10) + pad("floor_ms", 10) + pad("%floor", 8) + "rel_err"
+                + pad("ms", 10) + pad("floor_ms", 10) + pad("%floor", 8) + (burst ? pad("%burst", 8) : "") + "rel_err"
         ]
         for row in rows {
+            let burstText = burst ? pad(row.percentOfBurstFloor.map { format($0, 1) } ?? "-", 8) : ""
             lines.append(
                 pad(row.shape, 12) + pad("\(row.tokens)", 6) + pad(row.variant, 16) + pad("\(row.splitK)", 6)
                     + pad(row.splitMode, 22) + pad(format(row.milliseconds, 4), 10)
-                    + pad(format(row.floorMilliseconds, 4), 10) + pad(format(row.percentOfFloor, 1), 8)
+                    + pad(format(row.floorMilliseconds, 4), 10) + pad(format(row.percentOfFloor, 1), 8) + burstText
                     + formatScientific(row.relativeError))
         }
         return lines.joined(separator: "\n")

@@ -144,6 +144,8 @@ public final class GPUBench {
             let touched = Double(touchedCounts.reduce(0, +)) / Double(touchedCounts.count)
             let floor = ceilings.meanFloorMilliseconds(
                 shape: shape, tokens: tokens, expertsTouched: touchedCounts, dtype: dtype)
+            let burstFloor = ceilings.burst?.meanFloorMilliseconds(
+                shape: shape, tokens: tokens, expertsTouched: touchedCounts, dtype: dtype)
             let out = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * dtype.byteCount)
             for setting in settings {
                 let layerPlan = try plan(setting, tokens)
@@ -161,6 +163,7 @@ public final class GPUBench {
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting.isAuto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)
+                row.burstFloorMilliseconds = burstFloor
                 if stages {
                     row.stages = try stageBreakdown(layer: layer, inputs: inputs[0], out: out)
                     progress("    stages: " + row.stages.map { "\($0.0) \(format($0.1, 4))" }.joined(separator: ", "))
