@@ -38,8 +38,14 @@ struct Tune: ParsableCommand {
     @Flag(help: "Search only the neighbours of the plan in use (stages, BLOCK_N, persistent, split, groups, clusters).")
     var refine = false
 
+    @Option(help: "Milliseconds each candidate runs back to back before its stages are timed, so it is timed at the card's clock under sustained load (an H200's power cap), as the bench times rows; 0: no warm-up.")
+    var sustainMs: Double = Tuner.defaultSustainMilliseconds
+
     func validate() throws {
         guard dtype != .fp32 else { throw ValidationError("--dtype must be bf16 or fp16 on the GPU") }
+        guard sustainMs.isFinite, (0...10_000).contains(sustainMs) else {
+            throw ValidationError("--sustain-ms must be between 0 and 10000 milliseconds, got \(sustainMs)")
+        }
         try validatePresetNames(shapes)
     }
 
@@ -55,7 +61,8 @@ struct Tune: ParsableCommand {
         for name in shapes {
             let preset = try ShapePreset.named(name)
             let outcomes = try tuner.tune(
-                preset: preset, batchSizes: batches, dtype: dtype, seed: seed, around: refine, progress: ProgressPrinter().show)
+                preset: preset, batchSizes: batches, dtype: dtype, seed: seed, around: refine, sustainMilliseconds: sustainMs,
+                progress: ProgressPrinter().show)
             let table = ConfigTable(source: out, entries: outcomes.map { ($0.tokens, $0.plan) })
             let fileName = ConfigTable.fileName(
                 experts: preset.shape.experts, n: preset.shape.intermediate, deviceName: device.properties.name, dtype: nil)

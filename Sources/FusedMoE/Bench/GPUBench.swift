@@ -208,6 +208,26 @@ public final class GPUBench {
             ? plan.gemm1.kernel.rawValue : plan.gemm1.kernel.rawValue + "+" + plan.gemm2.kernel.rawValue
     }
 
+    /// Runs `layer`'s forward back to back for about `milliseconds` (their count from one timed forward),
+    /// so that what is timed next runs as a bench row does: with the card at its steady clock under
+    /// load, which on an H200 is its power cap (bench/NOTES.md v30). 0 does nothing.
+    func sustain(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer, milliseconds: Double) throws {
+        guard milliseconds > 0 else { return }
+        func forward() throws {
+            try layer.forward(
+                x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
+                tokens: inputs.tokens, stream: stream)
+        }
+        let start = try Event(device: library.device)
+        let end = try Event(device: library.device)
+        try start.record(on: stream)
+        try forward()
+        try end.record(on: stream)
+        let once = max(try Event.elapsedMilliseconds(from: start, to: end), 1e-3)
+        for _ in 0..<min(Int(milliseconds / once), 100_000) { try forward() }
+        try stream.synchronize()
+    }
+
     /// Median milliseconds of each stage of one forward (align, gemm1, activation, gemm2, combine),
     /// from events recorded between the stages over `repeats` plain (not graph) forwards.
     func stageBreakdown(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer, repeats: Int = 20) throws

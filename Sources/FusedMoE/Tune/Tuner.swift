@@ -25,6 +25,11 @@ public final class Tuner {
         bench = try GPUBench(library: library)
     }
 
+    /// How long each candidate runs back to back before its stages are timed (`tune --sustain-ms`): long
+    /// enough for an H200 to reach its power cap (tens of milliseconds, NOTES v30), so candidates are
+    /// ranked at the clock the bench's rows and a serving loop run at, not at the boost clock of a burst.
+    public static let defaultSustainMilliseconds = 100.0
+
     /// One batch size's outcome.
     public struct Outcome: Sendable {
         public var tokens: Int
@@ -273,7 +278,7 @@ public final class Tuner {
     /// `around`: search the neighbours of the plan in use instead of every tile (see the type).
     public func tune(
         preset: ShapePreset, batchSizes: [Int], dtype: DType, seed: UInt64, around: Bool = false,
-        progress: (String) -> Void
+        sustainMilliseconds: Double = Tuner.defaultSustainMilliseconds, progress: (String) -> Void
     ) throws -> [Outcome] {
         let device = library.device
         let shape = preset.shape
@@ -348,6 +353,8 @@ public final class Tuner {
                 guard let layer = try? CUDAMoELayer(
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
                 else { return }
+                // Timed at the card's steady clock under load, as the bench's rows are (NOTES v30).
+                try bench.sustain(layer: layer, inputs: inputs, out: out, milliseconds: sustainMilliseconds)
                 let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
                 let (blockM1, blockM2) = (plan.gemm1.blockM, plan.gemm2.blockM)
                 // GEMM1 is charged with the activation its epilogue may absorb (so fused and separate
