@@ -224,7 +224,7 @@ public final class GPUBench {
         try forward()
         try end.record(on: stream)
         let once = max(try Event.elapsedMilliseconds(from: start, to: end), 1e-3)
-        for _ in 0..<min(Int(milliseconds / once), 100_000) { try forward() }
+        for _ in 0..<min(Int(milliseconds / once), 20_000) { try forward() }
         try stream.synchronize()
     }
 
