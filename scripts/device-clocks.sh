@@ -2,7 +2,7 @@
 # On the GPU machine: the SM clock and power the card holds while it runs a row, against a dense bf16
 # product run back to back (bench/NOTES.md v30: under load the H200 sits at its power cap). For each
 # SHAPE:M in ROWS, RUNS `bench --plan-only` processes back to back with nvidia-smi sampling every 50 ms;
-# the samples above 300 W are the loaded ones. Output: $OUT/clocks.txt.
+# summarized over the samples above 300 W and above 550 W (the timed replays; set-up draws less). Output: $OUT/clocks.txt.
 source "$(dirname "$0")/device-env.sh"
 device_ceilings
 summary() {  # name, csv: median SM MHz, median and max power over the loaded samples
@@ -15,12 +15,13 @@ for line in open(sys.argv[2]):
         rows.append((float(parts[1]), float(parts[2]), parts[3]))
     except (IndexError, ValueError):
         pass
-busy = [r for r in rows if r[1] > 300]
-if not busy:
-    print(f"{sys.argv[1]:28s} no loaded samples ({len(rows)})")
-else:
+for floor in (300, 550):
+    busy = [r for r in rows if r[1] > floor]
+    if not busy:
+        print(f"{sys.argv[1]:28s} > {floor} W: no samples ({len(rows)})")
+        continue
     capped = sum(1 for r in busy if r[2].endswith("4"))
-    print(f"{sys.argv[1]:28s} {len(busy):4d} loaded samples: SM MHz median {statistics.median(r[0] for r in busy):.0f} "
+    print(f"{sys.argv[1]:28s} > {floor} W: {len(busy):4d} samples, SM MHz median {statistics.median(r[0] for r in busy):.0f} "
           f"(min {min(r[0] for r in busy):.0f}), power W median {statistics.median(r[1] for r in busy):.0f} "
           f"(max {max(r[1] for r in busy):.0f}), at the power cap {capped}")
 PY
