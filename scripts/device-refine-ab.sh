@@ -2,7 +2,7 @@
 # On the GPU machine: `tune --refine` around the shipped plans for the rows ROWS (SHAPE:M,M,... words;
 # default: the compute-bound large-M rows), merged into one tables file, then a same-call A/B of the
 # shipped tables against those tables on the same rows (device-ab.sh, SETTINGS "shipped patch:FILE",
-# ROUNDS rounds, default 2, no check). TUNE_ARGS go to every tune (e.g. "--sustain-ms 0").
+# ROUNDS rounds, default 2, no check). TUNE_ARGS go to every tune (session 21 ran it with "--sustain-ms 100").
 # Outputs under $OUT: ceilings.json, refine.txt (the tuner's summaries), refined.json, ab.txt.
 source "$(dirname "$0")/device-env.sh"
 device_ceilings

@@ -38,7 +38,7 @@ struct Tune: ParsableCommand {
     @Flag(help: "Search only the neighbours of the plan in use (stages, BLOCK_N, persistent, split, groups, clusters).")
     var refine = false
 
-    @Option(help: "Milliseconds each candidate runs back to back before its stages are timed, so it is timed at the card's clock under sustained load (an H200's power cap), as the bench times rows; 0: no warm-up.")
+    @Option(help: "Milliseconds each candidate runs back to back before its stages are timed, so it is timed at the card's clock under sustained load (100 reaches an H200's power cap, for a kernel that draws that much); 0: no warm-up.")
     var sustainMs: Double = Tuner.defaultSustainMilliseconds
 
     func validate() throws {

@@ -25,10 +25,11 @@ public final class Tuner {
         bench = try GPUBench(library: library)
     }
 
-    /// How long each candidate runs back to back before its stages are timed (`tune --sustain-ms`): long
-    /// enough for an H200 to reach its power cap (tens of milliseconds, NOTES v30), so candidates are
-    /// ranked at the clock the bench's rows and a serving loop run at, not at the boost clock of a burst.
-    public static let defaultSustainMilliseconds = 100.0
+    /// How long each candidate runs back to back before its stages are timed (`tune --sustain-ms`). 100 is
+    /// long enough for an H200 to reach its power cap (tens of milliseconds), for a kernel that would.
+    /// Off by default: the shipped plans' rows stay below the cap, and the refine ranked the same
+    /// with and without it (NOTES v30).
+    public static let defaultSustainMilliseconds = 0.0
 
     /// One batch size's outcome.
     public struct Outcome: Sendable {
