@@ -209,8 +209,8 @@ public final class GPUBench {
     }
 
     /// Runs `layer`'s forward back to back for about `milliseconds` (their count from one timed forward),
-    /// so that what is timed next runs as a bench row does: with the card at its steady clock under
-    /// load, which on an H200 is its power cap (bench/NOTES.md v30). 0 does nothing.
+    /// so that what is timed next runs with the card at its steady clock under that load: for a layer
+    /// that draws enough power, an H200's power cap (bench/NOTES.md v30). 0 does nothing.
     func sustain(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer, milliseconds: Double) throws {
         guard milliseconds > 0 else { return }
         func forward() throws {

@@ -354,7 +354,7 @@ public final class Tuner {
                 guard let layer = try? CUDAMoELayer(
                     library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
                 else { return }
-                // Timed at the card's steady clock under load, as the bench's rows are (NOTES v30).
+                // With `sustainMilliseconds`: timed after that much back-to-back load (NOTES v30).
                 try bench.sustain(layer: layer, inputs: inputs, out: out, milliseconds: sustainMilliseconds)
                 let stages = Dictionary(uniqueKeysWithValues: try bench.stageBreakdown(layer: layer, inputs: inputs, out: out, repeats: 12))
                 let (blockM1, blockM2) = (plan.gemm1.blockM, plan.gemm2.blockM)
