@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from ceilings import median_ms  # scripts/ceilings.py: the burst protocol
+
 
 def smi():
     try:
@@ -29,19 +31,11 @@ def main():
     flops = 2 * n**3
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.mm(a, b)
-    torch.cuda.synchronize()
-    # The burst protocol of ceilings.py.
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(20):
-        start.record(); torch.mm(a, b); end.record(); end.synchronize()
-        samples.append(start.elapsed_time(end))
-    print(f"burst (ceilings.py): {flops / statistics.median(samples) / 1e9:.0f} TFLOP/s")
+    burst_ms = median_ms(lambda: torch.mm(a, b))
+    print(f"burst (ceilings.py): {flops / burst_ms / 1e9:.0f} TFLOP/s")
     for window in [float(w) for w in args.windows.split(",")]:
         time.sleep(2)  # let the card settle between windows
-        per = statistics.median(samples) / 1000
+        per = burst_ms / 1000
         count = max(int(window / per), 10)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
         events[0].record()

@@ -12,7 +12,7 @@ rows = []
 for line in open(sys.argv[2]):
     parts = [p.strip() for p in line.split(",")]
     try:
-        rows.append((float(parts[1]), float(parts[2]), parts[3]))
+        rows.append((float(parts[1]), float(parts[2]), parts[4]))  # SM MHz, W, throttle reasons
     except (IndexError, ValueError):
         pass
 for floor in (300, 550):
@@ -26,15 +26,13 @@ for floor in (300, 550):
           f"(max {max(r[1] for r in busy):.0f}), at the power cap {capped}")
 PY
 }
-log() { nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active \
-  --format=csv,noheader,nounits -lms 50 > "$1" 2>/dev/null & echo $!; }
-pid=$(log /tmp/clocks-mm.csv)
+pid=$(device_smi_log /tmp/clocks-mm.csv 50)
 python3 scripts/ceiling_sustain.py --windows 3 | tail -1 | tee -a "$OUT/clocks.txt"
 kill $pid; summary "bf16 8192^3 back to back" /tmp/clocks-mm.csv
 for row in ${ROWS:-mixtral_tp2:1024 mixtral_tp2:8192 seed4096:4096 qwen235_tp2:8192}; do
   shape=${row%%:*}; m=${row##*:}
   csv=/tmp/clocks-$shape-$m.csv
-  pid=$(log "$csv")
+  pid=$(device_smi_log "$csv" 50)
   for run in $(seq 1 ${RUNS:-4}); do
     dist/fused-moe bench --plan-only --shape "$shape" --batch-sizes "$m" --ceilings "$OUT/ceilings.json" 2>/dev/null \
       | awk -v s="$shape" '$1 == s { printf "  %s M=%s %s ms %s%%\n", $1, $2, $6, $8 }' | tee -a "$OUT/clocks.txt"

@@ -6,6 +6,9 @@
 # device_ceilings: copy bandwidth and bf16 matrix rate into $OUT/ceilings.json.
 # device_check SECONDS [GREP]: the full check into $OUT/check.txt under a timeout; prints its summary
 #   and the lines matching FAIL (or GREP).
+# device_smi_log FILE [MS]: nvidia-smi samples every MS milliseconds (default 100) into FILE in the
+#   background, one CSV line each: timestamp, SM clock (MHz), power (W), temperature (C), throttle reasons
+#   (SMI_FIELDS); prints the logger's pid (kill it when done).
 # Settings of the A/B scripts, TABLES[+define:D][+env:V] (device-ab.sh's header): tables_of, defines_of
 #   and env_of split one; table_dir names a scratch folder for a table variant or an output.
 set -uo pipefail
@@ -21,6 +24,12 @@ device_ceilings() {
 device_check() {
   timeout "$1" dist/fused-moe check --json /tmp/check.json > "$OUT/check.txt" 2>&1 || status=1
   tail -1 "$OUT/check.txt"; grep -E "${2:-FAIL}" "$OUT/check.txt" | cut -c1-300 | head -20
+}
+
+SMI_FIELDS=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active
+device_smi_log() {
+  nvidia-smi --query-gpu=$SMI_FIELDS --format=csv,noheader,nounits -lms "${2:-100}" > "$1" 2>/dev/null &
+  echo $!
 }
 
 table_dir() { echo "/tmp/exp-${1//[:\/.]/_}"; }

@@ -9,9 +9,7 @@ source "$(dirname "$0")/device-env.sh"
 device_ceilings
 row=${ROW:-mixtral_tp2:1024}; shape=${row%%:*}; m=${row##*:}
 smi="$OUT/smi.csv"
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-  --format=csv,noheader,nounits -lms 100 > "$smi" 2>/dev/null &
-smi_pid=$!
+smi_pid=$(device_smi_log "$smi")
 phase() {
   local name=$1; shift
   local start=$(date +%s.%N)
@@ -36,22 +34,22 @@ import sys, datetime, statistics
 rows = []
 for line in open(sys.argv[1]):
     parts = [p.strip() for p in line.split(",")]
-    if len(parts) < 6: continue
+    if len(parts) < 5: continue  # device_smi_log's fields: time, SM MHz, W, C, throttle reasons
     try:
         t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-        rows.append((t, float(parts[1]), float(parts[2]), float(parts[3]), float(parts[4]), parts[5]))
+        rows.append((t, float(parts[1]), float(parts[2]), float(parts[3]), parts[4]))
     except ValueError:
         continue
 print(f"{len(rows)} nvidia-smi samples")
 for line in open(sys.argv[2]):
     name, start, end = line.split()
     inside = [r for r in rows if float(start) <= r[0] <= float(end)]
-    busy = [r for r in inside if r[3] > 150]  # samples under load
+    busy = [r for r in inside if r[2] > 150]  # samples under load
     if not busy: print(f"{name:12s} no loaded samples ({len(inside)} in phase)"); continue
-    reasons = sorted(set(r[5] for r in busy))
+    reasons = sorted(set(r[4] for r in busy))
     print(f"{name:12s} loaded {len(busy):4d}: sm MHz median {statistics.median(r[1] for r in busy):.0f} "
-          f"min {min(r[1] for r in busy):.0f}, power W median {statistics.median(r[3] for r in busy):.0f} "
-          f"max {max(r[3] for r in busy):.0f}, temp C {min(r[4] for r in busy):.0f}-{max(r[4] for r in busy):.0f}, "
+          f"min {min(r[1] for r in busy):.0f}, power W median {statistics.median(r[2] for r in busy):.0f} "
+          f"max {max(r[2] for r in busy):.0f}, temp C {min(r[3] for r in busy):.0f}-{max(r[3] for r in busy):.0f}, "
           f"throttle {','.join(reasons)}")
 PY
 exit $status

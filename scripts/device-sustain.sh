@@ -3,9 +3,7 @@
 # (ceiling_sustain.py), with nvidia-smi logging the SM clock, power and throttle reasons every 100 ms
 # into $OUT/sustain-smi.csv. Output: $OUT/sustain.txt.
 source "$(dirname "$0")/device-env.sh"
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-  --format=csv,noheader,nounits -lms 100 > "$OUT/sustain-smi.csv" 2>/dev/null &
-smi_pid=$!
+smi_pid=$(device_smi_log "$OUT/sustain-smi.csv")
 python3 scripts/ceiling_sustain.py ${SUSTAIN_ARGS:-} 2>&1 | tee "$OUT/sustain.txt" || status=1
 kill $smi_pid 2>/dev/null
 exit $status

@@ -155,7 +155,7 @@ public final class GPUBench {
                 // Correctness of this very configuration, poisoned first.
                 let error = relativeError(try inputs[0].runPoisoned(layer, out: out, stream: stream).values, reference)
 
-                let milliseconds = try time(layer: layer, inputs: inputs, out: out, tokens: tokens)
+                let milliseconds = try time(layer: layer, inputs: inputs, out: out)
                 let label = setting.label
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
@@ -213,18 +213,13 @@ public final class GPUBench {
     /// that draws enough power, an H200's power cap (bench/NOTES.md v30). 0 does nothing.
     func sustain(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer, milliseconds: Double) throws {
         guard milliseconds > 0 else { return }
-        func forward() throws {
-            try layer.forward(
-                x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
-                tokens: inputs.tokens, stream: stream)
-        }
         let start = try Event(device: library.device)
         let end = try Event(device: library.device)
         try start.record(on: stream)
-        try forward()
+        try inputs.forward(layer, out: out, stream: stream)
         try end.record(on: stream)
         let once = max(try Event.elapsedMilliseconds(from: start, to: end), 1e-3)
-        for _ in 0..<min(Int(milliseconds / once), 20_000) { try forward() }
+        for _ in 0..<min(Int(milliseconds / once), 20_000) { try inputs.forward(layer, out: out, stream: stream) }
         try stream.synchronize()
     }
 
@@ -240,10 +235,7 @@ public final class GPUBench {
             var events = [try Event(device: device)]
             var stageNames: [String] = []
             try events[0].record(on: stream)
-            try layer.forward(
-                x: inputs.x.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: out.pointer,
-                tokens: inputs.tokens, stream: stream
-            ) { (name: String) throws(CUDAError) in
+            try inputs.forward(layer, out: out, stream: stream) { (name: String) throws(CUDAError) in
                 let event = try Event(device: device)
                 try event.record(on: self.stream)
                 events.append(event)
@@ -262,13 +254,9 @@ public final class GPUBench {
 
     /// Median milliseconds per forward: a graph of `rotations` forwards (one per input set, so
     /// repeated runs do not just re-read L2) replayed after warm-up.
-    func time(layer: CUDAMoELayer, inputs: [LayerInputs], out: DeviceBuffer, tokens: Int) throws -> Double {
+    func time(layer: CUDAMoELayer, inputs: [LayerInputs], out: DeviceBuffer) throws -> Double {
         let graph = try Graph(capturing: stream) {
-            for input in inputs {
-                try layer.forward(
-                    x: input.x.pointer, topkIDs: input.ids.pointer, topkWeights: input.weights.pointer, out: out.pointer,
-                    tokens: tokens, stream: stream)
-            }
+            for input in inputs { try input.forward(layer, out: out, stream: stream) }
         }
         let start = try Event(device: library.device)
         let end = try Event(device: library.device)

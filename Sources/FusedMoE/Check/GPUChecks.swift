@@ -855,12 +855,19 @@ struct LayerInputs {
     /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
     /// and reads the output back, counting the NaNs left (elements the forward did not write).
     /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
+    /// Enqueues `layer`'s forward of these inputs into `out` on `stream` (no synchronization).
+    func forward(
+        _ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream, stageMarker: CUDAMoELayer.StageMarker? = nil
+    ) throws {
+        try layer.forward(
+            x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
+            stream: stream, stageMarker: stageMarker)
+    }
+
     func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream, scratch: Bool = true) throws -> LayerOutput {
         try out.fill(byte: 0xFF, on: stream)
         if scratch { try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts) }
-        try layer.forward(
-            x: x.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: out.pointer, tokens: tokens,
-            stream: stream)
+        try forward(layer, out: out, stream: stream)
         try stream.synchronize()
         let bits = try out.download(count: tokens * layer.shape.hidden, as: UInt16.self)
         let values = bits.map { layer.dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }

@@ -434,9 +434,9 @@ public final class Tuner {
             let reference = try inputs.reference(weights: weights, library: library, stream: bench.stream)
             let layer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: plan, maxTokens: tokens)
             let error = relativeError(try inputs.runPoisoned(layer, out: out, stream: bench.stream).values, reference)
-            let ms = try bench.time(layer: layer, inputs: [inputs], out: out, tokens: tokens)
+            let ms = try bench.time(layer: layer, inputs: [inputs], out: out)
             let baselineLayer = try CUDAMoELayer(library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: baseline, maxTokens: tokens)
-            let baselineMs = try bench.time(layer: baselineLayer, inputs: [inputs], out: out, tokens: tokens)
+            let baselineMs = try bench.time(layer: baselineLayer, inputs: [inputs], out: out)
             progress("M=\(tokens): \(format(ms, 4)) ms (\(around ? "in use" : "heuristic") \(format(baselineMs, 4)) ms), rel_err \(formatScientific(error)), \(pruned) candidates pruned by the roofline so far: \(plan)")
             guard error < errorBound(dtype) else {
                 throw MoEError.mismatch("the tuned plan for M=\(tokens) gives rel_err \(error): \(plan)")
