@@ -142,6 +142,8 @@ MOE_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 /// std::conditional, which NVRTC cannot include.
 template <bool COND, typename A, typename B> struct moe_conditional { typedef A type; };
 template <typename A, typename B> struct moe_conditional<false, A, B> { typedef B type; };
+template <typename A, typename B> struct moe_is_same { static constexpr bool value = false; };
+template <typename A> struct moe_is_same<A, A> { static constexpr bool value = true; };
 /// A compile-time int as a value (std::integral_constant without <type_traits>): lets a generic
 /// lambda take a template parameter.
 template <int V> struct moe_int_constant { static constexpr int value = V; };
@@ -295,6 +297,22 @@ MOE_DEVICE void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& 
 /// ldmatrix.sync.aligned.m8n8.x2.shared.b16: two 8x8 b16 matrices (row addresses from lanes 0..15).
 MOE_DEVICE void ldmatrix_x2(uint32_t& r0, uint32_t& r1, uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+
+/// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16: four 8x8 b16 matrices, each held in the mma
+/// fragment layout (lane l: row l / 4, columns 2 (l % 4) and + 1, packed in register i for matrix i),
+/// stored transposed: lanes 8i..8i+7 give the addresses of matrix i's stored rows, stored row k being
+/// the fragment's column k (16 bytes).
+MOE_DEVICE void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                 "r"(r1), "r"(r2), "r"(r3)
+                 : "memory");
+}
+
+/// The same for two matrices (row addresses from lanes 0..15).
+MOE_DEVICE void stmatrix_x2_trans(uint32_t addr, uint32_t r0, uint32_t r1) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};\n" ::"r"(addr), "r"(r0), "r"(r1)
+                 : "memory");
 }
 
 /// mma.sync.aligned.m16n8k16.row.col.f32.{bf16|f16}: d += a * b on one 16x8x16 tile, fp32 accumulate.

@@ -92,7 +92,11 @@
 //         as above with the A ring holding TOKENS rows and the B ring BLOCK_N_W rows. The output tile
 //         is staged transposed, fp32 [TOKENS][BLOCK_N_W + 4], in the ring (which must hold it: the
 //         host checks TOKENS * (BLOCK_N_W + 4) * 4 <= STAGES*128*(TOKENS + BLOCK_N_W)), and the routed
-//         weight applied (and the value rounded once to T in mode 0) on the way out.
+//         weight applied (and the value rounded once to T in mode 0) on the way out. FUSED_ACT with two
+//         m64 blocks per consumer warpgroup (BLOCK_N_W 128, 256; MOE_SM90_SWAP_PAIRED_ACT, where it
+//         compiles without spills): warpgroup w multiplies gate rows [64 w, 64 w + 64) and the matching up
+//         rows BLOCK_N_W / 2 further, applies the activation in registers and stages only the T results,
+//         [TOKENS][BLOCK_N_W / 2 + 8], by stmatrix.
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
@@ -302,6 +306,20 @@
 #define MOE_SM90_FIT_WIDTH 1
 #endif
 
+// The swap-AB kernel with the activation fused and two m64 blocks of weight rows per consumer warpgroup
+// (BLOCK_N_W 128 or 256): each warpgroup multiplies a gate block and its matching up block (block b at
+// weight row 64 wg + b BLOCK_N_W / 2 of the tile), so a thread holds gate and up of the same output
+// column and token and applies the activation in registers; the T results are staged by stmatrix
+// (bench/NOTES.md v31). 0: the warpgroups own contiguous weight rows and the epilogue pairs gate and up
+// through an fp32 staging of the whole tile.
+#ifndef MOE_SM90_SWAP_PAIRED_ACT
+#define MOE_SM90_SWAP_PAIRED_ACT 1
+#endif
+// Activations computed together in that epilogue (a divisor of 4: every fitted width's W / 2 is a multiple).
+#ifndef MOE_SM90_PAIRED_ACT_GROUP
+#define MOE_SM90_PAIRED_ACT_GROUP 4
+#endif
+
 // MARK: - Pieces shared by the kernels
 
 /// One consumer warpgroup's products of one K tile into acc (N / 2 fp32 per thread): fences acc,
@@ -319,10 +337,12 @@ MOE_DEVICE void moe_sm90_mma_k_tile(float (&acc)[N / 2], uint64_t desc_a, uint64
     for (int i = 0; i < N / 2; ++i) wgmma_fence_operand(acc[i]);
 }
 
-/// The same for BLOCKS m64 blocks of A rows (block b at A row 64 b, into acc[b]) against one B, from
-/// ring stage `stage` (A at desc_a0 + stage * A_STAGE_BYTES, B likewise): K_STEPS x BLOCKS wgmma in one
-/// group (the swap-AB kernel's weight-row blocks, the ping-pong warpgroup's halves).
-template <typename T, int N, int K_STEPS, int BLOCKS, int A_STAGE_BYTES, int B_STAGE_BYTES>
+/// The same for BLOCKS m64 blocks of A rows (block b at BLOCK_STRIDE_BYTES b from desc_a0, 64 rows of 128
+/// bytes apart by default, into acc[b]) against one B, from ring stage `stage` (A at desc_a0 + stage *
+/// A_STAGE_BYTES, B likewise): K_STEPS x BLOCKS wgmma in one group (the swap-AB kernel's weight-row
+/// blocks, the ping-pong warpgroup's halves).
+template <typename T, int N, int K_STEPS, int BLOCKS, int A_STAGE_BYTES, int B_STAGE_BYTES,
+          int BLOCK_STRIDE_BYTES = 64 * 128>
 MOE_DEVICE void moe_sm90_mma_k_tile_blocks(float (&acc)[BLOCKS][N / 2], uint64_t desc_a0, uint64_t desc_b0, int stage) {
 #pragma unroll
     for (int b = 0; b < BLOCKS; ++b)
@@ -335,7 +355,8 @@ MOE_DEVICE void moe_sm90_mma_k_tile_blocks(float (&acc)[BLOCKS][N / 2], uint64_t
     for (int kk = 0; kk < K_STEPS; ++kk)
 #pragma unroll
         for (int b = 0; b < BLOCKS; ++b)
-            wgmma_m64nNk16_ss<T, N>(acc[b], desc_a + (((b * 64 * 128) + kk * 16 * 2) >> 4), desc_b + ((kk * 16 * 2) >> 4), 1);
+            wgmma_m64nNk16_ss<T, N>(acc[b], desc_a + (((b * BLOCK_STRIDE_BYTES) + kk * 16 * 2) >> 4),
+                                    desc_b + ((kk * 16 * 2) >> 4), 1);
     wgmma_commit_group();
 #pragma unroll
     for (int b = 0; b < BLOCKS; ++b)
@@ -1113,6 +1134,14 @@ struct MoEGemmSm90SwapTraits {
     static constexpr bool FUSED = FUSED_ACT != 0;
     static constexpr int OUT_COLS = FUSED ? BLOCK_N_W / 2 : BLOCK_N_W;
     static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
+    // MOE_SM90_SWAP_PAIRED_ACT: warpgroup wg's m64 block b holds weight rows [64 wg + b BLOCK_N_W / 2, + 64)
+    // (block 0 gate, block 1 the matching up rows); the activated T columns are staged [TOKENS][OUT_COLS
+    // + 8] (a 16-byte pad: the stmatrix rows and the 16-byte reads hit distinct banks).
+    // Only where it compiles without spills (nvrtc_compile_check.py): bf16 silu at every width, any dtype and
+    // activation up to 128 tokens (fp16 at 160, and gelu from 144 on 256 weight rows, spilled 4-264 bytes).
+    static constexpr bool PAIRED = FUSED && M_BLOCKS == 2 && MOE_SM90_SWAP_PAIRED_ACT != 0 &&
+                                   ((FUSED_ACT == 1 && moe_is_same<T, moe_bf16>::value) || TOKENS <= 128);
+    static constexpr int PAIRED_PITCH = OUT_COLS + 8;  // T elements per staged token row
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128 || BLOCK_N_W == 256, "BLOCK_N_W in {64, 128, 256}");
@@ -1125,6 +1154,7 @@ struct MoEGemmSm90SwapTraits {
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
     static_assert(TOKENS * STAGE_PITCH * 4 <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
+    static_assert(!PAIRED || TOKENS * PAIRED_PITCH * 2 <= Smem::RING_BYTES, "the paired staging must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
@@ -1132,6 +1162,74 @@ struct MoEGemmSm90SwapTraits {
                                               THREADS * LAUNCH_REGISTERS,
                   "setmaxnreg budget exceeds the registers allocated at launch");
 };
+
+/// The swap-AB kernel's fused epilogue with paired blocks (Tr::PAIRED), for the first W token rows: acc[0][i]
+/// and acc[1][i] are gate and up of output column 64 wg + 16 warp + lane / 4 + 8 h and token 8 j + 2 (lane %
+/// 4) + c (i = 4 j + 2 h + c). Each thread rounds act(gate) * up to T (moe_act_and_mul, as the separate
+/// pass), packs token pairs and stores them transposed by stmatrix into staged[token][column] (the ring's
+/// memory, once every consumer is done with it); then the consumers store 16-byte row pieces to C row
+/// pair(token). The result is bit for bit the unpaired epilogue's.
+template <typename T, typename Tr, int W, int FUSED_ACT, typename Smem>
+MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem& sm, const MoESm90Tile& tile,
+                                              void* __restrict__ C, int64_t N, int64_t stride_cm, int wg, int wg_tid,
+                                              int ctid, int lane) {
+    constexpr int PITCH = Tr::PAIRED_PITCH;
+    constexpr int J = W / 8;  // 8-token column blocks of the accumulators
+    fence_proxy_async_shared_cta();
+    bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
+    T* staged = reinterpret_cast<T*>(sm.base);
+    const int col0 = wg * 64 + (wg_tid / 32) * 16;  // the warp's 16 output columns
+    // stmatrix row addresses: lane l gives row l % 8 of matrix l / 8; matrix q of a call is (j + q / 2, h = q % 2).
+    const int q = lane / 8;
+    const uint32_t row_addr = cvta_to_shared_u32(staged + (8 * (q / 2) + lane % 8) * PITCH + col0 + 8 * (q % 2));
+    // act(gate) * up in place of gate (acc[1][i] dies with its use), then packed token pairs. In groups of
+    // G values whose operands and results pass through empty volatile asm statements (kept in order), so
+    // ptxas cannot start a group before the previous one has finished: its unbounded interleaving of the
+    // activations, on top of the live accumulators, spilled.
+    constexpr int G = MOE_SM90_PAIRED_ACT_GROUP;
+    static_assert((W / 2) % G == 0, "the accumulators come in whole groups");
+#pragma unroll
+    for (int g = 0; g < W / 2; g += G) {
+#pragma unroll
+        for (int i = g; i < g + G; ++i) asm volatile("" : "+f"(acc[0][i]), "+f"(acc[1][i]));
+#pragma unroll
+        for (int i = g; i < g + G; ++i) acc[0][i] = moe_act_and_mul<T, FUSED_ACT>(acc[0][i], acc[1][i]);
+#pragma unroll
+        for (int i = g; i < g + G; ++i) asm volatile("" : "+f"(acc[0][i]));
+    }
+    const auto packed = [&](int j, int h) { return pack2<T>(acc[0][4 * j + 2 * h], acc[0][4 * j + 2 * h + 1]); };
+#pragma unroll
+    for (int j = 0; j + 1 < J; j += 2)
+        stmatrix_x4_trans(row_addr + static_cast<uint32_t>(8 * j * PITCH * 2), packed(j, 0), packed(j, 1),
+                          packed(j + 1, 0), packed(j + 1, 1));
+    if constexpr (J % 2 == 1)  // lanes 0..15 address matrices (J - 1, 0) and (J - 1, 1)
+        stmatrix_x2_trans(row_addr + static_cast<uint32_t>(8 * (J - 1) * PITCH * 2), packed(J - 1, 0),
+                          packed(J - 1, 1));
+    bar_sync<1, Tr::CONSUMER_THREADS>();
+
+    constexpr int VEC = 8;  // T elements per 16-byte piece
+    constexpr int CPR = Tr::OUT_COLS / VEC;
+    T* out = static_cast<T*>(C);
+    const bool vec_ok = stride_cm % VEC == 0;
+    const int64_t out_n0 = tile.n0 / 2;
+    const int64_t out_n = N / 2;
+    for (int idx = ctid; idx < W * CPR; idx += Tr::CONSUMER_THREADS) {
+        const int r = idx / CPR;
+        const int c = idx % CPR;
+        const int32_t p = sm.pair[r];
+        const int64_t n = out_n0 + c * VEC;
+        if (p < 0 || n >= out_n) continue;
+        const T* src = staged + r * PITCH + c * VEC;
+        T* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+        if (vec_ok && n + VEC <= out_n) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+                if (n + e < out_n) dst[e] = src[e];
+        }
+    }
+}
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
 __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
@@ -1240,11 +1338,14 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                 for (int i = 0; i < ACC; ++i) acc[m][i] = 0.0f;
 
             // wgmma A operand: 64 weight rows (B ring); wgmma B operand: the first W token rows (A ring).
-            const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * Tr::WG_ROWS * Smem::ROW_BYTES);
+            // PAIRED: block 0 the warpgroup's 64 gate rows, block 1 the up rows BLOCK_N_W / 2 further.
+            constexpr int W_ROW0 = Tr::PAIRED ? 64 : Tr::WG_ROWS;
+            constexpr int W_BLOCK_STRIDE = (Tr::PAIRED ? BLOCK_N_W / 2 : 64) * Smem::ROW_BYTES;
+            const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * W_ROW0 * Smem::ROW_BYTES);
             const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
             moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
-                moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES>(
-                    acc, desc_w0, desc_x0, stage);
+                moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES,
+                                           W_BLOCK_STRIDE>(acc, desc_w0, desc_x0, stage);
             });
 #pragma unroll
             for (int m = 0; m < Tr::M_BLOCKS; ++m)
@@ -1252,76 +1353,82 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                 for (int i = 0; i < ACC; ++i) wgmma_fence_operand(acc[m][i]);
 
             // --- Epilogue ---
-            // acc[m][4 j + 2 h + c] is weight row (output column) 64 m + frag_w + 8 h and token (tile row)
-            // 8 j + frag_t + c. Staged transposed: staged[token][weight row], fp32.
-            constexpr int SPITCH = Tr::STAGE_PITCH;
-            constexpr int VEC = Tr::OUT_VEC;
-            constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
-            const int frag_w = wg * Tr::WG_ROWS + (wg_tid / 32) * 16 + lane / 4;
-            const int frag_t = (lane % 4) * 2;
+            if constexpr (Tr::PAIRED) {
+                moe_sm90_swap_paired_epilogue<T, Tr, W, FUSED_ACT>(acc, sm, tile, C, N, stride_cm, wg, wg_tid, ctid,
+                                                                    lane);
+            } else {
+                // acc[m][4 j + 2 h + c] is weight row (output column) 64 m + frag_w + 8 h and token (tile row)
+                // 8 j + frag_t + c. Staged transposed: staged[token][weight row], fp32.
+                constexpr int SPITCH = Tr::STAGE_PITCH;
+                constexpr int VEC = Tr::OUT_VEC;
+                constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
+                const int frag_w = wg * Tr::WG_ROWS + (wg_tid / 32) * 16 + lane / 4;
+                const int frag_t = (lane % 4) * 2;
 
-            fence_proxy_async_shared_cta();
-            bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
-            float* staged = reinterpret_cast<float*>(sm.base);
-#pragma unroll
-            for (int m = 0; m < Tr::M_BLOCKS; ++m)
-#pragma unroll
-                for (int j = 0; j < W / 8; ++j)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int c = 0; c < 2; ++c)
-                            staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] = acc[m][4 * j + 2 * h + c];
-            bar_sync<1, Tr::CONSUMER_THREADS>();
+                fence_proxy_async_shared_cta();
+                bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
+                float* staged = reinterpret_cast<float*>(sm.base);
+    #pragma unroll
+                for (int m = 0; m < Tr::M_BLOCKS; ++m)
+    #pragma unroll
+                    for (int j = 0; j < W / 8; ++j)
+    #pragma unroll
+                        for (int h = 0; h < 2; ++h)
+    #pragma unroll
+                            for (int c = 0; c < 2; ++c)
+                                staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] =
+                                    acc[m][4 * j + 2 * h + c];
+                bar_sync<1, Tr::CONSUMER_THREADS>();
 
-            using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
-            OutT* out = static_cast<OutT*>(C);
-            if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-            const bool vec_ok = stride_cm % VEC == 0;
-            const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
-            const int64_t out_n = Tr::FUSED ? N / 2 : N;
-            for (int idx = ctid; idx < W * OCPR; idx += Tr::CONSUMER_THREADS) {
-                const int r = idx / OCPR;
-                const int c = idx % OCPR;
-                const int32_t p = sm.pair[r];
-                const int64_t n = out_n0 + c * VEC;
-                if (p < 0 || n >= out_n) continue;
-                const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
-                float v[VEC];
-#pragma unroll
-                for (int q = 0; q < VEC; q += 4) {
-                    const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
-                    if constexpr (Tr::FUSED) {
-                        const float4 u =
-                            *reinterpret_cast<const float4*>(staged + r * SPITCH + BLOCK_N_W / 2 + c * VEC + q);
-                        v[q] = moe_act_and_mul<T, FUSED_ACT>(f.x, u.x);
-                        v[q + 1] = moe_act_and_mul<T, FUSED_ACT>(f.y, u.y);
-                        v[q + 2] = moe_act_and_mul<T, FUSED_ACT>(f.z, u.z);
-                        v[q + 3] = moe_act_and_mul<T, FUSED_ACT>(f.w, u.w);
-                    } else {
-                        v[q] = f.x * w;
-                        v[q + 1] = f.y * w;
-                        v[q + 2] = f.z * w;
-                        v[q + 3] = f.w * w;
+                using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+                OutT* out = static_cast<OutT*>(C);
+                if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
+                const bool vec_ok = stride_cm % VEC == 0;
+                const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
+                const int64_t out_n = Tr::FUSED ? N / 2 : N;
+                for (int idx = ctid; idx < W * OCPR; idx += Tr::CONSUMER_THREADS) {
+                    const int r = idx / OCPR;
+                    const int c = idx % OCPR;
+                    const int32_t p = sm.pair[r];
+                    const int64_t n = out_n0 + c * VEC;
+                    if (p < 0 || n >= out_n) continue;
+                    const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
+                    float v[VEC];
+    #pragma unroll
+                    for (int q = 0; q < VEC; q += 4) {
+                        const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
+                        if constexpr (Tr::FUSED) {
+                            const float4 u =
+                                *reinterpret_cast<const float4*>(staged + r * SPITCH + BLOCK_N_W / 2 + c * VEC + q);
+                            v[q] = moe_act_and_mul<T, FUSED_ACT>(f.x, u.x);
+                            v[q + 1] = moe_act_and_mul<T, FUSED_ACT>(f.y, u.y);
+                            v[q + 2] = moe_act_and_mul<T, FUSED_ACT>(f.z, u.z);
+                            v[q + 3] = moe_act_and_mul<T, FUSED_ACT>(f.w, u.w);
+                        } else {
+                            v[q] = f.x * w;
+                            v[q + 1] = f.y * w;
+                            v[q + 2] = f.z * w;
+                            v[q + 3] = f.w * w;
+                        }
                     }
-                }
-                OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-                if (vec_ok && n + VEC <= out_n) {
-                    if constexpr (SPLIT_MODE == 0) {
-                        *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
-                    } else if constexpr (SPLIT_MODE == 1) {
-                        red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
+                    OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+                    if (vec_ok && n + VEC <= out_n) {
+                        if constexpr (SPLIT_MODE == 0) {
+                            *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
+                        } else if constexpr (SPLIT_MODE == 1) {
+                            red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
+                        } else {
+                            *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+                        }
                     } else {
-                        *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) {
-                        if (n + e < out_n) {
-                            if constexpr (SPLIT_MODE == 1) {
-                                red_global_add_f32(dst + e, v[e]);
-                            } else {
-                                dst[e] = from_float<OutT>(v[e]);
+    #pragma unroll
+                        for (int e = 0; e < VEC; ++e) {
+                            if (n + e < out_n) {
+                                if constexpr (SPLIT_MODE == 1) {
+                                    red_global_add_f32(dst + e, v[e]);
+                                } else {
+                                    dst[e] = from_float<OutT>(v[e]);
+                                }
                             }
                         }
                     }
