@@ -315,7 +315,8 @@
 #ifndef MOE_SM90_SWAP_PAIRED_ACT
 #define MOE_SM90_SWAP_PAIRED_ACT 1
 #endif
-// Activations computed together in that epilogue (a divisor of 4: every fitted width's W / 2 is a multiple).
+// Activations computed together in that epilogue (a divisor of 4: every fitted width's W / 2 is a multiple);
+// 1 and 4 compile to the same spill-free registers.
 #ifndef MOE_SM90_PAIRED_ACT_GROUP
 #define MOE_SM90_PAIRED_ACT_GROUP 4
 #endif
@@ -1182,10 +1183,10 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
     // stmatrix row addresses: lane l gives row l % 8 of matrix l / 8; matrix q of a call is (j + q / 2, h = q % 2).
     const int q = lane / 8;
     const uint32_t row_addr = cvta_to_shared_u32(staged + (8 * (q / 2) + lane % 8) * PITCH + col0 + 8 * (q % 2));
-    // act(gate) * up in place of gate (acc[1][i] dies with its use), then packed token pairs. In groups of
-    // G values whose operands and results pass through empty volatile asm statements (kept in order), so
-    // ptxas cannot start a group before the previous one has finished: its unbounded interleaving of the
-    // activations, on top of the live accumulators, spilled.
+    // act(gate) * up in place of gate (acc[1][i] dies with its use), then packed token pairs. Computing it
+    // in place is what removed the first form's spills; the groups of G values behind empty volatile asm
+    // statements (ptxas keeps them in order) changed no spill count (G = 1 and 4 compiled alike) and stay
+    // only because this is the form the GPU measured (bench/NOTES.md v31).
     constexpr int G = MOE_SM90_PAIRED_ACT_GROUP;
     static_assert((W / 2) % G == 0, "the accumulators come in whole groups");
 #pragma unroll
