@@ -249,8 +249,6 @@
 #define MOE_SM90_HALF_MAX_K_TILES 1000000
 #endif
 
-// The persistent GEMM2's fused combine (MoESm90Combine) discards each partial row's 128-byte lines from L2
-// once summed, so the partial sums never go back to memory; 0 leaves them to be written back.
 // The persistent GEMM2's fused combine (MoESm90Combine; bench/NOTES.md v27: 7-23% slower on the layer,
 // and compiled in, 1% slower with it off): 1 compiles it into the A-resident walk, 0 (default) leaves
 // that walk as it was and ignores the combine arguments.
@@ -262,6 +260,8 @@
 #ifndef MOE_SM90_COMBINE_VECTORS
 #define MOE_SM90_COMBINE_VECTORS 2
 #endif
+// The fused combine discards each partial row's 128-byte lines from L2 once summed, so the partial sums
+// never go back to memory; 0 leaves them to be written back.
 #ifndef MOE_SM90_COMBINE_DISCARD
 #define MOE_SM90_COMBINE_DISCARD 1
 #endif
@@ -319,6 +319,17 @@
 // 1 and 4 compile to the same spill-free registers.
 #ifndef MOE_SM90_PAIRED_ACT_GROUP
 #define MOE_SM90_PAIRED_ACT_GROUP 4
+#endif
+
+// A diagnostic of the A-resident GEMM2 walk (bench/NOTES.md v32). Its results are WRONG: a bound for
+// timing, never a kernel. Bit 0: the producer loads a unit's B tiles for its first n-block only and hands
+// the later n-blocks' stages to the consumers without a copy (they multiply the weights still in the
+// stage), so 3/4 of the B traffic is gone. Bit 1: the consumers stage their rows but store none.
+// Bit 2, in every kernel's K loop outside that walk (moe_sm90_produce_k_tile: swap-AB, plain, persistent;
+// not clusters): the weight tiles of odd K tiles are not loaded (stale), half the weight traffic after the
+// preloaded first stages. 0 (default): the kernels as shipped.
+#ifndef MOE_SM90_DIAG_GEMM2
+#define MOE_SM90_DIAG_GEMM2 0
 #endif
 
 // MARK: - Pieces shared by the kernels
@@ -721,7 +732,13 @@ MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
-    if (tid == 0 && issue_b) moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
+    if (tid == 0 && issue_b) {
+        if ((MOE_SM90_DIAG_GEMM2 & 4) != 0 && mc_rank < 0 && (kt & 1) != 0) {
+            mbarrier_arrive(full);  // diagnostic bit 2: stale weights for odd K tiles
+        } else {
+            moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
+        }
+    }
     moe_sm90_copy_a<T, A_ROWS>(sm.a + stage * Sm::A_STAGE_BYTES, a, A, K, kt, tid);
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
 }
@@ -1939,9 +1956,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                             }
                             mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);
                             if (tid == 0) {
-                                mbarrier_arrive_expect_tx(sm.full + 8 * stage, Smem::B_STAGE_BYTES);
-                                tma_load_2d(b_ring + stage * Smem::B_STAGE_BYTES, &b_map, k * Tr::BLOCK_K, b_row,
-                                            sm.full + 8 * stage);
+                                if ((MOE_SM90_DIAG_GEMM2 & 1) != 0 && nb != nb_begin) {
+                                    mbarrier_arrive(sm.full + 8 * stage);  // diagnostic: stale weights
+                                } else {
+                                    mbarrier_arrive_expect_tx(sm.full + 8 * stage, Smem::B_STAGE_BYTES);
+                                    tma_load_2d(b_ring + stage * Smem::B_STAGE_BYTES, &b_map, k * Tr::BLOCK_K,
+                                                b_row, sm.full + 8 * stage);
+                                }
                             }
                             if (++stage == Tr::RES_B_STAGES) {
                                 stage = 0;
@@ -2043,7 +2064,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
                         }
                         moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                            acc, weight, pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+                            acc, weight, (MOE_SM90_DIAG_GEMM2 & 2) != 0 ? -1 : pair, staging, out, nb * BLOCK_N, N,
+                            stride_cm, lane);  // diagnostic bit 1: no stores
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
