@@ -266,6 +266,29 @@ MOE_DEVICE uint64_t l2_policy(bool evict_first) {
     return policy;
 }
 
+// The GEMM2 epilogues' 16-byte stores of the routed partial rows (st_global_16<true>; bench/NOTES.md v32):
+// 0 plain stores; 1 st.global.cs (cache streaming: lines allocated evict-first); 2 an L2::evict_first
+// cache policy.
+#ifndef MOE_PARTIAL_STORE_HINT
+#define MOE_PARTIAL_STORE_HINT 0
+#endif
+
+/// A 16-byte global store; PARTIAL (a GEMM2 partial row) with the hint MOE_PARTIAL_STORE_HINT asks for.
+template <bool PARTIAL>
+MOE_DEVICE void st_global_16(void* dst, uint4 v) {
+    if constexpr (PARTIAL && MOE_PARTIAL_STORE_HINT == 1) {
+        asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z),
+                     "r"(v.w)
+                     : "memory");
+    } else if constexpr (PARTIAL && MOE_PARTIAL_STORE_HINT == 2) {
+        asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(dst), "r"(v.x), "r"(v.y),
+                     "r"(v.z), "r"(v.w), "l"(l2_policy(true))
+                     : "memory");
+    } else {
+        *reinterpret_cast<uint4*>(dst) = v;
+    }
+}
+
 MOE_DEVICE void cp_async_cg_16(uint32_t dst, const void* src, bool valid) {
     const int src_size = valid ? 16 : 0;
 #if MOE_L2_HINTS & 10

@@ -1432,7 +1432,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                     OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
                     if (vec_ok && n + VEC <= out_n) {
                         if constexpr (SPLIT_MODE == 0) {
-                            *reinterpret_cast<uint4*>(dst) = pack8<T>(v);
+                            st_global_16<MUL_ROUTED_WEIGHT>(dst, pack8<T>(v));
                         } else if constexpr (SPLIT_MODE == 1) {
                             red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
                         } else {
@@ -1513,7 +1513,7 @@ MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_til
 /// fragment writes hit 32 distinct banks); then each lane reads 16-byte chunks back and stores them to
 /// C row pair(r) (red.global.add.v4.f32 in mode 1), where lane r < 16 holds pair(r), -1 for rows not
 /// stored; 16-byte stores where stride_cm and the N tail allow, element stores otherwise.
-template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, int ACC_LEN>
+template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, bool PARTIAL = false, int ACC_LEN>
 MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
                                          OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
     static_assert(ACC_LEN >= BLOCK_N / 2, "the accumulators hold the BLOCK_N stored columns (first BLOCK_N / 2)");
@@ -1565,7 +1565,7 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
                     const float4 v = *reinterpret_cast<const float4*>(src);
                     red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
                 } else {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                    st_global_16<PARTIAL>(dst, *reinterpret_cast<const uint4*>(src));
                 }
             } else {
                 const OutT* s = reinterpret_cast<const OutT*>(src);
@@ -1607,7 +1607,8 @@ MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, i
         moe_sm90_store_warp_rows<OutT, COLS / 2, SPLIT_MODE, MAX_ROW_BYTES>(acc, staging, pair, out, n0, N, stride_cm,
                                                                             lane);
     } else {
-        moe_sm90_store_warp_rows<OutT, COLS, SPLIT_MODE, MAX_ROW_BYTES>(acc, staging, pair, out, n0, N, stride_cm, lane);
+        moe_sm90_store_warp_rows<OutT, COLS, SPLIT_MODE, MAX_ROW_BYTES, MUL_ROUTED_WEIGHT>(acc, staging, pair, out, n0,
+                                                                                           N, stride_cm, lane);
     }
 }
 
