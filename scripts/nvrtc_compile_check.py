@@ -7,7 +7,7 @@ as a header under that include name, with the options
     -arch=<arch> -std=c++17 -default-device --ptxas-options=-v
 and a representative set of template instantiations (name expressions), plus the off-by-default
 kernel experiments switched on (experiment_jobs: the half tiles of the persistent kernel, its L2 hints and
-fused combine). Prints the
+fused combine, GEMM2's partial-row store hints and the GEMM2 diagnostic). Prints the
 registers, stack and spills of every kernel; exits 1 on any compile failure, and on any
 spill in a moe_gemm instantiation whose tile has BLOCK_M * BLOCK_N <= 128 * 128. Every
 moe_gemm_sm90 / _swap / _persistent instantiation must also have no spill and no stack frame, no ptxas warning about
@@ -381,7 +381,11 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1", "-DMOE_SM90_HALF_TILES=1"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"]),
+            # GEMM2's partial-row store hints and the GEMM2 diagnostic (NOTES v32): the same kernels.
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=1"]),
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=2"]),
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=7"])]
 
 
 def main() -> int:
