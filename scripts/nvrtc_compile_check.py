@@ -385,7 +385,7 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             # GEMM2's partial-row store hints and the GEMM2 diagnostic (NOTES v32): the same kernels.
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=2"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=7"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=15"])]
 
 
 def main() -> int:
