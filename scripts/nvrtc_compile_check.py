@@ -385,7 +385,8 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             # GEMM2's partial-row store hints and the GEMM2 diagnostic (NOTES v32): the same kernels.
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=2"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=15"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=15"]),
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=16"])]
 
 
 def main() -> int:

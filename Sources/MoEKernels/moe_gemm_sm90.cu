@@ -328,7 +328,10 @@
 // Bit 2, in every kernel's K loop outside that walk (moe_sm90_produce_k_tile: swap-AB, plain, persistent;
 // not clusters): the weight tiles of odd K tiles are not loaded (stale), half the weight traffic after the
 // preloaded first stages. Bit 3: the A-resident walk's consumers store every row into partial row
-// pair % 512 (a 4 MB region at H = 4096 that stays in L2: the stores issue and reach L2, the DRAM never sees them).
+// pair % 512 (a 4 MB region at H = 4096 that stays in L2: the stores issue and reach L2, the DRAM never
+// sees them).
+// Bit 4: it stores row r of m-block q at partial row (q BLOCK_M + r) mod (M k): the rows in the sorted
+// order, so a unit's stores are contiguous where the shipped ones are spread over the tokens.
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -2068,9 +2071,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                         }
                         moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
                             acc, weight,
-                            (MOE_SM90_DIAG_GEMM2 & 2) != 0   ? -1
-                            : (MOE_SM90_DIAG_GEMM2 & 8) != 0 ? (pair < 0 ? -1 : pair % 512)
-                                                             : pair,
+                            (MOE_SM90_DIAG_GEMM2 & 2) != 0    ? -1
+                            : (MOE_SM90_DIAG_GEMM2 & 8) != 0  ? (pair < 0 ? -1 : pair % 512)
+                            : (MOE_SM90_DIAG_GEMM2 & 16) != 0 ? (pair < 0 ? -1
+                                                                          : static_cast<int32_t>(
+                                                                                (q * BLOCK_M + warp * Tr::WARP_ROWS +
+                                                                                 lane) % num_valid_tokens))
+                                                              : pair,
                             staging, out, nb * BLOCK_N, N, stride_cm, lane);  // diagnostic bits 1 and 3
                     }
                     if (expert >= 0) a_phase ^= 1;
