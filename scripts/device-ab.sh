@@ -48,10 +48,11 @@ except (OSError, ValueError, KeyError):
     print(f"{rnd} {setting}: no result ({path})")
     rows = []
 for r in rows:
-    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:22} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  {r['variant']}")
+    print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:22} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  "
+          f"rel_err {r['rel_err']:.2e}  {r['variant']}")
 PY
     done
   done
 done
-sort -k2,2 -k3,3 -k4,4 -s "$OUT/ab.txt" | cut -c1-160
+sort -k2,2 -k3,3 -k4,4 -s "$OUT/ab.txt" | cut -c1-180
 exit $status
