@@ -236,13 +236,6 @@
 #ifndef MOE_SM90_A_RESIDENT_CHUNK
 #define MOE_SM90_A_RESIDENT_CHUNK 4
 #endif
-// 1: the A-resident walk stores its rows straight from registers (a transpose inside each quad of lanes,
-// then 16-byte stores) instead of through the per-warp staging rows, and that region (right after the
-// ring) holds B stages instead: one more 128x256 B stage beside the resident A (bench/NOTES.md v33).
-// 0: the staging rows, after the barriers.
-#ifndef MOE_SM90_A_RESIDENT_DIRECT
-#define MOE_SM90_A_RESIDENT_DIRECT 0
-#endif
 // Half tiles (MoEGemmSm90PersistentTraits::HALF): off by default, since on the layer they measured
 // slower (long-K GEMM1 +7-17%; short-K GEMM2 -3-6%: NOTES v15). 1: on, for tiles with
 // MIN..MAX K tiles (e.g. MOE_SM90_HALF_MAX_K_TILES=16: the short-K GEMM2 only).
@@ -575,17 +568,16 @@ MOE_DEVICE bool moe_sm90_schedule(MoESm90Tile& tile, const int32_t* expert_ids, 
 
 /// Shared memory of one program: a STAGES-deep ring of A tiles [A_ROWS][64] and B tiles [B_ROWS][64]
 /// (128-byte rows, 128-byte swizzle), the full/empty mbarriers, and the per-row tables.
-template <int A_ROWS, int B_ROWS, int STAGES, int EXTRA_BYTES = 0>
+template <int A_ROWS, int B_ROWS, int STAGES>
 struct MoESm90Smem {
     static constexpr int BLOCK_K = 64;             // one 128-byte swizzled row of 16-bit elements
     static constexpr int ROW_BYTES = BLOCK_K * 2;  // 128
     static constexpr int A_STAGE_BYTES = A_ROWS * ROW_BYTES;
     static constexpr int B_STAGE_BYTES = B_ROWS * ROW_BYTES;
     static constexpr int RING_BYTES = STAGES * (A_STAGE_BYTES + B_STAGE_BYTES);
-    // EXTRA_BYTES: a region of the kernel's own right after the ring (1024-byte aligned), before the barriers.
     static constexpr int BARRIER_BYTES = 2 * 8 * STAGES;     // full[STAGES], empty[STAGES]
     static constexpr int ROW_TABLE_BYTES = 2 * 4 * A_ROWS;  // A row and pair index per tile row
-    static constexpr int SMEM_BYTES = RING_BYTES + EXTRA_BYTES + BARRIER_BYTES + ROW_TABLE_BYTES;
+    static constexpr int SMEM_BYTES = RING_BYTES + BARRIER_BYTES + ROW_TABLE_BYTES;
     static constexpr int ALIGN = 1024;  // 128-byte swizzle atoms: 8 rows x 128 bytes
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + ALIGN;  // what the host passes
     static_assert(A_STAGE_BYTES % ALIGN == 0 && B_STAGE_BYTES % ALIGN == 0, "stages stay 1024-byte aligned");
@@ -605,9 +597,9 @@ struct MoESm90Smem {
         base = dynamic_smem + (aligned - raw);
         a = aligned;
         b = a + STAGES * A_STAGE_BYTES;
-        full = aligned + RING_BYTES + EXTRA_BYTES;
+        full = aligned + RING_BYTES;
         empty = full + 8 * STAGES;
-        a_row = reinterpret_cast<int32_t*>(base + RING_BYTES + EXTRA_BYTES + BARRIER_BYTES);
+        a_row = reinterpret_cast<int32_t*>(base + RING_BYTES + BARRIER_BYTES);
         pair = a_row + A_ROWS;
     }
 };
@@ -707,10 +699,10 @@ MOE_DEVICE void moe_sm90_copy_a(uint32_t a_tile, const MoESm90ASources<T, A_ROWS
 /// copy of K tile kt's B box (box {kt*64, b_row}); SPLIT_B: two boxes of B_ROWS / 2 rows, from b_row
 /// into the stage's first half and from b_row_up into its second; mc_rank 0 or 1: only half mc_rank,
 /// multicast into the same stage of both CTAs of the cluster pair.
-template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B, int EXTRA = 0>
-MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES, EXTRA>& sm, const CUtensorMap* b_map,
-                                 int stage, int64_t kt, int32_t b_row, int32_t b_row_up, int mc_rank) {
-    using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES, EXTRA>;
+template <int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B>
+MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm, const CUtensorMap* b_map, int stage,
+                                 int64_t kt, int32_t b_row, int32_t b_row_up, int mc_rank) {
+    using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     const uint32_t full = sm.full + 8 * stage;
     mbarrier_arrive_expect_tx(full, Sm::B_STAGE_BYTES);
     const uint32_t b_dst = sm.b + stage * Sm::B_STAGE_BYTES;
@@ -735,8 +727,8 @@ MOE_DEVICE void moe_sm90_issue_b(const MoESm90Smem<A_ROWS, B_ROWS, STAGES, EXTRA
 /// its second half (the tensor map's box has B_ROWS / 2 rows then). mc_rank 0 or 1 (a cluster pair
 /// sharing the tile): this CTA copies only half mc_rank, into the same stage of both CTAs (multicast),
 /// and the other CTA copies the other half; full[stage] in each still expects the whole tile's bytes.
-template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false, int EXTRA = 0>
-MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES, EXTRA>& sm,
+template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
+MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm,
                                         const MoESm90ASources<T, A_ROWS>& a, const CUtensorMap* b_map, const T* A,
                                         int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
                                         int stage, uint32_t phase, int tid, int mc_rank = -1, bool issue_b = true) {
@@ -1625,70 +1617,6 @@ MOE_DEVICE void moe_sm90_finish_warp_rows(float (&acc)[ACC_LEN], float weight, i
     }
 }
 
-/// One consumer warp's epilogue for its 16 rows of a BLOCK_N-column product (acc, wgmma's layout), stored
-/// from registers: the routed weight (lane i < 16 holds row i's), T rounding as moe_sm90_finish_warp_rows,
-/// then per row and 32 columns a 4 x 4 transpose of 32-bit column pairs inside each quad of lanes (two
-/// shuffle rounds), so lane q holds the 8 columns 8 (J + q) .. + 7 and stores them with one 16-byte store
-/// to C row pair(row) (element stores where stride_cm or the N tail do not allow it). Bit for bit the
-/// stores of moe_sm90_store_warp_rows, without its staging rows.
-template <typename T, int BLOCK_N, bool MUL_ROUTED_WEIGHT, int ACC_LEN>
-MOE_DEVICE void moe_sm90_store_warp_rows_direct(float (&acc)[ACC_LEN], float weight, int32_t pair, T* out, int64_t n0,
-                                                int64_t N, int64_t stride_cm, int lane) {
-    static_assert(BLOCK_N % 32 == 0 && ACC_LEN >= BLOCK_N / 2, "whole 32-column groups of the accumulators");
-    if constexpr (MUL_ROUTED_WEIGHT) {
-        const float w0 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4);      // row lane / 4
-        const float w1 = __shfl_sync(MOE_FULL_MASK, weight, lane / 4 + 8);  // row lane / 4 + 8
-#pragma unroll
-        for (int j = 0; j < BLOCK_N / 8; ++j) {
-            acc[4 * j] *= w0;
-            acc[4 * j + 1] *= w0;
-            acc[4 * j + 2] *= w1;
-            acc[4 * j + 3] *= w1;
-        }
-    }
-    const bool odd = (lane & 1) != 0;  // bit 0 of the lane's place q in its quad
-    const bool hi = (lane & 2) != 0;   // bit 1
-    const bool vec_ok = stride_cm % 8 == 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int32_t p = __shfl_sync(MOE_FULL_MASK, pair, lane / 4 + 8 * h);  // row lane / 4 + 8 h
-#pragma unroll
-        for (int J = 0; J < BLOCK_N / 8; J += 4) {
-            // a[c]: this lane's columns 8 (J + c) + 2 q, + 1. Wanted: column group J + q from every lane.
-            uint32_t a[4];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) a[c] = pack2<T>(acc[4 * (J + c) + 2 * h], acc[4 * (J + c) + 2 * h + 1]);
-            // Round 1 (lanes q, q ^ 1): keep the groups c with c % 2 == q % 2, receive the partner's.
-            const uint32_t r0 = __shfl_xor_sync(MOE_FULL_MASK, odd ? a[0] : a[1], 1);
-            const uint32_t r1 = __shfl_xor_sync(MOE_FULL_MASK, odd ? a[2] : a[3], 1);
-            const uint32_t c0 = odd ? a[1] : a[0];  // group q % 2: lane q's part; r0 lane q ^ 1's
-            const uint32_t c1 = odd ? a[3] : a[2];  // group 2 + q % 2: lane q's part; r1 lane q ^ 1's
-            // Round 2 (lanes q, q ^ 2): keep group q, receive lanes q ^ 2's and q ^ 3's parts of it.
-            const uint32_t u0 = __shfl_xor_sync(MOE_FULL_MASK, hi ? c0 : c1, 2);
-            const uint32_t u1 = __shfl_xor_sync(MOE_FULL_MASK, hi ? r0 : r1, 2);
-            const uint32_t k0 = hi ? c1 : c0;  // lane q's part of group q
-            const uint32_t k1 = hi ? r1 : r0;  // lane q ^ 1's
-            // Word i of the 16 bytes is lane i's part: k0 (i = q), k1 (q ^ 1), u0 (q ^ 2), u1 (q ^ 3).
-            const uint32_t k_same = odd ? k1 : k0, k_other = odd ? k0 : k1;
-            const uint32_t u_same = odd ? u1 : u0, u_other = odd ? u0 : u1;
-            const uint4 v = make_uint4(hi ? u_same : k_same, hi ? u_other : k_other, hi ? k_same : u_same,
-                                       hi ? k_other : u_other);
-            const int64_t n = n0 + 8 * (J + (lane & 3));
-            if (p < 0 || n >= N) continue;
-            T* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-            if (vec_ok && n + 8 <= N) {
-                st_global_16<MUL_ROUTED_WEIGHT>(dst, v);
-            } else {
-#pragma unroll 1
-                for (int e = 0; e < 8 && n + e < N; ++e) {
-                    const uint32_t word = e < 2 ? v.x : e < 4 ? v.y : e < 6 ? v.z : v.w;  // no local array
-                    reinterpret_cast<uint16_t*>(dst)[e] = static_cast<uint16_t>(word >> (16 * (e % 2)));
-                }
-            }
-        }
-    }
-}
-
 /// The fused combine's arguments (moe_gemm_sm90_persistent, GEMM2; the kernel's notes): out null, off.
 struct MoESm90Combine {
     void* out;            // [tokens, N] of T
@@ -1783,19 +1711,7 @@ MOE_DEVICE void moe_sm90_combine_discard(const MoESm90Combine& c, const T* parti
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
           bool PING_PONG>
 struct MoEGemmSm90PersistentTraits {
-    // Output staging: 256 bytes per tile row (each consumer warp stages its 16 rows in passes of at most
-    // 256 bytes per row), a region of its own apart from the ring the producer keeps filling. (Staging
-    // the whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
-    // DIRECT (MOE_SM90_A_RESIDENT_DIRECT): the region sits right after the ring, and the A-resident walk
-    // stores its rows from registers (moe_sm90_store_warp_rows_direct) and streams B tiles through the
-    // region as well: one or two B stages more beside the resident A.
-    static constexpr int WARP_ROWS = 16;  // output rows of one consumer warp (per half)
-    static constexpr int STAGING_ROW_BYTES = 256;
-    static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
-    static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
-    static constexpr bool DIRECT = MOE_SM90_A_RESIDENT_DIRECT != 0;
-    using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES, DIRECT ? STAGING_BYTES : 0>;
-    static constexpr int STAGING_OFFSET = DIRECT ? Smem::RING_BYTES : Smem::SMEM_BYTES;  // from the aligned base
+    using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
     static constexpr int WGMMA_K = 16;
     static constexpr int K_STEPS = BLOCK_K / WGMMA_K;  // wgmma per K tile
@@ -1810,6 +1726,7 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr bool PINGPONG = PING_PONG;
     static constexpr int HALVES = PING_PONG ? BLOCK_M / 64 : 1;
     static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread and half
+    static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp (per half)
     // The warps that release each stage: one warpgroup's in ping-pong, else every consumer warp.
     static constexpr int RELEASING_WARPS = PING_PONG ? WARPGROUP_THREADS / 32 : CONSUMER_WARPS;
     // Ping-pong order barriers: warpgroup w waits on ORDER_BARRIER + w before its K loop, which the
@@ -1852,9 +1769,7 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int A_SLOTS = MOE_SM90_A_RESIDENT;
     static constexpr int A_CHUNK = MOE_SM90_A_RESIDENT_CHUNK;
     static constexpr int RES_B_STAGES_FIT =
-        A_SLOTS > 0 ? (Smem::RING_BYTES + (DIRECT ? STAGING_BYTES : 0) - A_SLOTS * Smem::A_STAGE_BYTES) /
-                          Smem::B_STAGE_BYTES
-                    : 0;
+        A_SLOTS > 0 ? (Smem::RING_BYTES - A_SLOTS * Smem::A_STAGE_BYTES) / Smem::B_STAGE_BYTES : 0;
     static constexpr int RES_B_STAGES = RES_B_STAGES_FIT < STAGES ? RES_B_STAGES_FIT : STAGES;
     // At least 3 B stages: with 2 (8 slots in a 4-stage 128x256 ring) it measured 2-5% slower.
     static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
@@ -1864,7 +1779,13 @@ struct MoEGemmSm90PersistentTraits {
     // beside the half tiles (another experiment), where its sums' registers made the consumers spill.
     static constexpr bool COMBINE = MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
 
-    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + (DIRECT ? 0 : STAGING_BYTES);
+    // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
+    // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
+    // whole tile for bulk copies that run on under the next tile measured no faster: NOTES v14.)
+    static constexpr int STAGING_ROW_BYTES = 256;
+    static constexpr int STAGING_BYTES = BLOCK_M * STAGING_ROW_BYTES;
+    static constexpr int WARP_STAGING_BYTES = WARP_ROWS * STAGING_ROW_BYTES;
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES + STAGING_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = SMEM_BYTES + Smem::ALIGN;  // what the host passes
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
@@ -1873,7 +1794,7 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(!PING_PONG || (BLOCK_M == 128 && BLOCK_N <= 128), "ping-pong: BLOCK_M 128, BLOCK_N 64 or 128");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
     static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
-    static_assert(STAGING_OFFSET % 16 == 0, "the staging region stays 16-byte aligned");
+    static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
@@ -2065,7 +1986,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 const int warp = ctid / 32;
                 const int lane = tid % 32;
                 T* out = static_cast<T*>(C);
-                unsigned char* staging = sm.base + Tr::STAGING_OFFSET + warp * Tr::WARP_STAGING_BYTES;
+                unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
                 const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
                 const uint64_t desc_b0 = wgmma_desc_k_major_sw128(b_ring);
                 int stage = 0;
@@ -2148,22 +2069,16 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 #pragma unroll
                             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
                         }
-                        // The diagnostic's bits 1, 3 and 4 move or drop the stores (MOE_SM90_DIAG_GEMM2).
-                        const int32_t store_pair =
+                        moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
+                            acc, weight,
                             (MOE_SM90_DIAG_GEMM2 & 2) != 0    ? -1
                             : (MOE_SM90_DIAG_GEMM2 & 8) != 0  ? (pair < 0 ? -1 : pair % 512)
                             : (MOE_SM90_DIAG_GEMM2 & 16) != 0 ? (pair < 0 ? -1
                                                                           : static_cast<int32_t>(
                                                                                 (q * BLOCK_M + warp * Tr::WARP_ROWS +
                                                                                  lane) % num_valid_tokens))
-                                                              : pair;
-                        if constexpr (Tr::DIRECT) {
-                            moe_sm90_store_warp_rows_direct<T, BLOCK_N, MUL_ROUTED_WEIGHT>(
-                                acc, weight, store_pair, out, nb * BLOCK_N, N, stride_cm, lane);
-                        } else {
-                            moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                                acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
-                        }
+                                                              : pair,
+                            staging, out, nb * BLOCK_N, N, stride_cm, lane);  // diagnostic bits 1 and 3
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
@@ -2240,7 +2155,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-        unsigned char* staging = sm.base + Tr::STAGING_OFFSET + warp * Tr::WARP_STAGING_BYTES;
+        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
         // Descriptors of stage 0, k step 0, rows [0, 64); half h adds 64 rows, stage s and step kk
         // (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a);
@@ -2350,7 +2265,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
-        unsigned char* staging = sm.base + Tr::STAGING_OFFSET + warp * Tr::WARP_STAGING_BYTES;
+        unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
 
         // Descriptors of stage 0, k step 0; stage s and step kk add (s * STAGE_BYTES + 32 kk) >> 4.
         const uint64_t desc_a0 = wgmma_desc_k_major_sw128(sm.a + wg * 64 * Smem::ROW_BYTES);
