@@ -2078,7 +2078,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                                                                                 (q * BLOCK_M + warp * Tr::WARP_ROWS +
                                                                                  lane) % num_valid_tokens))
                                                               : pair,
-                            staging, out, nb * BLOCK_N, N, stride_cm, lane);  // diagnostic bits 1 and 3
+                            staging, out, nb * BLOCK_N, N, stride_cm, lane);  // diagnostic bits 1, 3 and 4
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
