@@ -131,7 +131,7 @@
 // A resident (BLOCK_M 128, SPLIT_MODE 0, no FUSED_ACT, not PINGPONG; K at most A_SLOTS = 6 K tiles, split_k
 //         1; STAGES with at least 3 B stages left: (STAGES * (128 + BLOCK_N) - 128 * A_SLOTS) / BLOCK_N):
 //         the program walks units u = blockIdx.x, + gridDim.x, ...: unit u is m-block u / C and
-//         n-blocks [(u % C) A_CHUNK, + A_CHUNK) (C = ceil(n-blocks / A_CHUNK), A_CHUNK 4; m-block order,
+//         n-blocks [(u % C) A_CHUNK, + A_CHUNK) (C = ceil(n-blocks / A_CHUNK), A_CHUNK 8; m-block order,
 //         GROUP_SIZE_M unused), ending at the first unit past the valid m-blocks. The ring's memory
 //         holds the unit's A tile (slot k = K tile k, [128][128 bytes], loaded once per unit by the
 //         producer with the unit's first tile, own full/empty barriers in the second row table) and a
@@ -229,12 +229,14 @@
 #endif
 // A resident for short K (MoEGemmSm90PersistentTraits::A_RESIDENT): up to MOE_SM90_A_RESIDENT K tiles
 // held (0: off), units of MOE_SM90_A_RESIDENT_CHUNK n-blocks. 6 (K <= 384; a 128x256 ring of 4 keeps
-// 3 B stages) measured -2..-5% on the layer where it applies; 8 (K <= 512, 2 B stages) +2..+5%.
+// 3 B stages) measured -2..-5% on the layer where it applies; 8 (K <= 512, 2 B stages) +2..+5%. Units of
+// 8 n-blocks measured -0.4..-1.0% against 4 on the seed shapes at 1024-8192 tokens, 2 +1%, 16 +7% at
+// 2048 (fewer units than programs): bench/NOTES.md v32, v34.
 #ifndef MOE_SM90_A_RESIDENT
 #define MOE_SM90_A_RESIDENT 6
 #endif
 #ifndef MOE_SM90_A_RESIDENT_CHUNK
-#define MOE_SM90_A_RESIDENT_CHUNK 4
+#define MOE_SM90_A_RESIDENT_CHUNK 8
 #endif
 // Half tiles (MoEGemmSm90PersistentTraits::HALF): off by default, since on the layer they measured
 // slower (long-K GEMM1 +7-17%; short-K GEMM2 -3-6%: NOTES v15). 1: on, for tiles with
