@@ -331,9 +331,9 @@ SM90_FATAL_WARNINGS = re.compile(r"C7508|setmaxnreg|wgmma|Potential Performance 
 # Known, and open (bench/NOTES.md v34): the persistent kernel with the activation fused, in fp16 at
 # BLOCK_N 256, spills. The exact-gelu form spills 48-104 bytes (128 accumulators live while erf runs on
 # packed halves). The silu form spills 40 bytes, 92 in the stream-K walk and 28 at BLOCK_M 64. At
-# 2d4d5c1 already, so before session 23. In the silu form's SASS the 8 stores come before the main loop
-# and the reloads are spaced through it, so it looks like the producer's A source pointers, not the
-# epilogue (grouping the activations changed nothing). Since v29 every plan fuses where its kernel
+# 2d4d5c1 already, so before session 23. In the silu form's SASS (-lineinfo) the spilled values are the
+# epilogue's 8 per-pass staging addresses, hoisted out of the tile loop and reloaded once per tile
+# (grouping the activations changed nothing). Since v29 every plan fuses where its kernel
 # can, so fp16 plans whose GEMM1 is persistent run these. The check covers them for correctness, as
 # every instantiation; no table is fp16, and their speed is not measured.
 KNOWN_SPILLS = re.compile(r"moe_gemm_sm90_persistent<moe_fp16, \d+, 256, \d+, 0, false, [12], false(, true)?>")
