@@ -1393,13 +1393,13 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                 fence_proxy_async_shared_cta();
                 bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
                 float* staged = reinterpret_cast<float*>(sm.base);
-    #pragma unroll
+#pragma unroll
                 for (int m = 0; m < Tr::M_BLOCKS; ++m)
-    #pragma unroll
+#pragma unroll
                     for (int j = 0; j < W / 8; ++j)
-    #pragma unroll
+#pragma unroll
                         for (int h = 0; h < 2; ++h)
-    #pragma unroll
+#pragma unroll
                             for (int c = 0; c < 2; ++c)
                                 staged[(8 * j + frag_t + c) * SPITCH + 64 * m + frag_w + 8 * h] =
                                     acc[m][4 * j + 2 * h + c];
@@ -1419,7 +1419,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                     if (p < 0 || n >= out_n) continue;
                     const float w = MUL_ROUTED_WEIGHT ? topk_weights[p] : 1.0f;
                     float v[VEC];
-    #pragma unroll
+#pragma unroll
                     for (int q = 0; q < VEC; q += 4) {
                         const float4 f = *reinterpret_cast<const float4*>(staged + r * SPITCH + c * VEC + q);
                         if constexpr (Tr::FUSED) {
@@ -1446,7 +1446,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                             *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
                         }
                     } else {
-    #pragma unroll
+#pragma unroll
                         for (int e = 0; e < VEC; ++e) {
                             if (n + e < out_n) {
                                 if constexpr (SPLIT_MODE == 1) {
@@ -2071,16 +2071,19 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 #pragma unroll
                             for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
                         }
+                        // The diagnostic's bits 1, 3 and 4 drop or move the stores (MOE_SM90_DIAG_GEMM2).
+                        int32_t store_pair = pair;
+                        if constexpr ((MOE_SM90_DIAG_GEMM2 & 2) != 0) {
+                            store_pair = -1;
+                        } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 8) != 0) {
+                            if (pair >= 0) store_pair = pair % 512;
+                        } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 16) != 0) {
+                            if (pair >= 0)
+                                store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
+                                                                  num_valid_tokens);
+                        }
                         moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                            acc, weight,
-                            (MOE_SM90_DIAG_GEMM2 & 2) != 0    ? -1
-                            : (MOE_SM90_DIAG_GEMM2 & 8) != 0  ? (pair < 0 ? -1 : pair % 512)
-                            : (MOE_SM90_DIAG_GEMM2 & 16) != 0 ? (pair < 0 ? -1
-                                                                          : static_cast<int32_t>(
-                                                                                (q * BLOCK_M + warp * Tr::WARP_ROWS +
-                                                                                 lane) % num_valid_tokens))
-                                                              : pair,
-                            staging, out, nb * BLOCK_N, N, stride_cm, lane);  // diagnostic bits 1, 3 and 4
+                            acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {

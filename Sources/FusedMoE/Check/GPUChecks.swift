@@ -378,6 +378,9 @@ public final class GPUChecks {
         return clear
     }
 
+    /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
+    /// and reads the output back, counting the NaNs left (elements the forward did not write).
+    /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
         try inputs.runPoisoned(layer, out: out, stream: stream)
     }
@@ -852,9 +855,6 @@ struct LayerInputs {
         Set($0.split(separator: ",").map(String.init))
     }
 
-    /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
-    /// and reads the output back, counting the NaNs left (elements the forward did not write).
-    /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
     /// Enqueues `layer`'s forward of these inputs into `out` on `stream` (no synchronization).
     func forward(
         _ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream, stageMarker: CUDAMoELayer.StageMarker? = nil
@@ -864,6 +864,9 @@ struct LayerInputs {
             stream: stream, stageMarker: stageMarker)
     }
 
+    /// Poisons `out` with NaN (and the layer's scratch: `poisonScratch`), runs `layer` on these inputs,
+    /// and reads the output back, counting the NaNs left (elements the forward did not write).
+    /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
     func runPoisoned(_ layer: CUDAMoELayer, out: DeviceBuffer, stream: Stream, scratch: Bool = true) throws -> LayerOutput {
         try out.fill(byte: 0xFF, on: stream)
         if scratch { try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts) }
