@@ -334,6 +334,10 @@
 // sees them).
 // Bit 4: it stores row r of m-block q at partial row (q BLOCK_M + r) mod (M k): the rows in the sorted
 // order, so a unit's stores are contiguous where the shipped ones are spread over the tokens.
+// Bit 5: the persistent kernel's GEMM2 (routed weight; both walks) skips its whole epilogue (no weight
+// product, no staging, no stores; the products stay live behind a branch never taken), so its time is
+// the ring and the tensor work alone. Bit 6: the persistent kernel's walk outside the A-resident one
+// stores no GEMM2 rows (staging kept), as bit 1 does in that walk.
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -2082,8 +2086,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                                 store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
                                                                   num_valid_tokens);
                         }
-                        moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                            acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+                        if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
+                            moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
+                                acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
@@ -2417,9 +2422,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 if (Tr::HALF && half) {
                     moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
                         acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
-                } else {
+                } else if (!(MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 32) != 0) ||
+                           __float_as_uint(acc[0]) == 0x7fc0deadu) {
+                    const int32_t store_pair = MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 64) != 0 ? -1 : pair;
                     moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
-                        acc, weight, pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm, lane);
+                        acc, weight, store_pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm,
+                        lane);
                 }
             }
             if constexpr (!EARLY) have_next = schedule(j + 1, t + tile_stride, next);
