@@ -48,8 +48,10 @@ except (OSError, ValueError, KeyError):
     print(f"{rnd} {setting}: no result ({path})")
     rows = []
 for r in rows:
+    # A diagnostic's wrong results can leave no finite error (rel_err null): the time still counts.
+    err = f"{r['rel_err']:.2e}" if isinstance(r.get('rel_err'), (int, float)) else str(r.get('rel_err'))
     print(f"{rnd} {r['shape']:12} M={r['M']:5} {setting:22} {r['ms']:.4f} ms  floor {100 * r['floor_ms'] / r['ms']:.0f}%  "
-          f"rel_err {r['rel_err']:.2e}  {r['variant']}")
+          f"rel_err {err}  {r['variant']}")
 PY
     done
   done
