@@ -337,7 +337,9 @@
 // Bit 5: the persistent kernel's GEMM2 (routed weight; both walks) skips its whole epilogue (no weight
 // product, no staging, no stores; the products stay live behind a branch never taken), so its time is
 // the ring and the tensor work alone. Bit 6: the persistent kernel's walk outside the A-resident one
-// stores no GEMM2 rows (staging kept), as bit 1 does in that walk.
+// stores no GEMM2 rows (staging kept), as bit 1 does in that walk. Bits 7 and 8, in the persistent
+// GEMM2's K loop outside the A-resident walk: the rows (bit 7) or the weight tile (bit 8) of odd K tiles
+// are not loaded (stale), half that operand's traffic.
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -749,18 +751,23 @@ template <typename T, int A_ROWS, int B_ROWS, int STAGES, bool SPLIT_B = false>
 MOE_DEVICE void moe_sm90_produce_k_tile(const MoESm90Smem<A_ROWS, B_ROWS, STAGES>& sm,
                                         const MoESm90ASources<T, A_ROWS>& a, const CUtensorMap* b_map, const T* A,
                                         int64_t K, int32_t b_row, int32_t b_row_up, const MoESm90Tile& tile, int t,
-                                        int stage, uint32_t phase, int tid, int mc_rank = -1, bool issue_b = true) {
+                                        int stage, uint32_t phase, int tid, int mc_rank = -1, bool issue_b = true,
+                                        int diag_gemm2 = 0) {
     using Sm = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     static_assert(MoESm90ASources<T, A_ROWS>::CHUNKS_PER_ROW * 16 == Sm::ROW_BYTES, "8 chunks of 16 bytes per row");
     mbarrier_wait_parity(sm.empty + 8 * stage, phase ^ 1);  // the first round passes at once
     const uint32_t full = sm.full + 8 * stage;
     const int64_t kt = tile.kt_begin + t;
     if (tid == 0 && issue_b) {
-        if ((MOE_SM90_DIAG_GEMM2 & 4) != 0 && mc_rank < 0 && (kt & 1) != 0) {
-            mbarrier_arrive(full);  // diagnostic bit 2: stale weights for odd K tiles
+        if ((((MOE_SM90_DIAG_GEMM2 & 4) != 0 && mc_rank < 0) || (diag_gemm2 & 256) != 0) && (kt & 1) != 0) {
+            mbarrier_arrive(full);  // diagnostic bits 2 and 8: stale weights for odd K tiles
         } else {
             moe_sm90_issue_b<A_ROWS, B_ROWS, STAGES, SPLIT_B>(sm, b_map, stage, kt, b_row, b_row_up, mc_rank);
         }
+    }
+    if ((diag_gemm2 & 128) != 0 && (kt & 1) != 0) {
+        mbarrier_arrive(full);  // diagnostic bit 7: stale rows for odd K tiles
+        return;
     }
     moe_sm90_copy_a<T, A_ROWS>(sm.a + stage * Sm::A_STAGE_BYTES, a, A, K, kt, tid);
     cp_async_mbarrier_arrive_noinc(full);  // arrives once this thread's copies have landed
@@ -2291,8 +2298,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             const MoESm90ASources<T, BLOCK_M> a = moe_sm90_a_sources<T, BLOCK_M>(a_rows, A, stride_am, tid);
             for (int k = 0; k < tile.num_tiles; ++k) {
-                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(sm, a, &b_map, A, K, b_row, b_row_up,
-                                                                                tile, k, stage, phase, tid);
+                moe_sm90_produce_k_tile<T, BLOCK_M, BLOCK_N, STAGES, Tr::FUSED>(
+                    sm, a, &b_map, A, K, b_row, b_row_up, tile, k, stage, phase, tid, -1, true,
+                    MUL_ROUTED_WEIGHT ? MOE_SM90_DIAG_GEMM2 : 0);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
