@@ -351,6 +351,11 @@
 #ifndef MOE_SM90_GEMM2_OVERLAP
 #define MOE_SM90_GEMM2_OVERLAP 0
 #endif
+// The persistent kernel's consumers load the next tile's sorted ids with its schedule, in the K loop's
+// drain (mode 0): 1 on, 0 off (bench/NOTES.md v35).
+#ifndef MOE_SM90_PAIR_PREFETCH
+#define MOE_SM90_PAIR_PREFETCH 0
+#endif
 // With MOE_SM90_GEMM2_OVERLAP: the K tile after whose issue the pending rows are stored (at most the B
 // ring's depth - 1).
 #ifndef MOE_SM90_GEMM2_OVERLAP_AT
@@ -2462,14 +2467,29 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         uint32_t phase = 0;
         MoESm90Tile tile;
         bool have = schedule(0, first_tile, tile);
+        // Mode 0 computes the next tile's schedule in the K loop's drain; the split modes (whose
+        // epilogue needs more registers) after the epilogue.
+        constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && SPLIT_MODE == 0;
+        // With it, the next tile's sorted ids are loaded there too (MOE_SM90_PAIR_PREFETCH), so no tile
+        // starts with a wait for them: the routed weights' loads, which need them, issue at once.
+        constexpr bool PAIR_EARLY = EARLY && MOE_SM90_PAIR_PREFETCH != 0;
+        // Lane i < 16: the sorted id of the warp's row i of tile tl (-1 on the other lanes).
+        const auto load_pair = [&](const MoESm90Tile& tl) -> int32_t {
+            const bool hf = Tr::HALF && __shfl_sync(MOE_FULL_MASK, tl.half ? 1 : 0, 0) != 0;
+            if (lane >= Tr::WARP_ROWS) return -1;
+            const int row = (hf ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
+            return moe_sorted_pair(sorted_token_ids, tl.row0 + row, BLOCK_M, num_valid_tokens);
+        };
+        int32_t tile_p = -1, next_p = -1;
+        if constexpr (PAIR_EARLY) {
+            if (have) tile_p = load_pair(tile);
+        }
         for (int64_t j = 0, t = first_tile; have; ++j, t += tile_stride) {
             MoESm90Tile next;
             bool have_next = false;
-            // Mode 0 computes the next tile's schedule in the K loop's drain; the split modes (whose
-            // epilogue needs more registers) after the epilogue.
-            constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && SPLIT_MODE == 0;
             const auto prefetch = [&] {
                 if constexpr (EARLY) have_next = schedule(j + 1, t + tile_stride, next);
+                if constexpr (PAIR_EARLY) next_p = have_next ? load_pair(next) : -1;
             };
             if (SPLIT_MODE == 1 && tile.num_tiles == 0) {  // adding zeros changes nothing
                 have_next = schedule(j + 1, t + tile_stride, next);
@@ -2484,7 +2504,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             // weight, loaded now and used after the K loop.
             int32_t pair = -1;
             float weight = 0.0f;
-            if (lane < Tr::WARP_ROWS) {
+            if constexpr (PAIR_EARLY) {
+                if (tile_p >= 0 && tile_p < num_valid_tokens) {
+                    pair = tile_p;
+                    if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[tile_p];
+                }
+            } else if (lane < Tr::WARP_ROWS) {
                 const int row = (half ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
                 const int32_t p = moe_sorted_pair(sorted_token_ids, tile.row0 + row, BLOCK_M, num_valid_tokens);
                 if (p >= 0 && p < num_valid_tokens) {
@@ -2589,6 +2614,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             if constexpr (!EARLY) have_next = schedule(j + 1, t + tile_stride, next);
             tile = next;
             have = have_next;
+            tile_p = next_p;
         }
     }
 }
