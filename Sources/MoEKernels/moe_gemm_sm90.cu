@@ -345,21 +345,10 @@
 #define MOE_SM90_DIAG_GEMM2 0
 #endif
 
-// The A-resident GEMM2 walk stores an n-block's rows under the next n-block's first products
-// (MoEGemmSm90PersistentTraits::OVERLAP): the number of trailing store passes deferred so (of 2 at
-// BLOCK_N 256; each holds 32 registers), 0 off (bench/NOTES.md v35).
-#ifndef MOE_SM90_GEMM2_OVERLAP
-#define MOE_SM90_GEMM2_OVERLAP 0
-#endif
-// The persistent kernel's consumers load the next tile's sorted ids with its schedule, in the K loop's
-// drain (mode 0): 1 on, 0 off (bench/NOTES.md v35).
+// The persistent GEMM2's consumers load the next tile's sorted ids with its schedule, in the K loop's
+// drain (mode 0): 1 on (default), 0 off (bench/NOTES.md v35).
 #ifndef MOE_SM90_PAIR_PREFETCH
-#define MOE_SM90_PAIR_PREFETCH 0
-#endif
-// With MOE_SM90_GEMM2_OVERLAP: the K tile after whose issue the pending rows are stored (at most the B
-// ring's depth - 1).
-#ifndef MOE_SM90_GEMM2_OVERLAP_AT
-#define MOE_SM90_GEMM2_OVERLAP_AT 2
+#define MOE_SM90_PAIR_PREFETCH 1
 #endif
 
 // MARK: - Pieces shared by the kernels
@@ -1548,26 +1537,14 @@ MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_til
 /// fragment writes hit 32 distinct banks); then each lane reads 16-byte chunks back and stores them to
 /// C row pair(r) (red.global.add.v4.f32 in mode 1), where lane r < 16 holds pair(r), -1 for rows not
 /// stored; 16-byte stores where stride_cm and the N tail allow, element stores otherwise.
-/// The pass geometry of moe_sm90_store_warp_rows: ROW_BYTES staged per row and pass, COLS columns per
-/// pass, PASSES passes over BLOCK_N columns.
-template <typename OutT, int BLOCK_N, int MAX_ROW_BYTES>
-struct MoESm90StoreGeometry {
-    static constexpr int OUT_BYTES = static_cast<int>(sizeof(OutT));
-    static constexpr int ROW_BYTES = BLOCK_N * OUT_BYTES < MAX_ROW_BYTES ? BLOCK_N * OUT_BYTES : MAX_ROW_BYTES;
-    static constexpr int COLS = ROW_BYTES / OUT_BYTES;  // columns per pass
-    static constexpr int PASSES = BLOCK_N / COLS;
-};
-
-/// Pass q of moe_sm90_store_warp_rows, from value(j, h): fragment pair (j, h) of the pass's columns as
-/// written to the staging rows (uint32_t: two OutT, mode 0; float2 otherwise).
-template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, bool PARTIAL, typename Value>
-MOE_DEVICE void moe_sm90_store_warp_pass(int q, const Value& value, unsigned char* staging, int32_t pair, OutT* out,
-                                         int64_t n0, int64_t N, int64_t stride_cm, int lane) {
-    using G = MoESm90StoreGeometry<OutT, BLOCK_N, MAX_ROW_BYTES>;
-    using V = decltype(value(0, 0));
-    constexpr int OUT_BYTES = G::OUT_BYTES;
-    constexpr int ROW_BYTES = G::ROW_BYTES;
-    constexpr int COLS = G::COLS;
+template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, bool PARTIAL = false, int ACC_LEN>
+MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
+                                         OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
+    static_assert(ACC_LEN >= BLOCK_N / 2, "the accumulators hold the BLOCK_N stored columns (first BLOCK_N / 2)");
+    constexpr int OUT_BYTES = static_cast<int>(sizeof(OutT));
+    constexpr int ROW_BYTES = BLOCK_N * OUT_BYTES < MAX_ROW_BYTES ? BLOCK_N * OUT_BYTES : MAX_ROW_BYTES;
+    constexpr int COLS = ROW_BYTES / OUT_BYTES;  // columns per pass
+    constexpr int PASSES = BLOCK_N / COLS;
     constexpr int CHUNKS = ROW_BYTES / 16;  // 16-byte chunks per staged row
     constexpr int VEC = 16 / OUT_BYTES;     // elements per 16-byte store
     constexpr int SWIZZLE_STEP = OUT_BYTES / 2;
@@ -1578,65 +1555,55 @@ MOE_DEVICE void moe_sm90_store_warp_pass(int q, const Value& value, unsigned cha
     const int frag_byte = (lane % 4) * 2 * OUT_BYTES;        // the pair's byte inside 8 columns
     const int write_swizzle = (frag_row * SWIZZLE_STEP) & 7;  // the same for frag_row + 8
     const bool vec_ok = stride_cm % VEC == 0;
-    __syncwarp();  // every lane has read back the previous pass (or tile)
 #pragma unroll
-    for (int jj = 0; jj < COLS / 8; ++jj) {
-        const int j = q * (COLS / 8) + jj;
-        const int byte = jj * 8 * OUT_BYTES + frag_byte;
-        const int at = (((byte >> 4) ^ write_swizzle) << 4) | (byte & 15);
+    for (int q = 0; q < PASSES; ++q) {
+        __syncwarp();  // every lane has read back the previous pass (or tile)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            unsigned char* dst = staging + (frag_row + 8 * h) * ROW_BYTES + at;
-            *reinterpret_cast<V*>(dst) = value(j, h);
-        }
-    }
-    __syncwarp();
+        for (int jj = 0; jj < COLS / 8; ++jj) {
+            const int j = q * (COLS / 8) + jj;
+            const int byte = jj * 8 * OUT_BYTES + frag_byte;
+            const int at = (((byte >> 4) ^ write_swizzle) << 4) | (byte & 15);
 #pragma unroll
-    for (int i = 0; i < 16 * CHUNKS / 32; ++i) {
-        const int idx = i * 32 + lane;
-        const int r = idx / CHUNKS;
-        const int c = idx % CHUNKS;
-        const int32_t p = __shfl_sync(MOE_FULL_MASK, pair, r);
-        const unsigned char* src = staging + r * ROW_BYTES + ((c ^ ((r * SWIZZLE_STEP) & 7)) << 4);
-        const int64_t n = n0 + q * COLS + c * VEC;
-        if (p < 0 || n >= N) continue;
-        OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-        if (vec_ok && n + VEC <= N) {
-            if constexpr (SPLIT_MODE == 1) {
-                const float4 v = *reinterpret_cast<const float4*>(src);
-                red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
-            } else {
-                st_global_16<PARTIAL>(dst, *reinterpret_cast<const uint4*>(src));
-            }
-        } else {
-            const OutT* s = reinterpret_cast<const OutT*>(src);
-#pragma unroll 1
-            for (int e = 0; e < VEC && n + e < N; ++e) {
-                if constexpr (SPLIT_MODE == 1) {
-                    red_global_add_f32(dst + e, s[e]);
+            for (int h = 0; h < 2; ++h) {
+                unsigned char* dst = staging + (frag_row + 8 * h) * ROW_BYTES + at;
+                if constexpr (SPLIT_MODE == 0) {
+                    *reinterpret_cast<uint32_t*>(dst) = pack2<OutT>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 } else {
-                    dst[e] = s[e];
+                    *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                }
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 16 * CHUNKS / 32; ++i) {
+            const int idx = i * 32 + lane;
+            const int r = idx / CHUNKS;
+            const int c = idx % CHUNKS;
+            const int32_t p = __shfl_sync(MOE_FULL_MASK, pair, r);
+            const unsigned char* src = staging + r * ROW_BYTES + ((c ^ ((r * SWIZZLE_STEP) & 7)) << 4);
+            const int64_t n = n0 + q * COLS + c * VEC;
+            if (p < 0 || n >= N) continue;
+            OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+            if (vec_ok && n + VEC <= N) {
+                if constexpr (SPLIT_MODE == 1) {
+                    const float4 v = *reinterpret_cast<const float4*>(src);
+                    red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
+                } else {
+                    st_global_16<PARTIAL>(dst, *reinterpret_cast<const uint4*>(src));
+                }
+            } else {
+                const OutT* s = reinterpret_cast<const OutT*>(src);
+#pragma unroll 1
+                for (int e = 0; e < VEC && n + e < N; ++e) {
+                    if constexpr (SPLIT_MODE == 1) {
+                        red_global_add_f32(dst + e, s[e]);
+                    } else {
+                        dst[e] = s[e];
+                    }
                 }
             }
         }
     }
-}
-
-template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, bool PARTIAL = false, int ACC_LEN>
-MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
-                                         OutT* out, int64_t n0, int64_t N, int64_t stride_cm, int lane) {
-    static_assert(ACC_LEN >= BLOCK_N / 2, "the accumulators hold the BLOCK_N stored columns (first BLOCK_N / 2)");
-    const auto value = [&](int j, int h) {
-        if constexpr (SPLIT_MODE == 0) {
-            return pack2<OutT>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        } else {
-            return make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        }
-    };
-#pragma unroll
-    for (int q = 0; q < MoESm90StoreGeometry<OutT, BLOCK_N, MAX_ROW_BYTES>::PASSES; ++q)
-        moe_sm90_store_warp_pass<OutT, BLOCK_N, SPLIT_MODE, MAX_ROW_BYTES, PARTIAL>(q, value, staging, pair, out, n0,
-                                                                                    N, stride_cm, lane);
 }
 
 /// One consumer warp's epilogue for its 16 rows of a COLS-column product (acc[0 .. COLS / 2), wgmma's
@@ -1830,12 +1797,6 @@ struct MoEGemmSm90PersistentTraits {
     // The fused combine (MOE_SM90_FUSED_COMBINE; GEMM2 on the A-resident walk; MoESm90Combine). Not
     // beside the half tiles (another experiment), where its sums' registers made the consumers spill.
     static constexpr bool COMBINE = MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
-    // The overlapped epilogue (MOE_SM90_GEMM2_OVERLAP; A-resident walk): after an n-block's K loop its
-    // products are weighted and packed (ACC / 2 registers) and stay pending; the next n-block issues its
-    // first K tiles (up to the whole B ring) and only then stores the pending rows, pass by pass, each
-    // pass followed by the release of the oldest finished K tile, so the tensor pipe multiplies under
-    // the stores and the producer refills the ring during them.
-    static constexpr bool OVERLAP = MOE_SM90_GEMM2_OVERLAP != 0 && A_RESIDENT && !COMBINE;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
@@ -2051,105 +2012,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 uint32_t phase = 0, a_phase = 0;
                 int64_t q, c, nb_begin, nb_end;
                 int32_t expert;
-                // The overlapped epilogue (Tr::OVERLAP): the pending n-block's rows, weighted and packed as
-                // they are stored (pack2 of the fp32 products: the same bits as the plain epilogue).
-                using Store = MoESm90StoreGeometry<T, BLOCK_N, Tr::STAGING_ROW_BYTES>;
-                // The last DEFER passes are deferred (the rest stored at once: registers).
-                constexpr int DEFER = MOE_SM90_GEMM2_OVERLAP < Store::PASSES ? MOE_SM90_GEMM2_OVERLAP : Store::PASSES;
-                constexpr int FIRST_DEFERRED = Store::PASSES - DEFER;
-                constexpr int J_PER_PASS = Store::COLS / 8;
-                uint32_t packed[Tr::OVERLAP ? 2 * J_PER_PASS * DEFER : 1];
-                bool pending = false;
-                int32_t pending_pair = -1;
-                int64_t pending_n0 = 0;
-                const auto store_pending_pass = [&](int pass) {
-                    moe_sm90_store_warp_pass<T, BLOCK_N, 0, Tr::STAGING_ROW_BYTES, MUL_ROUTED_WEIGHT>(
-                        pass,
-                        [&](int j, int h) { return packed[Tr::OVERLAP ? 2 * (j - FIRST_DEFERRED * J_PER_PASS) + h : 0]; },
-                        staging, pending_pair, out, pending_n0, N, stride_cm, lane);
-                };
-                // One n-block: its K loop, the pending rows stored under its first K tiles, its own rows
-                // left pending.
-                const auto overlapped_n_block = [&](int64_t nb, bool first, bool last, int32_t expert_,
-                                                    int32_t pair_, float weight_) {
-                    float acc[Tr::ACC];
-#pragma unroll
-                    for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
-                    if (expert_ >= 0) {
-                        // K tiles issued whose stages are not yet released (oldest first): held of them,
-                        // the oldest in stage `oldest`, K tile oldest_k.
-                        int held = 0, oldest = stage, oldest_k = 0;
-                        const auto release_oldest = [&] {
-                            if (lane == 0) {
-                                mbarrier_arrive(sm.empty + 8 * oldest);
-                                if (last) mbarrier_arrive(a_empty + 8 * oldest_k);  // the unit's A is done
-                            }
-                            if (++oldest == Tr::RES_B_STAGES) oldest = 0;
-                            ++oldest_k;
-                            --held;
-                        };
-                        // With rows pending, they are stored once K tile drain_at is issued (at most the
-                        // ring's depth).
-                        const int drain_at =
-                            static_cast<int>(min_i64(k_tiles, min_i64(Tr::RES_B_STAGES, MOE_SM90_GEMM2_OVERLAP_AT + 1))) - 1;
-                        for (int k = 0; k < k_tiles; ++k) {
-                            if (first) mbarrier_wait_parity(a_full + 8 * k, a_phase);
-                            mbarrier_wait_parity(sm.full + 8 * stage, phase);
-                            fence_proxy_async_shared_cta();
-                            moe_sm90_mma_k_tile<T, BLOCK_N, Tr::K_STEPS>(
-                                acc, desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4),
-                                desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4));
-                            ++held;
-                            if (++stage == Tr::RES_B_STAGES) {
-                                stage = 0;
-                                phase ^= 1;
-                            }
-                            if (pending && k == drain_at) {
-#pragma unroll
-                                for (int pass = FIRST_DEFERRED; pass < Store::PASSES; ++pass) store_pending_pass(pass);
-                                pending = false;
-                            }
-                            if (!pending && held > 1) {  // (rows pending: the first K tiles stay queued)
-                                wgmma_wait_group<1>();   // every K tile but the last issued is done
-                                while (held > 1) release_oldest();
-                            }
-                        }
-                        wgmma_wait_group<0>();
-                        while (held > 0) release_oldest();
-#pragma unroll
-                        for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
-                    }
-                    if (pending) {  // no K loop to store them under (an unowned expert's zeros)
-#pragma unroll
-                        for (int pass = FIRST_DEFERRED; pass < Store::PASSES; ++pass) store_pending_pass(pass);
-                    }
-                    if constexpr (MUL_ROUTED_WEIGHT) {
-                        const float w0 = __shfl_sync(MOE_FULL_MASK, weight_, lane / 4);      // row lane / 4
-                        const float w1 = __shfl_sync(MOE_FULL_MASK, weight_, lane / 4 + 8);  // row lane / 4 + 8
-#pragma unroll
-                        for (int j = 0; j < BLOCK_N / 8; ++j) {
-                            acc[4 * j] *= w0;
-                            acc[4 * j + 1] *= w0;
-                            acc[4 * j + 2] *= w1;
-                            acc[4 * j + 3] *= w1;
-                        }
-                    }
-                    const auto value = [&](int j, int h) { return pack2<T>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]); };
-#pragma unroll
-                    for (int pass = 0; pass < FIRST_DEFERRED; ++pass)
-                        moe_sm90_store_warp_pass<T, BLOCK_N, 0, Tr::STAGING_ROW_BYTES, MUL_ROUTED_WEIGHT>(
-                            pass, value, staging, pair_, out, nb * BLOCK_N, N, stride_cm, lane);
-                    if constexpr (Tr::OVERLAP) {
-#pragma unroll
-                        for (int j = FIRST_DEFERRED * J_PER_PASS; j < Store::PASSES * J_PER_PASS; ++j) {
-                            packed[2 * (j - FIRST_DEFERRED * J_PER_PASS)] = value(j, 0);
-                            packed[2 * (j - FIRST_DEFERRED * J_PER_PASS) + 1] = value(j, 1);
-                        }
-                    }
-                    pending = true;
-                    pending_pair = pair_;
-                    pending_n0 = nb * BLOCK_N;
-                };
                 for (int64_t w = blockIdx.x;; w += gridDim.x) {
                     const int step = step_at(w, q, c, expert, nb_begin, nb_end);
                     if (step == kStepEnd) break;
@@ -2193,58 +2055,53 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                             if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[p];
                         }
                     }
-                    if constexpr (Tr::OVERLAP) {
-                        for (int64_t nb = nb_begin; nb < nb_end; ++nb)
-                            overlapped_n_block(nb, nb == nb_begin, nb + 1 == nb_end, expert, pair, weight);
-                    } else {
-                        for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-                            const bool last = nb + 1 == nb_end;  // the unit's last tile releases its A
-                            float acc[Tr::ACC];
-    #pragma unroll
-                            for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
-                            if (expert >= 0) {
-                                int prev = stage;
-                                for (int k = 0; k < k_tiles; ++k) {
-                                    if (nb == nb_begin) mbarrier_wait_parity(a_full + 8 * k, a_phase);
-                                    mbarrier_wait_parity(sm.full + 8 * stage, phase);
-                                    fence_proxy_async_shared_cta();
-                                    moe_sm90_mma_k_tile<T, BLOCK_N, Tr::K_STEPS>(
-                                        acc, desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4),
-                                        desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4));
-                                    wgmma_wait_group<1>();  // K tile k - 1's products are done
-                                    if (k > 0 && lane == 0) {
-                                        mbarrier_arrive(sm.empty + 8 * prev);
-                                        if (last) mbarrier_arrive(a_empty + 8 * (k - 1));
-                                    }
-                                    prev = stage;
-                                    if (++stage == Tr::RES_B_STAGES) {
-                                        stage = 0;
-                                        phase ^= 1;
-                                    }
-                                }
-                                wgmma_wait_group<0>();
-                                if (lane == 0) {
+                    for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+                        const bool last = nb + 1 == nb_end;  // the unit's last tile releases its A
+                        float acc[Tr::ACC];
+#pragma unroll
+                        for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+                        if (expert >= 0) {
+                            int prev = stage;
+                            for (int k = 0; k < k_tiles; ++k) {
+                                if (nb == nb_begin) mbarrier_wait_parity(a_full + 8 * k, a_phase);
+                                mbarrier_wait_parity(sm.full + 8 * stage, phase);
+                                fence_proxy_async_shared_cta();
+                                moe_sm90_mma_k_tile<T, BLOCK_N, Tr::K_STEPS>(
+                                    acc, desc_a0 + static_cast<uint64_t>((k * Smem::A_STAGE_BYTES) >> 4),
+                                    desc_b0 + static_cast<uint64_t>((stage * Smem::B_STAGE_BYTES) >> 4));
+                                wgmma_wait_group<1>();  // K tile k - 1's products are done
+                                if (k > 0 && lane == 0) {
                                     mbarrier_arrive(sm.empty + 8 * prev);
-                                    if (last) mbarrier_arrive(a_empty + 8 * (k_tiles - 1));
+                                    if (last) mbarrier_arrive(a_empty + 8 * (k - 1));
                                 }
-    #pragma unroll
-                                for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
+                                prev = stage;
+                                if (++stage == Tr::RES_B_STAGES) {
+                                    stage = 0;
+                                    phase ^= 1;
+                                }
                             }
-                            // The diagnostic's bits 1, 3 and 4 drop or move the stores (MOE_SM90_DIAG_GEMM2).
-                            int32_t store_pair = pair;
-                            if constexpr ((MOE_SM90_DIAG_GEMM2 & 2) != 0) {
-                                store_pair = -1;
-                            } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 8) != 0) {
-                                if (pair >= 0) store_pair = pair % 512;
-                            } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 16) != 0) {
-                                if (pair >= 0)
-                                    store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
-                                                                      num_valid_tokens);
+                            wgmma_wait_group<0>();
+                            if (lane == 0) {
+                                mbarrier_arrive(sm.empty + 8 * prev);
+                                if (last) mbarrier_arrive(a_empty + 8 * (k_tiles - 1));
                             }
-                            if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
-                                moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                                    acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+#pragma unroll
+                            for (int i = 0; i < Tr::ACC; ++i) wgmma_fence_operand(acc[i]);
                         }
+                        // The diagnostic's bits 1, 3 and 4 drop or move the stores (MOE_SM90_DIAG_GEMM2).
+                        int32_t store_pair = pair;
+                        if constexpr ((MOE_SM90_DIAG_GEMM2 & 2) != 0) {
+                            store_pair = -1;
+                        } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 8) != 0) {
+                            if (pair >= 0) store_pair = pair % 512;
+                        } else if constexpr ((MOE_SM90_DIAG_GEMM2 & 16) != 0) {
+                            if (pair >= 0)
+                                store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
+                                                                  num_valid_tokens);
+                        }
+                        if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
+                            moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
+                                acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
@@ -2255,10 +2112,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                             if (lane == 0) red_release_gpu_add(comb.counts + c, 1);
                         }
                     }
-                }
-                if (pending) {  // the walk's last n-block
-#pragma unroll
-                    for (int pass = FIRST_DEFERRED; pass < Store::PASSES; ++pass) store_pending_pass(pass);
                 }
             }
             return;
@@ -2470,9 +2323,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         // Mode 0 computes the next tile's schedule in the K loop's drain; the split modes (whose
         // epilogue needs more registers) after the epilogue.
         constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && SPLIT_MODE == 0;
-        // With it, the next tile's sorted ids are loaded there too (MOE_SM90_PAIR_PREFETCH), so no tile
-        // starts with a wait for them: the routed weights' loads, which need them, issue at once.
-        constexpr bool PAIR_EARLY = EARLY && MOE_SM90_PAIR_PREFETCH != 0;
+        // With it, GEMM2's consumers load the next tile's sorted ids there too (MOE_SM90_PAIR_PREFETCH), so
+        // no tile starts with a wait for them: the routed weights' loads, which need them, issue at once.
+        // (GEMM1 loads no weight: it measured +0.25% there, so it keeps the load at the tile's start.)
+        constexpr bool PAIR_EARLY = EARLY && MOE_SM90_PAIR_PREFETCH != 0 && MUL_ROUTED_WEIGHT;
         // Lane i < 16: the sorted id of the warp's row i of tile tl (-1 on the other lanes).
         const auto load_pair = [&](const MoESm90Tile& tl) -> int32_t {
             const bool hf = Tr::HALF && __shfl_sync(MOE_FULL_MASK, tl.half ? 1 : 0, 0) != 0;
