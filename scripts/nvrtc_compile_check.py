@@ -390,7 +390,10 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=2"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=15"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=16"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=16"]),
+            # The diagnostic's bits 5-8 and the pair prefetch switched off (NOTES v35).
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=480"]),
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_PAIR_PREFETCH=0"])]
 
 
 def main() -> int:
