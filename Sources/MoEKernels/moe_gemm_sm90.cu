@@ -345,11 +345,6 @@
 #define MOE_SM90_DIAG_GEMM2 0
 #endif
 
-// The A-resident walk's consumers load the next unit's step and sorted ids under the current unit's
-// last n-block: 1 on, 0 off (bench/NOTES.md v35).
-#ifndef MOE_SM90_UNIT_PREFETCH
-#define MOE_SM90_UNIT_PREFETCH 0
-#endif
 // The persistent GEMM2's consumers load the next tile's sorted ids with its schedule, in the K loop's
 // drain (mode 0): 1 on (default), 0 off (bench/NOTES.md v35).
 #ifndef MOE_SM90_PAIR_PREFETCH
@@ -2017,35 +2012,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 uint32_t phase = 0, a_phase = 0;
                 int64_t q, c, nb_begin, nb_end;
                 int32_t expert;
-                // MOE_SM90_UNIT_PREFETCH: the next unit's step and sorted ids are loaded under this unit's
-                // last n-block, so no unit starts with a wait for them (the routed weights' loads, which
-                // need the ids, then issue at once).
-                constexpr bool UNIT_EARLY = MOE_SM90_UNIT_PREFETCH != 0 && !Tr::COMBINE;
-                // Lane i < 16: the sorted id of the warp's row i of m-block qq (-1 on the other lanes).
-                const auto unit_pair = [&](int64_t qq) -> int32_t {
-                    return lane < Tr::WARP_ROWS ? moe_sorted_pair(sorted_token_ids, qq * BLOCK_M + warp * Tr::WARP_ROWS + lane,
-                                                                  BLOCK_M, num_valid_tokens)
-                                                : -1;
-                };
-                int next_step = -1;  // -1: not loaded
-                int64_t next_q = 0, next_c = 0, next_nb_begin = 0, next_nb_end = 0;
-                int32_t next_expert = -1, next_p = -1;
                 for (int64_t w = blockIdx.x;; w += gridDim.x) {
-                    int step;
-                    int32_t unit_p = -1;
-                    if (UNIT_EARLY && next_step >= 0) {
-                        step = next_step;
-                        q = next_q;
-                        c = next_c;
-                        expert = next_expert;
-                        nb_begin = next_nb_begin;
-                        nb_end = next_nb_end;
-                        unit_p = next_p;
-                    } else {
-                        step = step_at(w, q, c, expert, nb_begin, nb_end);
-                        if (UNIT_EARLY && step == kStepUnit) unit_p = unit_pair(q);
-                    }
-                    next_step = -1;
+                    const int step = step_at(w, q, c, expert, nb_begin, nb_end);
                     if (step == kStepEnd) break;
                     if constexpr (Tr::COMBINE) {
                         if (step == kStepCombine) {
@@ -2079,12 +2047,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     }
                     int32_t pair = -1;
                     float weight = 0.0f;
-                    if constexpr (UNIT_EARLY) {
-                        if (unit_p >= 0 && unit_p < num_valid_tokens) {
-                            pair = unit_p;
-                            if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[unit_p];
-                        }
-                    } else if (lane < Tr::WARP_ROWS) {
+                    if (lane < Tr::WARP_ROWS) {
                         const int32_t p = moe_sorted_pair(sorted_token_ids, q * BLOCK_M + warp * Tr::WARP_ROWS + lane,
                                                           BLOCK_M, num_valid_tokens);
                         if (p >= 0 && p < num_valid_tokens) {
@@ -2094,10 +2057,6 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                     }
                     for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
                         const bool last = nb + 1 == nb_end;  // the unit's last tile releases its A
-                        if (UNIT_EARLY && last) {
-                            next_step = step_at(w + gridDim.x, next_q, next_c, next_expert, next_nb_begin, next_nb_end);
-                            next_p = next_step == kStepUnit ? unit_pair(next_q) : -1;
-                        }
                         float acc[Tr::ACC];
 #pragma unroll
                         for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
