@@ -360,22 +360,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
             if (p < 0 || p >= num_valid_tokens || n >= out_n) continue;
             const OutT* src = stage + r * OPITCH + c * VEC;
             OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
-            if (vec_ok && n + VEC <= out_n) {
-                if constexpr (SPLIT_MODE == 1) {
-                    const float4 v = *reinterpret_cast<const float4*>(src);
-                    red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
-                } else {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                }
-            } else {
-                for (int e = 0; e < VEC && n + e < out_n; ++e) {
-                    if constexpr (SPLIT_MODE == 1) {
-                        red_global_add_f32(dst + e, src[e]);
-                    } else {
-                        dst[e] = src[e];
-                    }
-                }
-            }
+            moe_store_staged_chunk<OutT, VEC, SPLIT_MODE>(dst, src, n, out_n, vec_ok);
         }
     } else {
         // The staged tile does not fit in the operand ring: store fragments directly.
