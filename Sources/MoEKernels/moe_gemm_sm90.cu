@@ -2346,7 +2346,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             if constexpr (PAIR_EARLY) {
                 if (tile_p >= 0 && tile_p < num_valid_tokens) {
                     pair = tile_p;
-                    if constexpr (MUL_ROUTED_WEIGHT) weight = topk_weights[tile_p];
+                    weight = topk_weights[tile_p];  // (PAIR_EARLY: GEMM2 only)
                 }
             } else if (lane < Tr::WARP_ROWS) {
                 const int row = (half ? warp % 4 : warp) * Tr::WARP_ROWS + lane;
