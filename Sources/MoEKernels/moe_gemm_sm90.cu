@@ -340,6 +340,9 @@
 // stores no GEMM2 rows (staging kept), as bit 1 does in that walk. Bits 7 and 8, in the persistent
 // GEMM2's K loop outside the A-resident walk: the rows (bit 7) or the weight tile (bit 8) of odd K tiles
 // are not loaded (stale), half that operand's traffic.
+// Bit 9: the persistent kernel's GEMM2 (both walks) adds its fp32 rows with red.global.add.v4.f32 into
+// row pair / 8 of its output taken as fp32 [pairs / 8, N] (an atomic top-k sum's traffic for k = 8; the
+// buffer is not zeroed and the combine still reads the partial rows).
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -2084,7 +2087,11 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                                 store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
                                                                   num_valid_tokens);
                         }
-                        if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
+                        if constexpr ((MOE_SM90_DIAG_GEMM2 & 512) != 0) {
+                            moe_sm90_finish_warp_rows<T, BLOCK_N, 1, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
+                                acc, weight, store_pair >= 0 ? store_pair / 8 : -1, staging,
+                                reinterpret_cast<float*>(out), nb * BLOCK_N, N, stride_cm, lane);
+                        } else if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
                             moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
                                 acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
                     }
@@ -2442,6 +2449,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 if (Tr::HALF && half) {
                     moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
                         acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
+                } else if (MUL_ROUTED_WEIGHT && SPLIT_MODE == 0 && (MOE_SM90_DIAG_GEMM2 & 512) != 0) {
+                    moe_sm90_finish_warp_rows<T, BLOCK_N, 1, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
+                        acc, weight, pair >= 0 ? pair / 8 : -1, staging, reinterpret_cast<float*>(out), tile.n0, out_n,
+                        stride_cm, lane);
                 } else if (!(MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 32) != 0) ||
                            __float_as_uint(acc[0]) == 0x7fc0deadu) {
                     const int32_t store_pair = MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 64) != 0 ? -1 : pair;
