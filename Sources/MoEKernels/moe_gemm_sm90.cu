@@ -343,6 +343,8 @@
 // Bit 9: the persistent kernel's GEMM2 (both walks) adds its fp32 rows with red.global.add.v4.f32 into
 // row pair / 8 of its output taken as fp32 [pairs / 8, N] (an atomic top-k sum's traffic for k = 8; the
 // buffer is not zeroed and the combine still reads the partial rows).
+// Bit 10: every partial-row store (routed weight, 16-byte path) is a red.global.add.noftz.v4.bf16x2 into
+// row pair / 8 instead (an atomic top-k sum in bf16's traffic for k = 8; bf16 only; not zeroed).
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -1576,6 +1578,12 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
                 if constexpr (SPLIT_MODE == 1) {
                     const float4 v = *reinterpret_cast<const float4*>(src);
                     red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
+                } else if constexpr (PARTIAL && (MOE_SM90_DIAG_GEMM2 & 1024) != 0) {
+                    const uint4 v = *reinterpret_cast<const uint4*>(src);
+                    OutT* row = out + static_cast<int64_t>(p / 8) * stride_cm + n;
+                    asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};" ::"l"(row), "r"(v.x),
+                                 "r"(v.y), "r"(v.z), "r"(v.w)
+                                 : "memory");
                 } else {
                     st_global_16<PARTIAL>(dst, *reinterpret_cast<const uint4*>(src));
                 }
