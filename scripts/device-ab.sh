@@ -8,7 +8,9 @@
 #   X+define:D   setting X with the kernels compiled under FUSED_MOE_KERNEL_DEFINES="D" (D: NAME=VALUE
 #                words joined by commas, e.g. shipped+define:MOE_SM90_EARLY_SCHEDULE=0)
 #   X+env:V      setting X with the environment variables V (NAME=VALUE words joined by commas, e.g.
-#                shipped+env:FUSED_MOE_SELF_ROUTE=0); +define: and +env: combine in either order
+#                shipped+env:FUSED_MOE_SELF_ROUTE=0)
+#   X+args:A     setting X with more bench arguments A (words joined by commas, e.g.
+#                shipped+args:--combine,atomic); +define:, +env: and +args: combine in any order
 # Outputs under $OUT: check.txt, ab.txt (one line per row and setting), ceilings.json.
 # For "old": here, before rebuilding, mkdir -p dist-ab && cp dist/fused-moe dist-ab/fused-moe-old
 # (ignored by git); then scripts/build-dist.sh and carry ["dist/fused-moe", "dist/COMMIT", "dist-ab"]
@@ -37,7 +39,7 @@ for round in $(seq 1 ${ROUNDS:-1}); do
       tables=$(tables_of "$setting")
       [[ $tables == old ]] && bin=dist-ab/fused-moe-old
       [[ $tables == old || $tables == shipped ]] || env+=(FUSED_MOE_CONFIG_DIR=$(table_dir "$tables"))
-      env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" \
+      env "${env[@]}" timeout 100 "$bin" bench --plan-only --shape "$shape" --batch-sizes "$ms" $(args_of "$setting") \
         --ceilings "$OUT/ceilings.json" --json "$(table_dir "ab-$round-$shape-$setting").json" > /dev/null 2>&1 || status=1
       python3 - "$round" "${setting##*/}" "$(table_dir "ab-$round-$shape-$setting").json" >> "$OUT/ab.txt" <<'PY'
 import json, sys

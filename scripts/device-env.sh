@@ -9,8 +9,8 @@
 # device_smi_log FILE [MS]: nvidia-smi samples every MS milliseconds (default 100) into FILE in the
 #   background, one CSV line each: timestamp, SM clock (MHz), power (W), temperature (C), throttle reasons
 #   (SMI_FIELDS); prints the logger's pid (kill it when done).
-# Settings of the A/B scripts, TABLES[+define:D][+env:V] (device-ab.sh's header): tables_of, defines_of
-#   and env_of split one; table_dir names a scratch folder for a table variant or an output.
+# Settings of the A/B scripts, TABLES[+define:D][+env:V][+args:A] (device-ab.sh's header): tables_of,
+#   defines_of, env_of and args_of split one; table_dir names a scratch folder for a table variant or an output.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused-moe-out}
 export FUSED_MOE_CACHE_DIR=${FUSED_MOE_CACHE_DIR:-/tmp/fused-moe-cache}
@@ -38,3 +38,4 @@ tables_of() { echo "${1%%+*}"; }
 part_of() { [[ $1 == *+$2:* ]] && { local rest=${1##*+$2:}; echo "${rest%%+*}" | tr , ' '; }; }
 defines_of() { part_of "$1" define; }
 env_of() { part_of "$1" env; }
+args_of() { part_of "$1" args; }

@@ -148,7 +148,9 @@ def name_expressions() -> dict[str, list[list[str]]]:
         for tile in SM90_PERSISTENT_TILES:
             sm90_groups.append(
                 [gemm_sm90_persistent_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                + [gemm_sm90_persistent_name(dtype, tile, 0, False, act) for act in (1, 2) if tile[1] >= 128])
+                + [gemm_sm90_persistent_name(dtype, tile, 0, False, act) for act in (1, 2) if tile[1] >= 128]
+                # The atomic top-k sum (split mode 3: GEMM2 only).
+                + [gemm_sm90_persistent_name(dtype, tile, 3, True)])
         for tile in SM90_PINGPONG_TILES:
             sm90_groups.append(
                 [gemm_sm90_persistent_name(dtype, tile, m, mul, pingpong=True) for m in (0, 1, 2) for mul in (False, True)]

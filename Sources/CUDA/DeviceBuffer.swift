@@ -145,6 +145,25 @@ public final class DeviceBuffer: @unchecked Sendable {
             device.driver.cuMemsetD8Async(address + UInt64(offsetBytes), value, count, stream.handle), "cuMemsetD8Async")
     }
 
+    /// Sets `byteCount` bytes from `pointer` (memory this buffer type need not own, such as a caller's
+    /// output) to `value` on `stream` (`cuMemsetD32Async` where address and count are multiples of 4, else
+    /// `cuMemsetD8Async`).
+    public static func fill(_ pointer: DevicePointer, byte value: UInt8, byteCount: Int, on stream: Stream)
+        throws(CUDAError)
+    {
+        guard byteCount >= 0 else { throw .usage("DeviceBuffer.fill", "byteCount must be >= 0, got \(byteCount)") }
+        guard byteCount > 0 else { return }
+        guard !pointer.isNull else { throw .usage("DeviceBuffer.fill", "a null device pointer") }
+        let driver = stream.device.driver
+        if pointer.address % 4 == 0 && byteCount % 4 == 0 {  // in words where it can (the same bytes)
+            let word = UInt32(value) * 0x0101_0101
+            try driver.check(
+                driver.cuMemsetD32Async(pointer.address, word, byteCount / 4, stream.handle), "cuMemsetD32Async")
+        } else {
+            try driver.check(driver.cuMemsetD8Async(pointer.address, value, byteCount, stream.handle), "cuMemsetD8Async")
+        }
+    }
+
     /// Sets `count` 32-bit words from `offsetBytes` (a multiple of 4) to `value` on `stream` (`cuMemsetD32Async`).
     public func fill(word value: UInt32, offsetBytes: Int = 0, count: Int? = nil, on stream: Stream) throws(CUDAError) {
         let count = count ?? (byteCount - offsetBytes) / 4

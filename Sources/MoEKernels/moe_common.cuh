@@ -387,6 +387,34 @@ MOE_DEVICE void red_global_add_v4_f32(float* addr, float a, float b, float c, fl
 #endif
 }
 
+// MARK: - 16-bit reductions to global memory (the atomic top-k sum, split mode 3)
+
+/// red.global.add.noftz of one bf16 or fp16 value (sm_90): the sum is rounded to T at every add.
+template <typename T>
+MOE_DEVICE void red_global_add_16(T* addr, T v) {
+    static_assert(sizeof(T) == 2, "T: moe_bf16 or moe_fp16");
+    if constexpr (moe_is_same<T, moe_bf16>::value) {
+        asm volatile("red.global.add.noftz.bf16 [%0], %1;\n" ::"l"(addr), "h"(v.bits) : "memory");
+    } else {
+        asm volatile("red.global.add.noftz.f16 [%0], %1;\n" ::"l"(addr), "h"(v.bits) : "memory");
+    }
+}
+
+/// red.global.add.noftz.v4 of eight packed bf16 or fp16 values (16 bytes; sm_90): addr 16-byte aligned.
+template <typename T>
+MOE_DEVICE void red_global_add_v8_16(T* addr, uint4 v) {
+    static_assert(sizeof(T) == 2, "T: moe_bf16 or moe_fp16");
+    if constexpr (moe_is_same<T, moe_bf16>::value) {
+        asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "r"(v.x), "r"(v.y),
+                     "r"(v.z), "r"(v.w)
+                     : "memory");
+    } else {
+        asm volatile("red.global.add.noftz.v4.f16x2 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "r"(v.x), "r"(v.y),
+                     "r"(v.z), "r"(v.w)
+                     : "memory");
+    }
+}
+
 /// One staged chunk of an output row to global memory: VEC consecutive OutT from src (shared memory) to
 /// dst, columns n .. n + VEC - 1 of out_n. One 16-byte store (red.global.add.v4.f32 in split mode 1)
 /// where vec_ok (16-byte aligned rows) and the chunk is whole; element by element otherwise.

@@ -12,6 +12,11 @@
 //            1: C is float*, zero-filled by the host; partials added with red.global.add.f32.
 //            2: C is a float* workspace [split_k][num_valid_tokens] rows of stride stride_cm;
 //               split s writes its partial (plain stores) at C + s*num_valid_tokens*stride_cm.
+//            3 (moe_gemm_sm90_persistent only, GEMM2: MUL_ROUTED_WEIGHT, not PINGPONG or STREAM_K, split_k
+//               1): the atomic top-k sum. C is T* [tokens][stride_cm], zero-filled by the host; row p
+//               (routed weight applied, rounded to T) is added into row p / combine_k with 16-bit reds
+//               (red.global.add.noftz.v4.bf16x2 / .f16x2), so each token's sum is rounded at every add
+//               and its order, hence its last bits, varies from run to run. No partial rows, no combine.
 // The K tiles (ceil(K / 64)) are cut into split_k contiguous ranges of ceil(tiles / split_k); split
 // blockIdx.y takes range y (possibly empty). Programs with pid_m * BLOCK_M >= *total_padded return at
 // once. A block whose expert id is -1 (expert not owned) skips the K loop and stores zeros (modes 0
@@ -128,7 +133,7 @@
 //           __syncwarp only: no barrier between warps, and the ring is not touched.
 //         Both roles decide which tiles exist and which have K work with the same call on the same
 //         inputs, so every full/empty phase is waited for by the side that the other side signals.
-// A resident (BLOCK_M 128, SPLIT_MODE 0, no FUSED_ACT, not PINGPONG; K at most A_SLOTS = 6 K tiles, split_k
+// A resident (BLOCK_M 128, SPLIT_MODE 0 or 3, no FUSED_ACT, not PINGPONG; K at most A_SLOTS = 6 K tiles, split_k
 //         1; STAGES with at least 3 B stages left: (STAGES * (128 + BLOCK_N) - 128 * A_SLOTS) / BLOCK_N):
 //         the program walks units u = blockIdx.x, + gridDim.x, ...: unit u is m-block u / C and
 //         n-blocks [(u % C) A_CHUNK, + A_CHUNK) (C = ceil(n-blocks / A_CHUNK), A_CHUNK 8; m-block order,
@@ -340,11 +345,6 @@
 // stores no GEMM2 rows (staging kept), as bit 1 does in that walk. Bits 7 and 8, in the persistent
 // GEMM2's K loop outside the A-resident walk: the rows (bit 7) or the weight tile (bit 8) of odd K tiles
 // are not loaded (stale), half that operand's traffic.
-// Bit 9: the persistent kernel's GEMM2 (both walks) adds its fp32 rows with red.global.add.v4.f32 into
-// row pair / 8 of its output taken as fp32 [pairs / 8, N] (an atomic top-k sum's traffic for k = 8; the
-// buffer is not zeroed and the combine still reads the partial rows).
-// Bit 10: every partial-row store (routed weight, 16-byte path) is a red.global.add.noftz.v4.bf16x2 into
-// row pair / 8 instead (an atomic top-k sum in bf16's traffic for k = 8; bf16 only; not zeroed).
 // 0 (default): the kernels as shipped.
 #ifndef MOE_SM90_DIAG_GEMM2
 #define MOE_SM90_DIAG_GEMM2 0
@@ -1522,10 +1522,10 @@ MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_til
 /// (no other warp touches them, so __syncwarp is the only barrier), at most MAX_ROW_BYTES per staged
 /// row and pass; BLOCK_N columns from acc[0 .. BLOCK_N / 2) (acc may be longer). acc is wgmma's layout:
 /// acc[4 j + 2 h + c] is row lane / 4 + 8 h of the 16, column 8 j + 2 (lane % 4) + c. Per pass of
-/// COLS columns: the lanes write their value pairs (4 bytes as T in mode 0, 8 bytes as float) into 16
+/// COLS columns: the lanes write their value pairs (4 bytes as T in modes 0 and 3, 8 bytes as float) into 16
 /// rows of ROW_BYTES, 16-byte chunk c of row r stored at chunk c ^ ((r * OUT_BYTES / 2) % 8) (the
 /// fragment writes hit 32 distinct banks); then each lane reads 16-byte chunks back and stores them to
-/// C row pair(r) (red.global.add.v4.f32 in mode 1), where lane r < 16 holds pair(r), -1 for rows not
+/// C row pair(r) (red.global.add.v4.f32 in mode 1, 16-bit reds in mode 3), where lane r < 16 holds pair(r), -1 for rows not
 /// stored; 16-byte stores where stride_cm and the N tail allow, element stores otherwise.
 template <typename OutT, int BLOCK_N, int SPLIT_MODE, int MAX_ROW_BYTES, bool PARTIAL = false, int ACC_LEN>
 MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned char* staging, int32_t pair,
@@ -1556,7 +1556,7 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 unsigned char* dst = staging + (frag_row + 8 * h) * ROW_BYTES + at;
-                if constexpr (SPLIT_MODE == 0) {
+                if constexpr (SPLIT_MODE == 0 || SPLIT_MODE == 3) {
                     *reinterpret_cast<uint32_t*>(dst) = pack2<OutT>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 } else {
                     *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
@@ -1578,12 +1578,8 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
                 if constexpr (SPLIT_MODE == 1) {
                     const float4 v = *reinterpret_cast<const float4*>(src);
                     red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
-                } else if constexpr (PARTIAL && (MOE_SM90_DIAG_GEMM2 & 1024) != 0) {
-                    const uint4 v = *reinterpret_cast<const uint4*>(src);
-                    OutT* row = out + static_cast<int64_t>(p / 8) * stride_cm + n;
-                    asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};" ::"l"(row), "r"(v.x),
-                                 "r"(v.y), "r"(v.z), "r"(v.w)
-                                 : "memory");
+                } else if constexpr (SPLIT_MODE == 3) {
+                    red_global_add_v8_16<OutT>(dst, *reinterpret_cast<const uint4*>(src));
                 } else {
                     st_global_16<PARTIAL>(dst, *reinterpret_cast<const uint4*>(src));
                 }
@@ -1593,6 +1589,8 @@ MOE_DEVICE void moe_sm90_store_warp_rows(const float (&acc)[ACC_LEN], unsigned c
                 for (int e = 0; e < VEC && n + e < N; ++e) {
                     if constexpr (SPLIT_MODE == 1) {
                         red_global_add_f32(dst + e, s[e]);
+                    } else if constexpr (SPLIT_MODE == 3) {
+                        red_global_add_16<OutT>(dst + e, s[e]);
                     } else {
                         dst[e] = s[e];
                     }
@@ -1787,12 +1785,14 @@ struct MoEGemmSm90PersistentTraits {
         A_SLOTS > 0 ? (Smem::RING_BYTES - A_SLOTS * Smem::A_STAGE_BYTES) / Smem::B_STAGE_BYTES : 0;
     static constexpr int RES_B_STAGES = RES_B_STAGES_FIT < STAGES ? RES_B_STAGES_FIT : STAGES;
     // At least 3 B stages: with 2 (8 slots in a 4-stage 128x256 ring) it measured 2-5% slower.
-    static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED && SPLIT_MODE == 0 &&
+    static constexpr bool A_RESIDENT = A_SLOTS > 0 && BLOCK_M == 128 && !PING_PONG && !FUSED &&
+                                       (SPLIT_MODE == 0 || SPLIT_MODE == 3) &&
                                        RES_B_STAGES >= 3 && 16 * A_SLOTS <= 4 * BLOCK_M;
 
     // The fused combine (MOE_SM90_FUSED_COMBINE; GEMM2 on the A-resident walk; MoESm90Combine). Not
     // beside the half tiles (another experiment), where its sums' registers made the consumers spill.
-    static constexpr bool COMBINE = MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF;
+    static constexpr bool COMBINE =
+        MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF && SPLIT_MODE == 0;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
@@ -1808,7 +1808,9 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
     static_assert(!PING_PONG || (BLOCK_M == 128 && BLOCK_N <= 128), "ping-pong: BLOCK_M 128, BLOCK_N 64 or 128");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
-    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
+    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 3, "SPLIT_MODE in {0,1,2,3}");
+    static_assert(SPLIT_MODE != 3 || (MUL_ROUTED_WEIGHT && !FUSED && !PING_PONG),
+                  "SPLIT_MODE 3 (the atomic top-k sum): GEMM2, not ping-pong");
     static_assert(Smem::SMEM_BYTES % 16 == 0, "the staging region stays 16-byte aligned");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
@@ -2095,13 +2097,13 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                                 store_pair = static_cast<int32_t>((q * BLOCK_M + warp * Tr::WARP_ROWS + lane) %
                                                                   num_valid_tokens);
                         }
-                        if constexpr ((MOE_SM90_DIAG_GEMM2 & 512) != 0) {
-                            moe_sm90_finish_warp_rows<T, BLOCK_N, 1, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                                acc, weight, store_pair >= 0 ? store_pair / 8 : -1, staging,
-                                reinterpret_cast<float*>(out), nb * BLOCK_N, N, stride_cm, lane);
-                        } else if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
-                            moe_sm90_finish_warp_rows<T, BLOCK_N, 0, MUL_ROUTED_WEIGHT, 0, Tr::STAGING_ROW_BYTES>(
-                                acc, weight, store_pair, staging, out, nb * BLOCK_N, N, stride_cm, lane);
+                        if constexpr (SPLIT_MODE == 3) {  // its token's output row
+                            if (store_pair >= 0) store_pair /= combine_k;
+                        }
+                        if ((MOE_SM90_DIAG_GEMM2 & 32) == 0 || __float_as_uint(acc[0]) == 0x7fc0deadu)
+                            moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0,
+                                                      Tr::STAGING_ROW_BYTES>(acc, weight, store_pair, staging, out,
+                                                                             nb * BLOCK_N, N, stride_cm, lane);
                     }
                     if (expert >= 0) a_phase ^= 1;
                     if constexpr (Tr::COMBINE) {
@@ -2176,7 +2178,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         const int wq = warp % 4;     // owns rows [16 wq, 16 wq + 16) of each 64-row half of its tiles
         const int lane = tid % 32;
 
-        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+        using OutT = typename moe_conditional<SPLIT_MODE == 0 || SPLIT_MODE == 3, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
         unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
@@ -2286,7 +2288,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         const int warp = ctid / 32;  // owns tile rows [16 warp, 16 warp + 16) (a half tile: 16 (warp % 4) on)
         const int lane = tid % 32;
 
-        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+        using OutT = typename moe_conditional<SPLIT_MODE == 0 || SPLIT_MODE == 3, T, float>::type;
         OutT* out = static_cast<OutT*>(C);
         if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
         unsigned char* staging = sm.base + Smem::SMEM_BYTES + warp * Tr::WARP_STAGING_BYTES;
@@ -2322,7 +2324,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         bool have = schedule(0, first_tile, tile);
         // Mode 0 computes the next tile's schedule in the K loop's drain; the split modes (whose
         // epilogue needs more registers) after the epilogue.
-        constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && SPLIT_MODE == 0;
+        constexpr bool EARLY = MOE_SM90_EARLY_SCHEDULE && (SPLIT_MODE == 0 || SPLIT_MODE == 3);
         // With it, GEMM2's consumers load the next tile's sorted ids there too (MOE_SM90_PAIR_PREFETCH), so
         // no tile starts with a wait for them: the routed weights' loads, which need them, issue at once.
         // (GEMM1 loads no weight: it measured +0.25% there, so it keeps the load at the tile's start.)
@@ -2345,7 +2347,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 if constexpr (EARLY) have_next = schedule(j + 1, t + tile_stride, next);
                 if constexpr (PAIR_EARLY) next_p = have_next ? load_pair(next) : -1;
             };
-            if (SPLIT_MODE == 1 && tile.num_tiles == 0) {  // adding zeros changes nothing
+            if ((SPLIT_MODE == 1 || SPLIT_MODE == 3) && tile.num_tiles == 0) {  // adding zeros changes nothing
                 have_next = schedule(j + 1, t + tile_stride, next);
                 tile = next;
                 have = have_next;
@@ -2457,13 +2459,12 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 if (Tr::HALF && half) {
                     moe_sm90_finish_warp_rows<T, Tr::HALF_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
                         acc, weight, pair, staging, out, tile.n0 + wg * Tr::HALF_N, out_n, stride_cm, lane);
-                } else if (MUL_ROUTED_WEIGHT && SPLIT_MODE == 0 && (MOE_SM90_DIAG_GEMM2 & 512) != 0) {
-                    moe_sm90_finish_warp_rows<T, BLOCK_N, 1, MUL_ROUTED_WEIGHT, 0, ROW_BYTES>(
-                        acc, weight, pair >= 0 ? pair / 8 : -1, staging, reinterpret_cast<float*>(out), tile.n0, out_n,
-                        stride_cm, lane);
                 } else if (!(MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 32) != 0) ||
                            __float_as_uint(acc[0]) == 0x7fc0deadu) {
-                    const int32_t store_pair = MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 64) != 0 ? -1 : pair;
+                    // Mode 3 adds the row into its token's output row.
+                    const int32_t store_pair = MUL_ROUTED_WEIGHT && (MOE_SM90_DIAG_GEMM2 & 64) != 0 ? -1
+                                               : SPLIT_MODE == 3 && pair >= 0                   ? pair / combine_k
+                                                                                                : pair;
                     moe_sm90_finish_warp_rows<T, BLOCK_N, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, ROW_BYTES>(
                         acc, weight, store_pair, staging, out, Tr::FUSED ? tile.n0 / 2 : tile.n0, out_n, stride_cm,
                         lane);

@@ -48,6 +48,9 @@ struct Run: ParsableCommand {
     @Option(help: "The activation between the projections: silu or gelu.")
     var activation: Activation = .silu
 
+    @Option(help: "GPU: how each token's k expert rows are summed: ordered (bitwise reproducible) or atomic (GEMM2 adds them with 16-bit atomics where its kernel can: faster at large batches, not reproducible; the CPU sums in order).")
+    var combine: CombineMode = .ordered
+
     @Option(help: "Backend: auto (the GPU when one is visible), cpu or cuda.")
     var backend: BackendChoice = .auto
 
@@ -67,6 +70,7 @@ struct Run: ParsableCommand {
     func run() throws {
         let file = try SafetensorsFile(path: input)
         var settings = RunLayer.Settings(topK: topK, renormalize: renormalize, activation: activation, dtype: dtype)
+        settings.combine = combine
         if let groups {
             settings.grouped = MoERoutingConfig(
                 scoring: scoring == "sigmoid" ? .sigmoid : .softmax, renormalize: renormalize, groups: groups,
@@ -96,3 +100,4 @@ struct Run: ParsableCommand {
 }
 
 extension Activation: ExpressibleByArgument {}
+extension CombineMode: ExpressibleByArgument {}

@@ -84,6 +84,48 @@ struct KernelCompileTests {
         #expect(narrow.tensorMapBoxRows(fusedActivation: true) == 64)
     }
 
+    /// The atomic top-k sum (CombineMode.atomic): GEMM2 on the unsplit persistent kernel becomes its
+    /// split mode 3 instantiation, which compiles without spills in both dtypes and both of its walks'
+    /// tiles; every other GEMM2 (and GEMM1) keeps its kernel.
+    @Test func atomicCombineKernels() throws {
+        let swap = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        for gemm2 in [
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
+            GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, persistent: true),
+        ] {
+            let plan = MoEPlan(gemm1: swap, gemm2: gemm2)
+            #expect(CUDAMoELayer.allowsAtomicCombine(plan: plan))
+            #expect(!CUDAMoELayer.allowsAtomicCombine(plan: plan.withSplit(2, mode: .workspace)))
+            for dtype in [DType.bf16, .fp16] {
+                let ordered = CUDAMoELayer.requests(dtype: dtype, plan: plan, activation: .silu)
+                let atomic = CUDAMoELayer.requests(dtype: dtype, plan: plan, activation: .silu, atomicCombine: true)
+                let expressions = try #require(atomic.first { $0.source == .gemmSM90 }).expressions
+                let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
+                #expect(expressions.last == "moe_gemm_sm90_persistent<\(type), \(gemm2.blockM), \(gemm2.blockN), \(gemm2.stages), 3, true, 0, false>")
+                // GEMM1 and the other programs are the ordered layer's.
+                #expect(expressions.first == ordered.first { $0.source == .gemmSM90 }?.expressions.first)
+                #expect(atomic.filter { $0.source != .gemmSM90 } == ordered.filter { $0.source != .gemmSM90 })
+                let program = try compile(KernelLibrary.Request(source: .gemmSM90, expressions: [expressions.last!]))
+                #expect(!program.spills, "\(expressions): \(program.resourceReport)")
+            }
+        }
+        // GEMM2 kernels that cannot: the same requests whatever the combine.
+        for gemm2 in [
+            GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true),
+            GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true),
+            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4),
+        ] {
+            let plan = MoEPlan(gemm1: swap, gemm2: gemm2)
+            #expect(!CUDAMoELayer.allowsAtomicCombine(plan: plan))
+            #expect(
+                CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu, atomicCombine: true)
+                    == CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu))
+        }
+        #expect(MoEOptions().combine == .ordered)
+        #expect(CombineMode(rawValue: "atomic") == .atomic)
+    }
+
     @Test(arguments: [1, 128, 4096])
     func layerKernelsCompileWithoutSpills(tokens: Int) throws {
         let shape = try ShapePreset.named("seed4096").shape

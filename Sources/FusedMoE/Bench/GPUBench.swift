@@ -88,7 +88,8 @@ public final class GPUBench {
     /// Times every setting at every batch size for one shape.
     public func run(
         preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
-        seed: UInt64, stages: Bool = false, touched: [Int: Int] = [:], progress: (String) -> Void
+        seed: UInt64, stages: Bool = false, touched: [Int: Int] = [:], combine: CombineMode = .ordered,
+        progress: (String) -> Void
     ) throws -> [BenchRow] {
         let shape = preset.shape
         let multiprocessors = library.device.properties.multiprocessorCount
@@ -110,7 +111,8 @@ public final class GPUBench {
         var requests: [KernelLibrary.Request] = []
         for tokens in batchSizes {
             for setting in settings {
-                requests += CUDAMoELayer.requests(dtype: dtype, plan: try plan(setting, tokens), activation: .silu)
+                requests += CUDAMoELayer.requests(
+                    dtype: dtype, plan: try plan(setting, tokens), activation: .silu, atomicCombine: combine == .atomic)
             }
         }
         let compileStart = HostClock.now()
@@ -150,8 +152,9 @@ public final class GPUBench {
             for setting in settings {
                 let layerPlan = try plan(setting, tokens)
                 let layer = try CUDAMoELayer(
-                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, plan: layerPlan,
-                    maxTokens: tokens, programmaticDependentLaunch: setting != .autoSequential)
+                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2,
+                    options: MoEOptions(combine: combine), plan: layerPlan, maxTokens: tokens,
+                    programmaticDependentLaunch: setting != .autoSequential)
                 // Correctness of this very configuration, poisoned first.
                 let error = relativeError(try inputs[0].runPoisoned(layer, out: out, stream: stream).values, reference)
 
@@ -159,7 +162,8 @@ public final class GPUBench {
                 let label = setting.label
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
-                    variant: setting.isAuto ? GPUBench.kernelLabel(layerPlan) + setting.variantSuffix : label.variant,
+                    variant: (setting.isAuto ? GPUBench.kernelLabel(layerPlan) + setting.variantSuffix : label.variant)
+                        + (layer.usesAtomicCombine ? "-atomic" : ""),
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting.isAuto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)

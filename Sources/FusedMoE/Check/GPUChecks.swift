@@ -114,6 +114,9 @@ public final class GPUChecks {
                 for (_, caseplan) in plans {
                     var plan = caseplan
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
+                    if scope == .full && CUDAMoELayer.allowsAtomicCombine(plan: plan) {
+                        requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu, atomicCombine: true)
+                    }
                     plan.fusedActivation = false
                     requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
                 }
@@ -155,6 +158,7 @@ public final class GPUChecks {
             // Small enough for compute-sanitizer: the wgmma kernels' expert-aligned groups.
             do { try checkExpertGroups(seed: caseSeed &+ 3000) } catch { record("gpu expert groups", false, "\(error)") }
             do { try checkClusterPairs(seed: caseSeed &+ 4000) } catch { record("gpu cluster pairs", false, "\(error)") }
+            do { try checkAtomicCombine(seed: caseSeed &+ 5000) } catch { record("gpu atomic combine", false, "\(error)") }
         }
         return results
     }
@@ -353,6 +357,20 @@ public final class GPUChecks {
                         passed = try sameAs("with fused combine", fusedCombine: true) && passed
                     }
                 }
+                // The atomic top-k sum (CombineMode.atomic), where the plan allows it: held to the same
+                // reference bound (its order varies, so not bit for bit). The full check only.
+                if blockSyncToo && CUDAMoELayer.allowsAtomicCombine(plan: plan) {
+                    let atomic = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
+                        options: MoEOptions(combine: .atomic), plan: plan, maxTokens: tokens)
+                    let summed = try runPoisoned(atomic, inputs, out)
+                    let atomicError = relativeError(summed.values, reference)
+                    let ok = atomic.usesAtomicCombine && summed.unwritten == 0 && atomicError < errorBound(.bf16)
+                    detail += ", atomic combine rel_err \(formatScientific(atomicError))"
+                        + (summed.unwritten == 0 ? "" : " UNWRITTEN \(summed.unwritten)")
+                        + (atomic.usesAtomicCombine ? "" : " NOT USED")
+                    passed = ok && passed
+                }
                 passed = try countersClear(layer, &detail) && passed
                 record(label, passed, detail)
             } catch {
@@ -509,6 +527,7 @@ public final class GPUChecks {
                 try checkExpertGroups(seed: seed + 8)
                 try checkClusterPairs(seed: seed + 9)
                 try checkStreamK(seed: seed + 10)
+                try checkAtomicCombine(seed: seed + 13)
             }
 
             // Unrouted slots (id -1: align places no row) on the wgmma kernels: token 0 has none routed (its
@@ -689,6 +708,87 @@ public final class GPUChecks {
     /// a second run of the same layer (the sum order is fixed: reproducible; a stale flag or partial
     /// from the first run would show here). Also a plain 64-row tile with the shared small shape at
     /// M = 33, where every tile is cut over many programs.
+    /// The atomic top-k sum (`CombineMode.atomic`: GEMM2 on the persistent kernel adds each row into its
+    /// token's output row with 16-bit atomic adds): both of GEMM2's walks (A resident at I = 384, the tile
+    /// walk at I = 512), both dtypes, in chunks (each chunk zeroes its own rows), with unrouted slots (a
+    /// token with none stays zero) and under an expert map, against the reference; and where the plan
+    /// does not allow it (GEMM2 on swap-AB), the ordered sum, bit for bit.
+    func checkAtomicCombine(seed: UInt64) throws {
+        let atomic = MoEOptions(combine: .atomic)
+        let resident = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        let tiles = GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true)
+        let swap = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
+        var caseSeed = seed
+        for (intermediate, config) in [(384, resident), (512, resident), (512, tiles)] {
+            let shape = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: intermediate)
+            let plan = MoEPlan(gemm1: swap, gemm2: config)
+            for dtype in [DType.bf16, .fp16] {
+                caseSeed &+= 2
+                let w = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: caseSeed, stream: stream)
+                let x = try LayerInputs(tools: tools, shape: shape, dtype: dtype, tokens: 1000, seed: caseSeed + 1, stream: stream)
+                let o = try DeviceBuffer(device: library.device, byteCount: 1000 * shape.hidden * 2)
+                let reference = try x.reference(weights: w, library: library, stream: stream)
+                let ordered = try runPoisoned(
+                    try CUDAMoELayer(
+                        library: library, shape: shape, dtype: dtype, w1: w.w1, w2: w.w2, plan: plan, maxTokens: 1000),
+                    x, o)
+                let orderedError = relativeError(ordered.values, reference)
+                for chunk in [65536, 300] {
+                    let layer = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: dtype, w1: w.w1, w2: w.w2, options: atomic, plan: plan,
+                        maxTokens: 1000, chunkTokens: chunk)
+                    let a = try runPoisoned(layer, x, o)
+                    let error = relativeError(a.values, reference)
+                    record(
+                        "gpu atomic combine \(dtype.rawValue) I=\(intermediate) gemm2 \(config.kernel.rawValue) \(config.blockM)x\(config.blockN)"
+                            + (chunk < 1000 ? " in chunks of \(chunk)" : ""),
+                        layer.usesAtomicCombine && a.unwritten == 0 && error < errorBound(dtype) * 2,
+                        "rel_err \(formatScientific(error)) (ordered \(formatScientific(orderedError))), unwritten \(a.unwritten)"
+                            + (layer.usesAtomicCombine ? "" : ", NOT USED"))
+                }
+            }
+        }
+        // Unrouted slots (token 0 has none: its row must stay zero) on the A-resident walk.
+        let shape = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 384)
+        let w = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: caseSeed + 10, stream: stream)
+        let unrouted = try unroutedInputs(shape, seed: caseSeed + 11)
+        let o = try DeviceBuffer(device: library.device, byteCount: 1000 * shape.hidden * 2)
+        let layer = try CUDAMoELayer(
+            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, options: atomic,
+            plan: MoEPlan(gemm1: swap, gemm2: resident), maxTokens: 90)
+        let a = try runPoisoned(layer, unrouted, o)
+        let error = relativeError(a.values, try unrouted.reference(weights: w, library: library, stream: stream))
+        let zeroRow = a.values[0..<shape.hidden].allSatisfy { $0 == 0 }
+        record(
+            "gpu atomic combine unrouted slots", layer.usesAtomicCombine && zeroRow && a.unwritten == 0 && error < errorBound(.bf16),
+            "rel_err \(formatScientific(error)), unwritten \(a.unwritten), token 0 " + (zeroRow ? "zeros" : "NOT zeros"))
+        // Expert parallelism: this rank owns the even experts (GEMM2 skips the others' blocks).
+        let local = try MoEShape(experts: 16, topK: 6, hidden: 1024, intermediate: 512)
+        let map = (0..<32).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 }
+        let lw = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: caseSeed + 12, stream: stream)
+        let global = try MoEShape(experts: 32, topK: 6, hidden: 1024, intermediate: 512)
+        let x = try LayerInputs(tools: tools, shape: global, dtype: .bf16, tokens: 500, seed: caseSeed + 13, stream: stream)
+        let ep = try CUDAMoELayer(
+            library: library, shape: local, dtype: .bf16, w1: lw.w1, w2: lw.w2,
+            options: MoEOptions(expertMap: map, combine: .atomic), plan: MoEPlan(gemm1: swap, gemm2: tiles), maxTokens: 500)
+        let e = try runPoisoned(ep, x, o)
+        let epError = relativeError(e.values, try x.reference(weights: lw, library: library, expertMap: map, stream: stream))
+        record(
+            "gpu atomic combine expert map (half the experts owned)",
+            ep.usesAtomicCombine && e.unwritten == 0 && epError < errorBound(.bf16), "rel_err \(formatScientific(epError))")
+        // A plan whose GEMM2 cannot: the ordered sum, bit for bit.
+        let swapPlan = MoEPlan(both: swap)
+        let asked = try CUDAMoELayer(
+            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, options: atomic, plan: swapPlan, maxTokens: 90)
+        let plain = try CUDAMoELayer(
+            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, plan: swapPlan, maxTokens: 90)
+        let b = try runPoisoned(asked, unrouted, o)
+        let c = try runPoisoned(plain, unrouted, o)
+        record(
+            "gpu atomic combine asked of a swap-AB GEMM2: ordered", !asked.usesAtomicCombine && b.bits == c.bits,
+            b.bits == c.bits ? "bitwise the ordered layer" : "DIFFERS from the ordered layer")
+    }
+
     func checkStreamK(seed: UInt64) throws {
         let (shape, tokens, weights, inputs, out, reference) = try fewExpertCase(hidden: 512, intermediate: 256, seed: seed)
         var cases: [(String, MoEShape, MoEPlan, MoEOptions, LayerWeights, [Double])] = []

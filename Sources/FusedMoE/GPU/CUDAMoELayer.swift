@@ -1,8 +1,9 @@
 import CUDA
 
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
-/// The activation runs in GEMM1's epilogue or split-K reduction when the plan asks for it, and a
-/// one-token batch on the wgmma kernels skips align (identity routing).
+/// The activation runs in GEMM1's epilogue or split-K reduction when the plan asks for it, a
+/// one-token batch on the wgmma kernels skips align (identity routing), and with
+/// `CombineMode.atomic` GEMM2 sums the tokens' rows itself where its kernel can (`usesAtomicCombine`).
 ///
 /// A layer holds its weights (device buffers), its plan, the compiled kernels and every scratch
 /// buffer, all made in `init`. `forward` then only enqueues kernels and memsets on the stream: no
@@ -49,6 +50,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// layer does not fuse the combine into GEMM2.
     let combineCounts: DeviceBuffer
     let streamFlags: DeviceBuffer
+    /// Whether GEMM2 adds each token's rows into the output itself (`options.combine == .atomic` and
+    /// `allowsAtomicCombine(plan:)`): the forward zeroes the output first, and no combine kernel runs.
+    public let usesAtomicCombine: Bool
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
     private var heldTensorMaps: [TensorMapKey: TensorMap] = [:]
@@ -275,6 +279,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         self.chunkTokens = chunkTokens
         self.w1 = w1
         self.w2 = w2
+        self.usesAtomicCombine = options.combine == .atomic && CUDAMoELayer.allowsAtomicCombine(plan: plan)
         self.programmaticDependentLaunch =
             (programmaticDependentLaunch ?? CUDAMoELayer.programmaticDependentLaunchByDefault)
             && device.properties.computeCapabilityMajor >= 9
@@ -333,7 +338,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
-            let fuseCombine = (fusedCombine ?? true)
+            let fuseCombine = !usesAtomicCombine && (fusedCombine ?? true)
                 && CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, options: options, library: library, pairs: pairs)
             let combineCounters = fuseCombine ? (shape.hidden + plan.gemm2.blockN - 1) / plan.gemm2.blockN : 0
             combineCounts = try DeviceBuffer(device: device, count: combineCounters, of: Int32.self)
@@ -343,7 +348,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 try streamPartials.upload(
                     [UInt32](repeating: .max, count: streamSlotFloats), offsetBytes: streamPrograms * streamSlotFloats * 4)
             }
-            kernels = try CUDAMoELayer.loadKernels(library: library, dtype: dtype, plan: plan, activation: options.activation)
+            kernels = try CUDAMoELayer.loadKernels(
+                library: library, dtype: dtype, plan: plan, activation: options.activation,
+                atomicCombine: usesAtomicCombine)
         } catch {
             throw .cuda(error)
         }
@@ -362,14 +369,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
     }
 
-    /// The kernel programs a layer of this dtype and plan needs, to compile ahead (several at once).
-    public static func requests(dtype: DType, plan: MoEPlan, activation: Activation) -> [KernelLibrary.Request] {
+    /// The kernel programs a layer of this dtype and plan needs, to compile ahead (several at once);
+    /// `atomicCombine`: for a layer whose options ask for `CombineMode.atomic` (it changes GEMM2's kernel
+    /// where `allowsAtomicCombine(plan:)`).
+    public static func requests(dtype: DType, plan: MoEPlan, activation: Activation, atomicCombine: Bool = false)
+        -> [KernelLibrary.Request]
+    {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
         let activationName = activation == .silu ? "moe_silu_and_mul" : "moe_gelu_and_mul"
         let act = activation == .silu ? 1 : 2
         let fusedInGemm = plan.fusedActivation && plan.gemm1.fusesActivation ? act : 0
         let gemm1 = plan.gemm1.nameExpression(dtype: dtype, mulRoutedWeight: false, fusedActivation: fusedInGemm)
-        let gemm2 = plan.gemm2.nameExpression(dtype: dtype, mulRoutedWeight: true)
+        let gemm2 = plan.gemm2.nameExpression(
+            dtype: dtype, mulRoutedWeight: true, atomicCombine: atomicCombine && allowsAtomicCombine(plan: plan))
         // One program per kernel source, holding that source's GEMM instantiations.
         var gemmRequests: [KernelLibrary.Request] = []
         for source in [KernelSource.gemm, .gemmSM90] {
@@ -387,10 +399,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         ] + gemmRequests
     }
 
-    static func loadKernels(library: KernelLibrary, dtype: DType, plan: MoEPlan, activation: Activation)
-        throws(CUDAError) -> Kernels
-    {
-        let requests = requests(dtype: dtype, plan: plan, activation: activation)
+    static func loadKernels(
+        library: KernelLibrary, dtype: DType, plan: MoEPlan, activation: Activation, atomicCombine: Bool
+    ) throws(CUDAError) -> Kernels {
+        let requests = requests(dtype: dtype, plan: plan, activation: activation, atomicCombine: atomicCombine)
         try library.prepare(requests)
         let (align, elementwise) = (requests[0], requests[1])
         func gemmKernel(_ config: GemmConfig, index: Int) throws(CUDAError) -> Kernel {
@@ -493,6 +505,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
+        if usesAtomicCombine {
+            // GEMM2 adds every pair's row into its token's row: all of them start at zero (unrouted tokens
+            // stay so). Here, before align, so the kernels keep their dependent launches.
+            try DeviceBuffer.fill(out, byte: 0, byteCount: tokens * shape.hidden * dtype.byteCount, on: stream)
+        }
         let routing1: Routing
         let routing2: Routing
         if usesIdentityRouting(tokens: tokens) {
@@ -542,13 +559,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
-            topkWeights: topkWeights, output: down.pointer, outputColumns: h, finish: .cast, routing: routing2,
+            topkWeights: topkWeights, output: usesAtomicCombine ? out : down.pointer, outputColumns: h, finish: .cast,
+            routing: routing2,
             routingReady: true,
             blockSync: blockSync ? .wait(gemm1Signals: CUDAMoELayer.blockSyncSignals(plan: plan, shape: shape)) : .none,
             combine: usesFusedCombine ? FusedCombine(out: out, topkIDs: topkIDs, chunk: CUDAMoELayer.fusedCombineChunk(plan: plan, dtype: dtype, pairs: pairs)) : nil,
             stream: stream)
         try marker?("gemm2")
-        if usesFusedCombine { return }
+        if usesFusedCombine || usesAtomicCombine { return }
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
             arguments: [down, out, Int64(tokens), Int32(k), Int64(h), topkIDs], programmaticDependentLaunch: programmaticDependentLaunch)
@@ -561,6 +579,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
         CUDAMoELayer.alignPrefetch(
             plan: plan, shape: shape, routedExperts: routedExperts, pairs: pairs, elementBytes: dtype.byteCount,
             multiprocessors: library.device.properties.multiprocessorCount, budget: CUDAMoELayer.alignPrefetchBudget)
+    }
+
+    /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`CombineMode.atomic`): GEMM2 on the
+    /// persistent wgmma kernel (not ping-pong or stream-K), unsplit (moe_gemm_sm90.cu's SPLIT_MODE 3).
+    public static func allowsAtomicCombine(plan: MoEPlan) -> Bool {
+        plan.gemm2.kernel == .wgmmaPersistent && plan.gemm2.effectiveMode == .none
     }
 
     /// Whether this layer sums each token's partial rows inside GEMM2 (asked for or defaulted at init, and

@@ -217,9 +217,13 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
 
     /// The kernel instantiation for this config; `fusedActivation` 1 (silu) or 2 (gelu) makes the
     /// epilogue apply act(gate) * up and write the activated `[rows, I]` directly (GEMM1, unsplit).
-    func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0) -> String {
+    /// `atomicCombine` (GEMM2 on the unsplit persistent kernel only: `CUDAMoELayer.allowsAtomicCombine`)
+    /// makes it add each row into its token's output row (SPLIT_MODE 3).
+    func nameExpression(dtype: DType, mulRoutedWeight: Bool, fusedActivation: Int = 0, atomicCombine: Bool = false)
+        -> String
+    {
         let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
-        let mode = splitK == 1 ? 0 : splitMode.templateValue
+        let mode = atomicCombine ? 3 : splitK == 1 ? 0 : splitMode.templateValue
         switch kernel {
         case .mma:
             return "moe_gemm<\(type), \(blockM), \(blockN), \(blockK), \(warpsM), \(warpsN), \(stages), \(mode), "

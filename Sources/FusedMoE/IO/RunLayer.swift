@@ -35,6 +35,8 @@ public enum RunLayer {
         /// `renormalize` is replaced by `renormalize` above; a `correction_bias [E]` tensor in the
         /// input is used when present.
         public var grouped: MoERoutingConfig?
+        /// How each token's k rows are summed (GPU; `CombineMode`): ordered by default.
+        public var combine: CombineMode = .ordered
 
         /// The command line's defaults: no k, no renormalization, SwiGLU, x's dtype.
         public init(topK: Int? = nil, renormalize: Bool = false, activation: Activation = .silu, dtype: DType? = nil) {
@@ -232,7 +234,8 @@ public enum RunLayer {
 
         let weights = try MoEWeights(
             w1: try input.tensor("w1", as: T.self), w2: try input.tensor("w2", as: T.self), topK: routing.topK)
-        let options = MoEOptions(activation: settings.activation, renormalize: settings.renormalize)
+        let options = MoEOptions(
+            activation: settings.activation, renormalize: settings.renormalize, combine: settings.combine)
         let layer: FusedMoE<T>
         switch backend {
         case .cpu: layer = try FusedMoE(weights: weights, options: options, backend: .cpu)
@@ -249,7 +252,7 @@ public enum RunLayer {
         }
         let metadata = [
             "format": "pt", "producer": "fused-moe run", "backend": backend.name,
-            "activation": settings.activation.rawValue, "dtype": T.dtype.rawValue,
+            "activation": settings.activation.rawValue, "dtype": T.dtype.rawValue, "combine": settings.combine.rawValue,
         ]
         return Result(
             outputs: outputs, metadata: metadata, shape: weights.shape, tokens: tokens, dtype: T.dtype,

@@ -47,11 +47,17 @@ public struct MoEOptions: Hashable, Sendable {
     /// Expert parallelism: `[E_global]` map from the router's expert ids to this rank's local
     /// experts, -1 where this rank does not own the expert. Nil: every expert is local.
     public var expertMap: [Int32]?
+    /// How each token's k expert rows are summed on the GPU: `.ordered` (default) or `.atomic`.
+    public var combine: CombineMode
 
-    public init(activation: Activation = .silu, renormalize: Bool = false, expertMap: [Int32]? = nil) {
+    public init(
+        activation: Activation = .silu, renormalize: Bool = false, expertMap: [Int32]? = nil,
+        combine: CombineMode = .ordered
+    ) {
         self.activation = activation
         self.renormalize = renormalize
         self.expertMap = expertMap
+        self.combine = combine
     }
 
     /// The number of experts the router chooses among: the map's length, or the local count.
@@ -66,4 +72,17 @@ public struct MoEOptions: Hashable, Sendable {
                 "expert_map", "entry \(index) is \(local); expected -1 or a local expert id in 0..<\(localExperts)")
         }
     }
+}
+
+/// How a layer sums each token's k expert rows (the top-k combine).
+public enum CombineMode: String, CaseIterable, Sendable, Hashable {
+    /// GEMM2 writes each pair's weighted row; a combine kernel sums a token's k rows in slot order, in
+    /// fp32, rounded once. Bitwise reproducible. The default.
+    case ordered
+    /// Where the plan's GEMM2 is the persistent wgmma kernel, unsplit (`CUDAMoELayer.allowsAtomicCombine`),
+    /// GEMM2 adds each weighted row into its token's output row with 16-bit atomic adds (bf16 or fp16,
+    /// rounded at every add) into a zeroed output: no partial rows go to memory and back, and no combine
+    /// kernel runs. The sum's order, hence its last bits, varies from run to run, and its rounding error
+    /// is larger (within the checks' bounds). Elsewhere, and on the CPU backend, it sums as `.ordered` does.
+    case atomic
 }
