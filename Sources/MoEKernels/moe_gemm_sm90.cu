@@ -2351,6 +2351,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 have_next = schedule(j + 1, t + tile_stride, next);
                 tile = next;
                 have = have_next;
+                if constexpr (PAIR_EARLY) tile_p = have_next ? load_pair(next) : -1;  // (mode 3) the next tile's ids
                 continue;
             }
 
