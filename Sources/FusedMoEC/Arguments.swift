@@ -79,9 +79,13 @@ struct LayerOptions {
     var splitK: Int? = nil
     /// nil: the plan's choice.
     var splitMode: SplitMode? = nil
+    var combine: CombineMode = .ordered
 
     /// sizeof(fused_moe_options) in this version.
-    static let size = 56
+    static let size = 64
+    /// sizeof(fused_moe_options) in version 0.1 (FUSED_MOE_OPTIONS_SIZE_0_1), the smallest accepted: the
+    /// fields after it take their defaults.
+    static let firstSize = 56
 
     enum Offset {
         static let structSize = 0
@@ -94,6 +98,8 @@ struct LayerOptions {
         static let chunkTokens = 40
         static let splitK = 48
         static let splitMode = 52
+        static let combine = 56
+        static let reserved = 60
     }
 
     /// Writes the defaults in the C layout (`fused_moe_options_init`).
@@ -111,10 +117,10 @@ struct LayerOptions {
         func int64(_ offset: Int) -> Int64 { options.loadUnaligned(fromByteOffset: offset, as: Int64.self) }
 
         let structSize = options.loadUnaligned(fromByteOffset: Offset.structSize, as: UInt32.self)
-        guard structSize >= UInt32(size) else {
+        guard structSize >= UInt32(firstSize) else {
             throw .invalid(
                 "options.struct_size",
-                "must be sizeof(fused_moe_options) = \(size) (call fused_moe_options_init first), got \(structSize)")
+                "must be sizeof(fused_moe_options) = \(size), or \(firstSize) for a 0.1 caller (call fused_moe_options_init first), got \(structSize)")
         }
         switch int32(Offset.activation) {
         case 0: result.activation = .silu
@@ -170,6 +176,20 @@ struct LayerOptions {
         }
         if result.splitMode == SplitMode.none, let forced = result.splitK, forced > 1 {
             throw .invalid("options.split_mode", "FUSED_MOE_SPLIT_NONE with split_k = \(forced); use 0 or 1")
+        }
+        // Since 0.2: read only where the caller's struct has them.
+        if structSize >= UInt32(Offset.combine + 4) {
+            switch int32(Offset.combine) {
+            case 0: result.combine = .ordered
+            case 1: result.combine = .atomic
+            case let code:
+                throw .invalid(
+                    "options.combine", "expected FUSED_MOE_COMBINE_ORDERED (0) or FUSED_MOE_COMBINE_ATOMIC (1), got \(code)")
+            }
+        }
+        if structSize >= UInt32(Offset.reserved + 4) {
+            let reserved = int32(Offset.reserved)
+            guard reserved == 0 else { throw .invalid("options.reserved", "must be 0, got \(reserved)") }
         }
         return result
     }

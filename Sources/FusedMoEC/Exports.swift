@@ -8,7 +8,7 @@ import FusedMoE
 /// The library version (fused_moe.h's FUSED_MOE_VERSION_*).
 enum Version {
     static let major: Int32 = 0
-    static let minor: Int32 = 1
+    static let minor: Int32 = 2
     static let patch: Int32 = 0
 }
 

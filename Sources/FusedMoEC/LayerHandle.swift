@@ -88,7 +88,8 @@ final class LayerHandle: Sendable {
             throw ABIError(error)
         }
         let moeOptions = MoEOptions(
-            activation: options.activation, renormalize: options.renormalize, expertMap: options.expertMap)
+            activation: options.activation, renormalize: options.renormalize, expertMap: options.expertMap,
+            combine: options.combine)
         do {
             try moeOptions.validate(localExperts: shape.experts)
         } catch {
@@ -170,7 +171,9 @@ final class LayerHandle: Sendable {
         }
         var requests = DType.allCases.map { GPURouter.request(dtype: $0) }
         for group in groups {
-            requests += CUDAMoELayer.requests(dtype: dtype, plan: group.plan, activation: options.activation)
+            requests += CUDAMoELayer.requests(
+                dtype: dtype, plan: group.plan, activation: options.activation,
+                atomicCombine: options.combine == .atomic)
         }
         do {
             // Compiles every missing program at once, one per host core: later makes only look up.

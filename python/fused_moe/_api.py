@@ -67,6 +67,12 @@ def _activation_code(activation):
     return _lib.ACTIVATIONS[activation]
 
 
+def _combine_code(combine):
+    if combine not in _lib.COMBINES:
+        raise InvalidArgumentError(f"combine must be one of {sorted(_lib.COMBINES)}, got {combine!r}")
+    return _lib.COMBINES[combine]
+
+
 def _split_mode_code(split_mode):
     if split_mode not in _lib.SPLIT_MODES:
         raise InvalidArgumentError(f"split_mode must be one of {sorted(_lib.SPLIT_MODES)}, got {split_mode!r}")
@@ -261,17 +267,21 @@ class Layer:
         renormalize: route() divides the top-k weights by their sum.
         chunk_tokens: batches larger than this run in chunks (0: the library's default).
         split_k, split_mode: split-K override (0 and 'auto': the plan's choice).
+        combine: how each token's k expert rows are summed: 'ordered' (bitwise reproducible) or
+            'atomic' (the second GEMM adds them into the output with 16-bit atomics where its kernel
+            can: faster at large batches, not bitwise reproducible; elsewhere ordered).
         device: the CUDA device (default: the current one).
     """
 
     def __init__(self, num_experts, top_k, hidden_size, intermediate_size, dtype=None, *,
                  max_tokens=_lib.DEFAULT_MAX_TOKENS, activation="silu", expert_map=None, renormalize=False,
-                 chunk_tokens=0, split_k=0, split_mode="auto", device=None):
+                 chunk_tokens=0, split_k=0, split_mode="auto", combine="ordered", device=None):
         _require_torch()
         dtype = torch.bfloat16 if dtype is None else _parse_dtype(dtype)
         dtype_code = _dtype_code(dtype, "dtype")
         activation_code = _activation_code(activation)
         split_mode_code = _split_mode_code(split_mode)
+        combine_code = _combine_code(combine)
         index = _device_index(device)
         if _capturing():
             raise InvalidArgumentError(
@@ -287,6 +297,7 @@ class Layer:
         options.chunk_tokens = int(chunk_tokens)
         options.split_k = int(split_k)
         options.split_mode = split_mode_code
+        options.combine = combine_code
         if expert_map is not None:
             values = expert_map.tolist() if isinstance(expert_map, torch.Tensor) else list(expert_map)
             map_array = (ctypes.c_int32 * len(values))(*[int(v) for v in values])
@@ -408,7 +419,7 @@ def _expert_map_key(expert_map):
 
 
 def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation="silu", out=None, expert_map=None, max_tokens=None,
-              chunk_tokens=0, split_k=0, split_mode="auto"):
+              chunk_tokens=0, split_k=0, split_mode="auto", combine="ordered"):
     """The fused MoE layer: out [M, H] from x [M, H], w1 [E, 2I, H], w2 [E, H, I], topk_weights
     [M, k] (float32) and topk_ids [M, k] (int32, or int64 copied outside graph capture), on torch's
     current stream. All tensors on one CUDA device; x, w1, w2 (and out) bf16 or fp16 alike.
@@ -421,10 +432,11 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation="silu", out=None,
     _require_torch()
     _activation_code(activation)
     _split_mode_code(split_mode)
+    _combine_code(combine)
     tokens, hidden, experts, intermediate, top_k = _check_forward(x, w1, w2, topk_weights, topk_ids, out)
     map_key = _expert_map_key(expert_map)
     key = (experts, top_k, hidden, intermediate, x.dtype, x.device.index, activation, map_key, int(chunk_tokens),
-           int(split_k), split_mode)
+           int(split_k), split_mode, combine)
     with _cache_lock:
         candidates = _layers.setdefault(key, [])
         layer = next((layer for layer in candidates if layer.max_tokens >= tokens
@@ -441,6 +453,7 @@ def fused_moe(x, w1, w2, topk_weights, topk_ids, *, activation="silu", out=None,
                     "fused_moe.Layer")
             layer = Layer(experts, top_k, hidden, intermediate, x.dtype, max_tokens=size, activation=activation,
                           expert_map=map_key, chunk_tokens=chunk_tokens, split_k=split_k, split_mode=split_mode,
+                          combine=combine,
                           device=x.device.index)
             candidates.append(layer)
             candidates.sort(key=lambda cached: cached.max_tokens)

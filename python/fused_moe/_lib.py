@@ -44,15 +44,22 @@ SPLIT_NONE = 1
 SPLIT_ATOMIC = 2
 SPLIT_WORKSPACE = 3
 
+# How each token's k expert rows are summed.
+COMBINE_ORDERED = 0
+COMBINE_ATOMIC = 1
+
 DEVICE_NONE = -1
 DEFAULT_MAX_TOKENS = 8192
+# sizeof(fused_moe_options) in version 0.1 (it ended at split_mode).
+OPTIONS_SIZE_0_1 = 56
 
 ACTIVATIONS = {"silu": SILU, "gelu": GELU}
 SPLIT_MODES = {"auto": SPLIT_AUTO, "none": SPLIT_NONE, "atomic": SPLIT_ATOMIC, "workspace": SPLIT_WORKSPACE}
+COMBINES = {"ordered": COMBINE_ORDERED, "atomic": COMBINE_ATOMIC}
 
 
 class Options(ctypes.Structure):
-    """fused_moe_options (56 bytes)."""
+    """fused_moe_options (64 bytes)."""
 
     _fields_ = [
         ("struct_size", ctypes.c_uint32),
@@ -65,6 +72,8 @@ class Options(ctypes.Structure):
         ("chunk_tokens", ctypes.c_int64),
         ("split_k", ctypes.c_int32),
         ("split_mode", ctypes.c_int32),
+        ("combine", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
     ]
 
 

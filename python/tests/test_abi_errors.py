@@ -121,10 +121,11 @@ def test_python_constants_match_header(header_path):
 
 
 def test_struct_layouts_match_header():
-    assert ctypes.sizeof(_lib.Options) == 56
+    assert ctypes.sizeof(_lib.Options) == 64
     offsets = {name: getattr(_lib.Options, name).offset for name, _ in _lib.Options._fields_}
     assert offsets == dict(struct_size=0, activation=4, renormalize=8, device=12, expert_map=16, expert_map_length=24,
-                           max_tokens=32, chunk_tokens=40, split_k=48, split_mode=52)
+                           max_tokens=32, chunk_tokens=40, split_k=48, split_mode=52, combine=56, reserved=60)
+    assert _lib.Options.combine.offset == _lib.OPTIONS_SIZE_0_1
     assert ctypes.sizeof(_lib.LayerInfo) == 80
 
 
@@ -132,9 +133,9 @@ def test_options_init_writes_defaults(lib):
     value = _lib.Options()
     ctypes.memset(ctypes.byref(value), 0x5A, ctypes.sizeof(value))
     assert lib.fused_moe_options_init(ctypes.byref(value)) == _lib.OK
-    assert value.struct_size == 56 and value.max_tokens == _lib.DEFAULT_MAX_TOKENS
+    assert value.struct_size == 64 and value.max_tokens == _lib.DEFAULT_MAX_TOKENS
     assert (value.activation, value.renormalize, value.device, value.expert_map_length, value.chunk_tokens,
-            value.split_k, value.split_mode) == (0, 0, 0, 0, 0, 0, 0)
+            value.split_k, value.split_mode, value.combine, value.reserved) == (0, 0, 0, 0, 0, 0, 0, 0, 0)
     assert not value.expert_map
     expect_invalid(lib, lib.fused_moe_options_init(None), "options")
 
@@ -209,12 +210,31 @@ def test_top_k_above_experts_names_both(lib):
         (dict(split_k=32), "options.split_k"),
         (dict(split_mode=4), "options.split_mode"),
         (dict(split_mode=_lib.SPLIT_NONE, split_k=4), "options.split_mode"),
+        (dict(combine=2), "options.combine"),
+        (dict(combine=-1), "options.combine"),
+        (dict(reserved=1), "options.reserved"),
     ],
 )
 def test_create_bad_options(lib, fields, argument):
     status, handle = create(lib, opts=options(lib, **fields))
     expect_invalid(lib, status, argument)
     assert handle is None
+
+
+def test_create_takes_a_0_1_struct(lib):
+    # A caller compiled against 0.1 passes 56 bytes: what follows them (here garbage) is not read, and
+    # the fields added since take their defaults.
+    opts = options(lib, struct_size=_lib.OPTIONS_SIZE_0_1, combine=7, reserved=9)
+    status, handle = create(lib, opts=opts)
+    assert status == _lib.OK, last_error(lib)
+    assert lib.fused_moe_layer_destroy(handle) == _lib.OK
+
+
+@pytest.mark.parametrize("combine", [_lib.COMBINE_ORDERED, _lib.COMBINE_ATOMIC])
+def test_create_takes_each_combine(lib, combine):
+    status, handle = create(lib, opts=options(lib, combine=combine))
+    assert status == _lib.OK, last_error(lib)
+    assert lib.fused_moe_layer_destroy(handle) == _lib.OK
 
 
 def map_options(lib, values, length=None):
@@ -502,7 +522,8 @@ int main(void) {
     fused_moe_layer_info info;
     const void *fake = (const void *)(uintptr_t)0x7f0000100000u;
     CHECK(offsetof(fused_moe_options, expert_map) == 16 && offsetof(fused_moe_options, max_tokens) == 32);
-    CHECK(offsetof(fused_moe_options, split_mode) == 52 && sizeof(fused_moe_options) == 56);
+    CHECK(offsetof(fused_moe_options, split_mode) == 52 && sizeof(fused_moe_options) == 64);
+    CHECK(offsetof(fused_moe_options, combine) == FUSED_MOE_OPTIONS_SIZE_0_1);
     CHECK(offsetof(fused_moe_layer_info, device) == 72 && sizeof(fused_moe_layer_info) == 80);
     CHECK(fused_moe_version(&major, &minor, &patch) == FUSED_MOE_OK);
     CHECK(major == FUSED_MOE_VERSION_MAJOR && minor == FUSED_MOE_VERSION_MINOR && patch == FUSED_MOE_VERSION_PATCH);

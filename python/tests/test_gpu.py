@@ -1,5 +1,5 @@
 """On a CUDA machine (the H200): outputs against a float32 torch reference, CUDA graph capture and
-replay, routing, expert parallelism, chunking and split-K overrides. Skipped without torch or CUDA.
+replay, routing, expert parallelism, chunking, split-K overrides and the atomic top-k sum. Skipped without torch or CUDA.
 
 Run: FUSED_MOE_LIBRARY=/path/libFusedMoEC.so python3 -m pytest python/tests/test_gpu.py -q
 The first run compiles the kernels (NVRTC, cached on disk under ~/.cache/swift-fused-moe).
@@ -144,6 +144,49 @@ def test_split_overrides(split_k, split_mode):
     if split_mode != "atomic":
         assert torch.equal(first, layer(x, w1, w2, topk_weights, topk_ids)), "not bitwise reproducible"
     layer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_atomic_combine(dtype):
+    """combine='atomic' at 2048 tokens (seed4096: GEMM2 on the persistent kernel, so the atomic sum runs):
+    within the bound, near the ordered layer, through the functional API too, and captured in a graph
+    (the output's zeroing is a memset node) and replayed on fresh inputs."""
+    experts, top_k, hidden, intermediate = PRESETS["seed4096"]
+    tokens = 2048
+    w1, w2 = weights(experts, hidden, intermediate, dtype, seed=30)
+    x = activations(tokens, hidden, dtype, seed=31)
+    topk_weights, topk_ids = routing(tokens, experts, top_k, seed=32)
+    expected = reference(x, w1, w2, topk_weights, topk_ids)
+    ordered = fused_moe.Layer(experts, top_k, hidden, intermediate, dtype, max_tokens=tokens)
+    atomic = fused_moe.Layer(experts, top_k, hidden, intermediate, dtype, max_tokens=tokens, combine="atomic")
+    first = ordered(x, w1, w2, topk_weights, topk_ids, out=poisoned(tokens, hidden, dtype))
+    second = atomic(x, w1, w2, topk_weights, topk_ids, out=poisoned(tokens, hidden, dtype))
+    check(first, expected, "ordered")
+    check(second, expected, "atomic")
+    assert relative_error(second, first.float()) < 8e-3
+    functional = fused_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, combine="atomic")
+    check(functional, expected, "atomic, functional API")
+    with pytest.raises(fused_moe.InvalidArgumentError, match="combine"):
+        fused_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, combine="fast")
+
+    out = torch.empty(tokens, hidden, device="cuda", dtype=dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        atomic(x, w1, w2, topk_weights, topk_ids, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        atomic(x, w1, w2, topk_weights, topk_ids, out=out)
+    for seed in (33, 34):
+        x.copy_(activations(tokens, hidden, dtype, seed=seed))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, reference(x, w1, w2, topk_weights, topk_ids), f"atomic graph replay {seed}")
+    del graph
+    ordered.close()
+    atomic.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

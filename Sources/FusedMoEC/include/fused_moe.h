@@ -49,7 +49,7 @@ extern "C" {
 /* The version of this header; fused_moe_version reports the library's. A library accepts callers
  * built against a header of the same major version. */
 #define FUSED_MOE_VERSION_MAJOR 0
-#define FUSED_MOE_VERSION_MINOR 1
+#define FUSED_MOE_VERSION_MINOR 2
 #define FUSED_MOE_VERSION_PATCH 0
 
 /* Status codes. */
@@ -80,6 +80,12 @@ extern "C" {
 #define FUSED_MOE_SPLIT_ATOMIC 2    /* fp32 atomics: fast, not bitwise reproducible */
 #define FUSED_MOE_SPLIT_WORKSPACE 3 /* fixed-order reduction: bitwise reproducible */
 
+/* fused_moe_options.combine: how each token's k expert rows are summed. */
+#define FUSED_MOE_COMBINE_ORDERED 0 /* in slot order by a combine kernel: bitwise reproducible (default) */
+#define FUSED_MOE_COMBINE_ATOMIC 1  /* GEMM2 adds each row into its token's output row with 16-bit atomics
+                                     * where its kernel can (the plan's unsplit persistent kernel; elsewhere
+                                     * ordered): faster at large batches, not bitwise reproducible */
+
 /* fused_moe_options.device: check arguments only. A layer made with it touches no GPU and needs
  * none: forward and route check their arguments and then return FUSED_MOE_ERROR_UNSUPPORTED. */
 #define FUSED_MOE_DEVICE_NONE (-1)
@@ -87,15 +93,19 @@ extern "C" {
 /* Defaults that fused_moe_options_init writes. */
 #define FUSED_MOE_DEFAULT_MAX_TOKENS 8192
 
+/* sizeof(fused_moe_options) in version 0.1, whose struct ended at split_mode. */
+#define FUSED_MOE_OPTIONS_SIZE_0_1 56
+
 /*
  * Options of a layer. Fill one with fused_moe_options_init, then change fields; or pass NULL to
- * fused_moe_layer_create for the defaults. 56 bytes, no padding surprises: every field sits at
+ * fused_moe_layer_create for the defaults. 64 bytes, no padding surprises: every field sits at
  * its natural alignment.
  */
 typedef struct fused_moe_options {
-    /* sizeof(fused_moe_options) as the caller compiled it; fused_moe_options_init sets it.
-     * Smaller than this version's size is an error; a larger (newer) struct's extra fields are
-     * ignored. */
+    /* sizeof(fused_moe_options) as the caller compiled it; fused_moe_options_init sets it (and
+     * writes this version's sizeof bytes). At least FUSED_MOE_OPTIONS_SIZE_0_1: a 0.1 caller's
+     * struct, whose missing fields (combine on) take their defaults. A larger (newer) struct's
+     * extra fields are ignored. */
     uint32_t struct_size;
     /* FUSED_MOE_SILU (default) or FUSED_MOE_GELU. */
     int32_t activation;
@@ -119,6 +129,10 @@ typedef struct fused_moe_options {
     /* FUSED_MOE_SPLIT_* override; FUSED_MOE_SPLIT_AUTO (default) = the plan's choice (workspace
      * when split_k > 1 is forced on a plan that did not split). */
     int32_t split_mode;
+    /* FUSED_MOE_COMBINE_ORDERED (default) or FUSED_MOE_COMBINE_ATOMIC. Since 0.2. */
+    int32_t combine;
+    /* 0. Since 0.2. */
+    int32_t reserved;
 } fused_moe_options;
 
 /* What a layer was made with, for callers that keep only the handle. 80 bytes. */
@@ -136,10 +150,10 @@ typedef struct fused_moe_layer_info {
 } fused_moe_layer_info;
 
 #if defined(__cplusplus) && __cplusplus >= 201103L
-static_assert(sizeof(fused_moe_options) == 56, "fused_moe_options layout");
+static_assert(sizeof(fused_moe_options) == 64, "fused_moe_options layout");
 static_assert(sizeof(fused_moe_layer_info) == 80, "fused_moe_layer_info layout");
 #elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
-_Static_assert(sizeof(fused_moe_options) == 56, "fused_moe_options layout");
+_Static_assert(sizeof(fused_moe_options) == 64, "fused_moe_options layout");
 _Static_assert(sizeof(fused_moe_layer_info) == 80, "fused_moe_layer_info layout");
 #endif
 
