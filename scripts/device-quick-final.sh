@@ -5,7 +5,9 @@
 # CHECK_TIMEOUT=0 skips the check. TOUCHED_LIKE=FILE (a peer-timing JSON) adds the batch sizes
 # TOUCHED_BATCHES (default 8,32) with each input set's routing drawn to touch that file's
 # experts_touched (bench-touched.json/.txt). SANITIZE="racecheck memcheck" adds those
-# compute-sanitizer tools on `check --small` (device-sanitize.sh; SANITIZER_TIMEOUT each).
+# compute-sanitizer tools on `check --small` (device-sanitize.sh; SANITIZER_TIMEOUT each). ATOMIC=1 adds
+# the top-8 presets from 1024 tokens with --combine atomic (bench-atomic.json/.txt); PYTEST_K=EXPR runs
+# python/tests/test_gpu.py's tests matching EXPR against dist/libFusedMoEC.so (pytest-gpu.txt).
 source "$(dirname "$0")/device-env.sh"
 presets=(--shape seed4096 --shape seed8192 --shape mixtral_tp2 --shape qwen235_tp2 --shape dsv3_tp4)
 device_ceilings
@@ -17,6 +19,16 @@ if [[ -n ${TOUCHED_LIKE:-} ]]; then
     --touched-like "$TOUCHED_LIKE" --ceilings "$OUT/ceilings.json" --json "$OUT/bench-touched.json" \
     2> "$OUT/bench-touched.log" > "$OUT/bench-touched.txt" || status=1
   grep "routing drawn" "$OUT/bench-touched.log"
+fi
+if [[ ${ATOMIC:-0} == 1 ]]; then  # the top-8 presets from 1024 tokens again with --combine atomic
+  timeout ${ATOMIC_TIMEOUT:-150} dist/fused-moe bench --plan-only --combine atomic --shape seed4096 --shape seed8192 \
+    --shape qwen235_tp2 --shape dsv3_tp4 --batch-sizes 1024,2048,4096,8192 --ceilings "$OUT/ceilings.json" \
+    --json "$OUT/bench-atomic.json" 2>/dev/null > "$OUT/bench-atomic.txt" || status=1
+fi
+if [[ -n ${PYTEST_K:-} ]]; then  # the Python package's GPU tests matching PYTEST_K
+  FUSED_MOE_LIBRARY=dist/libFusedMoEC.so timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest python/tests/test_gpu.py -q \
+    -p no:cacheprovider -k "$PYTEST_K" > "$OUT/pytest-gpu.txt" 2>&1 || status=1
+  tail -3 "$OUT/pytest-gpu.txt"
 fi
 if [[ -n ${SANITIZE:-} ]]; then
   TOOLS="$SANITIZE" bash "$(dirname "$0")/device-sanitize.sh" || status=1
