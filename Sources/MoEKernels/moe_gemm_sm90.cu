@@ -20,7 +20,8 @@
 // The K tiles (ceil(K / 64)) are cut into split_k contiguous ranges of ceil(tiles / split_k); split
 // blockIdx.y takes range y (possibly empty). Programs with pid_m * BLOCK_M >= *total_padded return at
 // once. A block whose expert id is -1 (expert not owned) skips the K loop and stores zeros (modes 0
-// and 2) or nothing (mode 1); so does an empty split range.
+// and 2) or nothing (modes 1 and 3; the A-resident walk adds its zeros in mode 3); so does an empty
+// split range.
 // Identity routing (moe_common.cuh): sorted_token_ids and total_padded null, expert_ids = topk_ids:
 //         block b holds pair b alone (one token's k slots; no align ran). An id outside [0, E) then
 //         reads weight rows past E*N, which the tensor map fills with zeros.
