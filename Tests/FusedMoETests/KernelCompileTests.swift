@@ -124,6 +124,12 @@ struct KernelCompileTests {
         }
         #expect(MoEOptions().combine == .ordered)
         #expect(CombineMode(rawValue: "atomic") == .atomic)
+        // The forward's in-place guard: byte ranges that share a byte.
+        #expect(CUDAMoELayer.overlaps(100, 10, 109, 5))
+        #expect(CUDAMoELayer.overlaps(100, 10, 90, 11))
+        #expect(!CUDAMoELayer.overlaps(100, 10, 110, 5))
+        #expect(!CUDAMoELayer.overlaps(100, 10, 90, 10))
+        #expect(!CUDAMoELayer.overlaps(100, 0, 100, 10))
     }
 
     @Test(arguments: [1, 128, 4096])

@@ -776,6 +776,21 @@ public final class GPUChecks {
         record(
             "gpu atomic combine expert map (half the experts owned)",
             ep.usesAtomicCombine && e.unwritten == 0 && epError < errorBound(.bf16), "rel_err \(formatScientific(epError))")
+        // In place (out = x): the output is zeroed before x is read, so the forward refuses, naming out.
+        let inPlace = Result { () throws(MoEError) in
+            try layer.forward(
+                x: unrouted.x.pointer, topkIDs: unrouted.ids.pointer, topkWeights: unrouted.weights.pointer,
+                out: unrouted.x.pointer, tokens: 90, stream: stream)
+        }
+        switch inPlace {
+        case .success: record("gpu atomic combine refuses out = x", false, "the forward ran")
+        case .failure(let error):
+            if case .invalidArgument("out", _) = error {
+                record("gpu atomic combine refuses out = x", true, "\(error)")
+            } else {
+                record("gpu atomic combine refuses out = x", false, "\(error)")
+            }
+        }
         // A plan whose GEMM2 cannot: the ordered sum, bit for bit.
         let swapPlan = MoEPlan(both: swap)
         let asked = try CUDAMoELayer(

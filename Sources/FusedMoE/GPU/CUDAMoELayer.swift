@@ -458,6 +458,19 @@ public final class CUDAMoELayer: @unchecked Sendable {
         guard tokens >= 0 && tokens <= maxTokens else {
             throw .invalidArgument("tokens", "must be in 0...\(maxTokens) (the layer's maxTokens), got \(tokens)")
         }
+        if usesAtomicCombine {
+            // The output is zeroed before align and GEMM1 read the inputs (the ordered sum writes it last).
+            let outBytes = tokens * shape.hidden * dtype.byteCount
+            let inputs = [
+                ("x", x, outBytes), ("topk_ids", topkIDs, tokens * shape.topK * 4),
+                ("topk_weights", topkWeights, tokens * shape.topK * 4),
+            ]
+            for (name, pointer, bytes) in inputs
+            where CUDAMoELayer.overlaps(out.address, outBytes, pointer.address, bytes) {
+                throw .invalidArgument(
+                    "out", "overlaps \(name): with CombineMode.atomic the output is zeroed before the inputs are read; pass a separate buffer")
+            }
+        }
         do {
             var start = 0
             while start < tokens {
@@ -579,6 +592,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         CUDAMoELayer.alignPrefetch(
             plan: plan, shape: shape, routedExperts: routedExperts, pairs: pairs, elementBytes: dtype.byteCount,
             multiprocessors: library.device.properties.multiprocessorCount, budget: CUDAMoELayer.alignPrefetchBudget)
+    }
+
+    /// Whether the byte ranges [a, a + aBytes) and [b, b + bBytes) share a byte.
+    static func overlaps(_ a: UInt64, _ aBytes: Int, _ b: UInt64, _ bBytes: Int) -> Bool {
+        aBytes > 0 && bBytes > 0 && a < b &+ UInt64(bBytes) && b < a &+ UInt64(aBytes)
     }
 
     /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`CombineMode.atomic`): GEMM2 on the
