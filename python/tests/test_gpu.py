@@ -168,6 +168,8 @@ def test_atomic_combine(dtype):
     check(functional, expected, "atomic, functional API")
     with pytest.raises(fused_moe.InvalidArgumentError, match="combine"):
         fused_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, combine="fast")
+    with pytest.raises(fused_moe.InvalidArgumentError, match="'out'"):  # zeroed before x is read
+        atomic(x, w1, w2, topk_weights, topk_ids, out=x)
 
     out = torch.empty(tokens, hidden, device="cuda", dtype=dtype)
     side = torch.cuda.Stream()
