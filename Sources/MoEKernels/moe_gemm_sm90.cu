@@ -863,29 +863,43 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
     }
 }
 
-// MARK: - moe_gemm_sm90
-
-template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          int CLUSTER = 1>
-struct MoEGemmSm90Traits {
-    using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
+/// What the three wgmma kernels' traits share: the ring (MoESm90Smem of A_ROWS x B_ROWS tiles, K tiles of
+/// 64 in K_STEPS wgmma k16 steps), one producer warpgroup and CONSUMER_WGS consumer warpgroups, and with
+/// two of them the register split (setmaxnreg): 384 threads launched at 168 registers each, the producer
+/// down to 56, the consumers up to 224.
+template <int A_ROWS, int B_ROWS, int STAGES, int CONSUMER_WGS>
+struct MoESm90Roles {
+    using Smem = MoESm90Smem<A_ROWS, B_ROWS, STAGES>;
     static constexpr int BLOCK_K = Smem::BLOCK_K;
     static constexpr int WGMMA_K = 16;
     static constexpr int K_STEPS = BLOCK_K / WGMMA_K;  // wgmma per K tile
     static constexpr int WARPGROUP_THREADS = 128;
-    static constexpr int CONSUMER_WARPGROUPS = BLOCK_M / 64;
+    static constexpr int CONSUMER_WARPGROUPS = CONSUMER_WGS;
     static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
     static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
     static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
-    static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread
-    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
-    static constexpr int DYNAMIC_SMEM_BYTES = Smem::DYNAMIC_SMEM_BYTES;
 
-    // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
     static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
     static constexpr int LAUNCH_REGISTERS = 168;
     static constexpr int PRODUCER_REGISTERS = 56;
     static constexpr int CONSUMER_REGISTERS = 224;
+
+    static_assert(CONSUMER_WGS == 1 || CONSUMER_WGS == 2, "one or two consumer warpgroups");
+    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
+                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
+                                              THREADS * LAUNCH_REGISTERS,
+                  "setmaxnreg budget exceeds the registers allocated at launch");
+};
+
+// MARK: - moe_gemm_sm90
+
+template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          int CLUSTER = 1>
+struct MoEGemmSm90Traits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64> {
+    using Smem = typename MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64>::Smem;
+    static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread
+    static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
+    static constexpr int DYNAMIC_SMEM_BYTES = Smem::DYNAMIC_SMEM_BYTES;
 
     // Output staging: the tile in the type that goes to global memory (with FUSED_ACT, the
     // BLOCK_N / 2 activated columns).
@@ -908,10 +922,6 @@ struct MoEGemmSm90Traits {
     // The B tile comes as two boxes of BLOCK_N / 2 rows: gate and up rows (FUSED), or the two halves
     // a cluster pair splits between its CTAs.
     static constexpr bool SPLIT_B = FUSED || CLUSTER == 2;
-    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
-                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
-                                              THREADS * LAUNCH_REGISTERS,
-                  "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
@@ -1128,18 +1138,12 @@ MOE_DEVICE void moe_sm90_leave_block(int32_t* counter, int32_t readers) {
 }
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
-struct MoEGemmSm90SwapTraits {
-    using Smem = MoESm90Smem<TOKENS, BLOCK_N_W, STAGES>;
-    static constexpr int BLOCK_K = Smem::BLOCK_K;
-    static constexpr int WGMMA_K = 16;
-    static constexpr int K_STEPS = BLOCK_K / WGMMA_K;
-    static constexpr int WARPGROUP_THREADS = 128;
-    // One consumer warpgroup up to 128 weight rows; two (128 rows each) for BLOCK_N_W 256.
-    static constexpr int CONSUMER_WARPGROUPS = BLOCK_N_W == 256 ? 2 : 1;
-    static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
-    static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
-    static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
-    static constexpr int WG_ROWS = BLOCK_N_W / CONSUMER_WARPGROUPS;  // weight rows per consumer warpgroup
+// One consumer warpgroup up to 128 weight rows; two (128 rows each) for BLOCK_N_W 256, with the register split
+// (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
+struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W == 256 ? 2 : 1> {
+    using Roles = MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W == 256 ? 2 : 1>;
+    using Smem = typename Roles::Smem;
+    static constexpr int WG_ROWS = BLOCK_N_W / Roles::CONSUMER_WARPGROUPS;  // weight rows per consumer warpgroup
     static constexpr int M_BLOCKS = WG_ROWS / 64;  // wgmma m64 blocks of weight rows per warpgroup
     static constexpr int ACC = TOKENS / 2;         // fp32 accumulators per thread per m64 block
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
@@ -1149,13 +1153,6 @@ struct MoEGemmSm90SwapTraits {
     // rounded up to a width with a wgmma wrapper (64, or 80 and up in steps of 16).
     static constexpr bool FIT = MOE_SM90_FIT_WIDTH != 0 && TOKENS >= 80;
     static constexpr int FIT_MIN = TOKENS / 2 <= 64 ? 64 : (TOKENS / 2 + 15) / 16 * 16;
-
-    // Register split (setmaxnreg) for two consumer warpgroups: 384 threads launched at 168 registers,
-    // as moe_gemm_sm90 (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
-    static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
-    static constexpr int LAUNCH_REGISTERS = 168;
-    static constexpr int PRODUCER_REGISTERS = 56;
-    static constexpr int CONSUMER_REGISTERS = 224;
 
     // Output staging, transposed back to token rows: fp32 [TOKENS][BLOCK_N_W + 4]. The pitch makes
     // the fragment writes (8 weight rows x 4 token pairs per warp) hit 32 distinct banks and keeps
@@ -1190,10 +1187,6 @@ struct MoEGemmSm90SwapTraits {
     static_assert(!PAIRED || TOKENS * PAIRED_PITCH * 2 <= Smem::RING_BYTES, "the paired staging must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
-    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
-                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
-                                              THREADS * LAUNCH_REGISTERS,
-                  "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
 /// The swap-AB kernel's fused epilogue with paired blocks (Tr::PAIRED), for the first W token rows: acc[0][i]
@@ -1724,17 +1717,10 @@ MOE_DEVICE void moe_sm90_combine_discard(const MoESm90Combine& c, const T* parti
 
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
           bool PING_PONG>
-struct MoEGemmSm90PersistentTraits {
-    using Smem = MoESm90Smem<BLOCK_M, BLOCK_N, STAGES>;
-    static constexpr int BLOCK_K = Smem::BLOCK_K;
-    static constexpr int WGMMA_K = 16;
-    static constexpr int K_STEPS = BLOCK_K / WGMMA_K;  // wgmma per K tile
-    static constexpr int WARPGROUP_THREADS = 128;
-    static constexpr int CONSUMER_WARPGROUPS = BLOCK_M / 64;
-    static constexpr int PRODUCER_THREADS = WARPGROUP_THREADS;
-    static constexpr int CONSUMER_THREADS = CONSUMER_WARPGROUPS * WARPGROUP_THREADS;
-    static constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
-    static constexpr int THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+struct MoEGemmSm90PersistentTraits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64> {
+    using Roles = MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64>;
+    using Smem = typename Roles::Smem;
+    static constexpr int CONSUMER_WARPS = Roles::CONSUMER_THREADS / 32;
     // Ping-pong: each consumer warpgroup computes whole tiles (the program's tiles alternately), as
     // two m64 halves of BLOCK_N / 2 accumulators each; otherwise both compute each tile, 64 rows each.
     static constexpr bool PINGPONG = PING_PONG;
@@ -1742,7 +1728,7 @@ struct MoEGemmSm90PersistentTraits {
     static constexpr int ACC = BLOCK_N / 2;  // fp32 accumulators per consumer thread and half
     static constexpr int WARP_ROWS = 16;     // output rows of one consumer warp (per half)
     // The warps that release each stage: one warpgroup's in ping-pong, else every consumer warp.
-    static constexpr int RELEASING_WARPS = PING_PONG ? WARPGROUP_THREADS / 32 : CONSUMER_WARPS;
+    static constexpr int RELEASING_WARPS = PING_PONG ? Roles::WARPGROUP_THREADS / 32 : CONSUMER_WARPS;
     // Ping-pong order barriers: warpgroup w waits on ORDER_BARRIER + w before its K loop, which the
     // other warpgroup arrives at once its own K loop is issued (so the K loops alternate and one
     // warpgroup's epilogue runs under the other's products).
@@ -1751,12 +1737,6 @@ struct MoEGemmSm90PersistentTraits {
     // BLOCK_N / 2 activated columns are stored.
     static constexpr bool FUSED = FUSED_ACT != 0;
     static constexpr int OUT_COLS = FUSED ? BLOCK_N / 2 : BLOCK_N;
-
-    // Register split (setmaxnreg) for 384 threads launched at 168 registers each.
-    static constexpr bool REBALANCE_REGISTERS = CONSUMER_WARPGROUPS == 2;
-    static constexpr int LAUNCH_REGISTERS = 168;
-    static constexpr int PRODUCER_REGISTERS = 56;
-    static constexpr int CONSUMER_REGISTERS = 224;
 
     // Named barrier of the producer warpgroup; the consumers' (stream-K partials only).
     static constexpr int PRODUCER_BARRIER = 1;
@@ -1817,10 +1797,6 @@ struct MoEGemmSm90PersistentTraits {
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
     static_assert(!FUSED || BLOCK_N >= 128, "FUSED_ACT: at least 64 stored columns (128-byte staged rows)");
     static_assert(DYNAMIC_SMEM_BYTES <= 232448, "more than 227 KB of shared memory per block");
-    static_assert(!REBALANCE_REGISTERS || PRODUCER_THREADS * PRODUCER_REGISTERS +
-                                                  CONSUMER_THREADS * CONSUMER_REGISTERS <=
-                                              THREADS * LAUNCH_REGISTERS,
-                  "setmaxnreg budget exceeds the registers allocated at launch");
 };
 
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
