@@ -26,6 +26,7 @@ if [[ ${ATOMIC:-0} == 1 ]]; then  # the top-8 presets from 1024 tokens again wit
     --json "$OUT/bench-atomic.json" 2>/dev/null > "$OUT/bench-atomic.txt" || status=1
 fi
 if [[ -n ${PYTEST_K:-} ]]; then  # the Python package's GPU tests matching PYTEST_K
+  [[ -f dist/libFusedMoEC.so ]] || gunzip -kf dist/libFusedMoEC.so.gz  # (carried gzipped: build-dist.sh)
   FUSED_MOE_LIBRARY=dist/libFusedMoEC.so timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest python/tests/test_gpu.py -q \
     -p no:cacheprovider -k "$PYTEST_K" > "$OUT/pytest-gpu.txt" 2>&1 || status=1
   tail -3 "$OUT/pytest-gpu.txt"

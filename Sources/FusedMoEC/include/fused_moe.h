@@ -47,7 +47,7 @@ extern "C" {
 #endif
 
 /* The version of this header; fused_moe_version reports the library's. A library accepts callers
- * built against a header of the same major version. */
+ * built against a header of the same major version (for 0.1 callers, see fused_moe_options_init). */
 #define FUSED_MOE_VERSION_MAJOR 0
 #define FUSED_MOE_VERSION_MINOR 2
 #define FUSED_MOE_VERSION_PATCH 0
@@ -167,7 +167,10 @@ int fused_moe_version(int32_t *major, int32_t *minor, int32_t *patch);
  * next call into the library. */
 const char *fused_moe_last_error(void);
 
-/* Writes the defaults into *options (struct_size included). */
+/* Writes the defaults into *options (struct_size included): sizeof(fused_moe_options) of this
+ * library's version, 64 bytes. A caller built against the 0.1 header (56 bytes) must not call a
+ * newer library's fused_moe_options_init on its struct; it fills the struct itself (struct_size =
+ * FUSED_MOE_OPTIONS_SIZE_0_1), which layer creation accepts, or rebuilds against this header. */
 int fused_moe_options_init(fused_moe_options *options);
 
 /*
