@@ -64,6 +64,9 @@ struct Bench: ParsableCommand {
     @Option(help: "GPU: how each token's k expert rows are summed: ordered (bitwise reproducible) or atomic (GEMM2 adds them with 16-bit atomics where the plan's GEMM2 kernel can; its rows' variant ends in -atomic then). The CPU backend sums in order.")
     var combine: CombineMode = .ordered
 
+    @Flag(help: "GPU: plan every row by the built-in heuristic, not by a config table: what a shape without a tuned table gets (compare with the same rows without it).")
+    var heuristic = false
+
     @Option(help: "GPU: a peer-timing JSON (e.g. ../shared/anchors/h200-sglang.json): every input set of a (shape, M) row it has is drawn to touch the experts_touched that row records, so a memory-bound row streams the weights the peer's run streamed. Other rows draw as usual.")
     var touchedLike: String?
 
@@ -80,6 +83,7 @@ struct Bench: ParsableCommand {
             return
         }
         guard touchedLike == nil else { throw ValidationError("--touched-like needs the GPU backend") }
+        guard !heuristic else { throw ValidationError("--heuristic needs the GPU backend (the CPU backend has no plans)") }
         if combine == .atomic { note("--combine atomic: the CPU backend sums each token's rows in order") }
         let presets = try selectedPresets(default: ["tiny"])
         let batches = batchSizes?.values ?? [1, 8, 32, 128]
@@ -146,7 +150,7 @@ extension Bench {
                 preset: preset, batchSizes: batches, settings: (planOnly ? [.auto] : GPUBench.tableSettings) + (withoutPdl ? [.autoSequential] : [])
                     + (fusionAb ? GPUBench.Setting.fusionComparison : []), dtype: dtype,
                 ceilings: measured, rotations: rotations, seed: seed, stages: stages, touched: touched[preset.name] ?? [:],
-                combine: combine, progress: note)
+                combine: combine, heuristic: heuristic, progress: note)
         }
         let report = BenchReport(
             device: device.properties.name, driver: "CUDA \(device.driver.versionString)", commit: currentCommit(),

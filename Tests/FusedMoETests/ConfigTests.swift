@@ -181,11 +181,36 @@ import Testing
         // Above 320 rows per expert too, for the long intermediate (NOTES v24): 512 rows on 192 g6.
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 2048) == MoEPlan(both: .wgmma(blockM: 192, blockN: 256, stages: 4, groupSizeM: 6, swapAB: true)))
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 4096).gemm1.blockM == 176)
-        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("qwen235_tp2").shape, tokens: 8192).gemm1.kernel == .wgmma)
         let decode = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1)
         #expect(decode.gemm1.kernel == .wgmmaSwap)
-        let prefill = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192)
-        #expect(prefill.gemm1.kernel == .wgmma && prefill.blockM == 128)
+        // A short intermediate size outside the wide tile's rows: the persistent kernel, as the tables
+        // have it (NOTES v37): 512 rows (qwen and seed 8192), 64 rows (seed 1024, dsv3 2048).
+        let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("qwen235_tp2").shape, tokens: 8192) == persistent)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192) == persistent)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1024) == persistent)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 2048) == persistent)
+        // 32 to 64 rows: GEMM1 on the 64-token swap-AB tile, GEMM2 persistent (short K); the wide
+        // kernel for Mixtral's long K (128 tokens: 32 rows).
+        #expect(
+            PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 1024)
+                == MoEPlan(
+                    gemm1: .wgmma(blockM: 64, blockN: 256, stages: 5, swapAB: true),
+                    gemm2: .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true)))
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 128) == MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)))
+    }
+
+    /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
+    @Test func planWithoutTablesIsTheHeuristic() throws {
+        let shape = try ShapePreset.named("seed4096").shape
+        func plan(_ tables: Bool) throws -> MoEPlan {
+            try PlanSelector.plan(
+                shape: shape, tokens: 8, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+                architecture: "sm_90a", tables: tables)
+        }
+        #expect(try plan(false) == PlanSelector.hopperHeuristic(shape: shape, tokens: 8))
+        // The shipped table's entry at 8 tokens differs from the heuristic (a 128-wide GEMM1 tile).
+        #expect(try plan(true) != plan(false))
     }
 
     /// The wide token tile's width: the mean plus two standard deviations of an expert's rows in the
@@ -209,7 +234,7 @@ import Testing
     /// GROUP_SIZE_M: for mma (Triton's swizzle) one expert's average m-blocks, 1...8; for the
     /// wgmma kernels (groups cut at expert boundaries) 1 while an expert's GEMM1 tiles fit in one
     /// wave, else twice the average run, up to 32, so an expert that routing favours still has its
-    /// whole run in one group; the Hopper prefill default takes it.
+    /// whole run in one group; the tuner's wgmma candidates take it.
     @Test func groupSizeFollowsTheRowsPerExpert() throws {
         let mixtral = try ShapePreset.named("mixtral_tp2").shape  // E = 8, k = 2
         #expect(PlanSelector.groupSizeM(shape: mixtral, tokens: 2048, blockM: 128) == 4)
@@ -250,7 +275,7 @@ import Testing
         // A wide token tile (the shipped 4096 entry's GEMM1) fuses it like the decode tiles.
         let wide = try plan(4096)
         #expect(wide.gemm1.kernel == .wgmmaSwap && wide.gemm1.blockM == 144 && wide.activationIsFused)
-        // The heuristic's plain wgmma tile too; a split GEMM1 applies it in its reduction.
+        // The heuristic's persistent 128 x 256 tile too; a split GEMM1 applies it in its reduction.
         #expect(PlanSelector.hopperHeuristic(shape: seed, tokens: 20000).activationIsFused)
         var split = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4)
         split.splitK = 2

@@ -397,6 +397,23 @@ enum ModelConfigSamples {
         #expect(failure(Samples.editing(mixtral, "hidden_act", .string("relu")))?.name == "config.json: hidden_act")
     }
 
+    /// bench/models holds the MoE fields of public configs for `bench --model` (NOTES v37): each parses,
+    /// to the shape its model publishes, and splits at the tp the notes bench it with.
+    @Test(arguments: [
+        ("qwen3-30b-a3b.json", 1, MoEModelConfig.Family.qwenMoE, 128, 8, 2048, 768),
+        ("qwen1.5-moe-a2.7b.json", 1, .qwenMoE, 60, 4, 2048, 1408),
+        ("deepseek-v2-lite.json", 1, .deepSeek, 64, 6, 2048, 1408),
+        ("mixtral-8x22b.json", 8, .mixtral, 8, 2, 6144, 2048),
+        ("kimi-k2.json", 8, .deepSeek, 384, 8, 7168, 256),
+        ("qwen3-coder-480b-a35b.json", 8, .qwenMoE, 160, 8, 6144, 320),
+    ])
+    func benchModelsParse(file: String, tp: Int, family: MoEModelConfig.Family, e: Int, k: Int, h: Int, i: Int) throws {
+        let root = String(#filePath).split(separator: "/", omittingEmptySubsequences: false).dropLast(3).joined(separator: "/")
+        let config = try MoEModelConfig(contentsOf: root + "/bench/models/" + file, tensorParallel: tp)
+        #expect(config.family == family)
+        #expect(config.shape == (try MoEShape(experts: e, topK: k, hidden: h, intermediate: i)))
+    }
+
     @Test func loadsFromAFileOrAModelFolder() throws {
         let folder = IOTestFolder()
         let path = folder.write(text: Samples.qwen3_30B_A3B, to: "config.json")

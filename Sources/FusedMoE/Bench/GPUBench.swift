@@ -89,7 +89,7 @@ public final class GPUBench {
     public func run(
         preset: ShapePreset, batchSizes: [Int], settings: [Setting], dtype: DType, ceilings: Ceilings, rotations: Int,
         seed: UInt64, stages: Bool = false, touched: [Int: Int] = [:], combine: CombineMode = .ordered,
-        progress: (String) -> Void
+        heuristic: Bool = false, progress: (String) -> Void
     ) throws -> [BenchRow] {
         let shape = preset.shape
         let multiprocessors = library.device.properties.multiprocessorCount
@@ -100,7 +100,7 @@ public final class GPUBench {
                     shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                     sharedMemoryLimit: library.device.properties.sharedMemoryPerBlockOptIn,
                     deviceName: library.device.properties.name,
-                    architecture: library.device.properties.architecture)
+                    architecture: library.device.properties.architecture, tables: !heuristic)
                 if case .autoFusion(let activation) = setting { chosen.fusedActivation = activation }
                 if setting == .autoAligned { chosen.identityRouting = false }
                 return chosen

@@ -36,15 +36,19 @@ public final class GPUChecks {
     public static let largeBatches = [2048, 4096]
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
-    /// or the heuristic), the mma kernel in each split setting, and on Hopper the wgmma kernel
-    /// (BLOCK_M from the rows per expert), its swap-AB decode variant and two wide token tiles, the
-    /// persistent kernel and its ping-pong form (an odd ring: 5 stages), unsplit and split.
+    /// or the heuristic), the mma kernel in each split setting, and on Hopper the Hopper heuristic's
+    /// plan (where it differs from the default), the wgmma kernel (BLOCK_M from the rows per expert),
+    /// its swap-AB decode variant and two wide token tiles, the persistent kernel and its ping-pong
+    /// form (an odd ring: 5 stages), unsplit and split.
     func casePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         var plans = [("shipped", try shippedPlan(shape, tokens))]
         plans += GPUChecks.splitSettings.map { split, mode in
             ("mma split=\(split) \(mode.rawValue)", caseplan(shape, tokens, split, mode))
         }
         guard library.device.properties.architecture == "sm_90a" else { return plans }
+        // What a shape without a tuned table runs (every preset has a table).
+        let heuristic = PlanSelector.hopperHeuristic(shape: shape, tokens: tokens)
+        if heuristic != plans[0].1 { plans.append(("heuristic", heuristic)) }
         let rows = tokens * shape.topK / shape.experts
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
@@ -172,9 +176,13 @@ public final class GPUChecks {
             architecture: properties.architecture)
     }
 
-    /// The plans of a large case (M in largeBatches): the default one only.
+    /// The plans of a large case (M in largeBatches): the default one, and on Hopper the heuristic's
+    /// where it differs.
     func largeCasePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
-        [("shipped", try shippedPlan(shape, tokens))]
+        let shipped = try shippedPlan(shape, tokens)
+        guard library.device.properties.architecture == "sm_90a" else { return [("shipped", shipped)] }
+        let heuristic = PlanSelector.hopperHeuristic(shape: shape, tokens: tokens)
+        return [("shipped", shipped)] + (heuristic == shipped ? [] : [("heuristic", heuristic)])
     }
 
     func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {

@@ -167,13 +167,14 @@ public enum PlanSelector {
     }
 
     /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic
-    /// (the Hopper one on `sm_90a`, which uses the wgmma kernels).
+    /// (the Hopper one on `sm_90a`, which uses the wgmma kernels). `tables: false` skips the config
+    /// files: the heuristic's plan, what a shape without a tuned table gets (`bench --heuristic`).
     public static func plan(
         shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
-        architecture: String = ""
+        architecture: String = "", tables: Bool = true
     ) throws(MoEError) -> MoEPlan {
         var plan: MoEPlan
-        if let table = try configFile(shape: shape, deviceName: deviceName),
+        if tables, let table = try configFile(shape: shape, deviceName: deviceName),
             case let entry = table.nearest(to: tokens),
             // A table tuned on Hopper may name wgmma kernels; elsewhere fall back to the heuristic.
             architecture == "sm_90a" || !(entry.gemm1.kernel.needsHopper || entry.gemm2.kernel.needsHopper)
@@ -190,14 +191,20 @@ public enum PlanSelector {
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` and the A/Bs on the H200 over the five
-    /// presets (bench/NOTES.md): swap-AB wgmma while an expert gets fewer than 32 rows (decode), the
-    /// wide wgmma kernel above, 128x256 tiles from 64 rows per expert; and from 64 to 320 rows per
-    /// expert a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
-    /// blocks do: for both GEMMs when GEMM2's K (the intermediate size) is long (Mixtral: -5..-15%,
-    /// NOTES v18), for GEMM1 only from 100 rows when it is short (there GEMM2 keeps the persistent
-    /// 128-row kernel, on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert presets;
-    /// the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2). No split-K: the tuner
-    /// never found it worth its partial-sum traffic with these kernels.
+    /// presets (bench/NOTES.md), by the rows an expert gets (M * k / E):
+    /// - below 32 (decode): swap-AB wgmma, the tokens on wgmma's N side;
+    /// - 32 to 64: 64-row tiles, for a short intermediate size (below 2048) GEMM1 on the swap-AB
+    ///   kernel's 64-token tile and GEMM2 on the persistent kernel, as every table of a short-K shape
+    ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
+    /// - from 64: a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
+    ///   blocks do, for both GEMMs when GEMM2's K is long (Mixtral: -5..-15%, NOTES v18; its blocks
+    ///   grouped per expert), for GEMM1 only from 100 to 320 rows when it is short (GEMM2 keeps the
+    ///   persistent 128-row kernel on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert
+    ///   presets; the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
+    /// - the rest of a short intermediate size (64 to 100 rows, and above 320): both GEMMs on the
+    ///   persistent 128 x 256 kernel, as the tables have it (seed and qwen 1024, dsv3 2048, qwen 8192).
+    /// No split-K: the tuner never found it worth its partial-sum traffic with these kernels.
+    /// (Before session 26 the rows from 32 to 100 and above 320 got the plain wgmma kernel: NOTES v37.)
     public static func hopperHeuristic(shape: MoEShape, tokens: Int) -> MoEPlan {
         let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
         if rows < 12 {
@@ -206,23 +213,27 @@ public enum PlanSelector {
                 gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
         }
         if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
-        if rows < 64 { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
-        if let width = swapTokenWidth(rowsPerExpert: rows, longIntermediate: shape.intermediate >= 2048) {
+        let longIntermediate = shape.intermediate >= 2048
+        if rows < 64 {
+            if longIntermediate { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
+            return MoEPlan(
+                gemm1: .wgmma(blockM: 64, blockN: 256, stages: 5, swapAB: true),
+                gemm2: .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true))
+        }
+        let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        if let width = swapTokenWidth(rowsPerExpert: rows, longIntermediate: longIntermediate) {
             var swap = GemmConfig.wgmma(
                 blockM: width, blockN: 256, stages: GemmConfig.deepestSwapRing(tokens: width, blockN: 256), swapAB: true)
-            if shape.intermediate >= 2048 {
+            if longIntermediate {
                 // An expert's blocks side by side (groups of twice the average run) while it gets two
                 // or more: Mixtral 1024 -4..-5%; the short-K shapes' swap GEMM1 lost 0-2% (NOTES v23).
                 let blocks = Int((rows / Double(width)).rounded(.up))
                 if blocks >= 2 { swap.groupSizeM = min(2 * blocks, 32) }
                 return MoEPlan(both: swap)
             }
-            if rows >= 100 {
-                return MoEPlan(gemm1: swap, gemm2: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
-            }
+            if rows >= 100 { return MoEPlan(gemm1: swap, gemm2: persistent) }
         }
-        let group = groupSizeM(shape: shape, tokens: tokens, blockM: 128, kernel: .wgmma)
-        return MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, groupSizeM: group))
+        return MoEPlan(both: persistent)
     }
 
     /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
