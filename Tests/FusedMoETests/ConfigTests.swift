@@ -183,11 +183,11 @@ import Testing
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 4096).gemm1.blockM == 176)
         let decode = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1)
         #expect(decode.gemm1.kernel == .wgmmaSwap)
-        // A short intermediate size outside the wide tile's rows: the persistent kernel, as the tables
-        // have it (NOTES v37): 512 rows (qwen and seed 8192), 64 rows (seed 1024, dsv3 2048).
+        // A short intermediate size from 64 to 100 rows: the persistent kernel, as the tables have it
+        // (NOTES v37): seed 1024, dsv3 2048. Above 320 rows GEMM1 on the wide token tile (seed 8192).
         let persistent = MoEPlan(both: .wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true))
-        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("qwen235_tp2").shape, tokens: 8192) == persistent)
-        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192) == persistent)
+        let seed8192 = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 8192)
+        #expect(seed8192.gemm1 == .wgmma(blockM: 192, blockN: 256, stages: 4, swapAB: true) && seed8192.gemm2 == persistent.gemm2)
         #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1024) == persistent)
         #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 2048) == persistent)
         // 32 to 64 rows: GEMM1 on the 64-token swap-AB tile, GEMM2 persistent (short K); the wide
@@ -198,6 +198,18 @@ import Testing
                     gemm1: .wgmma(blockM: 64, blockN: 256, stages: 5, swapAB: true),
                     gemm2: .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true)))
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 128) == MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)))
+        // Decode: GEMM2 on 64-row weight tiles (a deep ring) when 128-row ones leave SMs idle: Mixtral
+        // M = 1 touches 2 experts, 2 x 32 n-blocks of 128 rows.
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 1).gemm2 == .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true))
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 8).gemm2 == .wgmma(blockM: 16, blockN: 128, stages: 8, swapAB: true))
+        // 8 experts x 32 n-blocks fill them (seed4096 M = 1; short K: a 4-stage ring).
+        #expect(
+            PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1).gemm2
+                == .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
+        // 12 to 32 rows with a long H (GEMM1's K): 256-row weight tiles, a deep ring (dsv3 512).
+        #expect(
+            PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 512).gemm1
+                == .wgmma(blockM: 32, blockN: 256, stages: 6, swapAB: true))
     }
 
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
@@ -213,19 +225,18 @@ import Testing
         #expect(try plan(true) != plan(false))
     }
 
-    /// The wide token tile's width: the mean plus two standard deviations of an expert's rows in the
-    /// fewest blocks of at most 192, the narrowest kernel width that holds one; none outside 64...320.
+    /// The wide token tile's width: the mean plus two standard deviations of an expert's rows (one
+    /// from 320 rows) in the fewest blocks of at most 192, the narrowest kernel width that holds one;
+    /// none below 64 rows.
     @Test func swapTokenWidthFitsTheRows() {
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 64) == 80)    // 80 rows in one block
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 128) == 160)  // 150.6 rows in one block
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 256) == 144)  // 288 rows in two blocks
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 32) == nil)
-        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512) == nil)
-        // A long intermediate size: one standard deviation above 320 rows.
-        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512, longIntermediate: true) == 192)   // 534.6 in three
-        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 1024, longIntermediate: true) == 176)  // 1056 in six
-        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 2048, longIntermediate: true) == 192)  // 2093.3 in eleven
-        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 256, longIntermediate: true) == 144)
+        // One standard deviation above 320 rows.
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512) == 192)   // 534.6 in three
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 1024) == 176)  // 1056 in six
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 2048) == 192)  // 2093.3 in eleven
         #expect(GemmConfig.deepestSwapRing(tokens: 80, blockN: 256) == 5)
         #expect(GemmConfig.deepestSwapRing(tokens: 160, blockN: 256) == 4)
         #expect(GemmConfig.deepestSwapRing(tokens: 8, blockN: 64) == 8)

@@ -47,7 +47,8 @@ public final class GPUChecks {
         }
         guard library.device.properties.architecture == "sm_90a" else { return plans }
         // What a shape without a tuned table runs (every preset has a table).
-        let heuristic = PlanSelector.hopperHeuristic(shape: shape, tokens: tokens)
+        let heuristic = PlanSelector.hopperHeuristic(
+            shape: shape, tokens: tokens, multiprocessors: library.device.properties.multiprocessorCount)
         if heuristic != plans[0].1 { plans.append(("heuristic", heuristic)) }
         let rows = tokens * shape.topK / shape.experts
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
@@ -181,7 +182,8 @@ public final class GPUChecks {
     func largeCasePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         let shipped = try shippedPlan(shape, tokens)
         guard library.device.properties.architecture == "sm_90a" else { return [("shipped", shipped)] }
-        let heuristic = PlanSelector.hopperHeuristic(shape: shape, tokens: tokens)
+        let heuristic = PlanSelector.hopperHeuristic(
+            shape: shape, tokens: tokens, multiprocessors: library.device.properties.multiprocessorCount)
         return [("shipped", shipped)] + (heuristic == shipped ? [] : [("heuristic", heuristic)])
     }
 

@@ -183,7 +183,7 @@ public enum PlanSelector {
             try entry.gemm2.validate(sharedMemoryLimit: sharedMemoryLimit)
             plan = entry
         } else if architecture == "sm_90a" {
-            plan = hopperHeuristic(shape: shape, tokens: tokens)
+            plan = hopperHeuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
         } else {
             plan = heuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
         }
@@ -191,29 +191,43 @@ public enum PlanSelector {
     }
 
     /// The default on Hopper, distilled from `fused-moe tune` and the A/Bs on the H200 over the five
-    /// presets (bench/NOTES.md), by the rows an expert gets (M * k / E):
-    /// - below 32 (decode): swap-AB wgmma, the tokens on wgmma's N side;
+    /// presets (bench/NOTES.md v37 measures it against their tables), by the rows an expert gets
+    /// (M * k / E):
+    /// - below 12 (decode): swap-AB wgmma, 16 tokens on wgmma's N side. GEMM2 on 128-row weight tiles
+    ///   while its programs (the touched experts times the n-blocks of H) fill the multiprocessors,
+    ///   else on 64-row ones (Mixtral M = 1: 2 experts x 32 n-blocks left half of them idle, +22%);
+    ///   a deep ring where a GEMM's K is long (H or I from 6144 or 2048: the weight stream);
+    /// - 12 to 32: swap-AB on 32 tokens, GEMM1 on 256-row tiles with a deep ring where H is long
+    ///   (dsv3 512: -4.5%);
     /// - 32 to 64: 64-row tiles, for a short intermediate size (below 2048) GEMM1 on the swap-AB
     ///   kernel's 64-token tile and GEMM2 on the persistent kernel, as every table of a short-K shape
     ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
     /// - from 64: a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
     ///   blocks do, for both GEMMs when GEMM2's K is long (Mixtral: -5..-15%, NOTES v18; its blocks
-    ///   grouped per expert), for GEMM1 only from 100 to 320 rows when it is short (GEMM2 keeps the
-    ///   persistent 128-row kernel on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert
-    ///   presets; the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
-    /// - the rest of a short intermediate size (64 to 100 rows, and above 320): both GEMMs on the
-    ///   persistent 128 x 256 kernel, as the tables have it (seed and qwen 1024, dsv3 2048, qwen 8192).
+    ///   grouped per expert), for GEMM1 only from 100 rows when it is short (GEMM2 keeps the persistent
+    ///   128-row kernel on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert presets;
+    ///   the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
+    /// - 64 to 100 rows of a short intermediate size: both GEMMs on the persistent 128 x 256 kernel, as
+    ///   the tables have it (seed and qwen 1024, dsv3 2048).
     /// No split-K: the tuner never found it worth its partial-sum traffic with these kernels.
-    /// (Before session 26 the rows from 32 to 100 and above 320 got the plain wgmma kernel: NOTES v37.)
-    public static func hopperHeuristic(shape: MoEShape, tokens: Int) -> MoEPlan {
+    /// `multiprocessors`: the GPU's (132 on the H200).
+    public static func hopperHeuristic(shape: MoEShape, tokens: Int, multiprocessors: Int = 132) -> MoEPlan {
         let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
+        let longIntermediate = shape.intermediate >= 2048
+        let longHidden = shape.hidden >= 6144
         if rows < 12 {
+            let touched = min(shape.experts, max(tokens * shape.topK, 1))
+            let wideGemm2 = touched * ((shape.hidden + 127) / 128) >= multiprocessors
             return MoEPlan(
                 gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true),
-                gemm2: .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
+                gemm2: .wgmma(
+                    blockM: 16, blockN: wideGemm2 ? 128 : 64, stages: longIntermediate || !wideGemm2 ? 8 : 4, swapAB: true))
         }
-        if rows < 32 { return MoEPlan(both: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true)) }
-        let longIntermediate = shape.intermediate >= 2048
+        if rows < 32 {
+            return MoEPlan(
+                gemm1: .wgmma(blockM: 32, blockN: longHidden ? 256 : 128, stages: longHidden ? 6 : 4, swapAB: true),
+                gemm2: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true))
+        }
         if rows < 64 {
             if longIntermediate { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
             return MoEPlan(
@@ -221,7 +235,7 @@ public enum PlanSelector {
                 gemm2: .wgmma(blockM: 64, blockN: 256, stages: 4, persistent: true))
         }
         let persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
-        if let width = swapTokenWidth(rowsPerExpert: rows, longIntermediate: longIntermediate) {
+        if let width = swapTokenWidth(rowsPerExpert: rows) {
             var swap = GemmConfig.wgmma(
                 blockM: width, blockN: 256, stages: GemmConfig.deepestSwapRing(tokens: width, blockN: 256), swapAB: true)
             if longIntermediate {
@@ -237,17 +251,16 @@ public enum PlanSelector {
     }
 
     /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
-    /// average: the run of an expert with the mean plus two standard deviations of rows (uniform
-    /// routing) is cut into the fewest blocks of at most 192, and the narrowest width the kernel has
-    /// holds one such block, so most experts pad by less than a block. Nil below 64 rows (decode's
-    /// widths) and above 320, where 128-row blocks already pad little of the run, except for a long
-    /// intermediate size (Mixtral-like: both GEMMs on the wide tile, its blocks grouped): there, from
-    /// three blocks per expert, the cover is the mean plus one standard deviation, since an expert past
-    /// it pays one block more of several (measured: 192 at 512 rows -4..-5%, 176 at 1024 -1.3..-1.5%,
-    /// 192 at 2048 -1.5..-1.8%, each against 128-row persistent tiles; 192 at 1024 +1.2..+1.7%: NOTES
-    /// v23, v24).
-    public static func swapTokenWidth(rowsPerExpert rows: Double, longIntermediate: Bool = false) -> Int? {
-        guard rows >= 64 && (rows <= 320 || longIntermediate) else { return nil }
+    /// average, from 64 (below: decode's widths): the run of an expert with the mean plus two
+    /// standard deviations of rows (uniform routing; one from 320 rows) is cut into the fewest blocks
+    /// of at most 192, and the narrowest width the kernel has holds one such block, so most experts
+    /// pad by less than a block. From three blocks per expert one deviation covers enough, since an
+    /// expert past it pays one block more of several (measured on Mixtral: 192 at 512 rows -4..-5%, 176
+    /// at 1024 -1.3..-1.5%, 192 at 2048 -1.5..-1.8%, each against 128-row persistent tiles; 192 at
+    /// 1024 +1.2..+1.7%: NOTES v23, v24; on the short-K GEMM1 of seed 8192, 192 at 512 rows -1..-3.5%:
+    /// v37).
+    public static func swapTokenWidth(rowsPerExpert rows: Double) -> Int? {
+        guard rows >= 64 else { return nil }
         let cover = rows + (rows <= 320 ? 2 : 1) * rows.squareRoot()
         let blocks = (cover / 192).rounded(.up)
         return GemmConfig.swapTokenWidths.first { Double($0) * blocks >= cover }
