@@ -193,12 +193,13 @@ public enum PlanSelector {
     /// The default on Hopper, distilled from `fused-moe tune` and the A/Bs on the H200 over the five
     /// presets (bench/NOTES.md v37 measures it against their tables), by the rows an expert gets
     /// (M * k / E):
-    /// - below 12 (decode): swap-AB wgmma, 16 tokens on wgmma's N side. GEMM2 on 128-row weight tiles
-    ///   while its programs (the touched experts times the n-blocks of H) fill the multiprocessors,
-    ///   else on 64-row ones (Mixtral M = 1: 2 experts x 32 n-blocks left half of them idle, +22%);
-    ///   a deep ring where a GEMM's K is long (H or I from 6144 or 2048: the weight stream);
-    /// - 12 to 32: swap-AB on 32 tokens, GEMM1 on 256-row tiles with a deep ring where H is long
-    ///   (dsv3 512: -4.5%);
+    /// - below 12 (decode): swap-AB wgmma, 16 tokens on wgmma's N side. Each GEMM on 128-row weight
+    ///   tiles while its programs (the touched experts times its n-blocks) still give every
+    ///   multiprocessor one, else on 64-row ones with an 8-stage ring (Mixtral M = 1: GEMM2's 2
+    ///   experts x 32 n-blocks of 128 rows left half of them idle, +22%; GEMM1 on 64-row tiles +10%);
+    ///   GEMM2's ring deep for a long intermediate size (its K);
+    /// - 12 to 32: swap-AB on 32 tokens, GEMM1 on 256-row tiles with a deep ring where H (its K) is
+    ///   long, GEMM2 on 3 stages (three programs per multiprocessor; dsv3 512: -4.5% for both);
     /// - 32 to 64: 64-row tiles, for a short intermediate size (below 2048) GEMM1 on the swap-AB
     ///   kernel's 64-token tile and GEMM2 on the persistent kernel, as every table of a short-K shape
     ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
@@ -216,17 +217,20 @@ public enum PlanSelector {
         let longIntermediate = shape.intermediate >= 2048
         let longHidden = shape.hidden >= 6144
         if rows < 12 {
+            // 128-row weight tiles where they still give every multiprocessor a program.
             let touched = min(shape.experts, max(tokens * shape.topK, 1))
+            let wideGemm1 = touched * ((2 * shape.intermediate + 127) / 128) >= multiprocessors
             let wideGemm2 = touched * ((shape.hidden + 127) / 128) >= multiprocessors
             return MoEPlan(
-                gemm1: .wgmma(blockM: 16, blockN: 64, stages: 8, swapAB: true),
+                gemm1: .wgmma(blockM: 16, blockN: wideGemm1 ? 128 : 64, stages: wideGemm1 ? 6 : 8, swapAB: true),
                 gemm2: .wgmma(
                     blockM: 16, blockN: wideGemm2 ? 128 : 64, stages: longIntermediate || !wideGemm2 ? 8 : 4, swapAB: true))
         }
         if rows < 32 {
+            // GEMM2 on a 3-stage ring: three programs per multiprocessor (dsv3 512: -4% against 4 stages).
             return MoEPlan(
                 gemm1: .wgmma(blockM: 32, blockN: longHidden ? 256 : 128, stages: longHidden ? 6 : 4, swapAB: true),
-                gemm2: .wgmma(blockM: 32, blockN: 128, stages: 4, swapAB: true))
+                gemm2: .wgmma(blockM: 32, blockN: 128, stages: 3, swapAB: true))
         }
         if rows < 64 {
             if longIntermediate { return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)) }
