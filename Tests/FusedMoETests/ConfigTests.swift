@@ -206,6 +206,17 @@ import Testing
         #expect(
             PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1).gemm2
                 == .wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true))
+        // Decode GEMM1 with too few programs for the SMs: its K split in workspace mode until each
+        // has one (Kimi-K2 tp 8: 8 experts x 8 n-blocks; Qwen3-Coder-480B tp 8: 8 x 10); none where
+        // two thirds have one (seed4096: 8 x 12, dsv3: 8 x 16).
+        let kimi = try MoEShape(experts: 384, topK: 8, hidden: 7168, intermediate: 256)
+        let coder = try MoEShape(experts: 160, topK: 8, hidden: 6144, intermediate: 320)
+        #expect(PlanSelector.hopperHeuristic(shape: kimi, tokens: 1).gemm1.splitK == 4)
+        #expect(PlanSelector.hopperHeuristic(shape: kimi, tokens: 1).gemm1.splitMode == .workspace)
+        #expect(PlanSelector.hopperHeuristic(shape: coder, tokens: 1).gemm1.splitK == 2)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 1).gemm1.splitK == 1)
+        #expect(PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 1).gemm1.splitK == 1)
+        #expect(PlanSelector.hopperHeuristic(shape: kimi, tokens: 8).gemm1.splitK == 1)
         // 12 to 32 rows with a long H (GEMM1's K): 256-row weight tiles, a deep ring (dsv3 512).
         #expect(
             PlanSelector.hopperHeuristic(shape: try ShapePreset.named("dsv3_tp4").shape, tokens: 512).gemm1
@@ -214,14 +225,14 @@ import Testing
 
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
     @Test func planWithoutTablesIsTheHeuristic() throws {
-        let shape = try ShapePreset.named("seed4096").shape
+        let shape = try ShapePreset.named("qwen235_tp2").shape
         func plan(_ tables: Bool) throws -> MoEPlan {
             try PlanSelector.plan(
-                shape: shape, tokens: 8, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
+                shape: shape, tokens: 256, multiprocessors: 132, sharedMemoryLimit: 227 * 1024, deviceName: "NVIDIA H200",
                 architecture: "sm_90a", tables: tables)
         }
-        #expect(try plan(false) == PlanSelector.hopperHeuristic(shape: shape, tokens: 8))
-        // The shipped table's entry at 8 tokens differs from the heuristic (a 128-wide GEMM1 tile).
+        #expect(try plan(false) == PlanSelector.hopperHeuristic(shape: shape, tokens: 256))
+        // The shipped table's entry at 256 tokens differs from the heuristic (64-row weight tiles).
         #expect(try plan(true) != plan(false))
     }
 

@@ -197,7 +197,8 @@ public enum PlanSelector {
     ///   tiles while its programs (the touched experts times its n-blocks) still give every
     ///   multiprocessor one, else on 64-row ones with an 8-stage ring (Mixtral M = 1: GEMM2's 2
     ///   experts x 32 n-blocks of 128 rows left half of them idle, +22%; GEMM1 on 64-row tiles +10%);
-    ///   GEMM2's ring deep for a long intermediate size (its K);
+    ///   GEMM2's ring deep for a long intermediate size (its K); GEMM1's K split (workspace mode)
+    ///   where its programs would leave a third of them idle;
     /// - 12 to 32: swap-AB on 32 tokens, GEMM1 on 256-row tiles with a deep ring where H (its K) is
     ///   long, GEMM2 on 3 stages (three programs per multiprocessor; dsv3 512: -4.5% for both);
     /// - 32 to 64: 64-row tiles, for a short intermediate size (below 2048) GEMM1 on the swap-AB
@@ -210,7 +211,7 @@ public enum PlanSelector {
     ///   the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
     /// - 64 to 100 rows of a short intermediate size: both GEMMs on the persistent 128 x 256 kernel, as
     ///   the tables have it (seed and qwen 1024, dsv3 2048).
-    /// No split-K: the tuner never found it worth its partial-sum traffic with these kernels.
+    /// No split-K elsewhere: the tuner never found it worth its partial-sum traffic with these kernels.
     /// `multiprocessors`: the GPU's (132 on the H200).
     public static func hopperHeuristic(shape: MoEShape, tokens: Int, multiprocessors: Int = 132) -> MoEPlan {
         let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
@@ -221,8 +222,17 @@ public enum PlanSelector {
             let touched = min(shape.experts, max(tokens * shape.topK, 1))
             let wideGemm1 = touched * ((2 * shape.intermediate + 127) / 128) >= multiprocessors
             let wideGemm2 = touched * ((shape.hidden + 127) / 128) >= multiprocessors
+            var gemm1 = GemmConfig.wgmma(blockM: 16, blockN: wideGemm1 ? 128 : 64, stages: wideGemm1 ? 6 : 8, swapAB: true)
+            // Split GEMM1's K (workspace mode) when fewer than two thirds of the multiprocessors would
+            // have a program, until each has one (at most 4): a short intermediate size over a long H,
+            // Kimi-K2 tp 8 (64 programs) -16%, Qwen3-Coder-480B tp 8 (80) -6% (NOTES v37).
+            let programs1 = touched * ((2 * shape.intermediate + gemm1.blockN - 1) / gemm1.blockN)
+            if 3 * programs1 < 2 * multiprocessors {
+                while gemm1.splitK < 4 && programs1 * gemm1.splitK < multiprocessors { gemm1.splitK *= 2 }
+                gemm1.splitMode = .workspace
+            }
             return MoEPlan(
-                gemm1: .wgmma(blockM: 16, blockN: wideGemm1 ? 128 : 64, stages: wideGemm1 ? 6 : 8, swapAB: true),
+                gemm1: gemm1,
                 gemm2: .wgmma(
                     blockM: 16, blockN: wideGemm2 ? 128 : 64, stages: longIntermediate || !wideGemm2 ? 8 : 4, swapAB: true))
         }
