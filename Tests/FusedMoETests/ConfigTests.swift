@@ -237,8 +237,8 @@ import Testing
     }
 
     /// The wide token tile's width: the mean plus two standard deviations of an expert's rows (one
-    /// from 320 rows) in the fewest blocks of at most 192, the narrowest kernel width that holds one;
-    /// none below 64 rows.
+    /// from 320 rows) in the blocks of at most 192 that the mean plus one deviation needs, the
+    /// narrowest kernel width that holds one, else 192; none below 64 rows.
     @Test func swapTokenWidthFitsTheRows() {
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 64) == 80)    // 80 rows in one block
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 128) == 160)  // 150.6 rows in one block
@@ -248,6 +248,10 @@ import Testing
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 512) == 192)   // 534.6 in three
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 1024) == 176)  // 1056 in six
         #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 2048) == 192)  // 2093.3 in eleven
+        // The blocks from one deviation: 170.7 + 13.1 rows fit one block, so the widest one holds it
+        // (two deviations would have asked for two blocks of 112: Kimi-K2 tp 8 at 8192 tokens).
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 8192.0 * 8 / 384) == 192)
+        #expect(PlanSelector.swapTokenWidth(rowsPerExpert: 185) == 112)  // 198.6 in two
         #expect(GemmConfig.deepestSwapRing(tokens: 80, blockN: 256) == 5)
         #expect(GemmConfig.deepestSwapRing(tokens: 160, blockN: 256) == 4)
         #expect(GemmConfig.deepestSwapRing(tokens: 8, blockN: 64) == 8)

@@ -265,19 +265,21 @@ public enum PlanSelector {
     }
 
     /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
-    /// average, from 64 (below: decode's widths): the run of an expert with the mean plus two
-    /// standard deviations of rows (uniform routing; one from 320 rows) is cut into the fewest blocks
-    /// of at most 192, and the narrowest width the kernel has holds one such block, so most experts
-    /// pad by less than a block. From three blocks per expert one deviation covers enough, since an
-    /// expert past it pays one block more of several (measured on Mixtral: 192 at 512 rows -4..-5%, 176
-    /// at 1024 -1.3..-1.5%, 192 at 2048 -1.5..-1.8%, each against 128-row persistent tiles; 192 at
-    /// 1024 +1.2..+1.7%: NOTES v23, v24; on the short-K GEMM1 of seed 8192, 192 at 512 rows -1..-3.5%:
-    /// v37).
+    /// average, from 64 (below: decode's widths). An expert's run is cut into as many blocks of at most
+    /// 192 as the mean plus one standard deviation of its rows (uniform routing) needs, and the width is
+    /// the narrowest the kernel has that holds the mean plus two deviations in those blocks (one from
+    /// 320 rows), or 192: most experts pad by less than a block, and an expert's weights are streamed
+    /// through its blocks as few times as most experts need. Measured on Mixtral: 192 at 512 rows
+    /// -4..-5%, 176 at 1024 -1.3..-1.5%, 192 at 2048 -1.5..-1.8%, each against 128-row persistent tiles;
+    /// 192 at 1024 +1.2..+1.7% (NOTES v23, v24); on the short-K GEMM1 of seed 8192, 192 at 512 rows
+    /// -1..-3.5%; Kimi-K2 tp 8 at 8192 tokens (171 rows), one block of 192 against two of 112 -9%
+    /// (v37).
     public static func swapTokenWidth(rowsPerExpert rows: Double) -> Int? {
         guard rows >= 64 else { return nil }
-        let cover = rows + (rows <= 320 ? 2 : 1) * rows.squareRoot()
-        let blocks = (cover / 192).rounded(.up)
-        return GemmConfig.swapTokenWidths.first { Double($0) * blocks >= cover }
+        let deviation = rows.squareRoot()
+        let blocks = ((rows + deviation) / 192).rounded(.up)
+        let cover = rows + (rows <= 320 ? 2 : 1) * deviation
+        return GemmConfig.swapTokenWidths.first { Double($0) * blocks >= cover } ?? 192
     }
 
     /// GROUP_SIZE_M for a tile of `blockM` rows on `kernel`, so the programs that read one weight
