@@ -223,6 +223,34 @@ import Testing
                 == .wgmma(blockM: 32, blockN: 256, stages: 6, swapAB: true))
     }
 
+    /// Shapes without a table (any model's) get a plan the kernels take: every tile validates, a split
+    /// is only decode's GEMM1 in workspace mode, and the SM count moves only that split and the tiles.
+    @Test func hopperHeuristicIsValidOnAnyShape() throws {
+        for experts in [1, 2, 3, 8, 60, 64, 128, 160, 256, 384, 512] {
+            for topK in [1, 2, 4, 6, 8] where topK <= experts {
+                for hidden in [256, 2048, 2880, 6144, 7168] {
+                    for intermediate in [8, 88, 256, 320, 1408, 2048, 2880] {
+                        let shape = try MoEShape(experts: experts, topK: topK, hidden: hidden, intermediate: intermediate)
+                        for tokens in [1, 2, 7, 33, 128, 1000, 4096, 65536] {
+                            for multiprocessors in [78, 132] {
+                                let plan = PlanSelector.hopperHeuristic(shape: shape, tokens: tokens, multiprocessors: multiprocessors)
+                                for config in [plan.gemm1, plan.gemm2] {
+                                    #expect(throws: Never.self) { try config.validate(sharedMemoryLimit: 227 * 1024) }
+                                    #expect(config.kernel.needsHopper)
+                                }
+                                #expect(plan.gemm2.splitK == 1)
+                                if plan.gemm1.splitK > 1 {
+                                    #expect(plan.gemm1.splitMode == .workspace && plan.gemm1.kernel == .wgmmaSwap)
+                                    #expect(plan.gemm1.blockM == 16)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
     @Test func planWithoutTablesIsTheHeuristic() throws {
         let shape = try ShapePreset.named("qwen235_tp2").shape
