@@ -251,6 +251,26 @@ import Testing
         }
     }
 
+    /// The bench says where a shape's plans come from: a shipped table, or the heuristic with the
+    /// table name it looked for.
+    @Test func planSourceNamesTheTableOrTheHeuristic() throws {
+        guard PlanSelector.configDirectory == nil else { return }  // FUSED_MOE_CONFIG_DIR set: another answer
+        let seed = try ShapePreset.named("seed4096").shape
+        let kimi = try MoEShape(experts: 384, topK: 8, hidden: 7168, intermediate: 256)
+        #expect(
+            PlanSelector.planSource(shape: seed, deviceName: "NVIDIA H200", architecture: "sm_90a")
+                == "shipped table E=128,N=384,device_name=NVIDIA_H200.json")
+        #expect(
+            PlanSelector.planSource(shape: kimi, deviceName: "NVIDIA H200", architecture: "sm_90a")
+                == "the Hopper heuristic (no table named E=384,N=256,device_name=NVIDIA_H200.json)")
+        #expect(
+            PlanSelector.planSource(shape: seed, deviceName: "NVIDIA H200", architecture: "sm_90a", tables: false)
+                == "the Hopper heuristic (tables off)")
+        #expect(
+            PlanSelector.planSource(shape: seed, deviceName: "NVIDIA H200", architecture: "sm_80").hasSuffix(
+                "(entries naming wgmma kernels fall back to the heuristic here)"))
+    }
+
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
     @Test func planWithoutTablesIsTheHeuristic() throws {
         let shape = try ShapePreset.named("qwen235_tp2").shape

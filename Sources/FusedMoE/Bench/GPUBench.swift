@@ -117,6 +117,10 @@ public final class GPUBench {
         }
         let compileStart = HostClock.now()
         try library.prepare(requests)
+        let source = PlanSelector.planSource(
+            shape: shape, deviceName: library.device.properties.name, architecture: library.device.properties.architecture,
+            tables: !heuristic)
+        progress("\(preset.name): plans from \(source)")
         progress("\(preset.name): \(Set(requests).count) kernel programs ready in \(format(HostClock.now() - compileStart, 1)) s (compiled \(library.cache.compiled), from cache \(library.cache.loaded))")
 
         // FUSED_MOE_BENCH_WEIGHT_PAD_BYTES=N: N bytes held before the weights.

@@ -158,12 +158,32 @@ public enum PlanSelector {
     /// configs shipped in the binary, else nil. (SGLang's N is the shard's intermediate size, `I`.)
     public static func configFile(shape: MoEShape, deviceName: String) throws(MoEError) -> ConfigTable? {
         let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
-        if let directory = getenv(ConfigTable.directoryEnvironmentVariable).map({ String(cString: $0) }),
-            !directory.isEmpty, let text = readTextFile(directory + "/" + name)
-        {
+        if let directory = configDirectory, let text = readTextFile(directory + "/" + name) {
             return try ConfigTable.parse(text, source: directory + "/" + name)
         }
         return try ShippedConfigs.table(named: name)
+    }
+
+    /// `FUSED_MOE_CONFIG_DIR`, when set and not empty.
+    static var configDirectory: String? {
+        guard let value = getenv(ConfigTable.directoryEnvironmentVariable).map({ String(cString: $0) }), !value.isEmpty
+        else { return nil }
+        return value
+    }
+
+    /// Where `plan` takes the plans of a layer of this shape from on this GPU, in words for progress
+    /// lines: a table in `FUSED_MOE_CONFIG_DIR`, a shipped table, or the heuristic (with the table
+    /// name it looked for, so a user sees whether their model runs tuned plans).
+    public static func planSource(shape: MoEShape, deviceName: String, architecture: String, tables: Bool = true) -> String {
+        let heuristic = architecture == "sm_90a" ? "the Hopper heuristic" : "the heuristic"
+        guard tables else { return heuristic + " (tables off)" }
+        let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
+        let offHopper = architecture == "sm_90a" ? "" : " (entries naming wgmma kernels fall back to \(heuristic) here)"
+        if let directory = configDirectory, readTextFile(directory + "/" + name) != nil {
+            return "table \(directory)/\(name)" + offHopper
+        }
+        if ShippedConfigs.names.contains(name) { return "shipped table \(name)" + offHopper }
+        return heuristic + " (no table named \(name))"
     }
 
     /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic
