@@ -46,10 +46,7 @@ public final class GPUChecks {
             ("mma split=\(split) \(mode.rawValue)", caseplan(shape, tokens, split, mode))
         }
         guard library.device.properties.architecture == "sm_90a" else { return plans }
-        // What a shape without a tuned table runs (every preset has a table).
-        let heuristic = PlanSelector.hopperHeuristic(
-            shape: shape, tokens: tokens, multiprocessors: library.device.properties.multiprocessorCount)
-        if heuristic != plans[0].1 { plans.append(("heuristic", heuristic)) }
+        plans += heuristicCase(shape, tokens, unlike: plans[0].1)
         let rows = tokens * shape.topK / shape.experts
         let wide = GemmConfig.wgmma(blockM: rows > 64 ? 128 : 64, blockN: 128, stages: 4)
         let swap = GemmConfig.wgmma(blockM: rows > 16 ? 32 : 16, blockN: 64, stages: 6, swapAB: true)
@@ -182,9 +179,15 @@ public final class GPUChecks {
     func largeCasePlans(_ shape: MoEShape, _ tokens: Int) throws -> [(String, MoEPlan)] {
         let shipped = try shippedPlan(shape, tokens)
         guard library.device.properties.architecture == "sm_90a" else { return [("shipped", shipped)] }
+        return [("shipped", shipped)] + heuristicCase(shape, tokens, unlike: shipped)
+    }
+
+    /// The Hopper heuristic's plan, what a shape without a tuned table runs (every preset has a table),
+    /// as a case where it differs from `shipped`.
+    func heuristicCase(_ shape: MoEShape, _ tokens: Int, unlike shipped: MoEPlan) -> [(String, MoEPlan)] {
         let heuristic = PlanSelector.hopperHeuristic(
             shape: shape, tokens: tokens, multiprocessors: library.device.properties.multiprocessorCount)
-        return [("shipped", shipped)] + (heuristic == shipped ? [] : [("heuristic", heuristic)])
+        return heuristic == shipped ? [] : [("heuristic", heuristic)]
     }
 
     func caseplan(_ shape: MoEShape, _ tokens: Int, _ split: Int, _ mode: SplitMode) -> MoEPlan {

@@ -157,11 +157,14 @@ public enum PlanSelector {
     /// The config table for this layer on this GPU: a file in `FUSED_MOE_CONFIG_DIR`, else the
     /// configs shipped in the binary, else nil. (SGLang's N is the shard's intermediate size, `I`.)
     public static func configFile(shape: MoEShape, deviceName: String) throws(MoEError) -> ConfigTable? {
-        let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
-        if let directory = configDirectory, let text = readTextFile(directory + "/" + name) {
-            return try ConfigTable.parse(text, source: directory + "/" + name)
-        }
+        let name = tableName(shape: shape, deviceName: deviceName)
+        if let (path, text) = directoryTable(named: name) { return try ConfigTable.parse(text, source: path) }
         return try ShippedConfigs.table(named: name)
+    }
+
+    /// The file name of the table for a layer of this shape on this GPU (SGLang's: E and N = I).
+    static func tableName(shape: MoEShape, deviceName: String) -> String {
+        ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
     }
 
     /// `FUSED_MOE_CONFIG_DIR`, when set and not empty.
@@ -171,17 +174,21 @@ public enum PlanSelector {
         return value
     }
 
+    /// The table file `name` in `FUSED_MOE_CONFIG_DIR`, with its path, when there is one.
+    static func directoryTable(named name: String) -> (path: String, text: String)? {
+        guard let directory = configDirectory, let text = readTextFile(directory + "/" + name) else { return nil }
+        return (directory + "/" + name, text)
+    }
+
     /// Where `plan` takes the plans of a layer of this shape from on this GPU, in words for progress
     /// lines: a table in `FUSED_MOE_CONFIG_DIR`, a shipped table, or the heuristic (with the table
     /// name it looked for, so a user sees whether their model runs tuned plans).
     public static func planSource(shape: MoEShape, deviceName: String, architecture: String, tables: Bool = true) -> String {
         let heuristic = architecture == "sm_90a" ? "the Hopper heuristic" : "the heuristic"
         guard tables else { return heuristic + " (tables off)" }
-        let name = ConfigTable.fileName(experts: shape.experts, n: shape.intermediate, deviceName: deviceName, dtype: nil)
+        let name = tableName(shape: shape, deviceName: deviceName)
         let offHopper = architecture == "sm_90a" ? "" : " (entries naming wgmma kernels fall back to \(heuristic) here)"
-        if let directory = configDirectory, readTextFile(directory + "/" + name) != nil {
-            return "table \(directory)/\(name)" + offHopper
-        }
+        if let (path, _) = directoryTable(named: name) { return "table \(path)" + offHopper }
         if ShippedConfigs.names.contains(name) { return "shipped table \(name)" + offHopper }
         return heuristic + " (no table named \(name))"
     }
@@ -240,13 +247,15 @@ public enum PlanSelector {
         if rows < 12 {
             // 128-row weight tiles where they still give every multiprocessor a program.
             let touched = min(shape.experts, max(tokens * shape.topK, 1))
-            let wideGemm1 = touched * ((2 * shape.intermediate + 127) / 128) >= multiprocessors
-            let wideGemm2 = touched * ((shape.hidden + 127) / 128) >= multiprocessors
+            // A GEMM's programs: the touched experts (one token block each) times its n-blocks.
+            func programs(n: Int, blockN: Int) -> Int { touched * ((n + blockN - 1) / blockN) }
+            let wideGemm1 = programs(n: 2 * shape.intermediate, blockN: 128) >= multiprocessors
+            let wideGemm2 = programs(n: shape.hidden, blockN: 128) >= multiprocessors
             var gemm1 = GemmConfig.wgmma(blockM: 16, blockN: wideGemm1 ? 128 : 64, stages: wideGemm1 ? 6 : 8, swapAB: true)
             // Split GEMM1's K (workspace mode) when fewer than two thirds of the multiprocessors would
             // have a program, until each has one (at most 4): a short intermediate size over a long H,
             // Kimi-K2 tp 8 (64 programs) -16%, Qwen3-Coder-480B tp 8 (80) -6% (NOTES v37).
-            let programs1 = touched * ((2 * shape.intermediate + gemm1.blockN - 1) / gemm1.blockN)
+            let programs1 = programs(n: 2 * shape.intermediate, blockN: gemm1.blockN)
             if 3 * programs1 < 2 * multiprocessors {
                 while gemm1.splitK < 4 && programs1 * gemm1.splitK < multiprocessors { gemm1.splitK *= 2 }
                 gemm1.splitMode = .workspace
