@@ -164,7 +164,9 @@ def name_expressions() -> dict[str, list[list[str]]]:
         for tile in SM90_SWAP_TILES[dtype] + SM90_SWAP_WIDE_TILES[dtype]:
             sm90_groups.append(
                 [gemm_sm90_swap_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)])
+                + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)]
+                # The top-k sum by 16-bit reductions (split mode 3: GEMM2 only).
+                + [gemm_sm90_swap_name(dtype, tile, 3, True)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):

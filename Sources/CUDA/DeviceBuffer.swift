@@ -175,6 +175,19 @@ public final class DeviceBuffer: @unchecked Sendable {
             device.driver.cuMemsetD32Async(address + UInt64(offsetBytes), value, count, stream.handle), "cuMemsetD32Async")
     }
 
+    /// Copies `byteCount` bytes from `source` to `destination` (memory this buffer type need not own, such
+    /// as a caller's output) on `stream` (`cuMemcpyDtoDAsync`).
+    public static func copy(from source: DevicePointer, to destination: DevicePointer, byteCount: Int, on stream: Stream)
+        throws(CUDAError)
+    {
+        guard byteCount >= 0 else { throw .usage("DeviceBuffer.copy", "byteCount must be >= 0, got \(byteCount)") }
+        guard byteCount > 0 else { return }
+        guard !source.isNull, !destination.isNull else { throw .usage("DeviceBuffer.copy", "a null device pointer") }
+        let driver = stream.device.driver
+        try driver.check(
+            driver.cuMemcpyDtoDAsync(destination.address, source.address, byteCount, stream.handle), "cuMemcpyDtoDAsync")
+    }
+
     /// Copies `byteCount` bytes from another buffer on `stream` (`cuMemcpyDtoDAsync`).
     public func copy(from source: DeviceBuffer, byteCount count: Int, on stream: Stream) throws(CUDAError) {
         guard count >= 0, count <= byteCount, count <= source.byteCount else {

@@ -12,15 +12,17 @@
 //            1: C is float*, zero-filled by the host; partials added with red.global.add.f32.
 //            2: C is a float* workspace [split_k][num_valid_tokens] rows of stride stride_cm;
 //               split s writes its partial (plain stores) at C + s*num_valid_tokens*stride_cm.
-//            3 (moe_gemm_sm90_persistent only, GEMM2: MUL_ROUTED_WEIGHT, not PINGPONG or STREAM_K, split_k
-//               1): the atomic top-k sum. C is T* [tokens][stride_cm], zero-filled by the host; row p
-//               (routed weight applied, rounded to T) is added into row p / combine_k with 16-bit reds
-//               (red.global.add.noftz.v4.bf16x2 / .f16x2), so each token's sum is rounded at every add
-//               and its order, hence its last bits, varies from run to run. No partial rows, no combine.
+//            3 (moe_gemm_sm90_persistent, not PINGPONG or STREAM_K, and moe_gemm_sm90_swap; GEMM2:
+//               MUL_ROUTED_WEIGHT, split_k 1): the top-k sum by 16-bit reductions. C is T*
+//               [tokens][stride_cm], zero-filled by the host; row p (routed weight applied, rounded to T)
+//               is added into row p / combine_k with red.global.add.noftz.v4.bf16x2 / .f16x2, so each
+//               token's sum is rounded at every add. At combine_k <= 2 that is round(a + b) whatever the
+//               order (the host's ordered mode uses it there); above, its last bits vary from run to run
+//               (the host's atomic mode). No partial rows, no combine.
 // The K tiles (ceil(K / 64)) are cut into split_k contiguous ranges of ceil(tiles / split_k); split
 // blockIdx.y takes range y (possibly empty). Programs with pid_m * BLOCK_M >= *total_padded return at
 // once. A block whose expert id is -1 (expert not owned) skips the K loop and stores zeros (modes 0
-// and 2) or nothing (modes 1 and 3; the A-resident walk adds its zeros in mode 3); so does an empty
+// and 2) or nothing (modes 1 and 3; the A-resident walk and moe_gemm_sm90_swap add zeros in mode 3); so does an empty
 // split range.
 // Identity routing (moe_common.cuh): sorted_token_ids and total_padded null, expert_ids = topk_ids:
 //         block b holds pair b alone (one token's k slots; no align ran). An id outside [0, E) then
@@ -103,6 +105,7 @@
 //         compiles without spills): warpgroup w multiplies gate rows [64 w, 64 w + 64) and the matching up
 //         rows BLOCK_N_W / 2 further, applies the activation in registers and stages only the T results,
 //         [TOKENS][BLOCK_N_W / 2 + 8], by stmatrix.
+// Arguments past moe_gemm_sm90's: routing_ready, block_done, block_need (below), combine_k (SPLIT_MODE 3).
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
@@ -1158,7 +1161,8 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
     // the fragment writes (8 weight rows x 4 token pairs per warp) hit 32 distinct banks and keeps
     // staged rows 16-byte aligned.
     static constexpr int STAGE_PITCH = BLOCK_N_W + 4;
-    static constexpr int OUT_VEC = SPLIT_MODE == 0 ? 8 : 4;  // elements per 16-byte store
+    static constexpr bool OUT_T = SPLIT_MODE == 0 || SPLIT_MODE == 3;  // rows of T (else fp32)
+    static constexpr int OUT_VEC = OUT_T ? 8 : 4;                        // elements per 16-byte store
     // FUSED_ACT: staged weight rows [0, BLOCK_N_W / 2) are gate, the next half the matching up rows;
     // BLOCK_N_W / 2 activated columns leave.
     static constexpr bool FUSED = FUSED_ACT != 0;
@@ -1182,7 +1186,9 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
                       TOKENS == 192,
                   "TOKENS in {8, 16, 32, 64, 80, 96, 112, 128, 144, 160, 176, 192}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
-    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
+    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 3, "SPLIT_MODE in {0,1,2,3}");
+    static_assert(SPLIT_MODE != 3 || (MUL_ROUTED_WEIGHT && FUSED_ACT == 0),
+                  "SPLIT_MODE 3 (the top-k sum by 16-bit reductions): GEMM2");
     static_assert(TOKENS * STAGE_PITCH * 4 <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(!PAIRED || TOKENS * PAIRED_PITCH * 2 <= Smem::RING_BYTES, "the paired staging must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
@@ -1264,7 +1270,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready,
-                       int32_t* __restrict__ block_done, int32_t block_need) {
+                       int32_t* __restrict__ block_done, int32_t block_need, int32_t combine_k) {
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
     // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
     // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
@@ -1406,7 +1412,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                                     acc[m][4 * j + 2 * h + c];
                 bar_sync<1, Tr::CONSUMER_THREADS>();
 
-                using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+                using OutT = typename moe_conditional<Tr::OUT_T, T, float>::type;
                 OutT* out = static_cast<OutT*>(C);
                 if constexpr (SPLIT_MODE == 2) out += static_cast<int64_t>(blockIdx.y) * (num_valid_tokens * stride_cm);
                 const bool vec_ok = stride_cm % VEC == 0;
@@ -1437,10 +1443,14 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                             v[q + 3] = f.w * w;
                         }
                     }
-                    OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+                    // SPLIT_MODE 3: the pair's token row (pair / combine_k) takes the weighted row's sum.
+                    const int64_t out_row = SPLIT_MODE == 3 ? p / combine_k : p;
+                    OutT* dst = out + out_row * stride_cm + n;
                     if (vec_ok && n + VEC <= out_n) {
                         if constexpr (SPLIT_MODE == 0) {
                             st_global_16<MUL_ROUTED_WEIGHT>(dst, pack8<T>(v));
+                        } else if constexpr (SPLIT_MODE == 3) {
+                            red_global_add_v8_16<T>(dst, pack8<T>(v));
                         } else if constexpr (SPLIT_MODE == 1) {
                             red_global_add_v4_f32(dst, v[0], v[1], v[2], v[3]);
                         } else {
@@ -1452,6 +1462,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                             if (n + e < out_n) {
                                 if constexpr (SPLIT_MODE == 1) {
                                     red_global_add_f32(dst + e, v[e]);
+                                } else if constexpr (SPLIT_MODE == 3) {
+                                    red_global_add_16<T>(dst + e, from_float<T>(v[e]));
                                 } else {
                                     dst[e] = from_float<OutT>(v[e]);
                                 }

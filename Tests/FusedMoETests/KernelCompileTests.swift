@@ -84,14 +84,17 @@ struct KernelCompileTests {
         #expect(narrow.tensorMapBoxRows(fusedActivation: true) == 64)
     }
 
-    /// The atomic top-k sum (CombineMode.atomic): GEMM2 on the unsplit persistent kernel becomes its
-    /// split mode 3 instantiation, which compiles without spills in both dtypes and both of its walks'
-    /// tiles; every other GEMM2 (and GEMM1) keeps its kernel.
+    /// The top-k sum in GEMM2 (CombineMode.atomic, and the ordered sum at k <= 2): GEMM2 on the unsplit
+    /// persistent or swap-AB kernel becomes its split mode 3 instantiation, which compiles without spills
+    /// in both dtypes (both of the persistent kernel's walks, decode and wide swap-AB tiles); every other
+    /// GEMM2 (and GEMM1) keeps its kernel.
     @Test func atomicCombineKernels() throws {
         let swap = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
         for gemm2 in [
             GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true),
             GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, persistent: true),
+            GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true),
+            GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
         ] {
             let plan = MoEPlan(gemm1: swap, gemm2: gemm2)
             #expect(CUDAMoELayer.allowsAtomicCombine(plan: plan))
@@ -101,7 +104,9 @@ struct KernelCompileTests {
                 let atomic = CUDAMoELayer.requests(dtype: dtype, plan: plan, activation: .silu, atomicCombine: true)
                 let expressions = try #require(atomic.first { $0.source == .gemmSM90 }).expressions
                 let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
-                #expect(expressions.last == "moe_gemm_sm90_persistent<\(type), \(gemm2.blockM), \(gemm2.blockN), \(gemm2.stages), 3, true, 0, false>")
+                #expect(expressions.last == (gemm2.kernel == .wgmmaSwap
+                    ? "moe_gemm_sm90_swap<\(type), \(gemm2.blockN), \(gemm2.blockM), \(gemm2.stages), 3, true, 0>"
+                    : "moe_gemm_sm90_persistent<\(type), \(gemm2.blockM), \(gemm2.blockN), \(gemm2.stages), 3, true, 0, false>"))
                 // GEMM1 and the other programs are the ordered layer's.
                 #expect(expressions.first == ordered.first { $0.source == .gemmSM90 }?.expressions.first)
                 #expect(atomic.filter { $0.source != .gemmSM90 } == ordered.filter { $0.source != .gemmSM90 })
@@ -111,7 +116,7 @@ struct KernelCompileTests {
         }
         // GEMM2 kernels that cannot: the same requests whatever the combine.
         for gemm2 in [
-            GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true),
+            MoEPlan(both: swap).withSplit(2, mode: .workspace).gemm2,
             GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
             GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true),
             GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4),
@@ -124,6 +129,14 @@ struct KernelCompileTests {
         }
         #expect(MoEOptions().combine == .ordered)
         #expect(CombineMode(rawValue: "atomic") == .atomic)
+        // The ordered sum goes into GEMM2 at k <= 2 only (unless turned off); the atomic one at any k.
+        let summing = MoEPlan(gemm1: swap, gemm2: swap)
+        #expect(CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: 2, plan: summing, smallTopK: true))
+        #expect(CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: 1, plan: summing, smallTopK: true))
+        #expect(!CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: 3, plan: summing, smallTopK: true))
+        #expect(!CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: 2, plan: summing, smallTopK: false))
+        #expect(CUDAMoELayer.sumsInGEMM2(combine: .atomic, topK: 8, plan: summing, smallTopK: false))
+        #expect(!CUDAMoELayer.sumsInGEMM2(combine: .atomic, topK: 2, plan: summing.withSplit(2, mode: .workspace)))
         // The forward's in-place guard: byte ranges that share a byte.
         #expect(CUDAMoELayer.overlaps(100, 10, 109, 5))
         #expect(CUDAMoELayer.overlaps(100, 10, 90, 11))

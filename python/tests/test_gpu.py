@@ -168,8 +168,9 @@ def test_atomic_combine(dtype):
     check(functional, expected, "atomic, functional API")
     with pytest.raises(fused_moe.InvalidArgumentError, match="combine"):
         fused_moe.fused_moe(x, w1, w2, topk_weights, topk_ids, combine="fast")
-    with pytest.raises(fused_moe.InvalidArgumentError, match="'out'"):  # zeroed before x is read
-        atomic(x, w1, w2, topk_weights, topk_ids, out=x)
+    in_place = x.clone()  # the sums reach x after GEMM2 has read it
+    atomic(in_place, w1, w2, topk_weights, topk_ids, out=in_place)
+    check(in_place, expected, "atomic, in place")
 
     out = torch.empty(tokens, hidden, device="cuda", dtype=dtype)
     side = torch.cuda.Stream()
@@ -193,6 +194,24 @@ def test_atomic_combine(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("renormalize", [False, True])
+def test_two_slots_in_place():
+    """Mixtral (k = 2): the default layer's GEMM2 adds each token's two rows into the zeroed output, which
+    gives the same bits in either order; in place (out=x) the sums reach x after GEMM2: the same bits."""
+    experts, top_k, hidden, intermediate = PRESETS["mixtral_tp2"]
+    tokens = 300
+    w1, w2 = weights(experts, hidden, intermediate, torch.bfloat16, seed=40)
+    x = activations(tokens, hidden, torch.bfloat16, seed=41)
+    topk_weights, topk_ids = routing(tokens, experts, top_k, seed=42)
+    layer = fused_moe.Layer(experts, top_k, hidden, intermediate, torch.bfloat16, max_tokens=tokens)
+    first = layer(x, w1, w2, topk_weights, topk_ids, out=poisoned(tokens, hidden, torch.bfloat16))
+    check(first, reference(x, w1, w2, topk_weights, topk_ids), "k = 2")
+    second = layer(x, w1, w2, topk_weights, topk_ids, out=poisoned(tokens, hidden, torch.bfloat16))
+    assert torch.equal(first, second), "k = 2: a rerun differs"
+    in_place = x.clone()
+    layer(in_place, w1, w2, topk_weights, topk_ids, out=in_place)
+    assert torch.equal(in_place, first), "k = 2: in place differs"
+
+
 def test_route_matches_torch(dtype, renormalize):
     tokens, experts, top_k = 100, 128, 8
     logits = torch.randn(tokens, experts, device="cuda").to(dtype)

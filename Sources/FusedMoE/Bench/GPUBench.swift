@@ -112,7 +112,8 @@ public final class GPUBench {
         for tokens in batchSizes {
             for setting in settings {
                 requests += CUDAMoELayer.requests(
-                    dtype: dtype, plan: try plan(setting, tokens), activation: .silu, atomicCombine: combine == .atomic)
+                    dtype: dtype, plan: try plan(setting, tokens), activation: .silu,
+                    atomicCombine: CUDAMoELayer.sumsInGEMM2(combine: combine, topK: shape.topK, plan: try plan(setting, tokens)))
             }
         }
         let compileStart = HostClock.now()
@@ -167,7 +168,7 @@ public final class GPUBench {
                 var row = BenchRow(
                     shape: preset.name, moeShape: shape, tokens: tokens,
                     variant: (setting.isAuto ? GPUBench.kernelLabel(layerPlan) + setting.variantSuffix : label.variant)
-                        + (layer.usesAtomicCombine ? "-atomic" : ""),
+                        + (layer.usesAtomicCombine && combine == .atomic ? "-atomic" : ""),
                     splitK: max(layerPlan.gemm1.splitK, layerPlan.gemm2.splitK),
                     splitMode: setting.isAuto ? "plan:\(layerPlan.gemm1.effectiveMode.rawValue)\(layerPlan.gemm1.splitK)/\(layerPlan.gemm2.effectiveMode.rawValue)\(layerPlan.gemm2.splitK)" : label.split,
                     milliseconds: milliseconds, floorMilliseconds: floor, relativeError: error, expertsTouched: touched)

@@ -115,12 +115,18 @@ public final class GPUChecks {
                 }
                 for (_, caseplan) in plans {
                     var plan = caseplan
-                    requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
-                    if scope == .full && CUDAMoELayer.allowsAtomicCombine(plan: plan) {
-                        requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu, atomicCombine: true)
+                    // The default layer's GEMM2 (summing the rows itself at k <= 2), and the other form
+                    // where a case compares with it: the atomic sum (full check), the combine kernel (k <= 2).
+                    let k = preset.shape.topK
+                    let summed = CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: k, plan: plan)
+                    requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu, atomicCombine: summed)
+                    if CUDAMoELayer.allowsAtomicCombine(plan: plan) && (scope == .full || k <= 2) {
+                        requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu, atomicCombine: !summed)
                     }
                     plan.fusedActivation = false
-                    requests += CUDAMoELayer.requests(dtype: .bf16, plan: plan, activation: .silu)
+                    requests += CUDAMoELayer.requests(
+                        dtype: .bf16, plan: plan, activation: .silu,
+                        atomicCombine: CUDAMoELayer.sumsInGEMM2(combine: .ordered, topK: k, plan: plan))
                 }
             }
             try library.prepare(requests)
@@ -336,12 +342,12 @@ public final class GPUChecks {
                     // block sync counters, if it has them, back at zero).
                     func sameAs(
                         _ name: String, programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil,
-                        fusedCombine: Bool? = nil
+                        fusedCombine: Bool? = nil, smallTopKSum: Bool? = nil
                     ) throws -> Bool {
                         let other = try CUDAMoELayer(
                             library: library, shape: shape, dtype: weights.dtype, w1: weights.w1, w2: weights.w2,
                             plan: plan, maxTokens: tokens, programmaticDependentLaunch: programmaticDependentLaunch,
-                            blockSync: blockSync, fusedCombine: fusedCombine)
+                            blockSync: blockSync, fusedCombine: fusedCombine, smallTopKSum: smallTopKSum)
                         let same = agrees(try runPoisoned(other, inputs, out), name, cutsMayDiffer: false, differs: "DIFFERS \(name)")
                         return try countersClear(other, &detail) && same
                     }
@@ -368,6 +374,13 @@ public final class GPUChecks {
                         plan: plan, shape: shape, options: MoEOptions(), library: library, pairs: tokens * shape.topK)
                     {
                         passed = try sameAs("with fused combine", fusedCombine: true) && passed
+                    }
+                    // At k <= 2 GEMM2 sums the rows itself (CUDAMoELayer.sumsInGEMM2): bit for bit the
+                    // combine kernel's sum, whatever order the adds land in. Every scope.
+                    if shape.topK <= 2 && CUDAMoELayer.allowsAtomicCombine(plan: plan) {
+                        passed = try (layer.usesAtomicCombine
+                            ? sameAs("with the combine kernel", smallTopKSum: false)
+                            : sameAs("summed in GEMM2", smallTopKSum: true)) && passed
                     }
                 }
                 // The atomic top-k sum (CombineMode.atomic), where the plan allows it: held to the same
@@ -414,6 +427,14 @@ public final class GPUChecks {
     /// `scratch: false` poisons only `out` (a serving sequence: the scratch keeps the last forward's).
     func runPoisoned(_ layer: CUDAMoELayer, _ inputs: LayerInputs, _ out: DeviceBuffer) throws -> LayerOutput {
         try inputs.runPoisoned(layer, out: out, stream: stream)
+    }
+
+    /// The first `count` 16-bit elements of `buffer` once `stream`'s work is done: bits, values, NaNs.
+    func readOutput(_ buffer: DeviceBuffer, count: Int, dtype: DType) throws -> LayerOutput {
+        try stream.synchronize()
+        let bits = try buffer.download(count: count, as: UInt16.self)
+        let values = bits.map { dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
+        return LayerOutput(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
     }
 
     /// The batches of `checkServing`, in order: sizes that change the padded counts, the grids and the
@@ -789,32 +810,124 @@ public final class GPUChecks {
         record(
             "gpu atomic combine expert map (half the experts owned)",
             ep.usesAtomicCombine && e.unwritten == 0 && epError < errorBound(.bf16), "rel_err \(formatScientific(epError))")
-        // In place (out = x): the output is zeroed before x is read, so the forward refuses, naming out.
-        let inPlace = Result { () throws(MoEError) in
-            try layer.forward(
-                x: unrouted.x.pointer, topkIDs: unrouted.ids.pointer, topkWeights: unrouted.weights.pointer,
-                out: unrouted.x.pointer, tokens: 90, stream: stream)
-        }
-        switch inPlace {
-        case .success: record("gpu atomic combine refuses out = x", false, "the forward ran")
-        case .failure(let error):
-            if case .invalidArgument("out", _) = error {
-                record("gpu atomic combine refuses out = x", true, "\(error)")
-            } else {
-                record("gpu atomic combine refuses out = x", false, "\(error)")
-            }
-        }
-        // A plan whose GEMM2 cannot: the ordered sum, bit for bit.
+        // In place (out = x): the sums go to the layer's scratch and reach x after GEMM2, as the combine
+        // kernel's would. On a copy of x, against the reference.
+        let xCopy = try DeviceBuffer(device: library.device, byteCount: unrouted.x.byteCount)
+        try xCopy.copy(from: unrouted.x, byteCount: unrouted.x.byteCount, on: stream)
+        try layer.forward(
+            x: xCopy.pointer, topkIDs: unrouted.ids.pointer, topkWeights: unrouted.weights.pointer, out: xCopy.pointer,
+            tokens: 90, stream: stream)
+        let inPlace = try readOutput(xCopy, count: 90 * shape.hidden, dtype: .bf16).values
+        let inPlaceError = relativeError(inPlace, try unrouted.reference(weights: w, library: library, stream: stream))
+        record(
+            "gpu atomic combine in place (out = x)", inPlaceError < errorBound(.bf16),
+            "rel_err \(formatScientific(inPlaceError))")
+        // The swap-AB GEMM2 sums too (SPLIT_MODE 3 in moe_gemm_sm90_swap); a split GEMM2 cannot: the
+        // ordered sum there, bit for bit.
         let swapPlan = MoEPlan(both: swap)
-        let asked = try CUDAMoELayer(
+        let swapAtomic = try CUDAMoELayer(
             library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, options: atomic, plan: swapPlan, maxTokens: 90)
+        let s = try runPoisoned(swapAtomic, unrouted, o)
+        let swapError = relativeError(s.values, try unrouted.reference(weights: w, library: library, stream: stream))
+        record(
+            "gpu atomic combine swap-AB GEMM2", swapAtomic.usesAtomicCombine && s.unwritten == 0 && swapError < errorBound(.bf16),
+            "rel_err \(formatScientific(swapError)), unwritten \(s.unwritten)" + (swapAtomic.usesAtomicCombine ? "" : ", NOT USED"))
+        let splitPlan = MoEPlan(both: swap).withSplit(2, mode: .workspace)
+        let asked = try CUDAMoELayer(
+            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, options: atomic, plan: splitPlan, maxTokens: 90)
         let plain = try CUDAMoELayer(
-            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, plan: swapPlan, maxTokens: 90)
+            library: library, shape: shape, dtype: .bf16, w1: w.w1, w2: w.w2, plan: splitPlan, maxTokens: 90)
         let b = try runPoisoned(asked, unrouted, o)
         let c = try runPoisoned(plain, unrouted, o)
         record(
-            "gpu atomic combine asked of a swap-AB GEMM2: ordered", !asked.usesAtomicCombine && b.bits == c.bits,
+            "gpu atomic combine asked of a split GEMM2: ordered", !asked.usesAtomicCombine && b.bits == c.bits,
             b.bits == c.bits ? "bitwise the ordered layer" : "DIFFERS from the ordered layer")
+        try checkSmallTopKSum(seed: caseSeed + 20)
+    }
+
+    /// The ordered sum at k <= 2 by GEMM2's adds (`CUDAMoELayer.sumsInGEMM2`): bit for bit the combine
+    /// kernel's (`smallTopKSum: false`), at k = 2 and 1, bf16 and fp16, on the swap-AB GEMM2 (decode
+    /// tiles; wide tiles with the block sync) and the persistent one (both walks), at one token (no
+    /// align), 33 and 700; with unrouted slots, under an expert map, in chunks, and in place (out = x).
+    func checkSmallTopKSum(seed: UInt64) throws {
+        let decode = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
+        let wide = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        let resident = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        let tiles = GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true)
+        var caseSeed = seed
+        // One case: the layer summing in GEMM2 against the one with the combine kernel, bit for bit.
+        func compare(
+            _ name: String, shape: MoEShape, dtype: DType, plan: MoEPlan, inputs: LayerInputs, weights: LayerWeights,
+            options: MoEOptions = MoEOptions(), chunkTokens: Int = 65536, inPlace: Bool = false
+        ) throws {
+            let tokens = inputs.tokens
+            func layer(_ summed: Bool) throws -> CUDAMoELayer {
+                try CUDAMoELayer(
+                    library: library, shape: shape, dtype: dtype, w1: weights.w1, w2: weights.w2, options: options,
+                    plan: plan, maxTokens: tokens, chunkTokens: chunkTokens, smallTopKSum: summed)
+            }
+            let (summed, kernel) = (try layer(true), try layer(false))
+            let o = try DeviceBuffer(device: library.device, byteCount: tokens * shape.hidden * dtype.byteCount)
+            let b = try runPoisoned(kernel, inputs, o)
+            let bits: [UInt16]
+            var unwritten = 0
+            if inPlace {
+                let xCopy = try DeviceBuffer(device: library.device, byteCount: inputs.x.byteCount)
+                try xCopy.copy(from: inputs.x, byteCount: inputs.x.byteCount, on: stream)
+                try summed.forward(
+                    x: xCopy.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: xCopy.pointer,
+                    tokens: tokens, stream: stream)
+                bits = try readOutput(xCopy, count: tokens * shape.hidden, dtype: dtype).bits
+            } else {
+                let a = try runPoisoned(summed, inputs, o)
+                (bits, unwritten) = (a.bits, a.unwritten)
+            }
+            let differing = zip(bits, b.bits).filter { $0 != $1 }.count
+            let error = relativeError(b.values, try inputs.reference(weights: weights, library: library, expertMap: options.expertMap, stream: stream))
+            record(
+                "gpu small-k sum \(name) k=\(shape.topK) \(dtype.rawValue) M=\(tokens) gemm2 \(plan.gemm2.kernel.rawValue) \(plan.gemm2.blockM)x\(plan.gemm2.blockN)",
+                summed.usesAtomicCombine && !kernel.usesAtomicCombine && differing == 0 && unwritten == 0
+                    && error < errorBound(dtype),
+                (differing == 0 ? "bitwise the combine kernel's" : "\(differing) elements DIFFER from the combine kernel's")
+                    + ", rel_err \(formatScientific(error))" + (summed.usesAtomicCombine ? "" : ", NOT USED"))
+        }
+        for topK in [2, 1] {
+            let shape = try MoEShape(experts: 8, topK: topK, hidden: 1024, intermediate: 384)
+            for dtype in [DType.bf16, .fp16] {
+                caseSeed &+= 2
+                let w = try LayerWeights(tools: tools, shape: shape, dtype: dtype, seed: caseSeed, stream: stream)
+                for tokens in [1, 33, 700] {
+                    let x = try LayerInputs(tools: tools, shape: shape, dtype: dtype, tokens: tokens, seed: caseSeed + 1, stream: stream)
+                    var plans = [("decode", MoEPlan(both: decode))]
+                    if tokens > 1 {
+                        plans += [
+                            ("wide", MoEPlan(both: wide)),
+                            ("resident", MoEPlan(gemm1: decode, gemm2: resident)),
+                            ("tiles", MoEPlan(gemm1: decode, gemm2: tiles)),
+                        ]
+                    }
+                    for (name, plan) in plans {
+                        try compare(name, shape: shape, dtype: dtype, plan: plan, inputs: x, weights: w)
+                    }
+                }
+            }
+        }
+        // Unrouted slots, in chunks of 50, in place, and an expert map (the even experts owned).
+        let shape = try MoEShape(experts: 8, topK: 2, hidden: 1024, intermediate: 384)
+        let w = try LayerWeights(tools: tools, shape: shape, dtype: .bf16, seed: caseSeed + 10, stream: stream)
+        let unrouted = try unroutedInputs(shape, seed: caseSeed + 11)
+        for (name, plan) in [("decode", MoEPlan(both: decode)), ("wide", MoEPlan(both: wide))] {
+            try compare("unrouted slots \(name)", shape: shape, dtype: .bf16, plan: plan, inputs: unrouted, weights: w)
+            try compare("chunks of 50 \(name)", shape: shape, dtype: .bf16, plan: plan, inputs: unrouted, weights: w, chunkTokens: 50)
+            try compare("in place \(name)", shape: shape, dtype: .bf16, plan: plan, inputs: unrouted, weights: w, inPlace: true)
+        }
+        let local = try MoEShape(experts: 4, topK: 2, hidden: 1024, intermediate: 384)
+        let lw = try LayerWeights(tools: tools, shape: local, dtype: .bf16, seed: caseSeed + 12, stream: stream)
+        let x = try LayerInputs(tools: tools, shape: shape, dtype: .bf16, tokens: 300, seed: caseSeed + 13, stream: stream)
+        let map = (0..<8).map { $0 % 2 == 0 ? Int32($0 / 2) : -1 }
+        try compare(
+            "expert map", shape: local, dtype: .bf16, plan: MoEPlan(both: wide), inputs: x, weights: lw,
+            options: MoEOptions(expertMap: map))
     }
 
     func checkStreamK(seed: UInt64) throws {

@@ -50,8 +50,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// layer does not fuse the combine into GEMM2.
     let combineCounts: DeviceBuffer
     let streamFlags: DeviceBuffer
-    /// Whether GEMM2 adds each token's rows into the output itself (`options.combine == .atomic` and
-    /// `allowsAtomicCombine(plan:)`): the forward zeroes the output first, and no combine kernel runs.
+    /// Whether GEMM2 adds each token's rows into the output itself (SPLIT_MODE 3; `sumsInGEMM2`): asked
+    /// for (`CombineMode.atomic`), or the exact ordered sum at k <= 2. The forward zeroes the output
+    /// first, and no combine kernel runs.
     public let usesAtomicCombine: Bool
     let kernels: Kernels
     /// Tensor maps of the held weights for the wgmma GEMMs, made once so forward does no host work.
@@ -76,6 +77,28 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// environment sets FUSED_MOE_PDL=0 (a diagnostic: every kernel then starts after its predecessor).
     public static let programmaticDependentLaunchByDefault: Bool =
         environment("FUSED_MOE_PDL") != "0"
+
+    /// Whether layers made without an explicit choice let GEMM2 sum the rows of `CombineMode.ordered` at
+    /// k <= 2 (`sumsInGEMM2`): yes, unless the environment sets FUSED_MOE_SMALL_K_SUM=0 (a combine kernel
+    /// then sums them, bit for bit the same; for A/Bs and checks).
+    public static let smallTopKSumByDefault: Bool = environment("FUSED_MOE_SMALL_K_SUM") != "0"
+
+    /// Whether a layer with `combine`, `topK` slots per token and `plan` lets GEMM2 add each pair's
+    /// weighted row into its token's output row with 16-bit atomic adds (SPLIT_MODE 3) instead of writing
+    /// partial rows for a combine kernel. Only where the plan's GEMM2 can (`allowsAtomicCombine(plan:)`),
+    /// and then:
+    /// - `CombineMode.atomic`: always (an order that varies from run to run, rounded at every add);
+    /// - `CombineMode.ordered` at k <= 2 (`smallTopK`): the adds land on a zeroed row, so a token's sum is
+    ///   0 + a = a, then round(a + b), and a + b = b + a: the same bits in either order, and the same as
+    ///   the combine kernel's fp32 sum of a and b rounded once (a and b are already rounded to T; their
+    ///   fp32 sum is exact or off by far less than half a T unit, so one rounding gives what two do).
+    ///   The full check compares the two bit for bit.
+    public static func sumsInGEMM2(combine: CombineMode, topK: Int, plan: MoEPlan, smallTopK: Bool = smallTopKSumByDefault)
+        -> Bool
+    {
+        guard allowsAtomicCombine(plan: plan) else { return false }
+        return combine == .atomic || (smallTopK && topK <= 2)
+    }
 
     /// Whether layers made without an explicit choice use the block sync where their plan allows it and
     /// they use programmatic dependent launch: yes, unless the environment sets FUSED_MOE_BLOCK_SYNC=0
@@ -228,6 +251,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     default: on with programmatic dependent launch, unless FUSED_MOE_BLOCK_SYNC=0; NOTES v24-v25:
     ///     up to 5% faster at 8-256 tokens). It pays only with programmatic dependent launch; asked for
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
+    ///   - smallTopKSum: at k <= 2 with `CombineMode.ordered`, let GEMM2 add the rows into the output
+    ///     (`sumsInGEMM2`; bit for bit the combine kernel's sum). Default: `smallTopKSumByDefault`.
     ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan and the kernels
     ///     allow it (`allowsFusedCombine`: only kernels compiled with MOE_SM90_FUSED_COMBINE=1, an
     ///     experiment measured slower, NOTES v27; default: yes there). Ignored where they do not.
@@ -235,7 +260,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     public init(
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
         options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536,
-        programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil, fusedCombine: Bool? = nil
+        programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil, fusedCombine: Bool? = nil,
+        smallTopKSum: Bool? = nil
     ) throws(MoEError) {
         guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
         guard shape.hidden % 8 == 0 else {
@@ -279,7 +305,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
         self.chunkTokens = chunkTokens
         self.w1 = w1
         self.w2 = w2
-        self.usesAtomicCombine = options.combine == .atomic && CUDAMoELayer.allowsAtomicCombine(plan: plan)
+        self.usesAtomicCombine = CUDAMoELayer.sumsInGEMM2(
+            combine: options.combine, topK: shape.topK, plan: plan,
+            smallTopK: smallTopKSum ?? CUDAMoELayer.smallTopKSumByDefault)
         self.programmaticDependentLaunch =
             (programmaticDependentLaunch ?? CUDAMoELayer.programmaticDependentLaunchByDefault)
             && device.properties.computeCapabilityMajor >= 9
@@ -370,8 +398,8 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }
 
     /// The kernel programs a layer of this dtype and plan needs, to compile ahead (several at once);
-    /// `atomicCombine`: for a layer whose options ask for `CombineMode.atomic` (it changes GEMM2's kernel
-    /// where `allowsAtomicCombine(plan:)`).
+    /// `atomicCombine`: for a layer whose GEMM2 sums the rows itself (`sumsInGEMM2`; it changes GEMM2's
+    /// kernel where `allowsAtomicCombine(plan:)`).
     public static func requests(dtype: DType, plan: MoEPlan, activation: Activation, atomicCombine: Bool = false)
         -> [KernelLibrary.Request]
     {
@@ -458,18 +486,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
         guard tokens >= 0 && tokens <= maxTokens else {
             throw .invalidArgument("tokens", "must be in 0...\(maxTokens) (the layer's maxTokens), got \(tokens)")
         }
+        // Where GEMM2 sums into the output, the output is zeroed before align and GEMM1 read the inputs. An
+        // output that shares bytes with an input (in place: out = x) takes the sums in `down` instead, copied
+        // to it after GEMM2, as the combine kernel would write it: last.
+        var staged = false
         if usesAtomicCombine {
-            // The output is zeroed before align and GEMM1 read the inputs (the ordered sum writes it last).
             let outBytes = tokens * shape.hidden * dtype.byteCount
             let inputs = [
-                ("x", x, outBytes), ("topk_ids", topkIDs, tokens * shape.topK * 4),
-                ("topk_weights", topkWeights, tokens * shape.topK * 4),
+                (x.address, outBytes), (topkIDs.address, tokens * shape.topK * 4),
+                (topkWeights.address, tokens * shape.topK * 4),
             ]
-            for (name, pointer, bytes) in inputs
-            where CUDAMoELayer.overlaps(out.address, outBytes, pointer.address, bytes) {
-                throw .invalidArgument(
-                    "out", "overlaps \(name): with CombineMode.atomic the output is zeroed before the inputs are read; pass a separate buffer")
-            }
+            staged = inputs.contains { CUDAMoELayer.overlaps(out.address, outBytes, $0.0, $0.1) }
         }
         do {
             var start = 0
@@ -482,7 +509,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                     topkIDs: DevicePointer(address: topkIDs.address + UInt64(start) * slotBytes),
                     topkWeights: DevicePointer(address: topkWeights.address + UInt64(start) * slotBytes),
                     out: DevicePointer(address: out.address + UInt64(start) * rowBytes), tokens: count,
-                    weights: (w1, w2), stream: stream, marker: stageMarker)
+                    weights: (w1, w2), stagedSum: staged, stream: stream, marker: stageMarker)
                 start += count
             }
         } catch {
@@ -514,14 +541,18 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
     private func forwardChunk(
         x: DevicePointer, topkIDs: DevicePointer, topkWeights: DevicePointer, out: DevicePointer, tokens: Int,
-        weights: (w1: DevicePointer, w2: DevicePointer), stream: Stream, marker: StageMarker?
+        weights: (w1: DevicePointer, w2: DevicePointer), stagedSum: Bool = false, stream: Stream,
+        marker: StageMarker?
     ) throws(CUDAError) {
         let k = shape.topK
         let pairs = tokens * k
+        // GEMM2's sums go to `out`, or with stagedSum (an output that overlaps an input) to `down` first.
+        let sums = stagedSum ? down.pointer : out
+        let outBytes = tokens * shape.hidden * dtype.byteCount
         if usesAtomicCombine {
             // GEMM2 adds every pair's row into its token's row: all of them start at zero (unrouted tokens
             // stay so). Here, before align, so the kernels keep their dependent launches.
-            try DeviceBuffer.fill(out, byte: 0, byteCount: tokens * shape.hidden * dtype.byteCount, on: stream)
+            try DeviceBuffer.fill(sums, byte: 0, byteCount: outBytes, on: stream)
         }
         let routing1: Routing
         let routing2: Routing
@@ -572,13 +603,17 @@ public final class CUDAMoELayer: @unchecked Sendable {
         }
         try gemm(
             kernels.gemm2, plan.gemm2, a: activated.pointer, gatherTopK: 1, b: weights.w2, n: h, k: i, pairs: pairs,
-            topkWeights: topkWeights, output: usesAtomicCombine ? out : down.pointer, outputColumns: h, finish: .cast,
+            topkWeights: topkWeights, output: usesAtomicCombine ? sums : down.pointer, outputColumns: h, finish: .cast,
             routing: routing2,
             routingReady: true,
             blockSync: blockSync ? .wait(gemm1Signals: CUDAMoELayer.blockSyncSignals(plan: plan, shape: shape)) : .none,
             combine: usesFusedCombine ? FusedCombine(out: out, topkIDs: topkIDs, chunk: CUDAMoELayer.fusedCombineChunk(plan: plan, dtype: dtype, pairs: pairs)) : nil,
             stream: stream)
         try marker?("gemm2")
+        if usesAtomicCombine && stagedSum {
+            try DeviceBuffer.copy(from: down.pointer, to: out, byteCount: outBytes, on: stream)
+            try marker?("combine")
+        }
         if usesFusedCombine || usesAtomicCombine { return }
         try kernels.combine.launch(
             grid: elementwiseGrid(work: tokens * h, vector: h % 8 == 0 ? 8 : 1), block: Dimensions(256), on: stream,
@@ -599,10 +634,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         aBytes > 0 && bBytes > 0 && a < b &+ UInt64(bBytes) && b < a &+ UInt64(aBytes)
     }
 
-    /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`CombineMode.atomic`): GEMM2 on the
-    /// persistent wgmma kernel (not ping-pong or stream-K), unsplit (moe_gemm_sm90.cu's SPLIT_MODE 3).
+    /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`sumsInGEMM2`): GEMM2 on the
+    /// persistent wgmma kernel (not ping-pong or stream-K) or the swap-AB kernel, unsplit
+    /// (moe_gemm_sm90.cu's SPLIT_MODE 3).
     public static func allowsAtomicCombine(plan: MoEPlan) -> Bool {
-        plan.gemm2.kernel == .wgmmaPersistent && plan.gemm2.effectiveMode == .none
+        [.wgmmaPersistent, .wgmmaSwap].contains(plan.gemm2.kernel) && plan.gemm2.effectiveMode == .none
     }
 
     /// Whether this layer sums each token's partial rows inside GEMM2 (asked for or defaulted at init, and
@@ -909,6 +945,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 case .signal: arguments += [blockDone.pointer, Int32(0)]
                 case .wait(let blocks): arguments += [blockDone.pointer, Int32(blocks)]
                 }
+                arguments.append(Int32(shape.topK))  // combine_k: SPLIT_MODE 3's output row is pair / k
             }
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK

@@ -77,9 +77,11 @@ public struct MoEOptions: Hashable, Sendable {
 /// How a layer sums each token's k expert rows (the top-k combine).
 public enum CombineMode: String, CaseIterable, Sendable, Hashable {
     /// GEMM2 writes each pair's weighted row; a combine kernel sums a token's k rows in slot order, in
-    /// fp32, rounded once. Bitwise reproducible. The default.
+    /// fp32, rounded once. Bitwise reproducible. The default. At k <= 2, where the plan's GEMM2 can,
+    /// GEMM2 adds the rows into the zeroed output instead (`CUDAMoELayer.sumsInGEMM2`): the same bits in
+    /// either order, and the same as the combine kernel's.
     case ordered
-    /// Where the plan's GEMM2 is the persistent wgmma kernel, unsplit (`CUDAMoELayer.allowsAtomicCombine`),
+    /// Where the plan's GEMM2 is the persistent or swap-AB wgmma kernel, unsplit (`CUDAMoELayer.allowsAtomicCombine`),
     /// GEMM2 adds each weighted row into its token's output row with 16-bit atomic adds (bf16 or fp16,
     /// rounded at every add) into a zeroed output: no partial rows go to memory and back, and no combine
     /// kernel runs. The sum's order, hence its last bits, varies from run to run, and its rounding error
