@@ -139,7 +139,8 @@ def name_expressions() -> dict[str, list[list[str]]]:
     for dtype in DTYPES:
         for tile in SM90_TILES:
             sm90_groups.append([gemm_sm90_name(dtype, tile, m, mul) for m in (0, 1, 2) for mul in (False, True)]
-                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)])
+                               + [gemm_sm90_name(dtype, tile, 0, False, act) for act in (1, 2)]
+                               + [gemm_sm90_name(dtype, tile, 3, True)])
         # Clusters of two (CLUSTER_M 2): the deepest ring of each tile shape, every mode.
         for tile in SM90_CLUSTER_TILES:
             sm90_groups.append(

@@ -416,14 +416,16 @@ MOE_DEVICE void red_global_add_v8_16(T* addr, uint4 v) {
 }
 
 /// One staged chunk of an output row to global memory: VEC consecutive OutT from src (shared memory) to
-/// dst, columns n .. n + VEC - 1 of out_n. One 16-byte store (red.global.add.v4.f32 in split mode 1)
-/// where vec_ok (16-byte aligned rows) and the chunk is whole; element by element otherwise.
+/// dst, columns n .. n + VEC - 1 of out_n. One 16-byte store (red.global.add.v4.f32 in split mode 1, a
+/// 16-bit red.global.add.noftz.v4 in mode 3) where vec_ok (16-byte aligned rows) and the chunk is whole; element by element otherwise.
 template <typename OutT, int VEC, int SPLIT_MODE>
 MOE_DEVICE void moe_store_staged_chunk(OutT* dst, const OutT* src, int64_t n, int64_t out_n, bool vec_ok) {
     if (vec_ok && n + VEC <= out_n) {
         if constexpr (SPLIT_MODE == 1) {
             const float4 v = *reinterpret_cast<const float4*>(src);
             red_global_add_v4_f32(dst, v.x, v.y, v.z, v.w);
+        } else if constexpr (SPLIT_MODE == 3) {
+            red_global_add_v8_16<OutT>(dst, *reinterpret_cast<const uint4*>(src));
         } else {
             *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
         }
@@ -431,6 +433,8 @@ MOE_DEVICE void moe_store_staged_chunk(OutT* dst, const OutT* src, int64_t n, in
         for (int e = 0; e < VEC && n + e < out_n; ++e) {
             if constexpr (SPLIT_MODE == 1) {
                 red_global_add_f32(dst + e, src[e]);
+            } else if constexpr (SPLIT_MODE == 3) {
+                red_global_add_16<OutT>(dst + e, src[e]);
             } else {
                 dst[e] = src[e];
             }

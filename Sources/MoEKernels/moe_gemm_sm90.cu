@@ -12,7 +12,7 @@
 //            1: C is float*, zero-filled by the host; partials added with red.global.add.f32.
 //            2: C is a float* workspace [split_k][num_valid_tokens] rows of stride stride_cm;
 //               split s writes its partial (plain stores) at C + s*num_valid_tokens*stride_cm.
-//            3 (moe_gemm_sm90_persistent, not PINGPONG or STREAM_K, and moe_gemm_sm90_swap; GEMM2:
+//            3 (moe_gemm_sm90, moe_gemm_sm90_persistent (not PINGPONG or STREAM_K), moe_gemm_sm90_swap; GEMM2:
 //               MUL_ROUTED_WEIGHT, split_k 1): the top-k sum by 16-bit reductions. C is T*
 //               [tokens][stride_cm], zero-filled by the host; row p (routed weight applied, rounded to T)
 //               is added into row p / combine_k with red.global.add.noftz.v4.bf16x2 / .f16x2, so each
@@ -105,7 +105,8 @@
 //         compiles without spills): warpgroup w multiplies gate rows [64 w, 64 w + 64) and the matching up
 //         rows BLOCK_N_W / 2 further, applies the activation in registers and stages only the T results,
 //         [TOKENS][BLOCK_N_W / 2 + 8], by stmatrix.
-// Arguments past moe_gemm_sm90's: routing_ready, block_done, block_need (below), combine_k (SPLIT_MODE 3).
+// Arguments past moe_gemm_sm90's (whose last is combine_k, SPLIT_MODE 3's k): routing_ready, block_done,
+// block_need (below), combine_k.
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
@@ -908,7 +909,8 @@ struct MoEGemmSm90Traits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64> 
     // BLOCK_N / 2 activated columns).
     static constexpr bool FUSED = FUSED_ACT != 0;
     static constexpr int OUT_COLS = FUSED ? BLOCK_N / 2 : BLOCK_N;
-    static constexpr int OUT_BYTES = SPLIT_MODE == 0 ? 2 : 4;
+    static constexpr bool OUT_T = SPLIT_MODE == 0 || SPLIT_MODE == 3;  // rows of T (else fp32)
+    static constexpr int OUT_BYTES = OUT_T ? 2 : 4;
     static constexpr int OUT_PITCH = OUT_COLS + 8;  // elements; keeps fragment writes conflict-free
     static constexpr int OUT_VEC = 16 / OUT_BYTES;  // elements per 16-byte store
     static constexpr int OUT_CHUNKS_PER_ROW = OUT_COLS / OUT_VEC;
@@ -917,7 +919,9 @@ struct MoEGemmSm90Traits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64> 
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M in {64, 128}");
     static_assert(BLOCK_N == 64 || BLOCK_N == 128 || BLOCK_N == 256, "BLOCK_N in {64, 128, 256}");
     static_assert(STAGES >= 2 && STAGES <= 8, "STAGES in 2..8");
-    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 2, "SPLIT_MODE in {0,1,2}");
+    static_assert(SPLIT_MODE >= 0 && SPLIT_MODE <= 3, "SPLIT_MODE in {0,1,2,3}");
+    static_assert(SPLIT_MODE != 3 || (MUL_ROUTED_WEIGHT && FUSED_ACT == 0),
+                  "SPLIT_MODE 3 (the top-k sum by 16-bit reductions): GEMM2");
     static_assert(BLOCK_M * OUT_PITCH * OUT_BYTES <= Smem::RING_BYTES, "the staged output tile must fit in the ring");
     static_assert(FUSED_ACT >= 0 && FUSED_ACT <= 2, "FUSED_ACT in {0 none, 1 silu, 2 gelu}");
     static_assert(!FUSED || (SPLIT_MODE == 0 && !MUL_ROUTED_WEIGHT), "FUSED_ACT: GEMM1, SPLIT_MODE 0");
@@ -934,7 +938,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                   const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
                   const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                   int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
-                  int64_t stride_am, int64_t stride_cm, int64_t max_padded) {
+                  int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t combine_k) {
     griddepcontrol_wait_then_launch_dependents();
     using Tr = MoEGemmSm90Traits<T, BLOCK_M, BLOCK_N, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, CLUSTER>;
     using Smem = typename Tr::Smem;
@@ -1050,7 +1054,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
         const int64_t out_n0 = Tr::FUSED ? tile.n0 / 2 : tile.n0;
         const int64_t out_n = Tr::FUSED ? N / 2 : N;
 
-        using OutT = typename moe_conditional<SPLIT_MODE == 0, T, float>::type;
+        using OutT = typename moe_conditional<Tr::OUT_T, T, float>::type;
         constexpr int OPITCH = Tr::OUT_PITCH;
         constexpr int VEC = Tr::OUT_VEC;
         constexpr int OCPR = Tr::OUT_CHUNKS_PER_ROW;
@@ -1066,7 +1070,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 OutT* dst = staged + (frag_row + 8 * h) * OPITCH + 8 * j + frag_col;
-                if constexpr (SPLIT_MODE == 0) {
+                if constexpr (Tr::OUT_T) {
                     *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 } else {
                     *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
@@ -1086,7 +1090,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             const int64_t n = out_n0 + c * VEC;
             if (p < 0 || n >= out_n) continue;
             const OutT* src = staged + r * OPITCH + c * VEC;
-            OutT* dst = out + static_cast<int64_t>(p) * stride_cm + n;
+            // SPLIT_MODE 3: the pair's token row (pair / combine_k) takes the weighted row's sum.
+            OutT* dst = out + static_cast<int64_t>(SPLIT_MODE == 3 ? p / combine_k : p) * stride_cm + n;
             moe_store_staged_chunk<OutT, VEC, SPLIT_MODE>(dst, src, n, out_n, vec_ok);
         }
     }

@@ -95,6 +95,7 @@ struct KernelCompileTests {
             GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 8, persistent: true),
             GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true),
             GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true),
+            GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4),
         ] {
             let plan = MoEPlan(gemm1: swap, gemm2: gemm2)
             #expect(CUDAMoELayer.allowsAtomicCombine(plan: plan))
@@ -106,6 +107,8 @@ struct KernelCompileTests {
                 let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
                 #expect(expressions.last == (gemm2.kernel == .wgmmaSwap
                     ? "moe_gemm_sm90_swap<\(type), \(gemm2.blockN), \(gemm2.blockM), \(gemm2.stages), 3, true, 0>"
+                    : gemm2.kernel == .wgmma
+                    ? "moe_gemm_sm90<\(type), \(gemm2.blockM), \(gemm2.blockN), \(gemm2.stages), 3, true, 0, 1>"
                     : "moe_gemm_sm90_persistent<\(type), \(gemm2.blockM), \(gemm2.blockN), \(gemm2.stages), 3, true, 0, false>"))
                 // GEMM1 and the other programs are the ordered layer's.
                 #expect(expressions.first == ordered.first { $0.source == .gemmSM90 }?.expressions.first)
@@ -119,7 +122,7 @@ struct KernelCompileTests {
             MoEPlan(both: swap).withSplit(2, mode: .workspace).gemm2,
             GemmConfig.wgmma(blockM: 128, blockN: 128, stages: 5, pingpong: true),
             GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, streamK: true),
-            GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4),
+            GemmConfig(blockM: 64, blockN: 64, blockK: 32, warpsM: 2, warpsN: 2, stages: 3),
         ] {
             let plan = MoEPlan(gemm1: swap, gemm2: gemm2)
             #expect(!CUDAMoELayer.allowsAtomicCombine(plan: plan))

@@ -847,13 +847,14 @@ public final class GPUChecks {
 
     /// The ordered sum at k <= 2 by GEMM2's adds (`CUDAMoELayer.sumsInGEMM2`): bit for bit the combine
     /// kernel's (`smallTopKSum: false`), at k = 2 and 1, bf16 and fp16, on the swap-AB GEMM2 (decode
-    /// tiles; wide tiles with the block sync) and the persistent one (both walks), at one token (no
+    /// tiles; wide tiles with the block sync), the persistent one (both walks) and the plain one, at one token (no
     /// align), 33 and 700; with unrouted slots, under an expert map, in chunks, and in place (out = x).
     func checkSmallTopKSum(seed: UInt64) throws {
         let decode = GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true)
         let wide = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
         let resident = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
         let tiles = GemmConfig.wgmma(blockM: 64, blockN: 128, stages: 6, persistent: true)
+        let plain = GemmConfig.wgmma(blockM: 64, blockN: 256, stages: 4)
         var caseSeed = seed
         // One case: the layer summing in GEMM2 against the one with the combine kernel, bit for bit.
         func compare(
@@ -904,6 +905,7 @@ public final class GPUChecks {
                             ("wide", MoEPlan(both: wide)),
                             ("resident", MoEPlan(gemm1: decode, gemm2: resident)),
                             ("tiles", MoEPlan(gemm1: decode, gemm2: tiles)),
+                            ("plain", MoEPlan(gemm1: decode, gemm2: plain)),
                         ]
                     }
                     for (name, plan) in plans {

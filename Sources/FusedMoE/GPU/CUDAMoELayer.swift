@@ -100,6 +100,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return combine == .atomic || (smallTopK && topK <= 2)
     }
 
+    /// A diagnostic (NOTES v38): FUSED_MOE_DIAG_NO_ZERO=1 leaves out the zeroing of the output where GEMM2
+    /// sums into it, so a same-call A/B times what the memset costs. The sums are then wrong.
+    static let diagnosticSkipsZeroing: Bool = environment("FUSED_MOE_DIAG_NO_ZERO") == "1"
+
     /// Whether layers made without an explicit choice use the block sync where their plan allows it and
     /// they use programmatic dependent launch: yes, unless the environment sets FUSED_MOE_BLOCK_SYNC=0
     /// (NOTES v25; v24's form, off by default, drew racecheck reports that v25's does not).
@@ -549,7 +553,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // GEMM2's sums go to `out`, or with stagedSum (an output that overlaps an input) to `down` first.
         let sums = stagedSum ? down.pointer : out
         let outBytes = tokens * shape.hidden * dtype.byteCount
-        if usesAtomicCombine {
+        if usesAtomicCombine && !CUDAMoELayer.diagnosticSkipsZeroing {
             // GEMM2 adds every pair's row into its token's row: all of them start at zero (unrouted tokens
             // stay so). Here, before align, so the kernels keep their dependent launches.
             try DeviceBuffer.fill(sums, byte: 0, byteCount: outBytes, on: stream)
@@ -634,11 +638,11 @@ public final class CUDAMoELayer: @unchecked Sendable {
         aBytes > 0 && bBytes > 0 && a < b &+ UInt64(bBytes) && b < a &+ UInt64(aBytes)
     }
 
-    /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`sumsInGEMM2`): GEMM2 on the
-    /// persistent wgmma kernel (not ping-pong or stream-K) or the swap-AB kernel, unsplit
-    /// (moe_gemm_sm90.cu's SPLIT_MODE 3).
+    /// Whether `plan` lets GEMM2 sum the tokens' rows by atomic adds (`sumsInGEMM2`): GEMM2 on a wgmma
+    /// kernel but ping-pong and stream-K (the plain, persistent and swap-AB ones), unsplit (moe_gemm_sm90.cu's
+    /// SPLIT_MODE 3).
     public static func allowsAtomicCombine(plan: MoEPlan) -> Bool {
-        [.wgmmaPersistent, .wgmmaSwap].contains(plan.gemm2.kernel) && plan.gemm2.effectiveMode == .none
+        [.wgmma, .wgmmaPersistent, .wgmmaSwap].contains(plan.gemm2.kernel) && plan.gemm2.effectiveMode == .none
     }
 
     /// Whether this layer sums each token's partial rows inside GEMM2 (asked for or defaulted at init, and
@@ -936,6 +940,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 Int32(gatherTopK), Int32(config.splitK), Int32(config.groupSizeM), Int64(k), Int64(rowStride),
                 Int64(maxPadded),
             ]
+            if config.kernel == .wgmma { arguments.append(Int32(shape.topK)) }  // combine_k (SPLIT_MODE 3)
             if config.kernel == .wgmmaSwap {
                 // GEMM2: align wrote the routing before the previous kernel started, so the swap-AB
                 // kernel may read it and its first weight tiles before griddepcontrol.wait.
