@@ -3,10 +3,11 @@ import CUDA
 /// The MoE layer on one GPU: align, GEMM1, activation, GEMM2 with the routed weights, combine.
 /// The activation runs in GEMM1's epilogue or split-K reduction when the plan asks for it, a
 /// one-token batch on the wgmma kernels skips align (identity routing), and with
-/// `CombineMode.atomic` GEMM2 sums the tokens' rows itself where its kernel can (`usesAtomicCombine`).
+/// `CombineMode.atomic`, or at k <= 2 (where the order of two adds onto zero changes no bit), GEMM2
+/// sums the tokens' rows itself where its kernel can (`usesAtomicCombine`, `sumsInGEMM2`).
 ///
 /// A layer holds its weights (device buffers), its plan, the compiled kernels and every scratch
-/// buffer, all made in `init`. `forward` then only enqueues kernels and memsets on the stream: no
+/// buffer, all made in `init`. `forward` then only enqueues kernels, memsets and copies on the stream: no
 /// allocation, compilation or host synchronization, so a forward can be captured in a CUDA graph.
 /// Batches larger than `chunkTokens` run in chunks of that many tokens, with the same result.
 public final class CUDAMoELayer: @unchecked Sendable {
