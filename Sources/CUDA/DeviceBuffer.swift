@@ -193,8 +193,6 @@ public final class DeviceBuffer: @unchecked Sendable {
         guard count >= 0, count <= byteCount, count <= source.byteCount else {
             throw .usage("DeviceBuffer.copy", "\(count) bytes exceed a buffer (\(source.byteCount) -> \(byteCount))")
         }
-        guard count > 0 else { return }
-        try device.driver.check(
-            device.driver.cuMemcpyDtoDAsync(address, source.address, count, stream.handle), "cuMemcpyDtoDAsync")
+        try DeviceBuffer.copy(from: source.pointer, to: pointer, byteCount: count, on: stream)
     }
 }

@@ -111,9 +111,10 @@ public final class GPUBench {
         var requests: [KernelLibrary.Request] = []
         for tokens in batchSizes {
             for setting in settings {
+                let chosen = try plan(setting, tokens)
                 requests += CUDAMoELayer.requests(
-                    dtype: dtype, plan: try plan(setting, tokens), activation: .silu,
-                    atomicCombine: CUDAMoELayer.sumsInGEMM2(combine: combine, topK: shape.topK, plan: try plan(setting, tokens)))
+                    dtype: dtype, plan: chosen, activation: .silu,
+                    atomicCombine: CUDAMoELayer.sumsInGEMM2(combine: combine, topK: shape.topK, plan: chosen))
             }
         }
         let compileStart = HostClock.now()

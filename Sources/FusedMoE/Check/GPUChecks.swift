@@ -429,14 +429,6 @@ public final class GPUChecks {
         try inputs.runPoisoned(layer, out: out, stream: stream)
     }
 
-    /// The first `count` 16-bit elements of `buffer` once `stream`'s work is done: bits, values, NaNs.
-    func readOutput(_ buffer: DeviceBuffer, count: Int, dtype: DType) throws -> LayerOutput {
-        try stream.synchronize()
-        let bits = try buffer.download(count: count, as: UInt16.self)
-        let values = bits.map { dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
-        return LayerOutput(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
-    }
-
     /// The batches of `checkServing`, in order: sizes that change the padded counts, the grids and the
     /// routing from one forward to the next (a one-token batch among them).
     static let servingBatches = [7, 33, 1, 128, 2, 64, 5]
@@ -812,12 +804,7 @@ public final class GPUChecks {
             ep.usesAtomicCombine && e.unwritten == 0 && epError < errorBound(.bf16), "rel_err \(formatScientific(epError))")
         // In place (out = x): the sums go to the layer's scratch and reach x after GEMM2, as the combine
         // kernel's would. On a copy of x, against the reference.
-        let xCopy = try DeviceBuffer(device: library.device, byteCount: unrouted.x.byteCount)
-        try xCopy.copy(from: unrouted.x, byteCount: unrouted.x.byteCount, on: stream)
-        try layer.forward(
-            x: xCopy.pointer, topkIDs: unrouted.ids.pointer, topkWeights: unrouted.weights.pointer, out: xCopy.pointer,
-            tokens: 90, stream: stream)
-        let inPlace = try readOutput(xCopy, count: 90 * shape.hidden, dtype: .bf16).values
+        let inPlace = try unrouted.runInPlace(layer, stream: stream).values
         let inPlaceError = relativeError(inPlace, try unrouted.reference(weights: w, library: library, stream: stream))
         record(
             "gpu atomic combine in place (out = x)", inPlaceError < errorBound(.bf16),
@@ -873,12 +860,7 @@ public final class GPUChecks {
             let bits: [UInt16]
             var unwritten = 0
             if inPlace {
-                let xCopy = try DeviceBuffer(device: library.device, byteCount: inputs.x.byteCount)
-                try xCopy.copy(from: inputs.x, byteCount: inputs.x.byteCount, on: stream)
-                try summed.forward(
-                    x: xCopy.pointer, topkIDs: inputs.ids.pointer, topkWeights: inputs.weights.pointer, out: xCopy.pointer,
-                    tokens: tokens, stream: stream)
-                bits = try readOutput(xCopy, count: tokens * shape.hidden, dtype: dtype).bits
+                bits = try inputs.runInPlace(summed, stream: stream).bits
             } else {
                 let a = try runPoisoned(summed, inputs, o)
                 (bits, unwritten) = (a.bits, a.unwritten)
@@ -1065,6 +1047,14 @@ struct LayerOutput {
     var bits: [UInt16]
     var values: [Float]
     var unwritten: Int
+
+    /// The first `count` 16-bit elements of `buffer` once `stream`'s work is done.
+    static func read(_ buffer: DeviceBuffer, count: Int, dtype: DType, stream: Stream) throws -> LayerOutput {
+        try stream.synchronize()
+        let bits = try buffer.download(count: count, as: UInt16.self)
+        let values = bits.map { dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
+        return LayerOutput(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
+    }
 }
 
 /// Random activations and routing on the GPU for one batch.
@@ -1114,10 +1104,17 @@ struct LayerInputs {
         try out.fill(byte: 0xFF, on: stream)
         if scratch { try layer.poisonScratch(on: stream, parts: LayerInputs.poisonParts) }
         try forward(layer, out: out, stream: stream)
-        try stream.synchronize()
-        let bits = try out.download(count: tokens * layer.shape.hidden, as: UInt16.self)
-        let values = bits.map { layer.dtype == .fp16 ? Float(Float16(bitPattern: $0)) : BFloat16(bitPattern: $0).floatValue }
-        return LayerOutput(bits: bits, values: values, unwritten: values.filter(\.isNaN).count)
+        return try LayerOutput.read(out, count: tokens * layer.shape.hidden, dtype: layer.dtype, stream: stream)
+    }
+
+    /// Runs `layer` in place (out = x) on a copy of these inputs' x, and reads the copy back.
+    func runInPlace(_ layer: CUDAMoELayer, stream: Stream) throws -> LayerOutput {
+        let copy = try DeviceBuffer(device: x.device, byteCount: x.byteCount)
+        try copy.copy(from: x, byteCount: x.byteCount, on: stream)
+        try layer.forward(
+            x: copy.pointer, topkIDs: ids.pointer, topkWeights: weights.pointer, out: copy.pointer, tokens: tokens,
+            stream: stream)
+        return try LayerOutput.read(copy, count: tokens * layer.shape.hidden, dtype: layer.dtype, stream: stream)
     }
 
     /// The fp32 GPU reference output, as floats. With an expert map, ids are mapped to local ids
