@@ -344,8 +344,12 @@ import Testing
         }
         let decode = try plan(8)
         #expect(decode.gemm1.kernel == .wgmmaSwap && decode.activationIsFused)
+        // The 1024 entry: GEMM1 on the 96-token swap-AB tile (NOTES v39), GEMM2 persistent.
         let prefill = try plan(1024)
-        #expect(prefill.gemm1.kernel == .wgmmaPersistent && prefill.activationIsFused)
+        #expect(prefill.gemm1.kernel == .wgmmaSwap && prefill.gemm1.blockM == 96 && prefill.activationIsFused)
+        #expect(prefill.gemm2.kernel == .wgmmaPersistent)
+        // The heuristic's persistent GEMM1 at 1024 fuses it too.
+        #expect(PlanSelector.hopperHeuristic(shape: seed, tokens: 1024).activationIsFused)
         // A wide token tile (the shipped 4096 entry's GEMM1) fuses it like the decode tiles.
         let wide = try plan(4096)
         #expect(wide.gemm1.kernel == .wgmmaSwap && wide.gemm1.blockM == 144 && wide.activationIsFused)
