@@ -390,9 +390,6 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1", "-DMOE_SM90_HALF_TILES=1"]),
-            # The concurrent combine (NOTES v39): GEMM2 counting its chunk-major units, and the combine kernel.
-            ("moe_gemm_sm90.cu", combine + [f"moe_sm90_chunk_combine<{dtype}>" for dtype in DTYPES],
-             ["-DMOE_SM90_FUSED_COMBINE=2", "-DMOE_PARTIAL_STORE_HINT=3"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"]),
             # GEMM2's partial-row store hints and the GEMM2 diagnostic (NOTES v32): the same kernels.
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_PARTIAL_STORE_HINT=1"]),

@@ -268,7 +268,7 @@ MOE_DEVICE uint64_t l2_policy(bool evict_first) {
 
 // The GEMM2 epilogues' 16-byte stores of the routed partial rows (st_global_16<true>; bench/NOTES.md v32):
 // 0 plain stores; 1 st.global.cs (cache streaming: lines allocated evict-first); 2 an L2::evict_first
-// cache policy; 3 an L2::evict_last one (the concurrent combine's rows, read back from L2: NOTES v39).
+// cache policy.
 #ifndef MOE_PARTIAL_STORE_HINT
 #define MOE_PARTIAL_STORE_HINT 0
 #endif
@@ -280,9 +280,9 @@ MOE_DEVICE void st_global_16(void* dst, uint4 v) {
         asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z),
                      "r"(v.w)
                      : "memory");
-    } else if constexpr (PARTIAL && (MOE_PARTIAL_STORE_HINT == 2 || MOE_PARTIAL_STORE_HINT == 3)) {
+    } else if constexpr (PARTIAL && MOE_PARTIAL_STORE_HINT == 2) {
         asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(dst), "r"(v.x), "r"(v.y),
-                     "r"(v.z), "r"(v.w), "l"(l2_policy(MOE_PARTIAL_STORE_HINT == 2))
+                     "r"(v.z), "r"(v.w), "l"(l2_policy(true))
                      : "memory");
     } else {
         *reinterpret_cast<uint4*>(dst) = v;

@@ -263,9 +263,7 @@
 
 // The persistent GEMM2's fused combine (MoESm90Combine; bench/NOTES.md v27: 7-23% slower on the layer,
 // and compiled in, 1% slower with it off): 1 compiles it into the A-resident walk, 0 (default) leaves
-// that walk as it was and ignores the combine arguments. 2: the concurrent combine (NOTES v39): GEMM2
-// walks and counts its units chunk-major as with 1 but runs no items; moe_sm90_chunk_combine, launched
-// after it on the multiprocessors its grid leaves free, sums each chunk once its units are counted.
+// that walk as it was and ignores the combine arguments.
 #ifndef MOE_SM90_FUSED_COMBINE
 #define MOE_SM90_FUSED_COMBINE 0
 #endif
@@ -1734,55 +1732,6 @@ MOE_DEVICE void moe_sm90_combine_discard(const MoESm90Combine& c, const T* parti
     }
 }
 
-/// The concurrent combine (MOE_SM90_FUSED_COMBINE=2; bench/NOTES.md v39): the combine items of GEMM2's
-/// chunk-major walk, on their own grid. GEMM2 (moe_gemm_sm90_persistent's A-resident walk, 128-row
-/// blocks, CONSUMER_WARPS 8) counts each stored unit's consumer warps in counts[c]; this kernel is launched
-/// right after it (programmatic dependent launch: its programs become resident once GEMM2's are, on the
-/// multiprocessors GEMM2's grid leaves free) and does not wait for GEMM2's grid. Program q of G = gridDim.x,
-/// 256 threads, for chunk c = 0, 1, ...: waits until counts[c] holds the valid m-blocks x 8 arrivals
-/// (thread 0, acquire; past MOE_SPIN_LIMIT_NS its outputs are all bits set, never a hang), sums tokens
-/// [q T / G, (q + 1) T / G) (T = num_valid_tokens / k) over columns [c chunk_cols, (c + 1) chunk_cols) in
-/// moe_combine's order and rounding, counts its read (the chunk's G-th reader clears the counter for the
-/// next launch) and discards the rows it read from L2 (MOE_SM90_COMBINE_DISCARD). Program 0 waits for
-/// GEMM2's grid at its end, so this grid completes after it. counts: zero before the first launch.
-template <typename T>
-__global__ void __launch_bounds__(256) moe_sm90_chunk_combine(void* out, const T* __restrict__ partials,
-                                                              const int32_t* __restrict__ ids, int32_t* counts,
-                                                              int32_t k, int32_t experts,
-                                                              const int32_t* __restrict__ total_padded,
-                                                              int64_t num_valid_tokens, int64_t max_padded,
-                                                              int64_t N, int64_t stride_cm, int64_t chunk_cols) {
-    griddepcontrol_launch_dependents();
-    constexpr int BLOCK_M = 128, CONSUMER_WARPS = 8, THREADS = 256;
-    const MoESm90Combine comb{out, ids, counts, k, experts};
-    // The routing is complete: GEMM2 waited for GEMM1, and GEMM1 for align, before this grid could start.
-    const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, BLOCK_M) / BLOCK_M,
-                                         ceil_div(max_padded, static_cast<int64_t>(BLOCK_M)));
-    const int32_t need = static_cast<int32_t>(valid_blocks) * CONSUMER_WARPS;
-    const int64_t chunks = ceil_div(N, chunk_cols);
-    const int64_t tokens = num_valid_tokens / k;
-    const int64_t items = gridDim.x, q = blockIdx.x;
-    const int64_t t0 = q * tokens / items, t1 = (q + 1) * tokens / items;
-    const int tid = threadIdx.x;
-    for (int64_t c = 0; c < chunks; ++c) {
-        int32_t* count = counts + c;
-        bool lost = false;
-        if (tid == 0) lost = !wait_count_at_least(count, (1 << MOE_SM90_COMBINE_READER_SHIFT) - 1, need);
-        lost = __syncthreads_or(lost);
-        const int64_t n0 = c * chunk_cols, n1 = min_i64(n0 + chunk_cols, N);
-        moe_sm90_combine_sum<T>(comb, partials, stride_cm, N, t0, t1, n0, n1, lost, tid, THREADS);
-        __syncthreads();  // every read of the chunk's rows is done
-        if (tid == 0) {
-            const int32_t seen = atomicAdd(count, 1 << MOE_SM90_COMBINE_READER_SHIFT);
-            if ((seen >> MOE_SM90_COMBINE_READER_SHIFT) + 1 == items) *count = 0;
-        }
-        if constexpr (MOE_SM90_COMBINE_DISCARD != 0) {
-            if (!lost) moe_sm90_combine_discard<T>(comb, partials, stride_cm, t0, t1, n0, n1, tid, THREADS);
-        }
-    }
-    if (q == 0) griddepcontrol_wait();
-}
-
 template <typename T, int BLOCK_M, int BLOCK_N, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
           bool PING_PONG>
 struct MoEGemmSm90PersistentTraits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOCK_M / 64> {
@@ -1841,9 +1790,7 @@ struct MoEGemmSm90PersistentTraits : MoESm90Roles<BLOCK_M, BLOCK_N, STAGES, BLOC
     // The fused combine (MOE_SM90_FUSED_COMBINE; GEMM2 on the A-resident walk; MoESm90Combine). Not
     // beside the half tiles (another experiment), where its sums' registers made the consumers spill.
     static constexpr bool COMBINE =
-        MOE_SM90_FUSED_COMBINE >= 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF && SPLIT_MODE == 0;
-    // The combine items inside this walk (1); with 2 a separate kernel runs them (moe_sm90_chunk_combine).
-    static constexpr bool COMBINE_ITEMS = COMBINE && MOE_SM90_FUSED_COMBINE == 1;
+        MOE_SM90_FUSED_COMBINE == 1 && A_RESIDENT && MUL_ROUTED_WEIGHT && !HALF && SPLIT_MODE == 0;
 
     // Output staging, its own region after the ring, barriers and row tables: 256 bytes per tile row
     // (each consumer warp stages its 16 rows in passes of at most 256 bytes per row). (Staging the
@@ -1967,15 +1914,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
             // (G consecutive steps), a chunk's items come a chunk's units after its own (by then done:
             // little waiting), and a chunk's partial rows are read while still in L2.
             constexpr int kStepEnd = 0, kStepUnit = 1, kStepCombine = 2;
-            const int64_t items = Tr::COMBINE_ITEMS ? gridDim.x : 0;
+            const int64_t items = gridDim.x;
             const auto step_at = [&](int64_t w, int64_t& q, int64_t& c, int32_t& expert, int64_t& nb_begin,
                                      int64_t& nb_end) -> int {
-                if (combining && items == 0) {  // units only, chunk-major (moe_sm90_chunk_combine sums them)
-                    if (valid_blocks == 0) return kStepEnd;
-                    c = w / valid_blocks;
-                    if (c >= chunks) return kStepEnd;
-                    q = w - c * valid_blocks;
-                } else if (combining) {
+                if (combining) {
                     if (w < valid_blocks) {
                         q = w;
                         c = 0;
@@ -2065,7 +2007,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_M / 64), 1)
                 for (int64_t w = blockIdx.x;; w += gridDim.x) {
                     const int step = step_at(w, q, c, expert, nb_begin, nb_end);
                     if (step == kStepEnd) break;
-                    if constexpr (Tr::COMBINE_ITEMS) {
+                    if constexpr (Tr::COMBINE) {
                         if (step == kStepCombine) {
                             // Item q of chunk c: once every consumer warp of the chunk's units has counted
                             // itself (thread 0 waits, acquire), its share of the tokens over the chunk's

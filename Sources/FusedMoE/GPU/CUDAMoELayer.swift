@@ -72,9 +72,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         var cast: Kernel
         /// Split-K reduction of GEMM1 with the activation applied (fused plans).
         var splitReduceActivation: Kernel
-        /// The concurrent combine (`moe_sm90_chunk_combine`), where the library compiles it
-        /// (MOE_SM90_FUSED_COMBINE=2, an experiment: NOTES v39).
-        var chunkCombine: Kernel? = nil
     }
 
     /// Whether layers made without an explicit choice use programmatic dependent launch: yes, unless the
@@ -450,13 +447,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let gemm2 = try gemmKernel(plan.gemm2, index: 1)
         try gemm1.setMaxDynamicSharedMemory(bytes: max(plan.gemm1.sharedMemoryBytes, 48 * 1024))
         try gemm2.setMaxDynamicSharedMemory(bytes: max(plan.gemm2.sharedMemoryBytes, 48 * 1024))
-        var chunkCombine: Kernel? = nil
-        if combinesConcurrently(defines: library.defines) {
-            let type = dtype == .fp16 ? "moe_fp16" : "moe_bf16"
-            let request = KernelLibrary.Request(source: .gemmSM90, expressions: ["moe_sm90_chunk_combine<\(type)>"])
-            try library.prepare([request])
-            chunkCombine = try library.kernel(request.expressions[0], in: request)
-        }
         let alignSingle = try library.kernel("moe_align_single", in: align)
         let stageRoom = alignStageRoom(optIn: library.device.properties.sharedMemoryPerBlockOptIn)
         if stageRoom > 48 * 1024 { try alignSingle.setMaxDynamicSharedMemory(bytes: stageRoom) }
@@ -470,8 +460,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
             combine: try library.kernel(elementwise.expressions[1], in: elementwise),
             splitReduce: try library.kernel(elementwise.expressions[2], in: elementwise),
             cast: try library.kernel(elementwise.expressions[3], in: elementwise),
-            splitReduceActivation: try library.kernel(elementwise.expressions[4], in: elementwise),
-            chunkCombine: chunkCombine)
+            splitReduceActivation: try library.kernel(elementwise.expressions[4], in: elementwise))
     }
 
     /// Computes `out [M, H]` from `x [M, H]` and the routing `topkIDs [M, k]` (int32, router expert
@@ -626,19 +615,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
             combine: usesFusedCombine ? FusedCombine(out: out, topkIDs: topkIDs, chunk: CUDAMoELayer.fusedCombineChunk(plan: plan, dtype: dtype, pairs: pairs)) : nil,
             stream: stream)
         try marker?("gemm2")
-        if usesFusedCombine, let chunkCombine = kernels.chunkCombine {
-            // GEMM2 counts its units per chunk; this kernel sums each chunk once it is complete.
-            let chunkColumns = CUDAMoELayer.fusedCombineChunk(plan: plan, dtype: dtype, pairs: pairs) * plan.gemm2.blockN
-            let programs = CUDAMoELayer.concurrentCombineMultiprocessors
-                * CUDAMoELayer.concurrentCombineProgramsPerMultiprocessor
-            try chunkCombine.launch(
-                grid: Dimensions(programs), block: Dimensions(256), on: stream,
-                arguments: [
-                    out, down, topkIDs, combineCounts, Int32(k), Int32(routedExperts), routing2.totalPadded,
-                    Int64(pairs), Int64(routing2.maxPadded), Int64(h), Int64(h), Int64(chunkColumns),
-                ], programmaticDependentLaunch: programmaticDependentLaunch)
-            try marker?("combine")
-        }
         if usesAtomicCombine && stagedSum {
             try DeviceBuffer.copy(from: down.pointer, to: out, byteCount: outBytes, on: stream)
             try marker?("combine")
@@ -692,7 +668,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let ringBytes = config.stages * 128 * (config.blockM + config.blockN)
         let bStages = min(config.stages, (ringBytes - aSlots * 128 * config.blockM) / (128 * config.blockN))
         let halfTiles = defineValue("MOE_SM90_HALF_TILES", in: defines) == 1
-        let compiled = (defineValue("MOE_SM90_FUSED_COMBINE", in: defines) ?? 0) >= 1
+        let compiled = defineValue("MOE_SM90_FUSED_COMBINE", in: defines) == 1
         return compiled && shape.topK > 1 && !expertMap && !halfTiles && config.kernel == .wgmmaPersistent && config.effectiveMode == .none
             && config.blockM == 128 && aSlots > 0 && 16 * aSlots <= 4 * config.blockM
             && shape.intermediate <= 64 * aSlots && bStages >= 3
@@ -710,18 +686,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
             maxPadded: Align.maximumPaddedCount(
                 pairs: pairs, experts: options.routedExperts(local: shape.experts), blockM: plan.gemm2.blockM))
     }
-
-    /// Whether the fused combine of kernels compiled with `defines` runs concurrently, as its own kernel
-    /// (`moe_sm90_chunk_combine`) on the multiprocessors GEMM2's grid leaves free:
-    /// MOE_SM90_FUSED_COMBINE=2 (NOTES v39); 1 runs it inside GEMM2's walk.
-    static func combinesConcurrently(defines: [String]) -> Bool {
-        defineValue("MOE_SM90_FUSED_COMBINE", in: defines) == 2
-    }
-
-    /// The multiprocessors GEMM2 leaves to the concurrent combine (FUSED_MOE_COMBINE_SMS, default 8), and
-    /// its programs per multiprocessor (two of 256 threads fit beside nothing else).
-    static let concurrentCombineMultiprocessors: Int = environmentInteger("FUSED_MOE_COMBINE_SMS", atLeast: 1) ?? 8
-    static let concurrentCombineProgramsPerMultiprocessor = 2
 
     /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (RoutingTests reads it
     /// from the source).
@@ -948,12 +912,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // Cluster pairs need an even count (a last program without a tile returns at once).
         // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
         let multiprocessors = library.device.properties.multiprocessorCount
-        // The concurrent combine keeps some multiprocessors free of GEMM2 for its own programs.
-        let reserved = combine != nil && kernels.chunkCombine != nil ? CUDAMoELayer.concurrentCombineMultiprocessors : 0
         let programs = config.kernel == .wgmmaStreamK
             ? multiprocessors
             : config.kernel.isPersistent
-            ? min(mBlocks * nBlocks, max(1, (multiprocessors - reserved) / config.splitK))
+            ? min(mBlocks * nBlocks, max(1, multiprocessors / config.splitK))
             : (mBlocks * nBlocks + config.clusterM - 1) / config.clusterM * config.clusterM
         let grid = Dimensions(max(programs, 1), config.splitK)
         if config.kernel == .mma {
