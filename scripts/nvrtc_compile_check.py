@@ -398,7 +398,9 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=16"]),
             # The diagnostic's bits 5-8 and the pair prefetch switched off (NOTES v35).
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_DIAG_GEMM2=480"]),
-            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_PAIR_PREFETCH=0"])]
+            ("moe_gemm_sm90.cu", hinted, ["-DMOE_SM90_PAIR_PREFETCH=0"]),
+            # The swap-AB kernel's per-program timeline (NOTES v39).
+            ("moe_gemm_sm90.cu", hinted[:4], ["-DMOE_SM90_DIAG_TIMES=1"])]
 
 
 def main() -> int:

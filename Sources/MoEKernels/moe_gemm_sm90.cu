@@ -278,6 +278,15 @@
 #define MOE_SM90_COMBINE_DISCARD 1
 #endif
 
+// A diagnostic (bench/NOTES.md v39): 1 gives the swap-AB kernel one more argument, uint64_t* diag_times,
+// 8 values per program (blockIdx.x): the SM id, %clock64 at the kernel's entry, when consumer thread 0
+// issues its first wgmma, after its K loop, after its epilogue, and %globaltimer at entry and at the
+// epilogue's end (programs without a tile write the first two and zeros). `bench --stages` prints the
+// per-tile timeline from them. 0 (default): the kernels are as shipped.
+#ifndef MOE_SM90_DIAG_TIMES
+#define MOE_SM90_DIAG_TIMES 0
+#endif
+
 // The swap-AB kernel's GEMM2 (routing_ready) loads its first weight tiles before griddepcontrol.wait
 // (bench/NOTES.md v18); 0 waits first, as every other kernel does.
 #ifndef MOE_SM90_EARLY_WEIGHTS
@@ -1275,8 +1284,23 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready,
-                       int32_t* __restrict__ block_done, int32_t block_need, int32_t combine_k) {
+                       int32_t* __restrict__ block_done, int32_t block_need, int32_t combine_k
+#if MOE_SM90_DIAG_TIMES
+                       , uint64_t* __restrict__ diag_times
+#endif
+    ) {
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
+#if MOE_SM90_DIAG_TIMES
+    uint64_t* const diag = diag_times + 8 * static_cast<int64_t>(blockIdx.x);
+    if (threadIdx.x == 0) {
+        uint32_t smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        diag[0] = smid;
+        diag[1] = clock64();
+        diag[5] = global_timer_ns();
+        diag[2] = diag[3] = diag[4] = diag[6] = 0;
+    }
+#endif
     // routing_ready (GEMM2): the routing (sorted_token_ids, expert_ids, total_padded) was complete before
     // the previous kernel started (align ran before GEMM1, whose griddepcontrol.wait this grid's launch
     // follows), so the schedule, the row tables and the first STAGES weight tiles (never written) are
@@ -1380,10 +1404,20 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             constexpr int W_BLOCK_STRIDE = (Tr::PAIRED ? BLOCK_N_W / 2 : 64) * Smem::ROW_BYTES;
             const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * W_ROW0 * Smem::ROW_BYTES);
             const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
+#if MOE_SM90_DIAG_TIMES
+            bool first_issue = true;
+#endif
             moe_sm90_consume<STAGES>(sm.full, sm.empty, tile.num_tiles, lane, [&](int stage) {
+#if MOE_SM90_DIAG_TIMES
+                if (first_issue && ctid == 0) diag[2] = clock64();
+                first_issue = false;
+#endif
                 moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES, Smem::A_STAGE_BYTES,
                                            W_BLOCK_STRIDE>(acc, desc_w0, desc_x0, stage);
             });
+#if MOE_SM90_DIAG_TIMES
+            if (ctid == 0) diag[3] = clock64();
+#endif
 #pragma unroll
             for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
@@ -1484,6 +1518,12 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         } else {
             consume_and_store(moe_int_constant<TOKENS>{});
         }
+#if MOE_SM90_DIAG_TIMES
+        if (ctid == 0) {
+            diag[4] = clock64();
+            diag[6] = global_timer_ns();
+        }
+#endif
         if (signal_block) {  // this program's rows of its m-block are stored: count them for GEMM2
             // The barrier orders the stores of the threads it joins before one thread's release, which is
             // cumulative: one fence per warp (or program), not one per thread. GEMM2 waits for

@@ -121,4 +121,22 @@ import Testing
         #expect(GPUBench.Setting.split(4, .atomic).label == ("mma", "atomic4"))
     }
 
+    /// The swap-AB timeline diagnostic's summary (MOE_SM90_DIAG_TIMES): two tiles on one SM at 2 GHz, 500 ns
+    /// apart in a 2500 ns span (20% between programs), a program without a tile skipped; none: nil.
+    @Test func tileTimelineSummary() throws {
+        // SM id, clock at start, first wgmma, K loop end, epilogue end, global ns at start and end.
+        let a: [UInt64] = [3, 10_000, 10_400, 11_600, 12_000, 0, 1000]
+        let b: [UInt64] = [3, 13_000, 13_200, 14_600, 15_000, 1500, 2500]
+        let idle: [UInt64] = [5, 20_000, 0, 0, 0, 100, 0]
+        let records = (a + [0]) + (idle + [0]) + (b + [0])
+        let line = try #require(GPUBench.timelineSummary(name: "gemm1", records: records))
+        #expect(line.contains("2 tiles on 1 SMs"), "\(line)")
+        #expect(line.contains("2.00 GHz"), "\(line)")
+        #expect(line.contains("2.5 us first start to last end"), "\(line)")
+        // Medians: to the first wgmma (400, 200 cycles) 0.15 us; K loop (1200, 1400) 0.65 us; epilogue 0.20 us.
+        #expect(line.contains("0.15 us to its first wgmma") && line.contains("0.65 K loop") && line.contains("0.20 epilogue"), "\(line)")
+        #expect(line.contains("20.0% of the SMs' spans"), "\(line)")
+        #expect(GPUBench.timelineSummary(name: "gemm2", records: idle + [0]) == nil)
+    }
+
 }

@@ -177,6 +177,7 @@ public final class GPUBench {
                 if stages {
                     row.stages = try stageBreakdown(layer: layer, inputs: inputs[0], out: out)
                     progress("    stages: " + row.stages.map { "\($0.0) \(format($0.1, 4))" }.joined(separator: ", "))
+                    for line in try tileTimeline(layer: layer, inputs: inputs[0], out: out) { progress("    " + line) }
                 }
                 rows.append(row)
                 progress("[\(index + 1)/\(batchSizes.count)] \(preset.name) M=\(tokens) \(label.variant) \(row.splitMode): \(format(milliseconds, 4)) ms, \(format(row.percentOfFloor, 1))% of floor, rel_err \(formatScientific(error)) [\(layerPlan)]")
@@ -260,6 +261,52 @@ public final class GPUBench {
             samples.append(row)
         }
         return names.indices.map { index in (names[index], HostClock.median(samples.map { $0[index] })) }
+    }
+
+    /// The swap-AB GEMMs' per-program timeline of one plain forward, for kernels compiled with the
+    /// diagnostic MOE_SM90_DIAG_TIMES=1 (none otherwise): per GEMM, the median program's microseconds from
+    /// its start to its first wgmma, in its K loop and in its epilogue, and the share of each SM's span
+    /// (its first program's start to its last program's end) spent between programs (NOTES v39).
+    func tileTimeline(layer: CUDAMoELayer, inputs: LayerInputs, out: DeviceBuffer) throws -> [String] {
+        for _ in 0..<3 { try inputs.forward(layer, out: out, stream: stream) }
+        guard let (gemm1, gemm2) = try layer.diagnosticTimes(stream: stream) else { return [] }
+        return [("gemm1", gemm1), ("gemm2", gemm2)].compactMap { name, values in
+            GPUBench.timelineSummary(name: name, records: values)
+        }
+    }
+
+    /// One GEMM's line of `tileTimeline` from its records (8 values per program: SM id, clock at start, at
+    /// the first wgmma, after the K loop, after the epilogue, global time at start and at the end); nil
+    /// when no program ran a tile.
+    static func timelineSummary(name: String, records: [UInt64]) -> String? {
+        struct Program { var sm: UInt64; var clocks: [Double]; var start: Double; var end: Double }
+        var programs: [Program] = []
+        var stride = 0
+        while stride + 8 <= records.count {
+            let r = records[stride..<(stride + 8)].map { $0 }
+            stride += 8
+            guard r[4] != 0, r[2] != 0, r[6] > r[5] else { continue }  // no tile (or not this kernel)
+            programs.append(Program(
+                sm: r[0], clocks: [Double(r[1]), Double(r[2]), Double(r[3]), Double(r[4])], start: Double(r[5]), end: Double(r[6])))
+        }
+        guard !programs.isEmpty else { return nil }
+        // Cycles per nanosecond, from each program's clock and global-time spans.
+        let ghz = HostClock.median(programs.map { ($0.clocks[3] - $0.clocks[0]) / max($0.end - $0.start, 1) })
+        func micros(_ from: Int, _ to: Int) -> Double {
+            HostClock.median(programs.map { ($0.clocks[to] - $0.clocks[from]) / ghz / 1000 })
+        }
+        // Per SM: the span from its first program's start to its last one's end, less its programs' own time.
+        var span = 0.0, gaps = 0.0
+        for (_, group) in Dictionary(grouping: programs, by: \.sm) {
+            let first = group.map(\.start).min()!, last = group.map(\.end).max()!
+            span += last - first
+            gaps += (last - first) - group.map { $0.end - $0.start }.reduce(0, +)
+        }
+        let kernel = (programs.map(\.end).max()! - programs.map(\.start).min()!) / 1000
+        return "\(name) timeline: \(programs.count) tiles on \(Set(programs.map(\.sm)).count) SMs, \(format(ghz, 2)) GHz, "
+            + "\(format(kernel, 1)) us first start to last end; median tile \(format(micros(0, 1), 2)) us to its first wgmma, "
+            + "\(format(micros(1, 2), 2)) K loop, \(format(micros(2, 3), 2)) epilogue; between programs "
+            + "\(format(100 * gaps / max(span, 1), 1))% of the SMs' spans"
     }
 
     /// Median milliseconds per forward: a graph of `rotations` forwards (one per input set, so

@@ -46,6 +46,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// The block sync's counters (`usesBlockSync`): one per m-block, zero between launches (GEMM2's last
     /// program on an m-block clears it). Empty when the plan does not use it.
     let blockDone: DeviceBuffer
+    /// The swap-AB kernels' per-program timeline (kernels compiled with MOE_SM90_DIAG_TIMES=1, a diagnostic:
+    /// `diagnosticTimes`): 8 values per program, GEMM1's programs in the first half, GEMM2's in the second.
+    /// Empty otherwise.
+    let diagTimes: DeviceBuffer
     /// The fused combine's counters (`usesFusedCombine`): one per chunk of GEMM2's n-blocks (at most one
     /// per n-block), zero between launches (each chunk's last combine item clears its own). Empty when the
     /// layer does not fuse the combine into GEMM2.
@@ -370,6 +374,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 ? max(alignOutputs[0].expertIDs.byteCount / MemoryLayout<Int32>.size, pairs)
                 : 0
             blockDone = try DeviceBuffer(device: device, count: syncBlocks, of: Int32.self)
+            // One slot of 8 values per program the larger swap-AB grid can have, in each half.
+            let diagPrograms = CUDAMoELayer.defineValue("MOE_SM90_DIAG_TIMES", in: library.defines) == 1
+                ? [plan.gemm1, plan.gemm2].map { config in
+                    let padded = max(Align.maximumPaddedCount(pairs: pairs, experts: routed, blockM: config.blockM), pairs * config.blockM)
+                    return ((padded + config.blockM - 1) / config.blockM)
+                        * ((max(2 * shape.intermediate, shape.hidden) + config.blockN - 1) / config.blockN) * config.splitK
+                }.max()! : 0
+            diagTimes = try DeviceBuffer(device: device, count: 2 * 8 * diagPrograms, of: UInt64.self)
             if syncBlocks > 0 { try blockDone.upload([Int32](repeating: 0, count: syncBlocks)) }
             let fuseCombine = !usesAtomicCombine && (fusedCombine ?? true)
                 && CUDAMoELayer.allowsFusedCombine(plan: plan, shape: shape, options: options, library: library, pairs: pairs)
@@ -757,6 +769,16 @@ public final class CUDAMoELayer: @unchecked Sendable {
         return blockSyncSignals(plan: plan, shape: shape) < 0x10000 && readers < 0x8000
     }
 
+    /// The swap-AB GEMMs' per-program timeline of the last forward (MOE_SM90_DIAG_TIMES=1 kernels; nil
+    /// otherwise): GEMM1's and GEMM2's records, 8 values per program (moe_gemm_sm90.cu's notes), after
+    /// synchronizing `stream`. A GEMM that is not the swap-AB kernel leaves its half as it was.
+    public func diagnosticTimes(stream: Stream) throws(CUDAError) -> (gemm1: [UInt64], gemm2: [UInt64])? {
+        guard diagTimes.byteCount > 0 else { return nil }
+        try stream.synchronize()
+        let all = try diagTimes.download(count: diagTimes.byteCount / 8, as: UInt64.self)
+        return (Array(all[..<(all.count / 2)]), Array(all[(all.count / 2)...]))
+    }
+
     /// For checks: the block sync's counters, read back after the stream's work (all zero between
     /// forwards); nil when the plan does not use it.
     public func blockSyncCounters(stream: Stream) throws(CUDAError) -> [Int32]? {
@@ -952,6 +974,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 case .wait(let blocks): arguments += [blockDone.pointer, Int32(blocks)]
                 }
                 arguments.append(Int32(shape.topK))  // combine_k: SPLIT_MODE 3's output row is pair / k
+                if diagTimes.byteCount > 0 {  // the diagnostic's timeline: GEMM1 first half, GEMM2 second
+                    arguments.append(DevicePointer(address: diagTimes.pointer.address + UInt64(routingReady ? diagTimes.byteCount / 2 : 0)))
+                }
             }
             if config.kernel.isPersistent {  // the stream-K workspace (null for the other walks)
                 let streamK = config.kernel == .wgmmaStreamK
