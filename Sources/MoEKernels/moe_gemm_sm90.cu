@@ -336,6 +336,15 @@
 #ifndef MOE_SM90_SWAP_PAIRED_ACT
 #define MOE_SM90_SWAP_PAIRED_ACT 1
 #endif
+// Units (an experiment, bench/NOTES.md v39): with U > 1 each program of the swap-AB GEMM1 with the paired
+// activation (Tr::PAIRED) runs U consecutive n-blocks of one m-block (MoEGemmSm90SwapTraits::UNIT): the
+// routing, the row table and the barriers once, the ring carried from tile to tile (the producer loads the
+// next tile's stages under this tile's last K tiles and epilogue), each tile's output staged in the stage
+// its K loop ended on (its B part, then its A part), which is released after the epilogue. The host
+// launches m-blocks x ceil(n-blocks / U) programs then (CUDAMoELayer.swapUnit). 1 (default): one tile each.
+#ifndef MOE_SM90_SWAP_UNIT
+#define MOE_SM90_SWAP_UNIT 1
+#endif
 // Activations computed together in that epilogue (a divisor of 4: every fitted width's W / 2 is a multiple);
 // 1 and 4 compile to the same spill-free registers.
 #ifndef MOE_SM90_PAIRED_ACT_GROUP
@@ -876,6 +885,29 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
     }
 }
 
+/// moe_sm90_consume for one tile of a walk whose ring position (stage, phase) carries over from tile to tile
+/// (the swap-AB kernel's units): releases every stage it consumed but the last, whose index it returns (the
+/// caller stages its output there and releases it after); the entry position when num_tiles == 0.
+template <int STAGES, typename Issue>
+MOE_DEVICE int moe_sm90_consume_carried(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
+                                        uint32_t& phase, Issue&& issue) {
+    int prev_stage = stage;
+    for (int t = 0; t < num_tiles; ++t) {
+        mbarrier_wait_parity(full + 8 * stage, phase);
+        fence_proxy_async_shared_cta();
+        issue(stage);
+        wgmma_wait_group<1>();  // the previous K tile's products are done: its stage may be refilled
+        if (t > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+        prev_stage = stage;
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+    wgmma_wait_group<0>();
+    return prev_stage;
+}
+
 /// What the three wgmma kernels' traits share: the ring (MoESm90Smem of A_ROWS x B_ROWS tiles, K tiles of
 /// 64 in K_STEPS wgmma k16 steps), one producer warpgroup and CONSUMER_WGS consumer warpgroups, and with
 /// two of them the register split (setmaxnreg): 384 threads launched at 168 registers each, the producer
@@ -1190,6 +1222,14 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
     static constexpr bool PAIRED = FUSED && M_BLOCKS == 2 && MOE_SM90_SWAP_PAIRED_ACT != 0 &&
                                    ((FUSED_ACT == 1 && moe_is_same<T, moe_bf16>::value) || TOKENS <= 128);
     static constexpr int PAIRED_PITCH = OUT_COLS + 8;  // T elements per staged token row
+    // Units of n-blocks per program (MOE_SM90_SWAP_UNIT; paired GEMM1 only, whose staging fits one stage).
+    static constexpr int UNIT = PAIRED && SPLIT_MODE == 0 ? MOE_SM90_SWAP_UNIT : 1;
+    // In the unit walk, staged token rows [0, UNIT_SPLIT_ROWS) go to the B part of the stage the K loop
+    // ended on, the rest to its A part.
+    static constexpr int UNIT_SPLIT_ROWS = (Smem::B_STAGE_BYTES / (PAIRED_PITCH * 2)) / 8 * 8;
+    static_assert(UNIT == 1 || (TOKENS <= UNIT_SPLIT_ROWS ||
+                                (TOKENS - UNIT_SPLIT_ROWS) * PAIRED_PITCH * 2 <= Smem::A_STAGE_BYTES),
+                  "a unit's staged tile must fit in one stage");
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128 || BLOCK_N_W == 256, "BLOCK_N_W in {64, 128, 256}");
@@ -1215,19 +1255,28 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
 /// pass), packs token pairs and stores them transposed by stmatrix into staged[token][column] (the ring's
 /// memory, once every consumer is done with it); then the consumers store 16-byte row pieces to C row
 /// pair(token). The result is bit for bit the unpaired epilogue's.
-template <typename T, typename Tr, int W, int FUSED_ACT, typename Smem>
+template <typename T, typename Tr, int W, int FUSED_ACT, typename Smem, int SPLIT_ROWS = W>
 MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem& sm, const MoESm90Tile& tile,
                                               void* __restrict__ C, int64_t N, int64_t stride_cm, int wg, int wg_tid,
-                                              int ctid, int lane) {
+                                              int ctid, int lane, T* staged_lo = nullptr, T* staged_hi = nullptr) {
+    // SPLIT_ROWS < W (the unit walk): staged rows [0, SPLIT_ROWS) at staged_lo, the rest at staged_hi;
+    // otherwise the whole tile at the ring's base.
+    constexpr bool SPLIT = SPLIT_ROWS < W;
     constexpr int PITCH = Tr::PAIRED_PITCH;
     constexpr int J = W / 8;  // 8-token column blocks of the accumulators
     fence_proxy_async_shared_cta();
     bar_sync<1, Tr::CONSUMER_THREADS>();  // every consumer is done with the ring before it is overwritten
-    T* staged = reinterpret_cast<T*>(sm.base);
+    T* staged = SPLIT ? staged_lo : reinterpret_cast<T*>(sm.base);
     const int col0 = wg * 64 + (wg_tid / 32) * 16;  // the warp's 16 output columns
     // stmatrix row addresses: lane l gives row l % 8 of matrix l / 8; matrix q of a call is (j + q / 2, h = q % 2).
     const int q = lane / 8;
     const uint32_t row_addr = cvta_to_shared_u32(staged + (8 * (q / 2) + lane % 8) * PITCH + col0 + 8 * (q % 2));
+    // The split form's address of this lane's row in the call for 8-token block j.
+    const auto split_addr = [&](int j) -> uint32_t {
+        const int row = 8 * j + 8 * (q / 2) + lane % 8;
+        T* base = row < SPLIT_ROWS ? staged_lo + row * PITCH : staged_hi + (row - SPLIT_ROWS) * PITCH;
+        return cvta_to_shared_u32(base + col0 + 8 * (q % 2));
+    };
     // act(gate) * up in place of gate (acc[1][i] dies with its use), then packed token pairs. Computing it
     // in place is what removed the first form's spills; the groups of G values behind empty volatile asm
     // statements (ptxas keeps them in order) changed no spill count (G = 1 and 4 compiled alike) and stay
@@ -1246,11 +1295,11 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
     const auto packed = [&](int j, int h) { return pack2<T>(acc[0][4 * j + 2 * h], acc[0][4 * j + 2 * h + 1]); };
 #pragma unroll
     for (int j = 0; j + 1 < J; j += 2)
-        stmatrix_x4_trans(row_addr + static_cast<uint32_t>(8 * j * PITCH * 2), packed(j, 0), packed(j, 1),
-                          packed(j + 1, 0), packed(j + 1, 1));
+        stmatrix_x4_trans(SPLIT ? split_addr(j) : row_addr + static_cast<uint32_t>(8 * j * PITCH * 2), packed(j, 0),
+                          packed(j, 1), packed(j + 1, 0), packed(j + 1, 1));
     if constexpr (J % 2 == 1)  // lanes 0..15 address matrices (J - 1, 0) and (J - 1, 1)
-        stmatrix_x2_trans(row_addr + static_cast<uint32_t>(8 * (J - 1) * PITCH * 2), packed(J - 1, 0),
-                          packed(J - 1, 1));
+        stmatrix_x2_trans(SPLIT ? split_addr(J - 1) : row_addr + static_cast<uint32_t>(8 * (J - 1) * PITCH * 2),
+                          packed(J - 1, 0), packed(J - 1, 1));
     bar_sync<1, Tr::CONSUMER_THREADS>();
 
     constexpr int VEC = 8;  // T elements per 16-byte piece
@@ -1265,7 +1314,7 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
         const int32_t p = sm.pair[r];
         const int64_t n = out_n0 + c * VEC;
         if (p < 0 || n >= out_n) continue;
-        const T* src = staged + r * PITCH + c * VEC;
+        const T* src = (SPLIT && r >= SPLIT_ROWS ? staged_hi + (r - SPLIT_ROWS) * PITCH : staged + r * PITCH) + c * VEC;
         T* dst = out + static_cast<int64_t>(p) * stride_cm + n;
         if (vec_ok && n + VEC <= out_n) {
             *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -1326,8 +1375,20 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     extern __shared__ __align__(16) unsigned char moe_gemm_sm90_smem[];
 
     MoESm90Tile tile;
-    if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
-                                                           group_size_m, max_padded, num_valid_tokens)) {
+    int unit_tiles = 1;  // the unit walk's tiles (Tr::UNIT): n-blocks tile.n0 / BLOCK_N_W on, one m-block
+    if constexpr (Tr::UNIT > 1) {
+        // Program u: m-block u / units-per-m-block, its n-blocks from (u % units-per-m-block) * UNIT (m-block order).
+        const int64_t num_pid_n = ceil_div(N, BLOCK_N_W);
+        const int64_t units = ceil_div(num_pid_n, Tr::UNIT);
+        const int64_t q = blockIdx.x / units;
+        const int64_t j0 = (blockIdx.x - q * units) * Tr::UNIT;
+        if (!moe_sm90_tile_at<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, q * num_pid_n + j0, blockIdx.y, expert_ids,
+                                                              total_padded, N, K, split_k, 1, max_padded,
+                                                              num_valid_tokens))
+            return;  // GEMM1 (no block-sync wait): nothing to complete after
+        unit_tiles = static_cast<int>(min_i64(Tr::UNIT, num_pid_n - j0));
+    } else if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
+                                                                  group_size_m, max_padded, num_valid_tokens)) {
         if (completes_after_gemm1) griddepcontrol_wait();
         return;
     }
@@ -1368,7 +1429,27 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             if (tid == 0) block_ready = moe_sm90_wait_block(block_done + tile.row0 / TOKENS, block_need);
             bar_sync<2, Tr::PRODUCER_THREADS>();  // every producer's A loads follow thread 0's acquire
         }
-        if (tile.num_tiles > 0) {
+        if (Tr::UNIT > 1 && tile.num_tiles > 0) {
+            // The unit's tiles on one ring: the same token rows, the next n-block's weights.
+            int stage = 0;
+            uint32_t phase = 0;
+            const MoESm90ASources<T, TOKENS> a = moe_sm90_a_sources<T, TOKENS>(sm.a_row, A, stride_am, tid);
+            for (int i = 0; i < unit_tiles; ++i) {
+                MoESm90Tile ti = tile;
+                ti.n0 += static_cast<int64_t>(i) * BLOCK_N_W;
+                int32_t b_row, b_row_up;
+                moe_sm90_b_rows<Tr::FUSED>(ti, N, b_row, b_row_up);
+                for (int t = 0; t < ti.num_tiles; ++t) {
+                    moe_sm90_produce_k_tile<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(
+                        sm, a, &b_map, A, K, b_row, b_row_up, ti, t, stage, phase, tid, -1, i > 0 || t >= b_preloaded);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            }
+            cp_async_wait_all();
+        } else if (tile.num_tiles > 0) {
             int32_t b_row, b_row_up;
             moe_sm90_b_rows<Tr::FUSED>(tile, N, b_row, b_row_up);
             moe_sm90_produce<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(sm, tile, &b_map, A, stride_am, K, b_row,
@@ -1392,6 +1473,51 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
         auto consume_and_store = [&](auto width) {
             constexpr int W = decltype(width)::value;
             constexpr int ACC = W / 2;  // fp32 accumulators per thread per m64 block
+            if constexpr (Tr::UNIT > 1) {
+                // The unit walk (Tr::PAIRED): each tile's K loop on the carried ring, its epilogue staged in
+                // the stage that loop ended on (released after), its rows counted for the block sync.
+                constexpr int W_ROW0 = 64;
+                constexpr int W_BLOCK_STRIDE = (BLOCK_N_W / 2) * Smem::ROW_BYTES;
+                const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * W_ROW0 * Smem::ROW_BYTES);
+                const uint64_t desc_x0 = wgmma_desc_k_major_sw128(sm.a);
+                int stage = 0;
+                uint32_t phase = 0;
+                for (int i = 0; i < unit_tiles; ++i) {
+                    MoESm90Tile ti = tile;
+                    ti.n0 += static_cast<int64_t>(i) * BLOCK_N_W;
+                    float acc[Tr::M_BLOCKS][ACC];
+#pragma unroll
+                    for (int m = 0; m < Tr::M_BLOCKS; ++m)
+#pragma unroll
+                        for (int k = 0; k < ACC; ++k) {
+                            acc[m][k] = 0.0f;
+                            wgmma_fence_operand(acc[m][k]);  // the zeros stay ahead of the tile's wgmma
+                        }
+                    const int last = moe_sm90_consume_carried<STAGES>(
+                        sm.full, sm.empty, ti.num_tiles, lane, stage, phase, [&](int st) {
+                            moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES,
+                                                       Smem::A_STAGE_BYTES, W_BLOCK_STRIDE>(acc, desc_w0, desc_x0, st);
+                        });
+#pragma unroll
+                    for (int m = 0; m < Tr::M_BLOCKS; ++m)
+#pragma unroll
+                        for (int k = 0; k < ACC; ++k) wgmma_fence_operand(acc[m][k]);
+                    T* lo = reinterpret_cast<T*>(sm.base + STAGES * Smem::A_STAGE_BYTES + last * Smem::B_STAGE_BYTES);
+                    T* hi = reinterpret_cast<T*>(sm.base + last * Smem::A_STAGE_BYTES);
+                    moe_sm90_swap_paired_epilogue<T, Tr, W, FUSED_ACT, Smem, Tr::UNIT_SPLIT_ROWS>(
+                        acc, sm, ti, C, N, stride_cm, wg, wg_tid, ctid, lane, lo, hi);
+                    // Every consumer's reads of the staged rows are done: the stage goes back to the
+                    // producer (the async proxy's TMA writes it next: fence the generic accesses first).
+                    fence_proxy_async_shared_cta();
+                    bar_sync<1, Tr::CONSUMER_THREADS>();
+                    if (ti.num_tiles > 0 && lane == 0) mbarrier_arrive(sm.empty + 8 * last);
+                    if (signal_block) {  // this tile's rows of its m-block are stored: count them for GEMM2
+                        __syncwarp();
+                        if (lane == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
+                    }
+                }
+                return;
+            }
             float acc[Tr::M_BLOCKS][ACC];
 #pragma unroll
             for (int m = 0; m < Tr::M_BLOCKS; ++m)
@@ -1524,7 +1650,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             diag[6] = global_timer_ns();
         }
 #endif
-        if (signal_block) {  // this program's rows of its m-block are stored: count them for GEMM2
+        if (Tr::UNIT == 1 && signal_block) {  // this program's rows of its m-block are stored: count them for GEMM2
             // The barrier orders the stores of the threads it joins before one thread's release, which is
             // cumulative: one fence per warp (or program), not one per thread. GEMM2 waits for
             // CONSUMER_THREADS / 32 counts per GEMM1 program either way.

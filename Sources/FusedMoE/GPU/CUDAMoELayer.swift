@@ -699,6 +699,18 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 pairs: pairs, experts: options.routedExperts(local: shape.experts), blockM: plan.gemm2.blockM))
     }
 
+    /// The n-blocks one program of a swap-AB GEMM1 with its activation runs (MOE_SM90_SWAP_UNIT in the
+    /// library's `defines`, an experiment: NOTES v39; 1 without it), where the kernel takes the unit walk:
+    /// MoEGemmSm90SwapTraits::UNIT, the paired epilogue (256 weight rows, unsplit; bf16 silu at any width,
+    /// else at most 128 tokens; MOE_SM90_SWAP_PAIRED_ACT not 0).
+    static func swapUnit(config: GemmConfig, dtype: DType, activation: Activation, defines: [String]) -> Int {
+        let unit = defineValue("MOE_SM90_SWAP_UNIT", in: defines) ?? 1
+        let paired = config.kernel == .wgmmaSwap && config.blockN == 256 && config.effectiveMode == .none
+            && defineValue("MOE_SM90_SWAP_PAIRED_ACT", in: defines) != 0
+            && ((activation == .silu && dtype == .bf16) || config.blockM <= 128)
+        return paired ? max(unit, 1) : 1
+    }
+
     /// The K tiles GEMM2 keeps resident: the kernels' MOE_SM90_A_RESIDENT default (RoutingTests reads it
     /// from the source).
     static let residentASlots = 6
@@ -934,7 +946,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // Cluster pairs need an even count (a last program without a tile returns at once).
         // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
         let multiprocessors = library.device.properties.multiprocessorCount
-        let programs = config.kernel == .wgmmaStreamK
+        // The swap-AB GEMM1's units (an experiment): one program per unit of n-blocks of an m-block.
+        let unit = finish == .activation
+            ? CUDAMoELayer.swapUnit(config: config, dtype: dtype, activation: options.activation, defines: library.defines)
+            : 1
+        let programs = unit > 1
+            ? mBlocks * ((nBlocks + unit - 1) / unit)
+            : config.kernel == .wgmmaStreamK
             ? multiprocessors
             : config.kernel.isPersistent
             ? min(mBlocks * nBlocks, max(1, multiprocessors / config.splitK))
