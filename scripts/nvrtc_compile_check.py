@@ -403,7 +403,8 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             ("moe_gemm_sm90.cu", hinted[:4], ["-DMOE_SM90_DIAG_TIMES=1"]),
             # The swap-AB GEMM1's units of n-blocks (NOTES v39): the paired widths of the tables.
             ("moe_gemm_sm90.cu", [gemm_sm90_swap_name(dtype, (256, tok, 4 if tok > 96 else 5), 0, False, 1)
-                                  for dtype in DTYPES for tok in (64, 96, 144, 160, 176, 192)],
+                                  for dtype in DTYPES for tok in (64, 96, 144, 160, 176, 192)]
+             + [gemm_sm90_swap_name("moe_bf16", (128, tok, st), 0, False, 1) for tok, st in ((16, 6), (80, 7), (144, 5))],
              ["-DMOE_SM90_SWAP_UNIT=7"])]
 
 

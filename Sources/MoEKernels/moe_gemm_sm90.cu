@@ -1255,13 +1255,13 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
 /// pass), packs token pairs and stores them transposed by stmatrix into staged[token][column] (the ring's
 /// memory, once every consumer is done with it); then the consumers store 16-byte row pieces to C row
 /// pair(token). The result is bit for bit the unpaired epilogue's.
-template <typename T, typename Tr, int W, int FUSED_ACT, typename Smem, int SPLIT_ROWS = W>
+template <typename T, typename Tr, int W, int FUSED_ACT, typename Smem, int SPLIT_ROWS = -1>
 MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem& sm, const MoESm90Tile& tile,
                                               void* __restrict__ C, int64_t N, int64_t stride_cm, int wg, int wg_tid,
                                               int ctid, int lane, T* staged_lo = nullptr, T* staged_hi = nullptr) {
-    // SPLIT_ROWS < W (the unit walk): staged rows [0, SPLIT_ROWS) at staged_lo, the rest at staged_hi;
-    // otherwise the whole tile at the ring's base.
-    constexpr bool SPLIT = SPLIT_ROWS < W;
+    // SPLIT_ROWS >= 0 (the unit walk): staged rows [0, SPLIT_ROWS) at staged_lo, the rest at staged_hi
+    // (the B and A parts of one stage); otherwise (-1) the whole tile at the ring's base.
+    constexpr bool SPLIT = SPLIT_ROWS >= 0;
     constexpr int PITCH = Tr::PAIRED_PITCH;
     constexpr int J = W / 8;  // 8-token column blocks of the accumulators
     fence_proxy_async_shared_cta();
