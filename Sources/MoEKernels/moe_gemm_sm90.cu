@@ -342,6 +342,7 @@
 // next tile's stages under this tile's last K tiles and epilogue), each tile's output staged in the stage
 // its K loop ended on (its B part, then its A part), which is released after the epilogue. The host
 // launches m-blocks x ceil(n-blocks / U) programs then (CUDAMoELayer.swapUnit). 1 (default): one tile each.
+// A plan asks for units per kernel with the template argument UNIT_N (its config's UNIT key), which wins.
 #ifndef MOE_SM90_SWAP_UNIT
 #define MOE_SM90_SWAP_UNIT 1
 #endif
@@ -1186,7 +1187,8 @@ MOE_DEVICE void moe_sm90_leave_block(int32_t* counter, int32_t readers) {
     if ((atomicAdd(counter, 0x10000) >> 16) == readers - 1) atomicExch(counter, 0);
 }
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          int UNIT_N = 1>
 // One consumer warpgroup up to 128 weight rows; two (128 rows each) for BLOCK_N_W 256, with the register split
 // (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
 struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W == 256 ? 2 : 1> {
@@ -1222,8 +1224,9 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
     static constexpr bool PAIRED = FUSED && M_BLOCKS == 2 && MOE_SM90_SWAP_PAIRED_ACT != 0 &&
                                    ((FUSED_ACT == 1 && moe_is_same<T, moe_bf16>::value) || TOKENS <= 128);
     static constexpr int PAIRED_PITCH = OUT_COLS + 8;  // T elements per staged token row
-    // Units of n-blocks per program (MOE_SM90_SWAP_UNIT; paired GEMM1 only, whose staging fits one stage).
-    static constexpr int UNIT = PAIRED && SPLIT_MODE == 0 ? MOE_SM90_SWAP_UNIT : 1;
+    // Units of n-blocks per program (the kernel's UNIT_N, else MOE_SM90_SWAP_UNIT; paired GEMM1 only, whose
+    // staging fits one stage).
+    static constexpr int UNIT = PAIRED && SPLIT_MODE == 0 ? (UNIT_N > 1 ? UNIT_N : MOE_SM90_SWAP_UNIT) : 1;
     // In the unit walk, staged token rows [0, UNIT_SPLIT_ROWS) go to the B part of the stage the K loop
     // ended on, the rest to its A part.
     static constexpr int UNIT_SPLIT_ROWS = (Smem::B_STAGE_BYTES / (PAIRED_PITCH * 2)) / 8 * 8;
@@ -1326,7 +1329,8 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
     }
 }
 
-template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT>
+template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
+          int UNIT_N = 1>
 __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     moe_gemm_sm90_swap(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
@@ -1338,7 +1342,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        , uint64_t* __restrict__ diag_times
 #endif
     ) {
-    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT>;
+    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, UNIT_N>;
 #if MOE_SM90_DIAG_TIMES
     uint64_t* const diag = diag_times + 8 * static_cast<int64_t>(blockIdx.x);
     if (threadIdx.x == 0) {

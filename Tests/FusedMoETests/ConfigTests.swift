@@ -544,6 +544,53 @@ import Testing
         }
     }
 
+    /// UNIT (the swap-AB GEMM1's n-blocks per program, NOTES v39): parsed, written back only when not 1,
+    /// named in the kernel instantiation and the description, refused off the swap-AB kernel; the layer
+    /// runs units only where the kernel takes the unit walk (the paired activation epilogue).
+    @Test func swapUnitsConfig() throws {
+        var unit = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        unit.unit = 4
+        #expect(throws: Never.self) { try unit.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(unit.nameExpression(dtype: .bf16, mulRoutedWeight: false, fusedActivation: 1)
+            == "moe_gemm_sm90_swap<moe_bf16, 256, 144, 4, 0, false, 1, 4>")
+        #expect(unit.description.contains(" u4 "))
+        let text = ConfigTable(source: "t", entries: [(512, MoEPlan(gemm1: unit, gemm2: .wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)))])
+            .json.serialized(indent: 1)
+        #expect(text.contains("\"UNIT\": 4") && text.components(separatedBy: "UNIT").count == 2, "\(text)")
+        #expect(try ConfigTable.parse(text, source: "t").nearest(to: 512).gemm1 == unit)
+
+        // Where the kernel takes the unit walk: bf16 silu at any width, else up to 128 tokens; GEMM1 only.
+        #expect(CUDAMoELayer.swapUnit(config: unit, dtype: .bf16, activation: .silu, defines: []) == 4)
+        #expect(CUDAMoELayer.swapUnit(config: unit, dtype: .fp16, activation: .silu, defines: []) == 1)
+        #expect(CUDAMoELayer.swapUnit(config: unit, dtype: .bf16, activation: .gelu, defines: []) == 1)
+        #expect(CUDAMoELayer.swapUnit(config: unit, dtype: .bf16, activation: .silu, defines: ["-DMOE_SM90_SWAP_PAIRED_ACT=0"]) == 1)
+        var narrow = unit
+        narrow.blockM = 96
+        narrow.stages = 5
+        #expect(CUDAMoELayer.swapUnit(config: narrow, dtype: .fp16, activation: .gelu, defines: []) == 4)
+        let plain = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, swapAB: true)
+        #expect(CUDAMoELayer.swapUnit(config: plain, dtype: .bf16, activation: .silu, defines: []) == 1)
+        #expect(CUDAMoELayer.swapUnit(config: plain, dtype: .bf16, activation: .silu, defines: ["-DMOE_SM90_SWAP_UNIT=2"]) == 2)
+
+        var wrong = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        wrong.unit = 2
+        do {
+            try wrong.validate(sharedMemoryLimit: 227 * 1024)
+            Issue.record("UNIT on the persistent kernel validated")
+        } catch {
+            guard case .invalidArgument(let key, _) = error else { Issue.record("\(error)"); return }
+            #expect(key == "UNIT")
+        }
+        do {
+            _ = try ConfigTable.parse(
+                #"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "UNIT": 2}}"#, source: "u.json")
+            Issue.record("UNIT on the mma kernel parsed")
+        } catch {
+            guard case .malformedFile(let file, let message) = error else { Issue.record("\(error)"); return }
+            #expect(file == "u.json" && message.contains("UNIT"), "\(message)")
+        }
+    }
+
     /// The tuner's cluster refinement: wide non-persistent wgmma winners while experts get two or more
     /// m-blocks, with an even group of at least 2.
     @Test func tunerClusterAlternative() throws {

@@ -699,12 +699,12 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 pairs: pairs, experts: options.routedExperts(local: shape.experts), blockM: plan.gemm2.blockM))
     }
 
-    /// The n-blocks one program of a swap-AB GEMM1 with its activation runs (MOE_SM90_SWAP_UNIT in the
-    /// library's `defines`, an experiment: NOTES v39; 1 without it), where the kernel takes the unit walk:
+    /// The n-blocks one program of a swap-AB GEMM1 with its activation runs (the config's `unit`, else
+    /// MOE_SM90_SWAP_UNIT in the library's `defines`; NOTES v39; 1 without either), where the kernel takes the unit walk:
     /// MoEGemmSm90SwapTraits::UNIT, the paired epilogue (128 or 256 weight rows, unsplit; bf16 silu at any width,
     /// else at most 128 tokens; MOE_SM90_SWAP_PAIRED_ACT not 0).
     static func swapUnit(config: GemmConfig, dtype: DType, activation: Activation, defines: [String]) -> Int {
-        let unit = defineValue("MOE_SM90_SWAP_UNIT", in: defines) ?? 1
+        let unit = config.unit > 1 ? config.unit : defineValue("MOE_SM90_SWAP_UNIT", in: defines) ?? 1
         let paired = config.kernel == .wgmmaSwap && [128, 256].contains(config.blockN) && config.effectiveMode == .none
             && defineValue("MOE_SM90_SWAP_PAIRED_ACT", in: defines) != 0
             && ((activation == .silu && dtype == .bf16) || config.blockM <= 128)

@@ -66,6 +66,7 @@ public struct ConfigTable: Sendable {
         let group = try integer("GROUP_SIZE_M", default: 1)
         let splitK = try integer("SPLIT_K", default: 1)
         let cluster = try integer("CLUSTER_M", default: 1)
+        let unit = try integer("UNIT", default: 1)
         var mode = SplitMode.none
         if let field = value["SPLIT_MODE"] {
             guard let name = field.stringValue, let parsed = SplitMode(rawValue: name) else {
@@ -90,10 +91,14 @@ public struct ConfigTable: Sendable {
             config.splitK = splitK
             config.splitMode = splitK > 1 ? mode : .none
             config.clusterM = cluster
+            config.unit = unit
             return config
         }
         guard cluster == 1 else {
             throw .malformedFile(source, "entry '\(key)': CLUSTER_M \(cluster) needs KERNEL wgmma (the mma kernel takes 1)")
+        }
+        guard unit == 1 else {
+            throw .malformedFile(source, "entry '\(key)': UNIT \(unit) needs KERNEL wgmma_swap (the mma kernel takes 1)")
         }
         // Triton's tiles are 16..256 wide; clamp what our kernel lacks (BLOCK_K 128/256 -> 64).
         let kernelBlockK = min(max(blockK, 32), 64)
@@ -120,11 +125,12 @@ public struct ConfigTable: Sendable {
         entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!.plan
     }
 
-    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M (when not 1)
+    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M and UNIT (when not 1)
     /// and GEMM2 where needed.
     public var json: JSON {
         func object(_ config: GemmConfig) -> [(String, JSON)] {
-            let cluster: [(String, JSON)] = config.clusterM == 1 ? [] : [("CLUSTER_M", .number(Double(config.clusterM)))]
+            let cluster: [(String, JSON)] = (config.clusterM == 1 ? [] : [("CLUSTER_M", .number(Double(config.clusterM)))])
+                + (config.unit == 1 ? [] : [("UNIT", .number(Double(config.unit)))])
             return [
                 ("BLOCK_SIZE_M", .number(Double(config.blockM))), ("BLOCK_SIZE_N", .number(Double(config.blockN))),
                 ("BLOCK_SIZE_K", .number(Double(config.blockK))), ("GROUP_SIZE_M", .number(Double(config.groupSizeM))),

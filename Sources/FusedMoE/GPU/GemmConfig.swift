@@ -66,6 +66,11 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// that share each weight tile (TMA multicast) when their tiles are two m-blocks of one expert on
     /// one n-block; 1 (the default) for every other kernel.
     public var clusterM: Int
+    /// n-blocks per program (`UNIT`) of the swap-AB GEMM1 with its activation in the paired epilogue: one
+    /// program runs that many consecutive n-blocks of one m-block on one ring (moe_gemm_sm90.cu's units;
+    /// NOTES v39); 1 (the default) one tile per program. Other kernels and GEMMs take 1 whatever it says
+    /// (`CUDAMoELayer.swapUnit`).
+    public var unit: Int = 1
 
     public init(
         blockM: Int, blockN: Int, blockK: Int, warpsM: Int, warpsN: Int, stages: Int, groupSizeM: Int = 1,
@@ -122,7 +127,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         let tile = "\(blockM)x\(blockN)x\(blockK)"
         let body = kernel == .mma ? "\(tile) w\(warpsM)x\(warpsN)" : "\(kernel.rawValue) \(tile)"
-        return body + " s\(stages) g\(groupSizeM)" + (clusterM > 1 ? " c\(clusterM)" : "")
+        return body + " s\(stages) g\(groupSizeM)" + (clusterM > 1 ? " c\(clusterM)" : "") + (unit > 1 ? " u\(unit)" : "")
             + " split\(splitK)/\(splitMode.rawValue)"
     }
 
@@ -152,6 +157,10 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
                 "CLUSTER_M", "must be 1, or 2 with KERNEL wgmma; got \(clusterM) with KERNEL \(kernel.rawValue)")
         }
         guard [1, 2, 4, 8, 16].contains(splitK) else { throw .invalidArgument("SPLIT_K", "must be 1, 2, 4, 8 or 16, got \(splitK)") }
+        guard unit == 1 || (kernel == .wgmmaSwap && splitK == 1 && (1...64).contains(unit)) else {
+            throw .invalidArgument(
+                "UNIT", "must be 1, or 2...64 with KERNEL wgmma_swap unsplit; got \(unit) with KERNEL \(kernel.rawValue), SPLIT_K \(splitK)")
+        }
         guard splitK == 1 || splitMode != .none else {
             throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
         }
@@ -232,7 +241,8 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
             return "moe_gemm_sm90<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation), "
                 + "\(clusterM)>"
         case .wgmmaSwap:
-            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)>"
+            return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)"
+                + (unit > 1 ? ", \(unit)>" : ">")
         case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
                 + "\(fusedActivation), \(kernel == .wgmmaPingpong)" + (kernel == .wgmmaStreamK ? ", true>" : ">")
