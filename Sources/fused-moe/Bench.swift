@@ -58,7 +58,7 @@ struct Bench: ParsableCommand {
     @Flag(help: "GPU: also time the plan's kernels with the activation in GEMM1 forced on and off, and with align always run.")
     var fusionAb = false
 
-    @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events.")
+    @Flag(help: "GPU: also time each stage (align, gemm1, activation, gemm2, combine) of one forward with events (and, with kernels compiled under MOE_SM90_DIAG_TIMES=1, print the swap-AB GEMMs' per-tile timeline).")
     var stages = false
 
     @Option(help: "GPU: how each token's k expert rows are summed: ordered (bitwise reproducible) or atomic (GEMM2 adds them with 16-bit atomics where the plan's GEMM2 kernel can; its rows' variant ends in -atomic then). The CPU backend sums in order.")
