@@ -886,12 +886,18 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
     }
 }
 
-/// moe_sm90_consume for one tile of a walk whose ring position (stage, phase) carries over from tile to tile
-/// (the swap-AB kernel's units): releases every stage it consumed but the last, whose index it returns (the
-/// caller stages its output there and releases it after); the entry position when num_tiles == 0.
-template <int STAGES, typename Issue>
-MOE_DEVICE int moe_sm90_consume_carried(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
-                                        uint32_t& phase, Issue&& issue) {
+/// One consumer warpgroup's K loop over one tile, on a ring position (stage, phase) that carries over
+/// from tile to tile. Per K tile: wait for full[stage]; fence the async proxy; issue(stage) issues and
+/// commits the stage's wgmma group; wait until only that group is pending, then release the previous
+/// stage. Then drain() runs while the last group may still be in flight (work that does not touch the
+/// accumulators: the next tile's schedule, whose global loads then overlap the tensor cores). Ends
+/// with every group complete and every stage it consumed released (the last one too: the producer
+/// refills it for a later tile), and returns the last stage's index. RELEASE_LAST false (the swap-AB
+/// kernel's units): the last stage stays held; the caller stages its output there and releases it after.
+/// num_tiles == 0: touches no barrier (drain still runs) and returns the entry stage.
+template <int STAGES, bool RELEASE_LAST = true, typename Issue, typename Drain>
+MOE_DEVICE int moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
+                                     uint32_t& phase, Issue&& issue, Drain&& drain) {
     int prev_stage = stage;
     for (int t = 0; t < num_tiles; ++t) {
         mbarrier_wait_parity(full + 8 * stage, phase);
@@ -905,8 +911,10 @@ MOE_DEVICE int moe_sm90_consume_carried(uint32_t full, uint32_t empty, int num_t
             phase ^= 1;
         }
     }
+    drain();
     wgmma_wait_group<0>();
-    return prev_stage;
+    if (RELEASE_LAST && num_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+    return prev_stage;  // without RELEASE_LAST still held (the swap-AB units stage their output there)
 }
 
 /// What the three wgmma kernels' traits share: the ring (MoESm90Smem of A_ROWS x B_ROWS tiles, K tiles of
@@ -1497,11 +1505,13 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                             acc[m][k] = 0.0f;
                             wgmma_fence_operand(acc[m][k]);  // the zeros stay ahead of the tile's wgmma
                         }
-                    const int last = moe_sm90_consume_carried<STAGES>(
-                        sm.full, sm.empty, ti.num_tiles, lane, stage, phase, [&](int st) {
+                    const int last = moe_sm90_consume_tile<STAGES, false>(
+                        sm.full, sm.empty, ti.num_tiles, lane, stage, phase,
+                        [&](int st) {
                             moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES,
                                                        Smem::A_STAGE_BYTES, W_BLOCK_STRIDE>(acc, desc_w0, desc_x0, st);
-                        });
+                        },
+                        [] {});
 #pragma unroll
                     for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
@@ -1670,34 +1680,6 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
 }
 
 // MARK: - moe_gemm_sm90_persistent
-
-/// One consumer warpgroup's K loop over one tile, on a ring position (stage, phase) that carries over
-/// from tile to tile. Per K tile: wait for full[stage]; fence the async proxy; issue(stage) issues and
-/// commits the stage's wgmma group; wait until only that group is pending, then release the previous
-/// stage. Then drain() runs while the last group may still be in flight (work that does not touch the
-/// accumulators: the next tile's schedule, whose global loads then overlap the tensor cores). Ends
-/// with every group complete and every stage it consumed released (the last one too: the producer
-/// refills it for a later tile). num_tiles == 0: touches no barrier (drain still runs).
-template <int STAGES, typename Issue, typename Drain>
-MOE_DEVICE void moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
-                                      uint32_t& phase, Issue&& issue, Drain&& drain) {
-    int prev_stage = stage;
-    for (int t = 0; t < num_tiles; ++t) {
-        mbarrier_wait_parity(full + 8 * stage, phase);
-        fence_proxy_async_shared_cta();
-        issue(stage);
-        wgmma_wait_group<1>();  // the previous K tile's products are done: its stage may be refilled
-        if (t > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
-        prev_stage = stage;
-        if (++stage == STAGES) {
-            stage = 0;
-            phase ^= 1;
-        }
-    }
-    drain();
-    wgmma_wait_group<0>();
-    if (num_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
-}
 
 /// Stores one consumer warp's 16 output rows from its accumulators through the warp's own staging rows
 /// (no other warp touches them, so __syncwarp is the only barrier), at most MAX_ROW_BYTES per staged
