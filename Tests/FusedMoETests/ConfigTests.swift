@@ -526,21 +526,36 @@ import Testing
             GemmConfig.wgmma(blockM: 16, blockN: 128, stages: 4, swapAB: true, clusterM: 2),
             GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, clusterM: 4),
         ] {
-            do {
-                try wrong.validate(sharedMemoryLimit: 227 * 1024)
-                Issue.record("\(wrong) validated")
-            } catch {
-                guard case .invalidArgument(let key, _) = error else { Issue.record("\(error)"); continue }
-                #expect(key == "CLUSTER_M")
-            }
+            expectRefused(wrong, key: "CLUSTER_M")
         }
+        expectMalformed(#"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "CLUSTER_M": 2}}"#, naming: "CLUSTER_M")
+    }
+
+    /// `config` fails validation with an invalid-argument error naming `key`.
+    func expectRefused(_ config: GemmConfig, key: String, sourceLocation: SourceLocation = #_sourceLocation) {
         do {
-            _ = try ConfigTable.parse(
-                #"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "CLUSTER_M": 2}}"#, source: "c.json")
-            Issue.record("CLUSTER_M on the mma kernel parsed")
+            try config.validate(sharedMemoryLimit: 227 * 1024)
+            Issue.record("\(config) validated", sourceLocation: sourceLocation)
         } catch {
-            guard case .malformedFile(let file, let message) = error else { Issue.record("\(error)"); return }
-            #expect(file == "c.json" && message.contains("CLUSTER_M"), "\(message)")
+            guard case .invalidArgument(let named, _) = error else {
+                Issue.record("\(error)", sourceLocation: sourceLocation)
+                return
+            }
+            #expect(named == key, sourceLocation: sourceLocation)
+        }
+    }
+
+    /// The table `text` fails to parse with a malformed-file error that names its file and `key`.
+    func expectMalformed(_ text: String, naming key: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        do {
+            _ = try ConfigTable.parse(text, source: "t.json")
+            Issue.record("\(key) parsed: \(text)", sourceLocation: sourceLocation)
+        } catch {
+            guard case .malformedFile(let file, let message) = error else {
+                Issue.record("\(error)", sourceLocation: sourceLocation)
+                return
+            }
+            #expect(file == "t.json" && message.contains(key), "\(message)", sourceLocation: sourceLocation)
         }
     }
 
@@ -574,21 +589,12 @@ import Testing
 
         var wrong = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
         wrong.unit = 2
-        do {
-            try wrong.validate(sharedMemoryLimit: 227 * 1024)
-            Issue.record("UNIT on the persistent kernel validated")
-        } catch {
-            guard case .invalidArgument(let key, _) = error else { Issue.record("\(error)"); return }
-            #expect(key == "UNIT")
-        }
-        do {
-            _ = try ConfigTable.parse(
-                #"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "UNIT": 2}}"#, source: "u.json")
-            Issue.record("UNIT on the mma kernel parsed")
-        } catch {
-            guard case .malformedFile(let file, let message) = error else { Issue.record("\(error)"); return }
-            #expect(file == "u.json" && message.contains("UNIT"), "\(message)")
-        }
+        expectRefused(wrong, key: "UNIT")
+        var split = unit
+        split.splitK = 2
+        split.splitMode = .workspace
+        expectRefused(split, key: "UNIT")
+        expectMalformed(#"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "UNIT": 2}}"#, naming: "UNIT")
     }
 
     /// The tuner's cluster refinement: wide non-persistent wgmma winners while experts get two or more
