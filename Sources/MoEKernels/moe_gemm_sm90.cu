@@ -279,10 +279,10 @@
 #endif
 
 // A diagnostic (bench/NOTES.md v39): 1 gives the swap-AB kernel one more argument, uint64_t* diag_times,
-// 8 values per program (blockIdx.x): the SM id, %clock64 at the kernel's entry, when consumer thread 0
-// issues its first wgmma, after its K loop, after its epilogue, and %globaltimer at entry and at the
-// epilogue's end (programs without a tile write the first two and zeros). `bench --stages` prints the
-// per-tile timeline from them. 0 (default): the kernels are as shipped.
+// 8 values per program (blockIdx.y * gridDim.x + blockIdx.x): the SM id, %clock64 at the kernel's entry,
+// when consumer thread 0 issues its first wgmma, after its K loop, after its epilogue, and %globaltimer at
+// entry and at the epilogue's end (programs without a tile write the first two and zeros). `bench
+// --stages` prints the per-tile timeline from them. 0 (default): the kernels are as shipped.
 #ifndef MOE_SM90_DIAG_TIMES
 #define MOE_SM90_DIAG_TIMES 0
 #endif
@@ -1352,7 +1352,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     ) {
     using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, UNIT_N>;
 #if MOE_SM90_DIAG_TIMES
-    uint64_t* const diag = diag_times + 8 * static_cast<int64_t>(blockIdx.x);
+    uint64_t* const diag = diag_times + 8 * (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
     if (threadIdx.x == 0) {
         uint32_t smid;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
@@ -1451,6 +1451,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                 ti.n0 += static_cast<int64_t>(i) * BLOCK_N_W;
                 int32_t b_row, b_row_up;
                 moe_sm90_b_rows<Tr::FUSED>(ti, N, b_row, b_row_up);
+                // moe_sm90_produce's loop on the carried ring (a shared helper reordered the decode
+                // tiles' SASS, which was measured as it is: kept apart).
                 for (int t = 0; t < ti.num_tiles; ++t) {
                     moe_sm90_produce_k_tile<T, TOKENS, BLOCK_N_W, STAGES, Tr::FUSED>(
                         sm, a, &b_map, A, K, b_row, b_row_up, ti, t, stage, phase, tid, -1, i > 0 || t >= b_preloaded);

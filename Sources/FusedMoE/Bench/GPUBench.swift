@@ -283,7 +283,7 @@ public final class GPUBench {
         var programs: [Program] = []
         var stride = 0
         while stride + 8 <= records.count {
-            let r = records[stride..<(stride + 8)].map { $0 }
+            let r = Array(records[stride..<(stride + 8)])
             stride += 8
             guard r[4] != 0, r[2] != 0, r[6] > r[5] else { continue }  // no tile (or not this kernel)
             programs.append(Program(

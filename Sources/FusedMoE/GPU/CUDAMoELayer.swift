@@ -50,6 +50,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     /// `diagnosticTimes`): 8 values per program, GEMM1's programs in the first half, GEMM2's in the second.
     /// Empty otherwise.
     let diagTimes: DeviceBuffer
+    /// n-blocks per program of GEMM1 where it runs as the swap-AB kernel's unit walk (`swapUnit`; 1 else),
+    /// decided once from the plan, dtype, activation and the library's defines.
+    let gemm1Unit: Int
     /// The fused combine's counters (`usesFusedCombine`): one per chunk of GEMM2's n-blocks (at most one
     /// per n-block), zero between launches (each chunk's last combine item clears its own). Empty when the
     /// layer does not fuse the combine into GEMM2.
@@ -314,6 +317,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
         self.chunkTokens = chunkTokens
         self.w1 = w1
         self.w2 = w2
+        self.gemm1Unit = plan.activationIsFused
+            ? CUDAMoELayer.swapUnit(config: plan.gemm1, dtype: dtype, activation: options.activation, defines: library.defines)
+            : 1
         self.usesAtomicCombine = CUDAMoELayer.sumsInGEMM2(
             combine: options.combine, topK: shape.topK, plan: plan,
             smallTopK: smallTopKSum ?? CUDAMoELayer.smallTopKSumByDefault)
@@ -947,9 +953,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
         let multiprocessors = library.device.properties.multiprocessorCount
         // The swap-AB GEMM1's units (an experiment): one program per unit of n-blocks of an m-block.
-        let unit = finish == .activation
-            ? CUDAMoELayer.swapUnit(config: config, dtype: dtype, activation: options.activation, defines: library.defines)
-            : 1
+        let unit = finish == .activation ? gemm1Unit : 1
         let programs = unit > 1
             ? mBlocks * ((nBlocks + unit - 1) / unit)
             : config.kernel == .wgmmaStreamK
