@@ -259,7 +259,7 @@ import Testing
         let kimi = try MoEShape(experts: 384, topK: 8, hidden: 7168, intermediate: 256)
         #expect(
             PlanSelector.planSource(shape: seed, deviceName: "NVIDIA H200", architecture: "sm_90a")
-                == "shipped table E=128,N=384,device_name=NVIDIA_H200.json")
+                == "shipped table E=128,N=384,device_name=NVIDIA_H200.json, the Hopper heuristic between its batch sizes")
         #expect(
             PlanSelector.planSource(shape: kimi, deviceName: "NVIDIA H200", architecture: "sm_90a")
                 == "the Hopper heuristic (no table named E=384,N=256,device_name=NVIDIA_H200.json)")
@@ -269,6 +269,36 @@ import Testing
         #expect(
             PlanSelector.planSource(shape: seed, deviceName: "NVIDIA H200", architecture: "sm_80").hasSuffix(
                 "(entries naming wgmma kernels fall back to the heuristic here)"))
+    }
+
+    /// An entry serves batches within 1/16 of its batch size whose rows its tiles cut into as many
+    /// blocks as at its own; other batches take the heuristic's plan (NOTES v40: the nearest entry ran
+    /// Mixtral 384 and 640 tokens 35% and 31% slower than the heuristic).
+    @Test func entriesServeOnlyNearTheirBatchSize() throws {
+        guard PlanSelector.configDirectory == nil else { return }  // FUSED_MOE_CONFIG_DIR set: another answer
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape  // E = 8, k = 2
+        let table = try #require(try PlanSelector.configFile(shape: mixtral, deviceName: "NVIDIA H200"))
+        func plan(_ tokens: Int) throws -> MoEPlan {
+            try PlanSelector.plan(
+                shape: mixtral, tokens: tokens, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+                deviceName: "NVIDIA H200", architecture: "sm_90a")
+        }
+        // At and near a key, the entry (the 512 entry's 144-token tiles: 128 + 11.3 rows in one block;
+        // 124 + 11.1 at 496 tokens).
+        #expect(try plan(512) == table.nearest(to: 512))
+        #expect(try plan(496) == table.nearest(to: 512))
+        #expect(table.entry(serving: 1000, shape: mixtral) == table.nearest(to: 1024))
+        // 544 tokens are within 1/16 of 512, but 136 + 11.7 rows need two 144-token blocks.
+        #expect(table.entry(serving: 544, shape: mixtral) == nil)
+        #expect(try plan(544) == PlanSelector.hopperHeuristic(shape: mixtral, tokens: 544))
+        // Between keys, the heuristic.
+        for tokens in [2, 7, 20, 64, 96, 384, 640, 768, 1536, 3072, 6144] {
+            #expect(table.entry(serving: tokens, shape: mixtral) == nil, "\(tokens) tokens")
+            #expect(try plan(tokens) == PlanSelector.hopperHeuristic(shape: mixtral, tokens: tokens), "\(tokens) tokens")
+        }
+        #expect(ConfigTable.blocksPerExpert(shape: mixtral, tokens: 512, blockM: 144) == 1)
+        #expect(ConfigTable.blocksPerExpert(shape: mixtral, tokens: 544, blockM: 144) == 2)
+        #expect(ConfigTable.blocksPerExpert(shape: mixtral, tokens: 1, blockM: 16) == 1)
     }
 
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).

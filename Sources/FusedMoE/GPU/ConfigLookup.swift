@@ -7,7 +7,9 @@ import Glibc
 /// A file is named `E={E},N={N},device_name={GPU name, spaces as _}[,dtype=...].json`; its keys are
 /// batch sizes and its values hold `BLOCK_SIZE_M/N/K`, `GROUP_SIZE_M`, `num_warps` and
 /// `num_stages`. Our own keys `SPLIT_K` and `SPLIT_MODE` extend it; unknown keys are ignored, so an
-/// SGLang file loads as is. The entry whose batch size is nearest to M is used. SGLang runs both
+/// SGLang file loads as is. The entry whose batch size is nearest to M serves it when M is within 1/16
+/// of that batch size and its tiles cut the experts' rows alike (`entry(serving:shape:)`); other
+/// batches take the heuristic's plan (SGLang takes the nearest entry at any distance). SGLang runs both
 /// GEMMs with one config; an entry may carry a `GEMM2` object with the second GEMM's own keys
 /// (same BLOCK_SIZE_M), which our tuner writes and SGLang ignores.
 public struct ConfigTable: Sendable {
@@ -122,7 +124,40 @@ public struct ConfigTable: Sendable {
 
     /// The plan of the batch size nearest to `tokens` (the smaller on a tie).
     public func nearest(to tokens: Int) -> MoEPlan {
-        entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!.plan
+        nearestEntry(to: tokens).plan
+    }
+
+    func nearestEntry(to tokens: Int) -> (batch: Int, plan: MoEPlan) {
+        entries.min { abs($0.batch - tokens) < abs($1.batch - tokens) }!
+    }
+
+    /// How far from its batch size an entry still serves a batch, either way: 1/16.
+    public static let servingTolerance = 1.0 / 16
+
+    /// The plan of the entry that serves a batch of `tokens` on a layer of `shape`, or nil when none
+    /// does (the caller takes the heuristic's plan). The nearest entry serves when `tokens` is within
+    /// `servingTolerance` of its batch size and each GEMM's token tile cuts an expert's rows into as
+    /// many blocks as at that batch size (`blocksPerExpert`). An entry's tiles are tuned for its own
+    /// batch: between the shipped tables' keys the nearest entry ran up to 35% slower than the
+    /// heuristic, whose tiles follow the rows per expert (Mixtral 384 and 640 tokens; NOTES v40).
+    public func entry(serving tokens: Int, shape: MoEShape) -> MoEPlan? {
+        let (batch, plan) = nearestEntry(to: tokens)
+        let ratio = Double(max(batch, tokens)) / Double(max(min(batch, tokens), 1))
+        guard ratio <= 1 + Self.servingTolerance else { return nil }
+        for config in [plan.gemm1, plan.gemm2] {
+            let atKey = Self.blocksPerExpert(shape: shape, tokens: batch, blockM: config.blockM)
+            guard Self.blocksPerExpert(shape: shape, tokens: tokens, blockM: config.blockM) == atKey else { return nil }
+        }
+        return plan
+    }
+
+    /// The token blocks of `blockM` rows that an expert's run needs at the mean plus one standard
+    /// deviation of its rows under uniform routing (M * k / E, Poisson): the count that decides
+    /// whether its weights stream once or twice. (Mixtral's 512 entry cuts 128 + 11.3 rows into one
+    /// 144-token block; at 544 tokens 136 + 11.7 need two.)
+    static func blocksPerExpert(shape: MoEShape, tokens: Int, blockM: Int) -> Int {
+        let rows = Double(max(tokens * shape.topK, 1)) / Double(max(shape.experts, 1))
+        return Int(((rows + rows.squareRoot()) / Double(max(blockM, 1))).rounded(.up))
     }
 
     /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M and UNIT (when not 1)
@@ -187,20 +222,23 @@ public enum PlanSelector {
     }
 
     /// Where `plan` takes the plans of a layer of this shape from on this GPU, in words for progress
-    /// lines: a table in `FUSED_MOE_CONFIG_DIR`, a shipped table, or the heuristic (with the table
-    /// name it looked for, so a user sees whether their model runs tuned plans).
+    /// lines: a table in `FUSED_MOE_CONFIG_DIR` or a shipped table (with the heuristic for batches no
+    /// entry serves), or the heuristic (with the table name it looked for, so a user sees whether
+    /// their model runs tuned plans).
     public static func planSource(shape: MoEShape, deviceName: String, architecture: String, tables: Bool = true) -> String {
         let heuristic = architecture == "sm_90a" ? "the Hopper heuristic" : "the heuristic"
         guard tables else { return heuristic + " (tables off)" }
         let name = tableName(shape: shape, deviceName: deviceName)
         let offHopper = architecture == "sm_90a" ? "" : " (entries naming wgmma kernels fall back to \(heuristic) here)"
-        if let (path, _) = directoryTable(named: name) { return "table \(path)" + offHopper }
-        if ShippedConfigs.names.contains(name) { return "shipped table \(name)" + offHopper }
+        let between = ", \(heuristic) between its batch sizes"
+        if let (path, _) = directoryTable(named: name) { return "table \(path)" + between + offHopper }
+        if ShippedConfigs.names.contains(name) { return "shipped table \(name)" + between + offHopper }
         return heuristic + " (no table named \(name))"
     }
 
-    /// The plan: a config file's nearest entry if one exists for this layer, else the heuristic
-    /// (the Hopper one on `sm_90a`, which uses the wgmma kernels). `tables: false` skips the config
+    /// The plan: the entry of this layer's config file that serves `tokens`
+    /// (`ConfigTable.entry(serving:shape:)`), else the heuristic (the Hopper one on `sm_90a`, which
+    /// uses the wgmma kernels). `tables: false` skips the config
     /// files: the heuristic's plan, what a shape without a tuned table gets (`bench --heuristic`).
     public static func plan(
         shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
@@ -208,7 +246,7 @@ public enum PlanSelector {
     ) throws(MoEError) -> MoEPlan {
         var plan: MoEPlan
         if tables, let table = try configFile(shape: shape, deviceName: deviceName),
-            case let entry = table.nearest(to: tokens),
+            let entry = table.entry(serving: tokens, shape: shape),
             // A table tuned on Hopper may name wgmma kernels; elsewhere fall back to the heuristic.
             architecture == "sm_90a" || !(entry.gemm1.kernel.needsHopper || entry.gemm2.kernel.needsHopper)
         {
