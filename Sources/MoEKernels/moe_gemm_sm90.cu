@@ -339,8 +339,8 @@
 // Units (an experiment, bench/NOTES.md v39): with U > 1 each program of the swap-AB GEMM1 with the paired
 // activation (Tr::PAIRED) runs U consecutive n-blocks of one m-block (MoEGemmSm90SwapTraits::UNIT): the
 // routing, the row table and the barriers once, the ring carried from tile to tile (the producer loads the
-// next tile's stages under this tile's last K tiles and epilogue), each tile's output staged in the stage
-// its K loop ended on (its B part, then its A part), which is released after the epilogue. The host
+// next tile's stages under this tile's last K tiles and epilogue), each tile's output staged in the B parts
+// of the stages its K loop ended on (one, or two past 120 rows), which are released after the epilogue. The host
 // launches m-blocks x ceil(n-blocks / U) programs then (CUDAMoELayer.swapUnit). 1 (default): one tile each.
 // A plan asks for units per kernel with the template argument UNIT_N (its config's UNIT key), which wins.
 #ifndef MOE_SM90_SWAP_UNIT
@@ -892,19 +892,21 @@ MOE_DEVICE void moe_sm90_consume(uint32_t full, uint32_t empty, int num_tiles, i
 /// stage. Then drain() runs while the last group may still be in flight (work that does not touch the
 /// accumulators: the next tile's schedule, whose global loads then overlap the tensor cores). Ends
 /// with every group complete and every stage it consumed released (the last one too: the producer
-/// refills it for a later tile), and returns the last stage's index. RELEASE_LAST false (the swap-AB
-/// kernel's units): the last stage stays held; the caller stages its output there and releases it after.
-/// num_tiles == 0: touches no barrier (drain still runs) and returns the entry stage.
-template <int STAGES, bool RELEASE_LAST = true, typename Issue, typename Drain>
+/// refills it for a later tile), and returns the last stage's index. HOLD 1 or 2 (the swap-AB kernel's
+/// units): the last HOLD stages (as far as the tile has K tiles) stay held; the caller stages its output
+/// there and releases them after. num_tiles == 0: touches no barrier (drain still runs) and returns the
+/// entry stage.
+template <int STAGES, int HOLD = 0, typename Issue, typename Drain>
 MOE_DEVICE int moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_tiles, int lane, int& stage,
                                      uint32_t& phase, Issue&& issue, Drain&& drain) {
+    static_assert(HOLD >= 0 && HOLD <= 2 && HOLD < STAGES, "HOLD in 0..2, below STAGES");
     int prev_stage = stage;
     for (int t = 0; t < num_tiles; ++t) {
         mbarrier_wait_parity(full + 8 * stage, phase);
         fence_proxy_async_shared_cta();
         issue(stage);
         wgmma_wait_group<1>();  // the previous K tile's products are done: its stage may be refilled
-        if (t > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+        if (t > 0 && (HOLD < 2 || t + 1 < num_tiles) && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
         prev_stage = stage;
         if (++stage == STAGES) {
             stage = 0;
@@ -913,8 +915,8 @@ MOE_DEVICE int moe_sm90_consume_tile(uint32_t full, uint32_t empty, int num_tile
     }
     drain();
     wgmma_wait_group<0>();
-    if (RELEASE_LAST && num_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
-    return prev_stage;  // without RELEASE_LAST still held (the swap-AB units stage their output there)
+    if (HOLD == 0 && num_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * prev_stage);
+    return prev_stage;  // with HOLD still held, and with HOLD 2 the stage before it too
 }
 
 /// What the three wgmma kernels' traits share: the ring (MoESm90Smem of A_ROWS x B_ROWS tiles, K tiles of
@@ -1236,11 +1238,16 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
     // staging fits one stage).
     static constexpr int UNIT = PAIRED && SPLIT_MODE == 0 ? (UNIT_N > 1 ? UNIT_N : MOE_SM90_SWAP_UNIT) : 1;
     // In the unit walk, staged token rows [0, UNIT_SPLIT_ROWS) go to the B part of the stage the K loop
-    // ended on, the rest to its A part.
+    // ended on; the rest (tiles wider than that) to the B part of the stage before it, which the K loop
+    // then holds too (UNIT_HOLD 2). Only B parts: TMA writes them, never the producer's generic copies
+    // (cp.async of the token rows into the A parts, which racecheck reported against the staged rows'
+    // reads when they were staged there: bench/NOTES.md v39, v40). A tile of one K tile has no stage
+    // before it: its rest goes to the A part of its stage.
     static constexpr int UNIT_SPLIT_ROWS = (Smem::B_STAGE_BYTES / (PAIRED_PITCH * 2)) / 8 * 8;
-    static_assert(UNIT == 1 || (TOKENS <= UNIT_SPLIT_ROWS ||
+    static constexpr int UNIT_HOLD = TOKENS <= UNIT_SPLIT_ROWS ? 1 : 2;
+    static_assert(UNIT == 1 || (TOKENS <= 2 * UNIT_SPLIT_ROWS && UNIT_HOLD < STAGES &&
                                 (TOKENS - UNIT_SPLIT_ROWS) * PAIRED_PITCH * 2 <= Smem::A_STAGE_BYTES),
-                  "a unit's staged tile must fit in one stage");
+                  "a unit's staged tile must fit in two stages' B parts (one's A part for a single K tile)");
 
     static_assert(sizeof(T) == 2, "T must be moe_bf16 or moe_fp16");
     static_assert(BLOCK_N_W == 64 || BLOCK_N_W == 128 || BLOCK_N_W == 256, "BLOCK_N_W in {64, 128, 256}");
@@ -1507,7 +1514,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                             acc[m][k] = 0.0f;
                             wgmma_fence_operand(acc[m][k]);  // the zeros stay ahead of the tile's wgmma
                         }
-                    const int last = moe_sm90_consume_tile<STAGES, false>(
+                    const int last = moe_sm90_consume_tile<STAGES, Tr::UNIT_HOLD>(
                         sm.full, sm.empty, ti.num_tiles, lane, stage, phase,
                         [&](int st) {
                             moe_sm90_mma_k_tile_blocks<T, W, Tr::K_STEPS, Tr::M_BLOCKS, Smem::B_STAGE_BYTES,
@@ -1518,15 +1525,23 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                     for (int m = 0; m < Tr::M_BLOCKS; ++m)
 #pragma unroll
                         for (int k = 0; k < ACC; ++k) wgmma_fence_operand(acc[m][k]);
-                    T* lo = reinterpret_cast<T*>(sm.base + STAGES * Smem::A_STAGE_BYTES + last * Smem::B_STAGE_BYTES);
-                    T* hi = reinterpret_cast<T*>(sm.base + last * Smem::A_STAGE_BYTES);
+                    // The held stages: the last, and with UNIT_HOLD 2 (and two K tiles or more) the one before.
+                    const bool two_held = Tr::UNIT_HOLD == 2 && ti.num_tiles >= 2;
+                    const int before = last == 0 ? STAGES - 1 : last - 1;
+                    unsigned char* const b_parts = sm.base + STAGES * Smem::A_STAGE_BYTES;
+                    T* lo = reinterpret_cast<T*>(b_parts + last * Smem::B_STAGE_BYTES);
+                    T* hi = reinterpret_cast<T*>(two_held ? b_parts + before * Smem::B_STAGE_BYTES
+                                                          : sm.base + last * Smem::A_STAGE_BYTES);
                     moe_sm90_swap_paired_epilogue<T, Tr, W, FUSED_ACT, Smem, Tr::UNIT_SPLIT_ROWS>(
                         acc, sm, ti, C, N, stride_cm, wg, wg_tid, ctid, lane, lo, hi);
-                    // Every consumer's reads of the staged rows are done: the stage goes back to the
-                    // producer (the async proxy's TMA writes it next: fence the generic accesses first).
+                    // Every consumer's reads of the staged rows are done: the stages go back to the
+                    // producer (the async proxy's TMA writes them next: fence the generic accesses first).
                     fence_proxy_async_shared_cta();
                     bar_sync<1, Tr::CONSUMER_THREADS>();
-                    if (ti.num_tiles > 0 && lane == 0) mbarrier_arrive(sm.empty + 8 * last);
+                    if (ti.num_tiles > 0 && lane == 0) {
+                        if (two_held) mbarrier_arrive(sm.empty + 8 * before);
+                        mbarrier_arrive(sm.empty + 8 * last);
+                    }
                     if (signal_block) {  // this tile's rows of its m-block are stored: count them for GEMM2
                         __syncwarp();
                         if (lane == 0) red_release_gpu_add(block_done + tile.row0 / TOKENS, 1);
