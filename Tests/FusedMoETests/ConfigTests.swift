@@ -175,6 +175,10 @@ import Testing
         // Two or more blocks per expert: the blocks of one expert grouped (NOTES v23).
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 1024) == MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 4, swapAB: true)))
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 256).gemm2.blockM == 80)
+        // 16 to 32 rows of a long intermediate size: the wide kernel's 64-row tiles (NOTES v40), below
+        // 16 the 32-token swap-AB tile.
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 96) == MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4)))
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 48).gemm1.kernel == .wgmmaSwap)
         let seed2048 = PlanSelector.hopperHeuristic(shape: try ShapePreset.named("seed4096").shape, tokens: 2048)
         #expect(seed2048.gemm1.kernel == .wgmmaSwap && seed2048.gemm1.blockM == 160)
         #expect(seed2048.gemm2.kernel == .wgmmaPersistent && seed2048.alignBlockMs == [160, 128])
@@ -292,7 +296,7 @@ import Testing
         #expect(table.entry(serving: 544, shape: mixtral) == nil)
         #expect(try plan(544) == PlanSelector.hopperHeuristic(shape: mixtral, tokens: 544))
         // Between keys, the heuristic.
-        for tokens in [2, 7, 20, 64, 96, 384, 640, 768, 1536, 3072, 6144] {
+        for tokens in [2, 7, 20, 64, 96, 448, 640, 768, 1536, 3072, 6144] {
             #expect(table.entry(serving: tokens, shape: mixtral) == nil, "\(tokens) tokens")
             #expect(try plan(tokens) == PlanSelector.hopperHeuristic(shape: mixtral, tokens: tokens), "\(tokens) tokens")
         }

@@ -271,7 +271,9 @@ public enum PlanSelector {
     ///   GEMM2's ring deep for a long intermediate size (its K); GEMM1's K split (workspace mode)
     ///   where its programs would leave a third of them idle;
     /// - 12 to 32: swap-AB on 32 tokens, GEMM1 on 256-row tiles with a deep ring where H (its K) is
-    ///   long, GEMM2 on 3 stages (three programs per multiprocessor; dsv3 512: -4.5% for both);
+    ///   long, GEMM2 on 3 stages (three programs per multiprocessor; dsv3 512: -4.5% for both); for a
+    ///   long intermediate size from 16 rows the wide kernel's 64-row tiles, as from 32 (Mixtral 64
+    ///   and 96 tokens: -4.5% and -5.4%);
     /// - 32 to 64: 64-row tiles, for a short intermediate size (below 2048) GEMM1 on the swap-AB
     ///   kernel's 64-token tile and GEMM2 on the persistent kernel, as every table of a short-K shape
     ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
@@ -308,6 +310,11 @@ public enum PlanSelector {
                 gemm1: gemm1,
                 gemm2: .wgmma(
                     blockM: 16, blockN: wideGemm2 ? 128 : 64, stages: longIntermediate || !wideGemm2 ? 8 : 4, swapAB: true))
+        }
+        if rows >= 16 && rows < 32 && longIntermediate {
+            // From 16 rows a long intermediate size takes the 64-row tiles of 32-64 rows already (Mixtral
+            // 64 and 96 tokens: -4.5% and -5.4% against the 32-token swap-AB tiles, NOTES v40).
+            return MoEPlan(both: .wgmma(blockM: 64, blockN: 256, stages: 4))
         }
         if rows < 32 {
             // GEMM2 on a 3-stage ring: three programs per multiprocessor (dsv3 512: -4% against 4 stages).
