@@ -336,7 +336,7 @@
 #ifndef MOE_SM90_SWAP_PAIRED_ACT
 #define MOE_SM90_SWAP_PAIRED_ACT 1
 #endif
-// Units (an experiment, bench/NOTES.md v39): with U > 1 each program of the swap-AB GEMM1 with the paired
+// Units (bench/NOTES.md v39, v40; Mixtral's 384 and 512 table entries): with U > 1 each program of the swap-AB GEMM1 with the paired
 // activation (Tr::PAIRED) runs U consecutive n-blocks of one m-block (MoEGemmSm90SwapTraits::UNIT): the
 // routing, the row table and the barriers once, the ring carried from tile to tile (the producer loads the
 // next tile's stages under this tile's last K tiles and epilogue), each tile's output staged in the B parts

@@ -706,7 +706,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
     }
 
     /// The n-blocks one program of a swap-AB GEMM1 with its activation runs (the config's `unit`, else
-    /// MOE_SM90_SWAP_UNIT in the library's `defines`; NOTES v39; 1 without either), where the kernel takes the unit walk:
+    /// MOE_SM90_SWAP_UNIT in the library's `defines`; NOTES v39, v40; 1 without either), where the kernel takes the unit walk:
     /// MoEGemmSm90SwapTraits::UNIT, the paired epilogue (128 or 256 weight rows, unsplit; bf16 silu at any width,
     /// else at most 128 tokens; MOE_SM90_SWAP_PAIRED_ACT not 0).
     static func swapUnit(config: GemmConfig, dtype: DType, activation: Activation, defines: [String]) -> Int {
