@@ -138,7 +138,6 @@ MOE_DEVICE void store4(float* dst, float a, float b, float c, float d) {
 
 MOE_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 MOE_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-MOE_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /// std::conditional, which NVRTC cannot include.
 template <bool COND, typename A, typename B> struct moe_conditional { typedef A type; };

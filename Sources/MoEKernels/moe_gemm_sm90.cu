@@ -106,7 +106,7 @@
 //         rows BLOCK_N_W / 2 further, applies the activation in registers and stages only the T results,
 //         [TOKENS][BLOCK_N_W / 2 + 8], by stmatrix.
 // Arguments past moe_gemm_sm90's (whose last is combine_k, SPLIT_MODE 3's k): routing_ready, block_done,
-// block_need (below), combine_k, unit_fill (the unit walk's programs to fill: the SMs; below).
+// block_need (below), combine_k.
 // Tensor map: boxDim = {64, BLOCK_N_W} (below).
 //
 // ---------------------------------------------------------------------------------------------------
@@ -345,11 +345,6 @@
 // A plan asks for units per kernel with the template argument UNIT_N (its config's UNIT key), which wins.
 #ifndef MOE_SM90_SWAP_UNIT
 #define MOE_SM90_SWAP_UNIT 1
-#endif
-// The unit walk's programs spread over the SMs (unit_fill: units of fewer than UNIT n-blocks where the
-// m-blocks would leave SMs idle); 0: units of UNIT n-blocks (bench/NOTES.md v40).
-#ifndef MOE_SM90_UNIT_FILL
-#define MOE_SM90_UNIT_FILL 1
 #endif
 // Activations computed together in that epilogue (a divisor of 4: every fitted width's W / 2 is a multiple);
 // 1 and 4 compile to the same spill-free registers.
@@ -1357,7 +1352,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ total_padded, int64_t N,
                        int64_t K, int64_t num_valid_tokens, int32_t top_k, int32_t split_k, int32_t group_size_m,
                        int64_t stride_am, int64_t stride_cm, int64_t max_padded, int32_t routing_ready,
-                       int32_t* __restrict__ block_done, int32_t block_need, int32_t combine_k, int32_t unit_fill
+                       int32_t* __restrict__ block_done, int32_t block_need, int32_t combine_k
 #if MOE_SM90_DIAG_TIMES
                        , uint64_t* __restrict__ diag_times
 #endif
@@ -1401,26 +1396,16 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     MoESm90Tile tile;
     int unit_tiles = 1;  // the unit walk's tiles (Tr::UNIT): n-blocks tile.n0 / BLOCK_N_W on, one m-block
     if constexpr (Tr::UNIT > 1) {
-        // P programs per m-block, in m-block order: at most UNIT n-blocks each, and as many more programs
-        // (while each keeps two n-blocks or more: a unit walk) as unit_fill spreads over the routing's
-        // m-blocks, so one wave fills the SMs (Mixtral 512: 8 m-blocks x 16 programs of 3-4 n-blocks,
-        // not 14 of 4 on 112 SMs). Program p of m-block q runs n-blocks [p nb / P, (p + 1) nb / P). The
-        // host launches at least min(max(unit_fill, m-blocks x ceil(nb / UNIT)), m-blocks x ceil(nb / 2))
-        // programs. MOE_SM90_UNIT_FILL 0: P = ceil(nb / UNIT), units of UNIT (v39's walk).
+        // Program u: m-block u / units-per-m-block, its n-blocks from (u % units-per-m-block) * UNIT (m-block order).
         const int64_t num_pid_n = ceil_div(N, BLOCK_N_W);
-        const int64_t valid_blocks = min_i64(moe_total_padded(total_padded, num_valid_tokens, TOKENS) / TOKENS,
-                                             ceil_div(max_padded, TOKENS));
-        const int64_t fill = MOE_SM90_UNIT_FILL != 0 ? unit_fill : 0;
-        const int64_t per = max_i64(ceil_div(num_pid_n, Tr::UNIT),
-                                    min_i64(ceil_div(num_pid_n, 2), fill / max_i64(valid_blocks, 1)));
-        const int64_t q = blockIdx.x / per;
-        const int64_t p = blockIdx.x - q * per;
-        const int64_t j0 = p * num_pid_n / per;
+        const int64_t units = ceil_div(num_pid_n, Tr::UNIT);
+        const int64_t q = blockIdx.x / units;
+        const int64_t j0 = (blockIdx.x - q * units) * Tr::UNIT;
         if (!moe_sm90_tile_at<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, q * num_pid_n + j0, blockIdx.y, expert_ids,
                                                               total_padded, N, K, split_k, 1, max_padded,
                                                               num_valid_tokens))
             return;  // GEMM1 (no block-sync wait): nothing to complete after
-        unit_tiles = static_cast<int>((p + 1) * num_pid_n / per - j0);
+        unit_tiles = static_cast<int>(min_i64(Tr::UNIT, num_pid_n - j0));
     } else if (!moe_sm90_schedule<TOKENS, BLOCK_N_W, Tr::BLOCK_K>(tile, expert_ids, total_padded, N, K, split_k,
                                                                   group_size_m, max_padded, num_valid_tokens)) {
         if (completes_after_gemm1) griddepcontrol_wait();

@@ -952,12 +952,10 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // Cluster pairs need an even count (a last program without a tile returns at once).
         // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
         let multiprocessors = library.device.properties.multiprocessorCount
-        // The swap-AB GEMM1's units: at most `unit` n-blocks of one m-block per program, and more
-        // programs (of two n-blocks or more) where the routing's m-blocks leave SMs idle (the kernel
-        // spreads them over the SMs: unit_fill).
+        // The swap-AB GEMM1's units (an experiment): one program per unit of n-blocks of an m-block.
         let unit = finish == .activation ? gemm1Unit : 1
         let programs = unit > 1
-            ? min(max(multiprocessors, mBlocks * ((nBlocks + unit - 1) / unit)), mBlocks * ((nBlocks + 1) / 2))
+            ? mBlocks * ((nBlocks + unit - 1) / unit)
             : config.kernel == .wgmmaStreamK
             ? multiprocessors
             : config.kernel.isPersistent
@@ -998,7 +996,6 @@ public final class CUDAMoELayer: @unchecked Sendable {
                 case .wait(let blocks): arguments += [blockDone.pointer, Int32(blocks)]
                 }
                 arguments.append(Int32(shape.topK))  // combine_k: SPLIT_MODE 3's output row is pair / k
-                arguments.append(Int32(multiprocessors))  // unit_fill: the unit walk's programs fill the SMs
                 if diagTimes.byteCount > 0 {  // the diagnostic's timeline: GEMM1 first half, GEMM2 second
                     arguments.append(DevicePointer(address: diagTimes.pointer.address + UInt64(routingReady ? diagTimes.byteCount / 2 : 0)))
                 }
