@@ -32,8 +32,8 @@ public final class GPUChecks {
 
     /// The batch sizes of the large cases: every preset with the plan its shipped table gives there (the
     /// prefill entries: persistent kernels with several m-blocks per expert, wide swap-AB tiles grouped
-    /// per expert), which the cases up to 1000 do not reach.
-    public static let largeBatches = [2048, 4096]
+    /// per expert; at 512, Mixtral's unit walk on its own entry), which the other cases do not reach.
+    public static let largeBatches = [512, 2048, 4096]
 
     /// Every plan a layer case runs: the plan the layer picks by default (its shipped table's entry,
     /// or the heuristic), the mma kernel in each split setting, and on Hopper the Hopper heuristic's
@@ -85,8 +85,8 @@ public final class GPUChecks {
 
     /// How much to check.
     public enum Scope: String, Sendable, CaseIterable {
-        /// Every preset at M = 1, 7, 128, 1000 and (its default plan only) 4096, the variants and the
-        /// 64-bit case.
+        /// Every preset at M = 1, 7, 128, 1000 and (its default plan, and the heuristic's) 512, 2048
+        /// and 4096, the variants and the 64-bit case.
         case full
         /// seed4096 at M = 1 and 128.
         case quick
