@@ -1278,7 +1278,8 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
                                               void* __restrict__ C, int64_t N, int64_t stride_cm, int wg, int wg_tid,
                                               int ctid, int lane, T* staged_lo = nullptr, T* staged_hi = nullptr) {
     // SPLIT_ROWS >= 0 (the unit walk): staged rows [0, SPLIT_ROWS) at staged_lo, the rest at staged_hi
-    // (the B and A parts of one stage); otherwise (-1) the whole tile at the ring's base.
+    // (the held stages' B parts: MoEGemmSm90SwapTraits::UNIT_HOLD); otherwise (-1) the whole tile at the
+    // ring's base.
     constexpr bool SPLIT = SPLIT_ROWS >= 0;
     constexpr int PITCH = Tr::PAIRED_PITCH;
     constexpr int J = W / 8;  // 8-token column blocks of the accumulators
@@ -1496,7 +1497,7 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
             constexpr int ACC = W / 2;  // fp32 accumulators per thread per m64 block
             if constexpr (Tr::UNIT > 1) {
                 // The unit walk (Tr::PAIRED): each tile's K loop on the carried ring, its epilogue staged in
-                // the stage that loop ended on (released after), its rows counted for the block sync.
+                // the stages that loop holds at its end (released after), its rows counted for the block sync.
                 constexpr int W_ROW0 = 64;
                 constexpr int W_BLOCK_STRIDE = (BLOCK_N_W / 2) * Smem::ROW_BYTES;
                 const uint64_t desc_w0 = wgmma_desc_k_major_sw128(sm.b + wg * W_ROW0 * Smem::ROW_BYTES);

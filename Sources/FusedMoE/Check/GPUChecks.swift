@@ -71,13 +71,12 @@ public final class GPUChecks {
         }
         // Units (GEMM1 on the paired swap-AB tile, n-blocks walked per program on one ring): a tile
         // staged in two held stages' B parts (144 tokens) and in one (80).
-        var unitTwoStages = swapWide
-        unitTwoStages.unit = 2
-        var unitOneStage = GemmConfig.wgmma(blockM: 80, blockN: 256, stages: 5, swapAB: true)
-        plans.append(("wgmma_swap 144x256 unit 2", MoEPlan(gemm1: unitTwoStages, gemm2: swapWide)))
-        let oneStageGemm2 = unitOneStage
-        unitOneStage.unit = 4
-        plans.append(("wgmma_swap 80x256 unit 4", MoEPlan(gemm1: unitOneStage, gemm2: oneStageGemm2)))
+        let swap80 = GemmConfig.wgmma(blockM: 80, blockN: 256, stages: 5, swapAB: true)
+        for (config, unit) in [(swapWide, 2), (swap80, 4)] {
+            var walked = config
+            walked.unit = unit
+            plans.append(("wgmma_swap \(config.blockM)x256 unit \(unit)", MoEPlan(gemm1: walked, gemm2: config)))
+        }
         // Stream-K splits K itself (SPLIT_K 1): at M = 1 and 7 every tile is cut over many programs.
         plans.append(("wgmma_streamk", MoEPlan(both: .wgmma(blockM: rows > 64 ? 128 : 64, blockN: 256, stages: 4, streamK: true))))
         return plans

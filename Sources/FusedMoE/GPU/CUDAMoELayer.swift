@@ -952,7 +952,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         // Cluster pairs need an even count (a last program without a tile returns at once).
         // Stream-K: one per SM whatever the tiles (it cuts their K iterations over all of them).
         let multiprocessors = library.device.properties.multiprocessorCount
-        // The swap-AB GEMM1's units (an experiment): one program per unit of n-blocks of an m-block.
+        // The swap-AB GEMM1's units (`gemm1Unit`): one program per unit of n-blocks of an m-block.
         let unit = finish == .activation ? gemm1Unit : 1
         let programs = unit > 1
             ? mBlocks * ((nBlocks + unit - 1) / unit)

@@ -156,7 +156,7 @@ public struct ConfigTable: Sendable {
     /// whether its weights stream once or twice. (Mixtral's 512 entry cuts 128 + 11.3 rows into one
     /// 144-token block; at 544 tokens 136 + 11.7 need two.)
     static func blocksPerExpert(shape: MoEShape, tokens: Int, blockM: Int) -> Int {
-        let rows = Double(max(tokens * shape.topK, 1)) / Double(max(shape.experts, 1))
+        let rows = PlanSelector.rowsPerExpert(shape: shape, tokens: tokens)
         return Int(((rows + rows.squareRoot()) / Double(max(blockM, 1))).rounded(.up))
     }
 
@@ -287,7 +287,7 @@ public enum PlanSelector {
     /// No split-K elsewhere: the tuner never found it worth its partial-sum traffic with these kernels.
     /// `multiprocessors`: the GPU's (132 on the H200).
     public static func hopperHeuristic(shape: MoEShape, tokens: Int, multiprocessors: Int = 132) -> MoEPlan {
-        let rows = Double(max(tokens * shape.topK, 1)) / Double(shape.experts)
+        let rows = rowsPerExpert(shape: shape, tokens: tokens)
         let longIntermediate = shape.intermediate >= 2048
         let longHidden = shape.hidden >= 6144
         if rows < 12 {
@@ -342,6 +342,11 @@ public enum PlanSelector {
             if rows >= 100 { return MoEPlan(gemm1: swap, gemm2: persistent) }
         }
         return MoEPlan(both: persistent)
+    }
+
+    /// The rows an expert gets on average, M * k / E (at least one pair in all).
+    static func rowsPerExpert(shape: MoEShape, tokens: Int) -> Double {
+        Double(max(tokens * shape.topK, 1)) / Double(max(shape.experts, 1))
     }
 
     /// The token width (BLOCK_M) of a wide swap-AB tile for experts that get `rowsPerExpert` rows on
