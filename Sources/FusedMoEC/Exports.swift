@@ -120,7 +120,7 @@ public func fused_moe_layer_get_info(_ layer: OpaquePointer?, _ info: UnsafeMuta
         let fields: [Int64] = [
             Int64(handle.experts), Int64(handle.topK), Int64(handle.hidden), Int64(handle.intermediate),
             Int64(handle.routedExperts), dtypeCode, Int64(handle.maxTokens), Int64(handle.scratchBytes),
-            Int64(handle.gpu?.buckets.count ?? 0), Int64(handle.deviceOrdinal ?? -1),
+            Int64(handle.gpu?.layers.count ?? 0), Int64(handle.deviceOrdinal ?? -1),
         ]
         for (index, value) in fields.enumerated() {
             info.storeBytes(of: value, toByteOffset: index * 8, as: Int64.self)

@@ -2,12 +2,13 @@ import CUDA
 import FusedMoE
 
 /// What a `fused_moe_layer *` stands for: a layer's shape and options and, on a device, its
-/// kernels and scratch for every token bucket up to `max_tokens`; or a router only.
+/// kernels for every batch size up to `max_tokens` and one scratch they share; or a router only.
 ///
 /// Everything is made in `init` and never changes after, so any thread may use a handle without
 /// a lock. `forward` and `route` check every argument before they touch the GPU.
 final class LayerHandle: Sendable {
-    /// One plan's layer, serving batches of up to `upTo` tokens (and more than the bucket before).
+    /// One plan's layer, serving batches of up to `upTo` tokens (and more than the bucket before): a
+    /// run of batch sizes that `PlanSelector.plan` gives one plan (`PlanSelector.planRuns`).
     struct Bucket: Sendable {
         let upTo: Int
         let layer: CUDAMoELayer
@@ -18,6 +19,15 @@ final class LayerHandle: Sendable {
         let device: Device
         /// Sorted by `upTo`; the last one's `upTo` is the layer's `max_tokens`. Empty for a router.
         let buckets: [Bucket]
+        /// The buckets' intermediates, allocated once at the largest bucket's sizes: the header asks
+        /// that a layer's forwards never run at the same time. Nil for a router.
+        let scratch: CUDAMoELayer.SharedScratch?
+
+        /// The distinct layers (plans) of the buckets, in bucket order.
+        var layers: [CUDAMoELayer] {
+            var seen: Set<ObjectIdentifier> = []
+            return buckets.map(\.layer).filter { seen.insert(ObjectIdentifier($0)).inserted }
+        }
         let routers: [DType: GPURouter]
     }
 
@@ -52,8 +62,11 @@ final class LayerHandle: Sendable {
         self.gpu = gpu
     }
 
-    /// Device memory held for scratch, summed over the buckets.
-    var scratchBytes: Int { gpu?.buckets.reduce(0) { $0 + $1.layer.scratchBytes } ?? 0 }
+    /// Device memory held for scratch: the shared intermediates once, and each bucket's own (align's
+    /// outputs, counters).
+    var scratchBytes: Int {
+        (gpu?.scratch?.byteCount ?? 0) + (gpu?.layers.reduce(0) { $0 + $1.scratchBytes } ?? 0)
+    }
 
     // MARK: - Making
 
@@ -122,7 +135,7 @@ final class LayerHandle: Sendable {
         var gpu: GPU? = nil
         if device >= 0 {
             let library = try Libraries.library(ordinal: Int(device), argument: "device")
-            gpu = GPU(device: library.device, buckets: [], routers: try routers(library: library))
+            gpu = GPU(device: library.device, buckets: [], scratch: nil, routers: try routers(library: library))
         }
         return LayerHandle(
             experts: Int(numExperts), topK: Int(topK), hidden: 0, intermediate: 0, dtype: nil,
@@ -130,20 +143,32 @@ final class LayerHandle: Sendable {
             deviceOrdinal: device >= 0 ? Int(device) : nil, gpu: gpu)
     }
 
-    /// The token counts that bound the buckets: powers of two below `maxTokens`, then `maxTokens`.
-    static func bucketBounds(maxTokens: Int) -> [Int] {
-        var bounds: [Int] = []
-        var bound = 1
-        while bound < maxTokens {
-            bounds.append(bound)
-            bound *= 2
+    /// One bucket per run of batch sizes with one plan (`PlanSelector.planRuns`, so each batch runs
+    /// the plan `bench` times at its size), with the options' overrides applied and neighbours that
+    /// then agree merged. Batches past `chunkTokens` run in chunks on the chunk's plan, so the last
+    /// bucket reaches `maxTokens`.
+    static func buckets(
+        shape: MoEShape, options: LayerOptions, chunkTokens: Int, properties: DeviceProperties
+    ) throws(MoEError) -> [(upTo: Int, plan: MoEPlan)] {
+        let runs = try PlanSelector.planRuns(
+            shape: shape, maxTokens: min(options.maxTokens, chunkTokens), multiprocessors: properties.multiprocessorCount,
+            sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
+            architecture: properties.architecture)
+        var groups: [(upTo: Int, plan: MoEPlan)] = []
+        for run in runs {
+            let chosen = options.applyingOverrides(to: run.plan)
+            if let last = groups.last, last.plan == chosen {
+                groups[groups.count - 1].upTo = run.upTo
+            } else {
+                groups.append((run.upTo, chosen))
+            }
         }
-        bounds.append(maxTokens)
-        return bounds
+        groups[groups.count - 1].upTo = options.maxTokens
+        return groups
     }
 
-    /// Chooses a plan per bucket (merging neighbours with the same plan), compiles all their kernels
-    /// and the routers' at once, and makes one `CUDAMoELayer` per plan with its scratch.
+    /// Chooses a plan per bucket, compiles all their kernels and the routers' at once, and makes one
+    /// `CUDAMoELayer` per plan, all on one scratch.
     private static func makeGPU(
         ordinal: Int, shape: MoEShape, dtype: DType, options: LayerOptions, moeOptions: MoEOptions
     ) throws(ABIError) -> GPU {
@@ -151,23 +176,11 @@ final class LayerHandle: Sendable {
         let device = library.device
         let properties = device.properties
         let chunkTokens = options.chunkTokens ?? 65536
-        var groups: [(upTo: Int, plan: MoEPlan)] = []
-        for bound in bucketBounds(maxTokens: options.maxTokens) {
-            let plan: MoEPlan
-            do {
-                plan = try PlanSelector.plan(
-                    shape: shape, tokens: min(bound, chunkTokens), multiprocessors: properties.multiprocessorCount,
-                    sharedMemoryLimit: properties.sharedMemoryPerBlockOptIn, deviceName: properties.name,
-                    architecture: properties.architecture)
-            } catch {
-                throw ABIError(error)
-            }
-            let chosen = options.applyingOverrides(to: plan)
-            if let last = groups.last, last.plan == chosen {
-                groups[groups.count - 1].upTo = bound
-            } else {
-                groups.append((bound, chosen))
-            }
+        let groups: [(upTo: Int, plan: MoEPlan)]
+        do {
+            groups = try buckets(shape: shape, options: options, chunkTokens: chunkTokens, properties: properties)
+        } catch {
+            throw ABIError(error)
         }
         var requests = DType.allCases.map { GPURouter.request(dtype: $0) }
         for group in groups {
@@ -181,14 +194,27 @@ final class LayerHandle: Sendable {
             // Zero-byte w1/w2 make a CUDAMoELayer whose weights come with each forward: one layer's
             // kernels and scratch then serve every weight pair of this shape.
             let noWeights = try DeviceBuffer(device: device, borrowing: .null, byteCount: 0)
+            let sizes = groups.reduce(CUDAMoELayer.ScratchSizes()) {
+                $0.union(
+                    CUDAMoELayer.ScratchSizes(
+                        shape: shape, dtype: dtype, plan: $1.plan, maxTokens: $1.upTo, chunkTokens: chunkTokens))
+            }
+            let scratch = try CUDAMoELayer.SharedScratch(device: device, sizes: sizes)
+            // One layer per distinct plan, made for the largest batch of its runs (a plan can serve two
+            // runs apart, e.g. a heuristic tile between a table's keys and again past them).
+            var largest: [MoEPlan: Int] = [:]
+            for group in groups { largest[group.plan] = max(largest[group.plan] ?? 0, group.upTo) }
+            var layers: [MoEPlan: CUDAMoELayer] = [:]
             var buckets: [Bucket] = []
             for group in groups {
-                let layer = try CUDAMoELayer(
-                    library: library, shape: shape, dtype: dtype, w1: noWeights, w2: noWeights, options: moeOptions,
-                    plan: group.plan, maxTokens: group.upTo, chunkTokens: chunkTokens)
-                buckets.append(Bucket(upTo: group.upTo, layer: layer))
+                if layers[group.plan] == nil {
+                    layers[group.plan] = try CUDAMoELayer(
+                        library: library, shape: shape, dtype: dtype, w1: noWeights, w2: noWeights, options: moeOptions,
+                        plan: group.plan, maxTokens: largest[group.plan]!, chunkTokens: chunkTokens, sharedScratch: scratch)
+                }
+                buckets.append(Bucket(upTo: group.upTo, layer: layers[group.plan]!))
             }
-            return GPU(device: device, buckets: buckets, routers: try routers(library: library))
+            return GPU(device: device, buckets: buckets, scratch: scratch, routers: try routers(library: library))
         } catch {
             throw ABIError(any: error)
         }

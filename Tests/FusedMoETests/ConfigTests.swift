@@ -307,6 +307,48 @@ import Testing
         #expect(ConfigTable.blocksPerExpert(shape: mixtral, tokens: 1, blockM: 16) == 1)
     }
 
+    /// The runs of batch sizes with one plan (the C ABI's buckets): contiguous from 1 to the maximum,
+    /// neighbours differ, and every batch size in a run gets that run's plan from `plan`, so the C ABI
+    /// runs at each batch the plan bench times there (at 600 tokens Mixtral's 176-token tiles, not the
+    /// 1024 entry's, which the old power-of-two bucket gave it: +25%, NOTES v41).
+    @Test func planRunsGiveEachBatchItsOwnPlan() throws {
+        guard PlanSelector.configDirectory == nil else { return }  // FUSED_MOE_CONFIG_DIR set: another answer
+        for name in ["mixtral_tp2", "seed4096", "dsv3_tp4"] {
+            let shape = try ShapePreset.named(name).shape
+            for (architecture, tables) in [("sm_90a", true), ("sm_90a", false), ("sm_80", true)] {
+                func plan(_ tokens: Int) throws -> MoEPlan {
+                    try PlanSelector.plan(
+                        shape: shape, tokens: tokens, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+                        deviceName: "NVIDIA H200", architecture: architecture, tables: tables)
+                }
+                let runs = try PlanSelector.planRuns(
+                    shape: shape, maxTokens: 3000, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+                    deviceName: "NVIDIA H200", architecture: architecture, tables: tables)
+                #expect(runs.last?.upTo == 3000)
+                var lower = 1
+                for (index, run) in runs.enumerated() {
+                    #expect(run.upTo >= lower)
+                    if index > 0 { #expect(run.plan != runs[index - 1].plan, "\(name) \(architecture) at \(lower)") }
+                    // Both ends and the middle of the run.
+                    for tokens in Set([lower, (lower + run.upTo) / 2, run.upTo]) {
+                        #expect(try plan(tokens) == run.plan, "\(name) \(architecture) tables \(tables) at \(tokens)")
+                    }
+                    lower = run.upTo + 1
+                }
+            }
+        }
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape
+        let runs = try PlanSelector.planRuns(
+            shape: mixtral, maxTokens: 1024, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+            deviceName: "NVIDIA H200", architecture: "sm_90a")
+        let at600 = try #require(runs.first { $0.upTo >= 600 })
+        #expect(at600.plan.gemm1.blockM == 176 && at600.plan == PlanSelector.hopperHeuristic(shape: mixtral, tokens: 600))
+        #expect(at600.plan != runs.last?.plan)
+        #expect(try PlanSelector.planRuns(
+            shape: mixtral, maxTokens: 1, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+            deviceName: "NVIDIA H200", architecture: "sm_90a").count == 1)
+    }
+
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).
     @Test func planWithoutTablesIsTheHeuristic() throws {
         let shape = try ShapePreset.named("qwen235_tp2").shape

@@ -211,6 +211,33 @@ def test_two_slots_in_place():
     layer.close()
 
 
+def test_each_batch_runs_its_own_plan_on_one_scratch():
+    """A layer keeps one plan per run of batch sizes with the same plan (Mixtral up to 1024 tokens: the
+    64-row tiles, the 80- to 192-token tiles, the tables' 384, 512 and 1024 entries), all on one scratch.
+    Batches from different runs, in an order that makes each reuse what a larger one left in the shared
+    scratch, each match the reference; a rerun gives the same bits."""
+    experts, top_k, hidden, intermediate = PRESETS["mixtral_tp2"]
+    w1, w2 = weights(experts, hidden, intermediate, torch.bfloat16, seed=50)
+    layer = fused_moe.Layer(experts, top_k, hidden, intermediate, torch.bfloat16, max_tokens=1024)
+    assert layer.info["plan_count"] >= 10, layer.info
+    # One scratch: the intermediates of the largest run once (M*k rows of I and of H in bf16), plus each
+    # plan's align outputs, far below one full scratch per plan.
+    full = 1024 * top_k * (hidden + intermediate) * 2
+    assert full <= layer.info["scratch_bytes"] < 2 * full, layer.info
+    outputs = {}
+    for tokens in [1024, 600, 300, 700, 1, 100, 1000, 600]:
+        x = activations(tokens, hidden, torch.bfloat16, seed=tokens)
+        topk_weights, topk_ids = routing(tokens, experts, top_k, seed=tokens + 1)
+        out = layer(x, w1, w2, topk_weights, topk_ids, out=poisoned(tokens, hidden, torch.bfloat16))
+        torch.cuda.synchronize()
+        if tokens in outputs:
+            assert torch.equal(out, outputs[tokens]), f"M={tokens}: a rerun differs"
+        else:
+            check(out, reference(x, w1, w2, topk_weights, topk_ids), f"mixtral M={tokens}")
+            outputs[tokens] = out
+    layer.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_route_matches_torch(dtype, renormalize):

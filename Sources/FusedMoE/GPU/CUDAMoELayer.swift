@@ -39,6 +39,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     let activated: DeviceBuffer
     let down: DeviceBuffer
     let accumulator: DeviceBuffer
+    /// Where `gateUp`, `activated`, `down` and `accumulator` come from when the layer was made with one:
+    /// layers of several plans that never run at the same time share them (`SharedScratch`).
+    public let sharedScratch: SharedScratch?
     /// Stream-K (KERNEL wgmma_streamk): one partial tile per program plus slot G, all bits set (NaN:
     /// what a program adds after a lost wait); and one flag per program, zero between launches.
     /// Empty unless a GEMM runs on it.
@@ -265,6 +268,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
     ///     without (true), it runs all the same (a diagnostic: kernels that do not overlap).
     ///   - smallTopKSum: at k <= 2 with `CombineMode.ordered`, let GEMM2 add the rows into the output
     ///     (`sumsInGEMM2`; bit for bit the combine kernel's sum). Default: `smallTopKSumByDefault`.
+    ///   - sharedScratch: take the intermediates and the split-K accumulator from here instead of
+    ///     allocating them (each at least `ScratchSizes(…)` of this layer); the caller keeps the
+    ///     layers that share it from running at the same time.
     ///   - fusedCombine: sum each token's k partial rows inside GEMM2 where the plan and the kernels
     ///     allow it (`allowsFusedCombine`: only kernels compiled with MOE_SM90_FUSED_COMBINE=1, an
     ///     experiment measured slower, NOTES v27; default: yes there). Ignored where they do not.
@@ -273,7 +279,7 @@ public final class CUDAMoELayer: @unchecked Sendable {
         library: KernelLibrary, shape: MoEShape, dtype: DType, w1: DeviceBuffer, w2: DeviceBuffer,
         options: MoEOptions = MoEOptions(), plan: MoEPlan, maxTokens: Int, chunkTokens: Int = 65536,
         programmaticDependentLaunch: Bool? = nil, blockSync: Bool? = nil, fusedCombine: Bool? = nil,
-        smallTopKSum: Bool? = nil
+        smallTopKSum: Bool? = nil, sharedScratch: SharedScratch? = nil
     ) throws(MoEError) {
         guard dtype != .fp32 else { throw .unsupported("the CUDA layer runs bf16 and fp16; use the CPU backend for fp32") }
         guard shape.hidden % 8 == 0 else {
@@ -333,15 +339,14 @@ public final class CUDAMoELayer: @unchecked Sendable {
         let alignChunk = CUDAMoELayer.alignChunk(defines: library.defines)
         self.alignChunk = alignChunk
         let chunks = max(1, (pairs + alignChunk - 1) / alignChunk)
-        func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
-            switch config.effectiveMode {
-            case .none: 0
-            case .atomic: pairs * n
-            case .workspace: config.splitK * pairs * n
+        let sizes = ScratchSizes(shape: shape, dtype: dtype, plan: plan, maxTokens: maxTokens, chunkTokens: chunkTokens)
+        if let sharedScratch {
+            guard sharedScratch.device === device, sharedScratch.sizes.holds(sizes) else {
+                throw .invalidArgument(
+                    "sharedScratch", "must be on this layer's device and hold at least \(sizes), got \(sharedScratch.sizes)")
             }
         }
-        let accumulatorCount = max(
-            accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
+        self.sharedScratch = sharedScratch
         let programs = device.properties.multiprocessorCount
         let streamSlotFloats =
             [plan.gemm1, plan.gemm2].filter { $0.kernel == .wgmmaStreamK }.map { $0.blockM * $0.blockN }.max() ?? 0
@@ -362,12 +367,9 @@ public final class CUDAMoELayer: @unchecked Sendable {
             } else {
                 expertMap = nil
             }
-            gateUp = try DeviceBuffer(
-                device: device,
-                byteCount: plan.activationIsFused ? 0 : pairs * 2 * shape.intermediate * dtype.byteCount)
-            activated = try DeviceBuffer(device: device, byteCount: pairs * shape.intermediate * dtype.byteCount)
-            down = try DeviceBuffer(device: device, byteCount: pairs * shape.hidden * dtype.byteCount)
-            accumulator = try DeviceBuffer(device: device, count: accumulatorCount, of: Float.self)
+            let scratch: SharedScratch
+            if let sharedScratch { scratch = sharedScratch } else { scratch = try SharedScratch(device: device, sizes: sizes) }
+            (gateUp, activated, down, accumulator) = (scratch.gateUp, scratch.activated, scratch.down, scratch.accumulator)
             let streamPrograms = streamSlotFloats > 0 ? programs : 0
             streamPartials = try DeviceBuffer(device: device, count: (streamPrograms + 1) * streamSlotFloats, of: Float.self)
             streamFlags = try DeviceBuffer(device: device, count: streamPrograms, of: Int32.self)
@@ -1056,11 +1058,83 @@ public final class CUDAMoELayer: @unchecked Sendable {
             rowStrideBytes: key.k * dtype.byteCount, boxRows: key.boxRows, boxColumns: 64, swizzle: .bytes128)
     }
 
-    /// The device bytes this layer allocated for scratch (weights not counted).
+    /// The device bytes this layer allocated for scratch (weights not counted; a `sharedScratch` is
+    /// not this layer's: its owner counts it once, `SharedScratch.byteCount`).
     public var scratchBytes: Int {
-        (alignOutputs.flatMap { [$0.sortedIDs, $0.expertIDs, $0.totalPadded, $0.chunkCounts] }
-            + [gateUp, activated, down, accumulator, blockDone]).map(\.byteCount)
+        let shared = sharedScratch == nil ? [gateUp, activated, down, accumulator] : []
+        return (alignOutputs.flatMap { [$0.sortedIDs, $0.expertIDs, $0.totalPadded, $0.chunkCounts] }
+            + shared + [blockDone]).map(\.byteCount)
             .reduce(0, +) + (expertMap?.byteCount ?? 0)
+    }
+
+    /// The bytes of the scratch buffers a layer can take from a `SharedScratch`: the GEMMs'
+    /// intermediates and the split-K accumulator, which every forward writes before it reads.
+    public struct ScratchSizes: Hashable, Sendable, CustomStringConvertible {
+        /// `[M*k, 2I]` (unfused plans only), `[M*k, I]`, `[M*k, H]` of the dtype, and fp32 partial sums.
+        public var gateUp = 0, activated = 0, down = 0, accumulator = 0
+
+        public init() {}
+
+        /// What a layer of `plan` made for `maxTokens` in chunks of `chunkTokens` needs.
+        public init(shape: MoEShape, dtype: DType, plan: MoEPlan, maxTokens: Int, chunkTokens: Int) {
+            let pairs = max(min(maxTokens, chunkTokens), 1) * shape.topK
+            func accumulatorFloats(_ config: GemmConfig, n: Int) -> Int {
+                switch config.effectiveMode {
+                case .none: 0
+                case .atomic: pairs * n
+                case .workspace: config.splitK * pairs * n
+                }
+            }
+            gateUp = plan.activationIsFused ? 0 : pairs * 2 * shape.intermediate * dtype.byteCount
+            activated = pairs * shape.intermediate * dtype.byteCount
+            down = pairs * shape.hidden * dtype.byteCount
+            accumulator = 4 * max(
+                accumulatorFloats(plan.gemm1, n: 2 * shape.intermediate), accumulatorFloats(plan.gemm2, n: shape.hidden))
+        }
+
+        /// Each buffer at least `other`'s.
+        public func holds(_ other: ScratchSizes) -> Bool {
+            gateUp >= other.gateUp && activated >= other.activated && down >= other.down
+                && accumulator >= other.accumulator
+        }
+
+        /// Each buffer the larger of the two.
+        public func union(_ other: ScratchSizes) -> ScratchSizes {
+            var sizes = ScratchSizes()
+            (sizes.gateUp, sizes.activated) = (max(gateUp, other.gateUp), max(activated, other.activated))
+            (sizes.down, sizes.accumulator) = (max(down, other.down), max(accumulator, other.accumulator))
+            return sizes
+        }
+
+        public var total: Int { gateUp + activated + down + accumulator }
+
+        public var description: String {
+            "gateUp \(gateUp), activated \(activated), down \(down), accumulator \(accumulator) bytes"
+        }
+    }
+
+    /// Scratch that layers of one shape and dtype share when they never run at the same time: the C
+    /// ABI's layers of one handle, one per run of batch sizes with one plan, whose forwards the caller
+    /// serializes. Allocated once, at the largest of their `ScratchSizes`.
+    public final class SharedScratch: Sendable {
+        public let device: Device
+        public let sizes: ScratchSizes
+        let gateUp: DeviceBuffer
+        let activated: DeviceBuffer
+        let down: DeviceBuffer
+        let accumulator: DeviceBuffer
+
+        public init(device: Device, sizes: ScratchSizes) throws(CUDAError) {
+            self.device = device
+            self.sizes = sizes
+            gateUp = try DeviceBuffer(device: device, byteCount: sizes.gateUp)
+            activated = try DeviceBuffer(device: device, byteCount: sizes.activated)
+            down = try DeviceBuffer(device: device, byteCount: sizes.down)
+            accumulator = try DeviceBuffer(device: device, byteCount: sizes.accumulator)
+        }
+
+        /// The device bytes it holds.
+        public var byteCount: Int { [gateUp, activated, down, accumulator].map(\.byteCount).reduce(0, +) }
     }
 }
 

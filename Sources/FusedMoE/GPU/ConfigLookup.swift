@@ -244,9 +244,43 @@ public enum PlanSelector {
         shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
         architecture: String = "", tables: Bool = true
     ) throws(MoEError) -> MoEPlan {
+        let table = tables ? try configFile(shape: shape, deviceName: deviceName) : nil
+        return try plan(
+            table: table, shape: shape, tokens: tokens, multiprocessors: multiprocessors,
+            sharedMemoryLimit: sharedMemoryLimit, architecture: architecture)
+    }
+
+    /// The batch sizes 1...`maxTokens` cut into the runs that `plan` gives one plan, in order: each
+    /// batch size gets exactly the plan `bench` runs at it. A layer that serves any batch size (the C
+    /// ABI) keeps one layer per run. (A plan per power-of-two bucket, the plan of its upper bound, ran
+    /// Mixtral at 600 tokens 25% slower: the 1024-token entry's two 144-token blocks per expert where
+    /// one 176-token block holds the rows; NOTES v41.) The table is read once.
+    public static func planRuns(
+        shape: MoEShape, maxTokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
+        architecture: String = "", tables: Bool = true
+    ) throws(MoEError) -> [(upTo: Int, plan: MoEPlan)] {
+        let table = tables ? try configFile(shape: shape, deviceName: deviceName) : nil
+        var runs: [(upTo: Int, plan: MoEPlan)] = []
+        for tokens in 1...max(maxTokens, 1) {
+            let plan = try plan(
+                table: table, shape: shape, tokens: tokens, multiprocessors: multiprocessors,
+                sharedMemoryLimit: sharedMemoryLimit, architecture: architecture)
+            if let last = runs.last, last.plan == plan {
+                runs[runs.count - 1].upTo = tokens
+            } else {
+                runs.append((tokens, plan))
+            }
+        }
+        return runs
+    }
+
+    /// `plan` with the layer's config table already read (nil: none, or tables off).
+    static func plan(
+        table: ConfigTable?, shape: MoEShape, tokens: Int, multiprocessors: Int, sharedMemoryLimit: Int,
+        architecture: String
+    ) throws(MoEError) -> MoEPlan {
         var plan: MoEPlan
-        if tables, let table = try configFile(shape: shape, deviceName: deviceName),
-            let entry = table.entry(serving: tokens, shape: shape),
+        if let table, let entry = table.entry(serving: tokens, shape: shape),
             // A table tuned on Hopper may name wgmma kernels; elsewhere fall back to the heuristic.
             architecture == "sm_90a" || !(entry.gemm1.kernel.needsHopper || entry.gemm2.kernel.needsHopper)
         {

@@ -145,7 +145,8 @@ typedef struct fused_moe_layer_info {
     int64_t dtype;          /* FUSED_MOE_BF16 or FUSED_MOE_FP16 (-1 for a router) */
     int64_t max_tokens;     /* 0 for a router */
     int64_t scratch_bytes;  /* device memory the layer holds */
-    int64_t plan_count;     /* distinct kernel plans compiled for 1..max_tokens tokens */
+    int64_t plan_count;     /* distinct kernel plans for 1..max_tokens tokens: each batch runs
+                               the plan bench runs at its size; all share one scratch */
     int64_t device;         /* device ordinal, or FUSED_MOE_DEVICE_NONE */
 } fused_moe_layer_info;
 
