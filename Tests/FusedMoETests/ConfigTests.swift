@@ -362,6 +362,34 @@ import Testing
         #expect(try plan(true) != plan(false))
     }
 
+    /// The heuristic's GEMM1 units: one wave of programs where one 128- or 144-token block holds each
+    /// expert's rows on a long intermediate size (Mixtral 409-481 tokens, between the 384 and 512 entries,
+    /// which walk units of 4 too), none on narrower or wider tiles, with two blocks per expert, or where
+    /// one wave needs more than 8 n-blocks per program.
+    @Test func heuristicUnitsOnlyWhereOneBlockMakesOneWave() throws {
+        let mixtral = try ShapePreset.named("mixtral_tp2").shape
+        for (tokens, unit) in [(300, 1), (420, 4), (450, 4), (481, 4), (600, 1), (700, 1), (768, 1), (1024, 1)] {
+            let plan = PlanSelector.hopperHeuristic(shape: mixtral, tokens: tokens)
+            #expect(plan.gemm1.unit == unit, "\(tokens) tokens: \(plan)")
+            #expect(plan.gemm2.unit == 1)
+            try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024)
+        }
+        // 56 n-blocks x 8 experts on 132 SMs: 4 per program; on 64 SMs, 7.
+        #expect(PlanSelector.gemm1Unit(shape: mixtral, tokens: 450, width: 144, multiprocessors: 64) == 7)
+        // Mixtral at tp 1 (2I = 28672: 112 n-blocks): 7 per program for one wave of 128.
+        let wide = try MoEShape(experts: 8, topK: 2, hidden: 4096, intermediate: 14336)
+        #expect(PlanSelector.gemm1Unit(shape: wide, tokens: 450, width: 144, multiprocessors: 132) == 7)
+        // Over 8 per program (a small GPU): none.
+        #expect(PlanSelector.gemm1Unit(shape: wide, tokens: 450, width: 144, multiprocessors: 32) == 1)
+        // Not on the short intermediate sizes' swap tiles (their GEMM1 at 1024-2048 tokens).
+        for name in ["seed4096", "qwen235_tp2", "dsv3_tp4"] {
+            let shape = try ShapePreset.named(name).shape
+            for tokens in [1024, 1536, 2048, 4096] {
+                #expect(PlanSelector.hopperHeuristic(shape: shape, tokens: tokens).gemm1.unit == 1, "\(name) \(tokens)")
+            }
+        }
+    }
+
     /// The wide token tile's width: the mean plus two standard deviations of an expert's rows (one
     /// from 320 rows) in the blocks of at most 192 that the mean plus one deviation needs, the
     /// narrowest kernel width that holds one, else 192; none below 64 rows.

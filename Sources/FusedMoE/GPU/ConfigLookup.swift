@@ -371,11 +371,29 @@ public enum PlanSelector {
                 // or more: Mixtral 1024 -4..-5%; the short-K shapes' swap GEMM1 lost 0-2% (NOTES v23).
                 let blocks = Int((rows / Double(width)).rounded(.up))
                 if blocks >= 2 { swap.groupSizeM = min(2 * blocks, 32) }
-                return MoEPlan(both: swap)
+                var plan = MoEPlan(both: swap)
+                plan.gemm1.unit = gemm1Unit(shape: shape, tokens: tokens, width: width, multiprocessors: multiprocessors)
+                return plan
             }
             if rows >= 100 { return MoEPlan(gemm1: swap, gemm2: persistent) }
         }
         return MoEPlan(both: persistent)
+    }
+
+    /// GEMM1's units (`GemmConfig.unit`) for a long intermediate size's swap-AB tile of `width` tokens:
+    /// where one block of 128 or 144 tokens holds each expert's rows (the mean plus one deviation), as
+    /// many n-blocks per program as make one wave of the multiprocessors; else 1. Mixtral at 450 tokens
+    /// (144): -2.4/-2.6%, as its tables' 384 and 512 entries (-1.7..-3.1%, NOTES v40). Not with two
+    /// blocks or more per expert, whose grouped m-blocks share each weight tile in L2 (units from 768
+    /// tokens: +7..+20%), nor on narrower or wider tiles (96 at 300 tokens +0.5%, 176 and 192 at
+    /// 600-700 even; NOTES v41).
+    static func gemm1Unit(shape: MoEShape, tokens: Int, width: Int, multiprocessors: Int) -> Int {
+        let rows = rowsPerExpert(shape: shape, tokens: tokens)
+        guard (128...144).contains(width), rows + rows.squareRoot() <= Double(width) else { return 1 }
+        let touched = min(shape.experts, max(tokens * shape.topK, 1))
+        let nBlocks = (2 * shape.intermediate + 255) / 256
+        let unit = (touched * nBlocks + multiprocessors - 1) / max(multiprocessors, 1)
+        return (2...8).contains(unit) ? unit : 1
     }
 
     /// The rows an expert gets on average, M * k / E (at least one pair in all).
