@@ -313,7 +313,8 @@ public enum PlanSelector {
     ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
     /// - from 64: a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
     ///   blocks do, for both GEMMs when GEMM2's K is long (Mixtral: -5..-15%, NOTES v18; its blocks
-    ///   grouped per expert), for GEMM1 only from 100 rows when it is short (GEMM2 keeps the persistent
+    ///   grouped per expert, or GEMM1 in units where one 128- or 144-token block holds them,
+    ///   `gemm1Unit`), for GEMM1 only from 100 rows when it is short (GEMM2 keeps the persistent
     ///   128-row kernel on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert presets;
     ///   the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
     /// - 64 to 100 rows of a short intermediate size: both GEMMs on the persistent 128 x 256 kernel, as
