@@ -8,6 +8,7 @@
 # compute-sanitizer tools on `check --small` (device-sanitize.sh; SANITIZER_TIMEOUT each). ATOMIC=1 adds
 # the top-8 presets from 1024 tokens with --combine atomic (bench-atomic.json/.txt); PYTEST_K=EXPR runs
 # python/tests/test_gpu.py's tests matching EXPR against dist/libFusedMoEC.so (pytest-gpu.txt).
+# BETWEEN="SHAPE:M,M ..." adds those rows (batch sizes between the tables' keys) to bench-between.json/.txt.
 source "$(dirname "$0")/device-env.sh"
 presets=(--shape seed4096 --shape seed8192 --shape mixtral_tp2 --shape qwen235_tp2 --shape dsv3_tp4)
 device_ceilings
@@ -20,6 +21,10 @@ if [[ -n ${TOUCHED_LIKE:-} ]]; then
     2> "$OUT/bench-touched.log" > "$OUT/bench-touched.txt" || status=1
   grep "routing drawn" "$OUT/bench-touched.log"
 fi
+for row in ${BETWEEN:-}; do  # batch sizes between the tables' keys, one process per shape
+  timeout ${BETWEEN_TIMEOUT:-60} dist/fused-moe bench --plan-only --shape "${row%%:*}" --batch-sizes "${row##*:}" \
+    --ceilings "$OUT/ceilings.json" --json "$OUT/bench-between-${row%%:*}.json" 2>/dev/null >> "$OUT/bench-between.txt" || status=1
+done
 if [[ ${ATOMIC:-0} == 1 ]]; then  # the top-8 presets from 1024 tokens again with --combine atomic
   timeout ${ATOMIC_TIMEOUT:-150} dist/fused-moe bench --plan-only --combine atomic --shape seed4096 --shape seed8192 \
     --shape qwen235_tp2 --shape dsv3_tp4 --batch-sizes 1024,2048,4096,8192 --ceilings "$OUT/ceilings.json" \
