@@ -347,6 +347,22 @@ import Testing
         #expect(try PlanSelector.planRuns(
             shape: mixtral, maxTokens: 1, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
             deviceName: "NVIDIA H200", architecture: "sm_90a").count == 1)
+        // Past exactUpTo, steps of 1/64: the runs still end at the maximum, each run's plan is the plan
+        // of its largest batch, and their count stays small at the C ABI's largest max_tokens (2^24).
+        let stepped = try PlanSelector.planRuns(
+            shape: mixtral, maxTokens: 1 << 24, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+            deviceName: "NVIDIA H200", architecture: "sm_90a", exactUpTo: 2048)
+        #expect(stepped.last?.upTo == 1 << 24)
+        #expect(stepped.count < 400)
+        for run in stepped where run.upTo > 2048 {
+            #expect(try PlanSelector.plan(
+                shape: mixtral, tokens: run.upTo, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+                deviceName: "NVIDIA H200", architecture: "sm_90a") == run.plan)
+        }
+        let exact = try PlanSelector.planRuns(
+            shape: mixtral, maxTokens: 2048, multiprocessors: 132, sharedMemoryLimit: 227 * 1024,
+            deviceName: "NVIDIA H200", architecture: "sm_90a")
+        #expect(Array(stepped.prefix(exact.count - 1)).map(\.upTo) == Array(exact.dropLast()).map(\.upTo))
     }
 
     /// `tables: false` gives the heuristic even where a table is shipped (`bench --heuristic`).

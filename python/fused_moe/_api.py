@@ -248,7 +248,8 @@ def _route(handle, library, router_logits, num_experts, top_k, device_index):
 class Layer:
     """The fused MoE layer of one shape on one GPU.
 
-    Making it compiles the kernels for every batch size up to max_tokens (NVRTC, cached on disk)
+    Making it compiles the kernels for every batch size up to max_tokens (NVRTC, cached on disk:
+    the first Layer of a shape on a machine can take up to a minute, later ones load the cache)
     and allocates all scratch; calling it then only enqueues kernels on torch's current stream,
     so calls can be captured in a CUDA graph. The weights are passed to each call: one Layer
     serves every MoE layer of a model that has this shape, but its scratch is shared, so do not

@@ -251,17 +251,22 @@ public enum PlanSelector {
     }
 
     /// The batch sizes 1...`maxTokens` cut into the runs that `plan` gives one plan, in order: each
-    /// batch size gets exactly the plan `bench` runs at it. A layer that serves any batch size (the C
-    /// ABI) keeps one layer per run. (A plan per power-of-two bucket, the plan of its upper bound, ran
-    /// Mixtral at 600 tokens 25% slower: the 1024-token entry's two 144-token blocks per expert where
-    /// one 176-token block holds the rows; NOTES v41.) The table is read once.
+    /// batch size up to `exactUpTo` gets exactly the plan `bench` runs at it. A layer that serves any
+    /// batch size (the C ABI) keeps one layer per run. (A plan per power-of-two bucket, the plan of its
+    /// upper bound, ran Mixtral at 600 tokens 25% slower: the 1024-token entry's two 144-token blocks
+    /// per expert where one 176-token block holds the rows; NOTES v41.) Past `exactUpTo` the batch
+    /// sizes go in steps of 1/64 of their size, each on the plan of its largest batch, so that a
+    /// maximum of millions of tokens costs a few hundred plans' evaluation, not millions. The table
+    /// is read once.
     public static func planRuns(
         shape: MoEShape, maxTokens: Int, multiprocessors: Int, sharedMemoryLimit: Int, deviceName: String,
-        architecture: String = "", tables: Bool = true
+        architecture: String = "", tables: Bool = true, exactUpTo: Int = 65536
     ) throws(MoEError) -> [(upTo: Int, plan: MoEPlan)] {
         let table = tables ? try configFile(shape: shape, deviceName: deviceName) : nil
         var runs: [(upTo: Int, plan: MoEPlan)] = []
-        for tokens in 1...max(maxTokens, 1) {
+        var tokens = 0
+        while tokens < max(maxTokens, 1) {
+            tokens = min(max(maxTokens, 1), tokens < exactUpTo ? tokens + 1 : tokens + max(tokens / 64, 1))
             let plan = try plan(
                 table: table, shape: shape, tokens: tokens, multiprocessors: multiprocessors,
                 sharedMemoryLimit: sharedMemoryLimit, architecture: architecture)

@@ -180,8 +180,10 @@ int fused_moe_options_init(fused_moe_options *options);
  * so one layer serves every MoE layer of a model that has this shape.
  *
  * Chooses a kernel plan for each token count up to options->max_tokens (tuned configs, else a
- * heuristic), compiles their kernels (NVRTC, cached on disk: only the first create of a plan on
- * a machine compiles) and allocates their scratch. Limits: 1 <= E <= 4096,
+ * heuristic: the plan `fused-moe bench` runs at that count; past 65536 tokens one per step of 1/64),
+ * compiles their kernels (NVRTC, cached on disk: only the first create of a plan on a machine
+ * compiles; Mixtral's 45 plans up to 8192 tokens took 50 s on 16 cores, the 128-expert shapes'
+ * 13-17 plans a few seconds) and allocates one scratch they share. Limits: 1 <= E <= 4096,
  * 1 <= k <= min(E, 32); H and I multiples of 8 up to 2^20; at most 512 router experts;
  * max_tokens and chunk_tokens up to 2^24.
  *
