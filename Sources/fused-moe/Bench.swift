@@ -43,7 +43,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Write an SVG plot of time and % of floor against batch size to this file.")
     var plot: String?
 
-    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run, and optionally bf16_flops_per_s_burst (scripts/ceilings.py writes one with torch: the matrix rate sustained back to back, and in bursts for a second %burst column). Without it the copy bandwidth is measured here and the bf16 rate is taken as 715 TFLOP/s, unmeasured.")
+    @Option(help: "GPU: a JSON file with copy_bytes_per_s and bf16_flops_per_s measured on this GPU in this run, and optionally bf16_flops_per_s_burst, fp16_flops_per_s and fp16_flops_per_s_burst (scripts/ceilings.py writes one with torch: the matrix rates sustained back to back, and in bursts for a second %burst column; an fp16 bench takes the fp16 rates where present). Without it the copy bandwidth is measured here and the matrix rate is taken as 715 TFLOP/s, unmeasured.")
     var ceilings: String?
 
     @Option(help: "GPU: input sets rotated through per timed graph, so repeated replays do not just re-read L2.")
@@ -133,11 +133,14 @@ extension Bench {
         var measured = Ceilings(copyBytesPerSecond: copy, matrixFlopsPerSecond: 715e12)
         if let ceilings {
             guard let text = readTextFile(ceilings) else { throw ValidationError("--ceilings: cannot read '\(ceilings)'") }
-            measured = try Ceilings.parse(json: text, source: ceilings, measuredCopy: copy)
+            measured = try Ceilings.parse(json: text, source: ceilings, measuredCopy: copy, dtype: dtype)
+            if dtype != measured.matrixDType {
+                note("'\(ceilings)' has no \(dtype)_flops_per_s: the floor takes the bf16 rate (the H200 sustains 4% less in fp16, NOTES v41)")
+            }
         } else {
             note("no --ceilings file: the bf16 matrix rate is taken as 715 TFLOP/s (the anchor's), not measured")
         }
-        note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, bf16 \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s"
+        note("\(device.properties.name): copy \(format(copy / 1e12, 2)) TB/s measured here; ceilings copy \(format(measured.copyBytesPerSecond / 1e12, 2)) TB/s, \(measured.matrixDType) \(format(measured.matrixFlopsPerSecond / 1e12, 0)) TFLOP/s"
             + (measured.burstMatrixFlopsPerSecond.map { " (bursts: \(format($0 / 1e12, 0)) TFLOP/s, the %burst column)" } ?? ""))
         var touched: [String: [Int: Int]] = [:]
         if let touchedLike {

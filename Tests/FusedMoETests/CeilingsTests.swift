@@ -18,6 +18,28 @@ import Testing
         #expect(old.burstMatrixFlopsPerSecond == nil && old.burst == nil)
     }
 
+    /// An fp16 bench takes the file's fp16 rates where it has them, else the bf16 ones; the report
+    /// names the rate it used.
+    @Test func fp16TakesItsOwnRatesWherePresent() throws {
+        let text = #"{"copy_bytes_per_s": 4.2e12, "bf16_flops_per_s": 6.8e14, "bf16_flops_per_s_burst": 7.8e14, "fp16_flops_per_s": 6.5e14, "fp16_flops_per_s_burst": 7.5e14}"#
+        let fp16 = try Ceilings.parse(json: text, source: "c.json", dtype: .fp16)
+        #expect(fp16.matrixDType == .fp16 && fp16.matrixFlopsPerSecond == 6.5e14 && fp16.burstMatrixFlopsPerSecond == 7.5e14)
+        #expect(fp16.burst?.matrixDType == .fp16)
+        let bf16 = try Ceilings.parse(json: text, source: "c.json", dtype: .bf16)
+        #expect(bf16.matrixDType == .bf16 && bf16.matrixFlopsPerSecond == 6.8e14 && bf16.burstMatrixFlopsPerSecond == 7.8e14)
+        let old = try Ceilings.parse(json: #"{"copy_bytes_per_s": 4.2e12, "bf16_flops_per_s": 6.8e14}"#, source: "c.json", dtype: .fp16)
+        #expect(old.matrixDType == .bf16 && old.matrixFlopsPerSecond == 6.8e14)
+        #expect(throws: MoEError.invalidArgument("--ceilings", "'c.json': fp16_flops_per_s must be a positive number")) {
+            try Ceilings.parse(
+                json: #"{"copy_bytes_per_s": 4e12, "bf16_flops_per_s": 7e14, "fp16_flops_per_s": 0}"#, source: "c.json",
+                dtype: .fp16)
+        }
+        let report = BenchReport(device: "d", driver: "v", commit: "c", date: "t", ceilings: fp16, rows: [])
+        #expect(report.json["ceilings"]?["fp16_flops_per_s"]?.doubleValue == 6.5e14)
+        #expect(report.json["ceilings"]?["fp16_flops_per_s_burst"]?.doubleValue == 7.5e14)
+        #expect(report.json["ceilings"]?["bf16_flops_per_s"] == nil)
+    }
+
     @Test func rejectsMissingOrNonPositiveRates() {
         for text in [
             #"{"copy_bytes_per_s": 4e12}"#,

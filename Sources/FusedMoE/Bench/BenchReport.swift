@@ -45,45 +45,61 @@ public struct BenchRow: Sendable {
 /// The ceilings of the machine measured in the same run: copy bandwidth and matrix rate.
 ///
 /// `matrixFlopsPerSecond` is what the floor uses: on a GPU, the rate sustained under back-to-back load,
-/// the way a bench row is timed (scripts/ceilings.py; bench/NOTES.md v30). `burstMatrixFlopsPerSecond`,
-/// when known, is the higher rate of short synchronized bursts, before the card reaches its power cap.
+/// the way a bench row is timed (scripts/ceilings.py; bench/NOTES.md v30), of `matrixDType` products.
+/// `burstMatrixFlopsPerSecond`, when known, is the higher rate of short synchronized bursts, before the
+/// card reaches its power cap.
 public struct Ceilings: Sendable {
     public var copyBytesPerSecond: Double
     public var matrixFlopsPerSecond: Double
     public var burstMatrixFlopsPerSecond: Double?
+    /// Whose products the matrix rate timed: bf16, or fp16 for fp16 layers where the file has it (at its
+    /// power cap the H200 sustains 4% less in fp16: 650 against 679 TFLOP/s, NOTES v41).
+    public var matrixDType: DType
 
-    public init(copyBytesPerSecond: Double, matrixFlopsPerSecond: Double, burstMatrixFlopsPerSecond: Double? = nil) {
+    public init(
+        copyBytesPerSecond: Double, matrixFlopsPerSecond: Double, burstMatrixFlopsPerSecond: Double? = nil,
+        matrixDType: DType = .bf16
+    ) {
         self.copyBytesPerSecond = copyBytesPerSecond
         self.matrixFlopsPerSecond = matrixFlopsPerSecond
         self.burstMatrixFlopsPerSecond = burstMatrixFlopsPerSecond
+        self.matrixDType = matrixDType
     }
 
-    /// The ceilings of a `--ceilings` file (scripts/ceilings.py's JSON): positive `copy_bytes_per_s` and
-    /// `bf16_flops_per_s`, and `bf16_flops_per_s_burst` if present. The copy ceiling is the faster of
-    /// the file's and `measuredCopy` (this process's own measurement), when that is given.
-    public static func parse(json text: String, source: String, measuredCopy: Double? = nil) throws -> Ceilings {
+    /// The ceilings of a `--ceilings` file (scripts/ceilings.py's JSON) for layers of `dtype`: positive
+    /// `copy_bytes_per_s` and `bf16_flops_per_s`, and `bf16_flops_per_s_burst` if present; for fp16,
+    /// `fp16_flops_per_s` (and `_burst`) instead where the file has them (`matrixDType` says which). The
+    /// copy ceiling is the faster of the file's and `measuredCopy` (this process's own measurement), when
+    /// that is given.
+    public static func parse(json text: String, source: String, measuredCopy: Double? = nil, dtype: DType = .bf16)
+        throws -> Ceilings
+    {
         let json = try JSON.parse(text, source: source)
         guard let copyRate = json["copy_bytes_per_s"]?.doubleValue, copyRate > 0,
-            let matrixRate = json["bf16_flops_per_s"]?.doubleValue, matrixRate > 0
+            json["bf16_flops_per_s"]?.doubleValue ?? 0 > 0
         else {
             throw MoEError.invalidArgument(
                 "--ceilings", "'\(source)' needs positive copy_bytes_per_s and bf16_flops_per_s")
         }
-        var burst: Double?
-        if let value = json["bf16_flops_per_s_burst"] {
+        let matrixDType: DType = dtype == .fp16 && json["fp16_flops_per_s"] != nil ? .fp16 : .bf16
+        func rate(_ key: String) throws -> Double? {
+            guard let value = json[key] else { return nil }
             guard let rate = value.doubleValue, rate > 0 else {
-                throw MoEError.invalidArgument("--ceilings", "'\(source)': bf16_flops_per_s_burst must be a positive number")
+                throw MoEError.invalidArgument("--ceilings", "'\(source)': \(key) must be a positive number")
             }
-            burst = rate
+            return rate
         }
         return Ceilings(
-            copyBytesPerSecond: max(copyRate, measuredCopy ?? 0), matrixFlopsPerSecond: matrixRate,
-            burstMatrixFlopsPerSecond: burst)
+            copyBytesPerSecond: max(copyRate, measuredCopy ?? 0),
+            matrixFlopsPerSecond: try rate("\(matrixDType)_flops_per_s")!,
+            burstMatrixFlopsPerSecond: try rate("\(matrixDType)_flops_per_s_burst"), matrixDType: matrixDType)
     }
 
     /// These ceilings with the burst matrix rate as the matrix rate, when there is one.
     public var burst: Ceilings? {
-        burstMatrixFlopsPerSecond.map { Ceilings(copyBytesPerSecond: copyBytesPerSecond, matrixFlopsPerSecond: $0) }
+        burstMatrixFlopsPerSecond.map {
+            Ceilings(copyBytesPerSecond: copyBytesPerSecond, matrixFlopsPerSecond: $0, matrixDType: matrixDType)
+        }
     }
 
     /// max(bytes / bandwidth, flops / rate) in milliseconds for `tokens` tokens of a layer.
@@ -134,8 +150,9 @@ public struct BenchReport: Sendable {
         ] + (routing.map { [("routing", JSON.string($0))] } ?? []) + [
             ("ceilings", .object([
                 ("copy_bytes_per_s", .number(ceilings.copyBytesPerSecond)),
-                ("bf16_flops_per_s", .number(ceilings.matrixFlopsPerSecond)),
-            ] + (ceilings.burstMatrixFlopsPerSecond.map { [("bf16_flops_per_s_burst", JSON.number($0))] } ?? []))),
+                ("\(ceilings.matrixDType)_flops_per_s", .number(ceilings.matrixFlopsPerSecond)),
+            ] + (ceilings.burstMatrixFlopsPerSecond.map { [("\(ceilings.matrixDType)_flops_per_s_burst", JSON.number($0))] }
+                ?? []))),
             ("rows", .array(rows.map { row in
                 .object([
                     ("shape", .string(row.shape)),
