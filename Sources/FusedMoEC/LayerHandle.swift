@@ -194,16 +194,17 @@ final class LayerHandle: Sendable {
             // Zero-byte w1/w2 make a CUDAMoELayer whose weights come with each forward: one layer's
             // kernels and scratch then serve every weight pair of this shape.
             let noWeights = try DeviceBuffer(device: device, borrowing: .null, byteCount: 0)
-            let sizes = groups.reduce(CUDAMoELayer.ScratchSizes()) {
-                $0.union(
-                    CUDAMoELayer.ScratchSizes(
-                        shape: shape, dtype: dtype, plan: $1.plan, maxTokens: $1.upTo, chunkTokens: chunkTokens))
-            }
-            let scratch = try CUDAMoELayer.SharedScratch(device: device, sizes: sizes)
             // One layer per distinct plan, made for the largest batch of its runs (a plan can serve two
-            // runs apart, e.g. a heuristic tile between a table's keys and again past them).
+            // runs apart, e.g. a heuristic tile between a table's keys and again past them), all on one
+            // scratch that holds the largest of their needs.
             var largest: [MoEPlan: Int] = [:]
             for group in groups { largest[group.plan] = max(largest[group.plan] ?? 0, group.upTo) }
+            let sizes = largest.reduce(CUDAMoELayer.ScratchSizes()) {
+                $0.union(
+                    CUDAMoELayer.ScratchSizes(
+                        shape: shape, dtype: dtype, plan: $1.key, maxTokens: $1.value, chunkTokens: chunkTokens))
+            }
+            let scratch = try CUDAMoELayer.SharedScratch(device: device, sizes: sizes)
             var layers: [MoEPlan: CUDAMoELayer] = [:]
             var buckets: [Bucket] = []
             for group in groups {

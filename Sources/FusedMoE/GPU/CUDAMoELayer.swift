@@ -1100,13 +1100,13 @@ public final class CUDAMoELayer: @unchecked Sendable {
 
         /// Each buffer the larger of the two.
         public func union(_ other: ScratchSizes) -> ScratchSizes {
-            var sizes = ScratchSizes()
-            (sizes.gateUp, sizes.activated) = (max(gateUp, other.gateUp), max(activated, other.activated))
-            (sizes.down, sizes.accumulator) = (max(down, other.down), max(accumulator, other.accumulator))
+            var sizes = self
+            sizes.gateUp = max(gateUp, other.gateUp)
+            sizes.activated = max(activated, other.activated)
+            sizes.down = max(down, other.down)
+            sizes.accumulator = max(accumulator, other.accumulator)
             return sizes
         }
-
-        public var total: Int { gateUp + activated + down + accumulator }
 
         public var description: String {
             "gateUp \(gateUp), activated \(activated), down \(down), accumulator \(accumulator) bytes"
