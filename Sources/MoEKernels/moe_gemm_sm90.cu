@@ -322,7 +322,8 @@
 #endif
 
 // The wide swap-AB tiles (TOKENS >= 80) multiply only as many token rows as the block holds, in steps of
-// 16 down to TOKENS / 2 (bench/NOTES.md v19); 0 always multiplies all TOKENS.
+// 16 down to TOKENS / 2 (bench/NOTES.md v19); 0 always multiplies all TOKENS. A plan turns it off per kernel
+// with the template argument FIT_ROWS false (its config's FIT key 0; NOTES v42).
 #ifndef MOE_SM90_FIT_WIDTH
 #define MOE_SM90_FIT_WIDTH 1
 #endif
@@ -1198,7 +1199,7 @@ MOE_DEVICE void moe_sm90_leave_block(int32_t* counter, int32_t readers) {
 }
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          int UNIT_N = 1>
+          int UNIT_N = 1, bool FIT_ROWS = true>
 // One consumer warpgroup up to 128 weight rows; two (128 rows each) for BLOCK_N_W 256, with the register split
 // (the wide token tiles' 2 x TOKENS / 2 accumulators need the consumers' 224).
 struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W == 256 ? 2 : 1> {
@@ -1209,10 +1210,12 @@ struct MoEGemmSm90SwapTraits : MoESm90Roles<TOKENS, BLOCK_N_W, STAGES, BLOCK_N_W
     static constexpr int ACC = TOKENS / 2;         // fp32 accumulators per thread per m64 block
     static constexpr int SMEM_BYTES = Smem::SMEM_BYTES;
     static constexpr int DYNAMIC_SMEM_BYTES = Smem::DYNAMIC_SMEM_BYTES;
-    // Fitted widths (MOE_SM90_FIT_WIDTH, wide tiles): the consumers multiply the first W = TOKENS - 16 i
-    // token rows, the narrowest such W >= FIT_MIN that holds every row with a pair. FIT_MIN: TOKENS / 2
-    // rounded up to a width with a wgmma wrapper (64, or 80 and up in steps of 16).
-    static constexpr bool FIT = MOE_SM90_FIT_WIDTH != 0 && TOKENS >= 80;
+    // Fitted widths (MOE_SM90_FIT_WIDTH and FIT_ROWS, wide tiles): the consumers multiply the first W =
+    // TOKENS - 16 i token rows, the narrowest such W >= FIT_MIN that holds every row with a pair. FIT_MIN:
+    // TOKENS / 2 rounded up to a width with a wgmma wrapper (64, or 80 and up in steps of 16). Without
+    // them every block multiplies all TOKENS rows, so the blocks of one expert run at one pace and keep
+    // reading each weight tile together (the unit walk at two blocks per expert needs that: NOTES v42).
+    static constexpr bool FIT = MOE_SM90_FIT_WIDTH != 0 && FIT_ROWS && TOKENS >= 80;
     static constexpr int FIT_MIN = TOKENS / 2 <= 64 ? 64 : (TOKENS / 2 + 15) / 16 * 16;
 
     // Output staging, transposed back to token rows: fp32 [TOKENS][BLOCK_N_W + 4]. The pitch makes
@@ -1346,7 +1349,7 @@ MOE_DEVICE void moe_sm90_swap_paired_epilogue(float (&acc)[2][W / 2], const Smem
 }
 
 template <typename T, int BLOCK_N_W, int TOKENS, int STAGES, int SPLIT_MODE, bool MUL_ROUTED_WEIGHT, int FUSED_ACT,
-          int UNIT_N = 1>
+          int UNIT_N = 1, bool FIT_ROWS = true>
 __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
     moe_gemm_sm90_swap(const __grid_constant__ CUtensorMap b_map, const T* __restrict__ A, void* __restrict__ C,
                        const float* __restrict__ topk_weights, const int32_t* __restrict__ sorted_token_ids,
@@ -1358,7 +1361,8 @@ __global__ void __launch_bounds__(BLOCK_N_W == 256 ? 384 : 256, 1)
                        , uint64_t* __restrict__ diag_times
 #endif
     ) {
-    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, UNIT_N>;
+    using Tr = MoEGemmSm90SwapTraits<T, BLOCK_N_W, TOKENS, STAGES, SPLIT_MODE, MUL_ROUTED_WEIGHT, FUSED_ACT, UNIT_N,
+                                     FIT_ROWS>;
 #if MOE_SM90_DIAG_TIMES
     uint64_t* const diag = diag_times + 8 * (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
     if (threadIdx.x == 0) {

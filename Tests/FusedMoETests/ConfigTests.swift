@@ -719,6 +719,36 @@ import Testing
         expectMalformed(#"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "UNIT": 2}}"#, naming: "UNIT")
     }
 
+    /// FIT 0 (whole token widths on the swap-AB kernel, NOTES v42): parsed, written back only when 0, named
+    /// in the kernel instantiation (its last template argument, after the unit) and the description,
+    /// refused off the swap-AB kernel and for values other than 0 and 1.
+    @Test func swapWholeWidthsConfig() throws {
+        var whole = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 2, swapAB: true)
+        whole.fitRows = false
+        #expect(throws: Never.self) { try whole.validate(sharedMemoryLimit: 227 * 1024) }
+        #expect(whole.nameExpression(dtype: .bf16, mulRoutedWeight: true)
+            == "moe_gemm_sm90_swap<moe_bf16, 256, 144, 4, 0, true, 0, 1, false>")
+        var unit = whole
+        unit.unit = 7
+        #expect(unit.nameExpression(dtype: .bf16, mulRoutedWeight: false, fusedActivation: 1)
+            == "moe_gemm_sm90_swap<moe_bf16, 256, 144, 4, 0, false, 1, 7, false>")
+        #expect(unit.description.contains(" u7 whole "))
+        let fitted = GemmConfig.wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 2, swapAB: true)
+        #expect(!fitted.description.contains("whole"))
+        let text = ConfigTable(source: "t", entries: [(1024, MoEPlan(gemm1: unit, gemm2: fitted))]).json.serialized(indent: 1)
+        #expect(text.contains("\"FIT\": 0") && text.components(separatedBy: "FIT").count == 2, "\(text)")
+        let parsed = try ConfigTable.parse(text, source: "t").nearest(to: 1024)
+        #expect(parsed.gemm1 == unit && parsed.gemm2 == fitted)
+
+        var persistent = GemmConfig.wgmma(blockM: 128, blockN: 256, stages: 4, persistent: true)
+        persistent.fitRows = false
+        expectRefused(persistent, key: "FIT")
+        expectMalformed(#"{"8": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "FIT": 0}}"#, naming: "FIT")
+        expectMalformed(
+            #"{"8": {"BLOCK_SIZE_M": 144, "BLOCK_SIZE_N": 256, "BLOCK_SIZE_K": 64, "KERNEL": "wgmma_swap", "FIT": 2}}"#,
+            naming: "FIT")
+    }
+
     /// The tuner's cluster refinement: wide non-persistent wgmma winners while experts get two or more
     /// m-blocks, with an even group of at least 2.
     @Test func tunerClusterAlternative() throws {

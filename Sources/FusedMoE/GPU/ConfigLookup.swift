@@ -69,6 +69,8 @@ public struct ConfigTable: Sendable {
         let splitK = try integer("SPLIT_K", default: 1)
         let cluster = try integer("CLUSTER_M", default: 1)
         let unit = try integer("UNIT", default: 1)
+        let fit = try integer("FIT", default: 1)
+        guard fit == 0 || fit == 1 else { throw .malformedFile(source, "entry '\(key)': FIT must be 0 or 1, got \(fit)") }
         var mode = SplitMode.none
         if let field = value["SPLIT_MODE"] {
             guard let name = field.stringValue, let parsed = SplitMode(rawValue: name) else {
@@ -94,6 +96,7 @@ public struct ConfigTable: Sendable {
             config.splitMode = splitK > 1 ? mode : .none
             config.clusterM = cluster
             config.unit = unit
+            config.fitRows = fit == 1
             return config
         }
         guard cluster == 1 else {
@@ -101,6 +104,9 @@ public struct ConfigTable: Sendable {
         }
         guard unit == 1 else {
             throw .malformedFile(source, "entry '\(key)': UNIT \(unit) needs KERNEL wgmma_swap (the mma kernel takes 1)")
+        }
+        guard fit == 1 else {
+            throw .malformedFile(source, "entry '\(key)': FIT 0 needs KERNEL wgmma_swap (the mma kernel takes 1)")
         }
         // Triton's tiles are 16..256 wide; clamp what our kernel lacks (BLOCK_K 128/256 -> 64).
         let kernelBlockK = min(max(blockK, 32), 64)
@@ -160,12 +166,13 @@ public struct ConfigTable: Sendable {
         return Int(((rows + rows.squareRoot()) / Double(max(blockM, 1))).rounded(.up))
     }
 
-    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M and UNIT (when not 1)
-    /// and GEMM2 where needed.
+    /// The table as a config file: SGLang's keys, plus SPLIT_K, SPLIT_MODE, CLUSTER_M and UNIT (when not 1),
+    /// FIT (when 0) and GEMM2 where needed.
     public var json: JSON {
         func object(_ config: GemmConfig) -> [(String, JSON)] {
             let cluster: [(String, JSON)] = (config.clusterM == 1 ? [] : [("CLUSTER_M", .number(Double(config.clusterM)))])
                 + (config.unit == 1 ? [] : [("UNIT", .number(Double(config.unit)))])
+                + (config.fitRows ? [] : [("FIT", .number(0))])
             return [
                 ("BLOCK_SIZE_M", .number(Double(config.blockM))), ("BLOCK_SIZE_N", .number(Double(config.blockN))),
                 ("BLOCK_SIZE_K", .number(Double(config.blockK))), ("GROUP_SIZE_M", .number(Double(config.groupSizeM))),

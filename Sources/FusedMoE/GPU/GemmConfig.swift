@@ -71,6 +71,11 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
     /// NOTES v39); 1 (the default) one tile per program. Other kernels and GEMMs take 1 whatever it says
     /// (`CUDAMoELayer.swapUnit`).
     public var unit: Int = 1
+    /// Whether the wide swap-AB tiles (80 tokens and up) multiply only the rows each block holds, in steps of
+    /// 16 tokens (`FIT` 1, the default; NOTES v19), or every block its whole width (`FIT` 0). Whole widths
+    /// keep the blocks of one expert at one pace, so they read each weight tile together: that is what lets
+    /// units pay where an expert has two blocks (Mixtral 768 and 1024, NOTES v42). Other kernels ignore it.
+    public var fitRows: Bool = true
 
     public init(
         blockM: Int, blockN: Int, blockK: Int, warpsM: Int, warpsN: Int, stages: Int, groupSizeM: Int = 1,
@@ -128,7 +133,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         let tile = "\(blockM)x\(blockN)x\(blockK)"
         let body = kernel == .mma ? "\(tile) w\(warpsM)x\(warpsN)" : "\(kernel.rawValue) \(tile)"
         return body + " s\(stages) g\(groupSizeM)" + (clusterM > 1 ? " c\(clusterM)" : "") + (unit > 1 ? " u\(unit)" : "")
-            + " split\(splitK)/\(splitMode.rawValue)"
+            + (fitRows ? "" : " whole") + " split\(splitK)/\(splitMode.rawValue)"
     }
 
     /// Lays `warps` warps over a tile: as many along M as its 16-row fragments allow (at most 4),
@@ -160,6 +165,9 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
         guard unit == 1 || (kernel == .wgmmaSwap && splitK == 1 && (1...64).contains(unit)) else {
             throw .invalidArgument(
                 "UNIT", "must be 1, or 2...64 with KERNEL wgmma_swap unsplit; got \(unit) with KERNEL \(kernel.rawValue), SPLIT_K \(splitK)")
+        }
+        guard fitRows || kernel == .wgmmaSwap else {
+            throw .invalidArgument("FIT", "must be 1, or 0 with KERNEL wgmma_swap; got 0 with KERNEL \(kernel.rawValue)")
         }
         guard splitK == 1 || splitMode != .none else {
             throw .invalidArgument("SPLIT_MODE", "SPLIT_K = \(splitK) needs mode atomic or workspace, not none")
@@ -242,7 +250,7 @@ public struct GemmConfig: Hashable, Sendable, CustomStringConvertible {
                 + "\(clusterM)>"
         case .wgmmaSwap:
             return "moe_gemm_sm90_swap<\(type), \(blockN), \(blockM), \(stages), \(mode), \(mulRoutedWeight), \(fusedActivation)"
-                + (unit > 1 ? ", \(unit)>" : ">")
+                + (fitRows ? (unit > 1 ? ", \(unit)>" : ">") : ", \(unit), false>")
         case .wgmmaPersistent, .wgmmaPingpong, .wgmmaStreamK:
             return "moe_gemm_sm90_persistent<\(type), \(blockM), \(blockN), \(stages), \(mode), \(mulRoutedWeight), "
                 + "\(fusedActivation), \(kernel == .wgmmaPingpong)" + (kernel == .wgmmaStreamK ? ", true>" : ">")
