@@ -168,6 +168,12 @@ def name_expressions() -> dict[str, list[list[str]]]:
                 + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)]
                 # The top-k sum by 16-bit reductions (split mode 3: GEMM2 only).
                 + [gemm_sm90_swap_name(dtype, tile, 3, True)])
+        # Whole token widths (FIT 0, NOTES v42): GEMM1 in units of 7, and GEMM2 (its rows to memory, or
+        # summed by 16-bit reductions at k <= 2), on the wide tiles that two blocks per expert take.
+        sm90_groups.append([gemm_sm90_swap_name(dtype, (256, tok, 4), 0, False, 1)[:-1] + ", 7, false>"
+                            for tok in (112, 128, 144, 160, 176)]
+                           + [gemm_sm90_swap_name(dtype, (256, tok, 4), mode, True)[:-1] + ", 1, false>"
+                              for tok in (112, 128, 144, 160, 176) for mode in (0, 3)])
     elementwise = []
     for dtype in DTYPES:
         for kernel in ("moe_silu_and_mul", "moe_gelu_and_mul", "moe_combine", "moe_splitk_reduce", "moe_cast_f32"):
@@ -405,13 +411,7 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
             ("moe_gemm_sm90.cu", [gemm_sm90_swap_name(dtype, (256, tok, 4 if tok > 96 else 5), 0, False, 1)
                                   for dtype in DTYPES for tok in (64, 96, 144, 160, 176, 192)]
              + [gemm_sm90_swap_name("moe_bf16", (128, tok, st), 0, False, 1) for tok, st in ((16, 6), (80, 7), (144, 5))],
-             ["-DMOE_SM90_SWAP_UNIT=7"]),
-            # Whole token widths (FIT 0, NOTES v42): GEMM1 in units of 7 and GEMM2 (ordered, and summing
-            # k <= 2 rows by 16-bit reductions) on the wide tiles two blocks per expert take.
-            ("moe_gemm_sm90.cu", [gemm_sm90_swap_name(dtype, (256, tok, 4), 0, False, 1)[:-1] + ", 7, false>"
-                                  for dtype in DTYPES for tok in (112, 128, 144, 176, 192)]
-             + [gemm_sm90_swap_name(dtype, (256, tok, 4), mode, True)[:-1] + ", 1, false>"
-                for dtype in DTYPES for tok in (112, 144, 192) for mode in (0, 3)], [])]
+             ["-DMOE_SM90_SWAP_UNIT=7"])]
 
 
 def main() -> int:

@@ -172,8 +172,13 @@ import Testing
         // long GEMM2 K, GEMM1 only on the 128-expert shapes (GEMM2 on its own 128-row align).
         let mixtral = try ShapePreset.named("mixtral_tp2").shape
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 512) == MoEPlan(both: .wgmma(blockM: 160, blockN: 256, stages: 4, swapAB: true)))
-        // Two or more blocks per expert: the blocks of one expert grouped (NOTES v23).
-        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 1024) == MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 4, swapAB: true)))
+        // Two or more blocks per expert: the blocks of one expert grouped (NOTES v23); at two, GEMM1 in units
+        // and both GEMMs at whole widths (NOTES v42).
+        var twoBlocks = MoEPlan(both: .wgmma(blockM: 144, blockN: 256, stages: 4, groupSizeM: 4, swapAB: true))
+        twoBlocks.gemm1.unit = 7
+        twoBlocks.gemm1.fitRows = false
+        twoBlocks.gemm2.fitRows = false
+        #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 1024) == twoBlocks)
         #expect(PlanSelector.hopperHeuristic(shape: mixtral, tokens: 256).gemm2.blockM == 80)
         // 16 to 32 rows of a long intermediate size: the wide kernel's 64-row tiles (NOTES v40), below
         // 16 the 32-token swap-AB tile.
@@ -380,16 +385,28 @@ import Testing
 
     /// The heuristic's GEMM1 units: one wave of programs where one 128- or 144-token block holds each
     /// expert's rows on a long intermediate size (Mixtral 409-481 tokens, between the 384 and 512 entries,
-    /// which walk units of 4 too), none on narrower or wider tiles, with two blocks per expert, or where
-    /// one wave needs more than 8 n-blocks per program.
+    /// which walk units of 4 too), or two blocks of 112-176 tokens, which then run at whole widths on both
+    /// GEMMs (Mixtral 720-1300, NOTES v42); none on other tiles, with three blocks per expert, or where one
+    /// wave needs more than 8 n-blocks per program.
     @Test func heuristicUnitsOnlyWhereOneBlockMakesOneWave() throws {
         let mixtral = try ShapePreset.named("mixtral_tp2").shape
-        for (tokens, unit) in [(300, 1), (420, 4), (450, 4), (481, 4), (600, 1), (700, 1), (768, 1), (1024, 1)] {
+        let cases = [(300, 1), (420, 4), (450, 4), (481, 4), (600, 1), (700, 1), (768, 7), (900, 7), (1024, 7), (1200, 7),
+                     (1400, 1), (2048, 1)]
+        for (tokens, unit) in cases {
             let plan = PlanSelector.hopperHeuristic(shape: mixtral, tokens: tokens)
             #expect(plan.gemm1.unit == unit, "\(tokens) tokens: \(plan)")
             #expect(plan.gemm2.unit == 1)
+            // Whole widths exactly where two blocks per expert walk units.
+            let twoBlocks = ConfigTable.blocksPerExpert(shape: mixtral, tokens: tokens, blockM: plan.gemm1.blockM) == 2
+            #expect(plan.gemm1.fitRows == !(unit > 1 && twoBlocks), "\(tokens) tokens: \(plan)")
+            #expect(plan.gemm2.fitRows == plan.gemm1.fitRows)
             try plan.gemm1.validate(sharedMemoryLimit: 227 * 1024)
+            try plan.gemm2.validate(sharedMemoryLimit: 227 * 1024)
         }
+        // Two 144-token blocks per expert at 1024 tokens: 16 m-blocks x 56 n-blocks, 7 per program (128 programs).
+        #expect(PlanSelector.gemm1Unit(shape: mixtral, tokens: 1024, width: 144, multiprocessors: 132) == 7)
+        // On 192 tokens, two blocks walk no units (1400 tokens: +7% at whole widths).
+        #expect(PlanSelector.gemm1Unit(shape: mixtral, tokens: 1400, width: 192, multiprocessors: 132) == 1)
         // 56 n-blocks x 8 experts on 132 SMs: 4 per program; on 64 SMs, 7.
         #expect(PlanSelector.gemm1Unit(shape: mixtral, tokens: 450, width: 144, multiprocessors: 64) == 7)
         // Mixtral at tp 1 (2I = 28672: 112 n-blocks): 7 per program for one wave of 128.

@@ -325,8 +325,8 @@ public enum PlanSelector {
     ///   has it; for a long one both GEMMs on the wide kernel (Mixtral 128);
     /// - from 64: a wide token tile (`swapTokenWidth`) that pads each expert's run less than 128-row
     ///   blocks do, for both GEMMs when GEMM2's K is long (Mixtral: -5..-15%, NOTES v18; its blocks
-    ///   grouped per expert, or GEMM1 in units where one 128- or 144-token block holds them,
-    ///   `gemm1Unit`), for GEMM1 only from 100 rows when it is short (GEMM2 keeps the persistent
+    ///   grouped per expert, or GEMM1 in units where one 128- or 144-token block holds them, or two
+    ///   blocks of 112-176 at whole widths, `gemm1Unit`), for GEMM1 only from 100 rows when it is short (GEMM2 keeps the persistent
     ///   128-row kernel on its own align: -2..-7% at 2048-4096 tokens on the 128/256-expert presets;
     ///   the one-tile-per-program swap kernel loses 40-50% on a short-K GEMM2);
     /// - 64 to 100 rows of a short intermediate size: both GEMMs on the persistent 128 x 256 kernel, as
@@ -386,6 +386,11 @@ public enum PlanSelector {
                 if blocks >= 2 { swap.groupSizeM = min(2 * blocks, 32) }
                 var plan = MoEPlan(both: swap)
                 plan.gemm1.unit = gemm1Unit(shape: shape, tokens: tokens, width: width, multiprocessors: multiprocessors)
+                if plan.gemm1.unit > 1 && ConfigTable.blocksPerExpert(shape: shape, tokens: tokens, blockM: width) == 2 {
+                    // Two blocks per expert walk units only at one pace: whole widths on both GEMMs.
+                    plan.gemm1.fitRows = false
+                    plan.gemm2.fitRows = false
+                }
                 return plan
             }
             if rows >= 100 { return MoEPlan(gemm1: swap, gemm2: persistent) }
@@ -393,20 +398,26 @@ public enum PlanSelector {
         return MoEPlan(both: persistent)
     }
 
-    /// GEMM1's units (`GemmConfig.unit`) for a long intermediate size's swap-AB tile of `width` tokens:
-    /// where one block of 128 or 144 tokens holds each expert's rows (the mean plus one deviation), as
-    /// many n-blocks per program as make one wave of the multiprocessors; else 1. Mixtral at 450 tokens
-    /// (144): -2.4/-2.6%, as its tables' 384 and 512 entries (-1.7..-3.1%, NOTES v40). Not with two
-    /// blocks or more per expert, whose grouped m-blocks share each weight tile in L2 (units from 768
-    /// tokens: +7..+20%), nor on narrower or wider tiles (96 at 300 tokens +0.5%, 176 and 192 at
-    /// 600-700 even; NOTES v41).
+    /// GEMM1's units (`GemmConfig.unit`) for a long intermediate size's swap-AB tile of `width` tokens: as
+    /// many n-blocks per program (2 to 8) as make one wave of the multiprocessors, where each expert's rows
+    /// (the mean plus one deviation) take
+    /// - one block of 128 or 144 tokens: Mixtral at 450 tokens (144) -2.4/-2.6%, as its tables' 384 and
+    ///   512 entries (-1.7..-3.1%, NOTES v40); even on 96 (300 tokens, +0.5%), 176 and 192 (600-700; v41);
+    /// - two blocks of 112 to 176 tokens, which the plan then runs at whole widths (`fitRows` false, both
+    ///   GEMMs) so that an expert's two blocks keep one pace and read each weight tile together: Mixtral
+    ///   768-1200 tokens -1.9..-4.4% (NOTES v42). With fitted widths the narrower block ran ahead and the
+    ///   units lost 6-13% (v41); on 192 tokens (1400) they lose 7% even at whole widths.
+    /// Else 1: three blocks or more (2048: +4%, v42), or more than 8 n-blocks per program.
     static func gemm1Unit(shape: MoEShape, tokens: Int, width: Int, multiprocessors: Int) -> Int {
-        let rows = rowsPerExpert(shape: shape, tokens: tokens)
-        guard (128...144).contains(width), rows + rows.squareRoot() <= Double(width) else { return 1 }
+        let blocks = ConfigTable.blocksPerExpert(shape: shape, tokens: tokens, blockM: width)
+        guard (blocks == 1 && (128...144).contains(width)) || (blocks == 2 && (112...176).contains(width)) else { return 1 }
         let touched = min(shape.experts, max(tokens * shape.topK, 1))
         let nBlocks = (2 * shape.intermediate + 255) / 256
-        let unit = (touched * nBlocks + multiprocessors - 1) / max(multiprocessors, 1)
-        return (2...8).contains(unit) ? unit : 1
+        let mBlocks = touched * blocks
+        let unit = (mBlocks * nBlocks + multiprocessors - 1) / max(multiprocessors, 1)
+        // One wave: the m-blocks times their units at most one program per multiprocessor.
+        guard (2...8).contains(unit), mBlocks * ((nBlocks + unit - 1) / unit) <= multiprocessors else { return 1 }
+        return unit
     }
 
     /// The rows an expert gets on average, M * k / E (at least one pair in all).
