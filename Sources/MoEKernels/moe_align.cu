@@ -99,6 +99,10 @@ MOE_DEVICE int32_t expert_of(const int32_t* topk_ids, int64_t i, int64_t numel, 
 /// Bits of an expert index: the bit length of num_experts - 1 (0 for one expert, 9 for 512).
 MOE_DEVICE int expert_bits(int32_t num_experts) { return num_experts > 1 ? 32 - __clz(num_experts - 1) : 0; }
 
+#ifndef MOE_ALIGN_BALANCE
+#define MOE_ALIGN_BALANCE 0  // 1 (a diagnostic, the one-launch kernel's first layout): each expert's rows split
+                             // evenly over its blocks, each block's rows first (NOTES v42)
+#endif
 #ifndef MOE_ALIGN_SCATTER_STAGE
 #define MOE_ALIGN_SCATTER_STAGE 1  // 0: the three-launch scatter stores each pair directly (before NOTES v22)
 #endif
@@ -382,8 +386,31 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
     const bool staged2 = dual && offset2 + total2 <= stage_capacity;
     int32_t* runs = staged ? stage : sorted_ids;
     int32_t* runs2 = staged2 ? stage + offset2 : sorted_ids2;
+#if MOE_ALIGN_BALANCE
+    __shared__ int32_t per_block[MAX_EXPERTS];  // rows in each block of expert e's run but the last
+    for (int e = tid; e < num_experts; e += THREADS) {
+        const int32_t blocks = first_block[e + 1] - first_block[e];
+        per_block[e] = blocks > 0 ? (counts[e] + blocks - 1) / blocks : 1;
+    }
+    __syncthreads();
+    {
+        const int32_t pad_value = static_cast<int32_t>(numel);
+        for (int e = warp; e < num_experts; e += WARPS) {
+            const int32_t c = counts[e], per = per_block[e], b0 = first_block[e], b1 = first_block[e + 1];
+            const int32_t id = expert_map != nullptr ? expert_map[e] : e;
+            for (int32_t b = b0; b < b1; ++b) {
+                const int32_t used = min(per, c - (b - b0) * per);
+                for (int32_t q = b * block_m + used + lane; q < (b + 1) * block_m; q += 32) runs[q] = pad_value;
+            }
+            for (int32_t blk = b0 + lane; blk < b1; blk += 32) expert_ids[blk] = id;
+        }
+        for (int64_t q = total + tid; q < max_padded; q += THREADS) sorted_ids[q] = pad_value;
+        for (int64_t blk = total_blocks + tid; blk < ceil_div(max_padded, block_m); blk += THREADS) expert_ids[blk] = -1;
+    }
+#else
     write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, runs, sorted_ids,
                   expert_ids, max_padded);
+#endif
     if (dual)
         write_padding(counts, first_block2, total_blocks2, numel, num_experts, block_m2, expert_map, runs2, sorted_ids2,
                       expert_ids2, max_padded2);
@@ -395,7 +422,11 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
             const int32_t e = ids[it];
             const int32_t pair = static_cast<int32_t>(warp_begin + it * 32 + lane);
             const int32_t within = my_counts[e] + rank[it];
+#if MOE_ALIGN_BALANCE
+            runs[(first_block[e] + within / per_block[e]) * block_m + within % per_block[e]] = pair;
+#else
             runs[first_block[e] * block_m + within] = pair;
+#endif
             if (dual) runs2[first_block2[e] * block_m2 + within] = pair;
         }
     }
