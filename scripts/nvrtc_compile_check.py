@@ -394,6 +394,8 @@ def experiment_jobs() -> list[tuple[str, list[str], list[str]]]:
     # it compiles out).
     combine = [gemm_sm90_persistent_name(dtype, (128, 256, 4), 0, True) for dtype in DTYPES]
     return [("moe_gemm_sm90.cu", half, ["-DMOE_SM90_HALF_TILES=1"]),
+            # Each expert's rows split evenly over its blocks (a diagnostic, NOTES v42).
+            ("moe_align.cu", [], ["-DMOE_ALIGN_BALANCE=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1"]),
             ("moe_gemm_sm90.cu", combine, ["-DMOE_SM90_FUSED_COMBINE=1", "-DMOE_SM90_HALF_TILES=1"]),
             ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=3"]), ("moe_gemm_sm90.cu", hinted, ["-DMOE_L2_HINTS=12"]),
