@@ -242,10 +242,13 @@ MOE_DEVICE int32_t lay_out_runs(int32_t count, int32_t* first_block, int32_t* wa
 /// past the runs: sorted_ids up to max_padded, expert_ids up to ceil(max_padded / block_m). counts
 /// (shared) and first_block as lay_out_runs left them. All threads call it; no barrier. 32-bit positions
 /// inside the runs (below 2^31) and no division by block_m: a 64-bit one per position cost
-/// microseconds (NOTES v21).
+/// microseconds (NOTES v21). per_block (shared; MOE_ALIGN_BALANCE only, else null): expert e's rows come
+/// per_block[e] to each block of its run but the last, each block's rows first, so each block pads its own
+/// tail.
 MOE_DEVICE void write_padding(const int32_t* counts, const int32_t* first_block, int32_t total_blocks, int64_t numel,
                               int32_t num_experts, int32_t block_m, const int32_t* expert_map, int32_t* runs,
-                              int32_t* sorted_ids, int32_t* expert_ids, int64_t max_padded) {
+                              int32_t* sorted_ids, int32_t* expert_ids, int64_t max_padded,
+                              const int32_t* per_block = nullptr) {
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
     const int32_t pad_value = static_cast<int32_t>(numel);
@@ -254,7 +257,15 @@ MOE_DEVICE void write_padding(const int32_t* counts, const int32_t* first_block,
         const int32_t b0 = first_block[e];
         const int32_t b1 = first_block[e + 1];
         const int32_t id = expert_map != nullptr ? expert_map[e] : e;
-        for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) runs[q] = pad_value;
+        if (per_block != nullptr) {
+            const int32_t per = per_block[e];
+            for (int32_t b = b0; b < b1; ++b) {
+                const int32_t used = min(per, c - (b - b0) * per);
+                for (int32_t q = b * block_m + used + lane; q < (b + 1) * block_m; q += 32) runs[q] = pad_value;
+            }
+        } else {
+            for (int32_t q = b0 * block_m + c + lane; q < b1 * block_m; q += 32) runs[q] = pad_value;
+        }
         for (int32_t blk = b0 + lane; blk < b1; blk += 32) expert_ids[blk] = id;
     }
     const int64_t total = static_cast<int64_t>(total_blocks) * block_m;
@@ -393,20 +404,8 @@ extern "C" __global__ void __launch_bounds__(moe_align_detail::SINGLE_THREADS, 1
         per_block[e] = blocks > 0 ? (counts[e] + blocks - 1) / blocks : 1;
     }
     __syncthreads();
-    {
-        const int32_t pad_value = static_cast<int32_t>(numel);
-        for (int e = warp; e < num_experts; e += WARPS) {
-            const int32_t c = counts[e], per = per_block[e], b0 = first_block[e], b1 = first_block[e + 1];
-            const int32_t id = expert_map != nullptr ? expert_map[e] : e;
-            for (int32_t b = b0; b < b1; ++b) {
-                const int32_t used = min(per, c - (b - b0) * per);
-                for (int32_t q = b * block_m + used + lane; q < (b + 1) * block_m; q += 32) runs[q] = pad_value;
-            }
-            for (int32_t blk = b0 + lane; blk < b1; blk += 32) expert_ids[blk] = id;
-        }
-        for (int64_t q = total + tid; q < max_padded; q += THREADS) sorted_ids[q] = pad_value;
-        for (int64_t blk = total_blocks + tid; blk < ceil_div(max_padded, block_m); blk += THREADS) expert_ids[blk] = -1;
-    }
+    write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, runs, sorted_ids,
+                  expert_ids, max_padded, per_block);
 #else
     write_padding(counts, first_block, total_blocks, numel, num_experts, block_m, expert_map, runs, sorted_ids,
                   expert_ids, max_padded);
