@@ -168,11 +168,13 @@ def name_expressions() -> dict[str, list[list[str]]]:
                 + [gemm_sm90_swap_name(dtype, tile, 0, False, act) for act in (1, 2)]
                 # The top-k sum by 16-bit reductions (split mode 3: GEMM2 only).
                 + [gemm_sm90_swap_name(dtype, tile, 3, True)])
-        # Whole token widths (FIT 0, NOTES v42): GEMM1 in units of 7 and one tile per program (the top-8
-        # tables' 144 and 192), and GEMM2 (its rows to memory, or summed by 16-bit reductions at k <= 2), on
-        # the wide tiles that two blocks per expert take.
+        # Whole token widths (FIT 0, NOTES v42, v43): GEMM1 in units of 7 (two blocks per expert) and of 4
+        # (Mixtral's 512 entry: one block and now and then a short second one), one tile per program (the
+        # top-8 tables' 144 and 192), and GEMM2 (its rows to memory, or summed by 16-bit reductions at
+        # k <= 2), on the wide tiles that two blocks per expert take.
         sm90_groups.append([gemm_sm90_swap_name(dtype, (256, tok, 4), 0, False, 1)[:-1] + ", 7, false>"
                             for tok in (112, 128, 144, 160, 176)]
+                           + [gemm_sm90_swap_name(dtype, (256, 144, 4), 0, False, 1)[:-1] + ", 4, false>"]
                            + [gemm_sm90_swap_name(dtype, (256, tok, 4), 0, False, 1)[:-1] + ", 1, false>"
                               for tok in (144, 192)]
                            + [gemm_sm90_swap_name(dtype, (256, tok, 4), mode, True)[:-1] + ", 1, false>"

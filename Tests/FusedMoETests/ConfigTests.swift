@@ -295,8 +295,12 @@ import Testing
         // At and near a key, the entry (the 512 entry's 144-token tiles: 128 + 11.3 rows in one block;
         // 124 + 11.1 at 496 tokens).
         #expect(try plan(512) == table.nearest(to: 512))
-        // Its GEMM1 walks units of 4 n-blocks (NOTES v40), as does the 384 entry's.
+        // Its GEMM1 walks units of 4 n-blocks (NOTES v40), as does the 384 entry's. Both of its GEMMs run whole
+        // widths, so a short second block of an expert keeps its first block's pace (NOTES v43); the 384 entry's
+        // fit (96 + 9.8 rows in a 128-token block: no second block to pace).
         #expect(try plan(512).gemm1.unit == 4 && plan(384).gemm1.unit == 4 && plan(512).gemm2.unit == 1)
+        #expect(try !plan(512).gemm1.fitRows && !plan(512).gemm2.fitRows)
+        #expect(try plan(384).gemm1.fitRows && plan(384).gemm2.fitRows)
         #expect(try plan(496) == table.nearest(to: 512))
         #expect(table.entry(serving: 1000, shape: mixtral) == table.nearest(to: 1024))
         // 544 tokens are within 1/16 of 512, but 136 + 11.7 rows need two 144-token blocks.
