@@ -26,6 +26,23 @@ device_check() {
   tail -1 "$OUT/check.txt"; grep -E "${2:-FAIL}" "$OUT/check.txt" | cut -c1-300 | head -20
 }
 
+# device_fit_out [FILE...]: the device tool brings back at most 8 files from $OUT. With more, every output
+#   goes into $OUT/outputs.tar.gz, and the FILEs named (the first 7 that exist; default check.txt,
+#   ceilings.json and the bench JSON/text of the presets) stay beside it as plain files; the rest are
+#   removed from $OUT (they are in the archive). Call it last.
+device_fit_out() {
+  local count name wanted=("$@") keep=() spare=()
+  count=$(find "$OUT" -type f | wc -l)
+  (( count <= 8 )) && return 0
+  tar -czf /tmp/fused-moe-outputs.tar.gz -C "$OUT" . || { status=1; return 1; }
+  (( ${#wanted[@]} )) || wanted=(check.txt ceilings.json bench-presets.json bench-presets.txt)
+  for name in "${wanted[@]}"; do [[ -f $OUT/$name && ${#keep[@]} -lt 7 ]] && keep+=("$name"); done
+  for name in "${keep[@]}"; do spare+=(-not -name "$name"); done
+  find "$OUT" -mindepth 1 -maxdepth 1 "${spare[@]}" -exec rm -rf {} +
+  mv /tmp/fused-moe-outputs.tar.gz "$OUT/outputs.tar.gz"
+  echo "device_fit_out: $count files under \$OUT: all in outputs.tar.gz; beside it: ${keep[*]}"
+}
+
 SMI_FIELDS=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active
 device_smi_log() {
   nvidia-smi --query-gpu=$SMI_FIELDS --format=csv,noheader,nounits -lms "${2:-100}" > "$1" 2>/dev/null &

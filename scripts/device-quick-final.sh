@@ -8,6 +8,7 @@
 # compute-sanitizer tools on `check --small` (device-sanitize.sh; SANITIZER_TIMEOUT each). ATOMIC=1 adds
 # the top-8 presets from 1024 tokens with --combine atomic (bench-atomic.json/.txt); PYTEST_K=EXPR runs
 # python/tests/test_gpu.py's tests matching EXPR against dist/libFusedMoEC.so (pytest-gpu.txt).
+# More than the device tool's 8 files: all of them in outputs.tar.gz, the main ones beside it (device_fit_out).
 # BETWEEN="SHAPE:M,M ..." adds those rows (batch sizes between the tables' keys) to bench-between.json/.txt.
 source "$(dirname "$0")/device-env.sh"
 presets=(--shape seed4096 --shape seed8192 --shape mixtral_tp2 --shape qwen235_tp2 --shape dsv3_tp4)
@@ -39,4 +40,5 @@ fi
 if [[ -n ${SANITIZE:-} ]]; then
   TOOLS="$SANITIZE" bash "$(dirname "$0")/device-sanitize.sh" || status=1
 fi
+device_fit_out check.txt ceilings.json bench-presets.json bench-presets.txt bench-touched.txt bench-atomic.txt pytest-gpu.txt
 exit $status
