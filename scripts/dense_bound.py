@@ -15,7 +15,7 @@ Then bound_ms = dense1 + dense2 + combine_ideal, where combine_ideal is the top-
 partial rows read, the output written) at the copy rate, leaving out align and the activation (dense2
 writes the partial rows, as GEMM2 does); and pct_floor = floor / max(bound, floor) with the bench's floor
 (max of the minimum bytes at the copy rate and the FLOPs at the sustained bf16 rate, both measured in the
-same run). That is the best % of floor a layer built from cuBLAS's dense products and a copy-rate
+same run by scripts/ceilings.py's measure()). That is the best % of floor a layer built from cuBLAS's dense products and a copy-rate
 combine could read where the floor is the FLOPs (a dense product does not stream every expert's weights,
 so where the floor is the bytes the bound says nothing).
 
@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ceilings import median_ms, sustained_median_ms  # noqa: E402
+from ceilings import measure, sustained_median_ms  # noqa: E402
 
 PRESETS = {  # name: (experts, top-k, hidden, intermediate), as Sources/FusedMoE/Layer/Presets.swift
     "seed4096": (128, 8, 4096, 384),
@@ -53,16 +53,6 @@ def checked(name, got, a, b):
     return err
 
 
-def grouped(a, weights, offsets):
-    """torch._grouped_mm of a [rows, K] by weights [E, K, N] with cumulative row offsets, or None."""
-    if not hasattr(torch, "_grouped_mm"):
-        return None
-    try:
-        return lambda: torch._grouped_mm(a, weights, offs=offsets)
-    except Exception:  # noqa: BLE001 (an unsupported build or shape: reported as missing)
-        return None
-
-
 def row(shape, tokens, ceilings):
     experts, topk, hidden, inter = PRESETS[shape]
     rows = tokens * topk
@@ -74,6 +64,7 @@ def row(shape, tokens, ceilings):
     out1 = torch.empty(rows, 2 * inter, device=dev, dtype=bf)
     out2 = torch.empty(rows, hidden, device=dev, dtype=bf)
     result = {"shape": shape, "M": tokens, "E": experts, "topk": topk, "H": hidden, "I": inter}
+    flops1, flops2 = 2 * rows * hidden * 2 * inter, 2 * rows * inter * hidden
     dense1 = lambda: torch.mm(x, w1, out=out1)
     dense2 = lambda: torch.mm(y, w2, out=out2)
     dense1()
@@ -89,21 +80,20 @@ def row(shape, tokens, ceilings):
     g1 = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=bf).transpose(-2, -1) / hidden ** 0.5
     g2 = torch.randn(experts, hidden, inter, device=dev, dtype=bf).transpose(-2, -1) / inter ** 0.5
     # If the build wants each group's rows a multiple of 16, the rows are padded to that (as a tile would).
-    padded_counts = (counts + 15) // 16 * 16
-    padded_offsets = padded_counts.cumsum(0).to(torch.int32)
-    padded_rows = int(padded_offsets[-1].item())
-    for name, a, w in (("grouped1", x, g1), ("grouped2", y, g2)):
+    padded_offsets = ((counts + 15) // 16 * 16).cumsum(0).to(torch.int32)
+    for name, a, w in (("grouped1", x, g1), ("grouped2", y, g2)) if hasattr(torch, "_grouped_mm") else ():
         got = None
-        for offs, src in ((offsets, a), (padded_offsets, torch.randn(padded_rows, a.shape[1], device=dev, dtype=bf))):
-            fn = grouped(src, w, offs)
+        for offs in (offsets, padded_offsets):
+            if offs is padded_offsets:
+                a = torch.randn(int(padded_offsets[-1].item()), a.shape[1], device=dev, dtype=bf)
+            fn = lambda a=a, w=w, offs=offs: torch._grouped_mm(a, w, offs=offs)
             try:
-                got = fn() if fn else None
-            except Exception as error:  # noqa: BLE001
+                got = fn()
+            except Exception as error:  # noqa: BLE001 (an unsupported build or shape: reported, not timed)
                 result[name + "_error"] = str(error).splitlines()[0][:200]
                 continue
             result[name + "_padded16"] = offs is padded_offsets
             result.pop(name + "_error", None)
-            a = src
             break
         if got is None:
             continue
@@ -119,16 +109,15 @@ def row(shape, tokens, ceilings):
     combine = lambda: torch.bmm(weights, partial, out=combined)
     result["combine_bmm_ms"] = sustained_median_ms(combine)
     result["combine_ideal_ms"] = 1000 * (rows * hidden * 2 + tokens * hidden * 2) / ceilings["copy"]
-    flops = 2 * rows * hidden * 2 * inter + 2 * rows * inter * hidden
+    flops = flops1 + flops2
     touched = int((counts > 0).sum().item())
     weight_bytes = touched * 3 * hidden * inter * 2
     bytes_ = weight_bytes + 2 * tokens * hidden * 2
     floor_ms = 1000 * max(bytes_ / ceilings["copy"], flops / ceilings["bf16"])
     bound = result["dense1_ms"] + result["dense2_ms"] + result["combine_ideal_ms"]
     result.update(floor_ms=floor_ms, bound_ms=bound, pct_floor=100 * floor_ms / max(bound, floor_ms),
-                  dense1_tflops=2 * rows * hidden * 2 * inter / result["dense1_ms"] / 1e9,
-                  dense2_tflops=2 * rows * inter * hidden / result["dense2_ms"] / 1e9)
-    for name, k in (("grouped1", 2 * rows * hidden * 2 * inter), ("grouped2", 2 * rows * inter * hidden)):
+                  dense1_tflops=flops1 / result["dense1_ms"] / 1e9, dense2_tflops=flops2 / result["dense2_ms"] / 1e9)
+    for name, k in (("grouped1", flops1), ("grouped2", flops2)):
         if name + "_ms" in result:
             result[name + "_tflops"] = k / result[name + "_ms"] / 1e9
     return result
@@ -138,16 +127,9 @@ def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "dense-bound.json"
     specs = sys.argv[2:] or DEFAULT_ROWS
     torch.manual_seed(0)
-    n = 1 << 28
-    src = torch.rand(n, device="cuda")
-    dst = torch.empty_like(src)
-    size = 8192
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    median_ms(lambda: torch.mm(a, b))
-    ceilings = {"copy": 2 * 4 * n / (sustained_median_ms(lambda: dst.copy_(src)) / 1000),
-                "bf16": 2 * size ** 3 / (sustained_median_ms(lambda: torch.mm(a, b)) / 1000)}
-    del src, dst, a, b
+    measured, _ = measure()  # the bench's ceilings (scripts/ceilings.py)
+    ceilings = {"copy": measured["copy_bytes_per_s"], "bf16": measured["bf16_flops_per_s"]}
+    torch.cuda.empty_cache()
     print(f"ceilings: copy {ceilings['copy'] / 1e12:.2f} TB/s, bf16 {ceilings['bf16'] / 1e12:.0f} TFLOP/s sustained",
           flush=True)
     results = []
